@@ -1,0 +1,32 @@
+//! The sans-IO core of ferry's file-transfer protocol.
+//!
+//! Nothing in this crate touches a socket, a file, a clock or a global RNG:
+//! the drivers in the `ferry` crate feed it bytes and `now`, and do what it says.
+//!
+//! A tour of the modules:
+//! * [`message`]: frames and messages, their encoding and bounded decoding.
+//! * [`handshake`]: version and capability negotiation.
+//! * [`chunk`]: how a file is cut into chunks ([`ChunkLayout`]).
+//! * [`ranges`]: sets of chunk indices ([`RangeSet`]), the currency of resume.
+//! * [`hash`]: content hashes, position-bound chunk tags, the whole-file digest.
+//! * [`sender`] and [`receiver`]: the two state machines of one file transfer.
+//! * [`error`]: errors, grouped by who is at fault, each saying whether a retry can help.
+#![forbid(unsafe_code)]
+
+pub mod chunk;
+pub mod error;
+pub mod handshake;
+pub mod hash;
+pub mod message;
+pub mod ranges;
+pub mod receiver;
+pub mod sender;
+mod wire;
+
+pub use chunk::ChunkLayout;
+pub use error::{DecodeError, ProtoError};
+pub use hash::{ChunkHash, HashAlg, TransferId};
+pub use message::{Failure, FailureCode, FrameDecoder, Message};
+pub use ranges::RangeSet;
+pub use receiver::{DataVerdict, Receiver, ReceiverConfig, ReceiverEvent};
+pub use sender::{Sender, SenderConfig, SenderEvent, Transmit};

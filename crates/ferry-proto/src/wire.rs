@@ -1,0 +1,187 @@
+//! Tag-length-value field encoding used inside every message body.
+//!
+//! A message body is a sequence of fields `tag (varint) | len (varint) | value`.
+//! Decoders skip tags they do not know, so a newer peer may add fields without
+//! breaking an older one; a field a decoder requires but does not find is an
+//! error. Integers are unsigned LEB128 varints, strings are UTF-8, nested
+//! structures are themselves field sequences.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::DecodeError;
+
+/// Largest value a varint may carry (u64).
+const MAX_VARINT_LEN: usize = 10;
+
+pub(crate) fn put_varint(buf: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        buf.put_u8((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.put_u8(v as u8);
+}
+
+/// Reads a varint from the front of `input`, returning it and the number of bytes used.
+pub(crate) fn get_varint(input: &[u8]) -> Result<(u64, usize), DecodeError> {
+    let mut v: u64 = 0;
+    for (i, b) in input.iter().enumerate().take(MAX_VARINT_LEN) {
+        let part = u64::from(b & 0x7f);
+        if i == MAX_VARINT_LEN - 1 && part > 1 {
+            return Err(DecodeError::Malformed("varint overflows u64"));
+        }
+        v |= part << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok((v, i + 1));
+        }
+    }
+    if input.len() >= MAX_VARINT_LEN {
+        Err(DecodeError::Malformed("varint too long"))
+    } else {
+        Err(DecodeError::Malformed("truncated varint"))
+    }
+}
+
+/// Builds a field sequence.
+#[derive(Default)]
+pub(crate) struct FieldWriter {
+    buf: BytesMut,
+}
+
+impl FieldWriter {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn bytes(&mut self, tag: u64, value: &[u8]) -> &mut Self {
+        put_varint(&mut self.buf, tag);
+        put_varint(&mut self.buf, value.len() as u64);
+        self.buf.put_slice(value);
+        self
+    }
+
+    pub(crate) fn u64(&mut self, tag: u64, value: u64) -> &mut Self {
+        let mut tmp = BytesMut::with_capacity(MAX_VARINT_LEN);
+        put_varint(&mut tmp, value);
+        self.bytes(tag, &tmp)
+    }
+
+    pub(crate) fn str(&mut self, tag: u64, value: &str) -> &mut Self {
+        self.bytes(tag, value.as_bytes())
+    }
+
+    pub(crate) fn bool(&mut self, tag: u64, value: bool) -> &mut Self {
+        self.u64(tag, u64::from(value))
+    }
+
+    pub(crate) fn nested(&mut self, tag: u64, inner: FieldWriter) -> &mut Self {
+        self.bytes(tag, &inner.buf)
+    }
+
+    pub(crate) fn finish(self) -> BytesMut {
+        self.buf
+    }
+}
+
+/// Iterates over the fields of a sequence; every value is a cheap slice of the input.
+pub(crate) struct FieldReader {
+    rest: Bytes,
+}
+
+impl FieldReader {
+    pub(crate) fn new(body: Bytes) -> Self {
+        Self { rest: body }
+    }
+
+    /// The next field, `None` at the end.
+    pub(crate) fn next_field(&mut self) -> Result<Option<(u64, Bytes)>, DecodeError> {
+        if self.rest.is_empty() {
+            return Ok(None);
+        }
+        let (tag, n1) = get_varint(&self.rest)?;
+        let (len, n2) = get_varint(&self.rest[n1..])?;
+        let start = n1 + n2;
+        let len = usize::try_from(len).map_err(|_| DecodeError::Malformed("field too long"))?;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= self.rest.len())
+            .ok_or(DecodeError::Malformed("field runs past end of message"))?;
+        let value = self.rest.slice(start..end);
+        self.rest = self.rest.slice(end..);
+        Ok(Some((tag, value)))
+    }
+}
+
+pub(crate) fn as_u64(value: &[u8]) -> Result<u64, DecodeError> {
+    let (v, n) = get_varint(value)?;
+    if n != value.len() {
+        return Err(DecodeError::Malformed("trailing bytes after integer"));
+    }
+    Ok(v)
+}
+
+pub(crate) fn as_u32(value: &[u8]) -> Result<u32, DecodeError> {
+    u32::try_from(as_u64(value)?).map_err(|_| DecodeError::Malformed("integer out of range"))
+}
+
+pub(crate) fn as_string(value: &[u8], max: usize) -> Result<String, DecodeError> {
+    if value.len() > max {
+        return Err(DecodeError::TooLarge { what: "string", len: value.len() as u64, max: max as u64 });
+    }
+    String::from_utf8(value.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))
+}
+
+pub(crate) fn as_array<const N: usize>(value: &[u8]) -> Result<[u8; N], DecodeError> {
+    value.try_into().map_err(|_| DecodeError::Malformed("fixed-size field has the wrong length"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn varint_roundtrip(v: u64) {
+            let mut b = BytesMut::new();
+            put_varint(&mut b, v);
+            let (got, n) = get_varint(&b).unwrap();
+            prop_assert_eq!(got, v);
+            prop_assert_eq!(n, b.len());
+        }
+
+        #[test]
+        fn reader_never_panics(data: Vec<u8>) {
+            let mut r = FieldReader::new(Bytes::from(data));
+            for _ in 0..64 {
+                match r.next_field() {
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn varint_rejects_overflow() {
+        let bad = [0xffu8; 11];
+        assert!(get_varint(&bad).is_err());
+        let mut max = BytesMut::new();
+        put_varint(&mut max, u64::MAX);
+        assert_eq!(get_varint(&max).unwrap().0, u64::MAX);
+        let mut over = max.to_vec();
+        over[9] = 0x02;
+        assert!(get_varint(&over).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_visible_and_skippable() {
+        let mut w = FieldWriter::new();
+        w.u64(1, 7).str(99, "future").u64(2, 8);
+        let mut r = FieldReader::new(w.finish().freeze());
+        let mut seen = vec![];
+        while let Some((tag, _)) = r.next_field().unwrap() {
+            seen.push(tag);
+        }
+        assert_eq!(seen, vec![1, 99, 2]);
+    }
+}
