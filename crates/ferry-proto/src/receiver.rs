@@ -42,7 +42,7 @@ pub struct ReceiverConfig {
 
 impl Default for ReceiverConfig {
     fn default() -> Self {
-        Self { checkpoint_bytes: 16 * 1024 * 1024, checkpoint_interval: Duration::from_millis(500) }
+        Self { checkpoint_bytes: 8 * 1024 * 1024, checkpoint_interval: Duration::from_millis(250) }
     }
 }
 
@@ -180,6 +180,11 @@ impl Receiver {
     /// Chunks verified and durable.
     pub fn held(&self) -> RangeSet {
         self.have.iter().enumerate().filter(|(_, h)| h.is_some()).map(|(i, _)| i as u32).collect()
+    }
+
+    /// The recorded hash of a held chunk.
+    pub fn held_hash(&self, index: u32) -> Option<ChunkHash> {
+        self.have.get(index as usize).copied().flatten()
     }
 
     /// Payload bytes accepted in this session.

@@ -32,7 +32,7 @@ pub struct SenderConfig {
 
 impl Default for SenderConfig {
     fn default() -> Self {
-        Self { window_bytes: 64 * 1024 * 1024, max_chunk_retries: 4 }
+        Self { window_bytes: 32 * 1024 * 1024, max_chunk_retries: 4 }
     }
 }
 

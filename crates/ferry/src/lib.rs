@@ -1,1 +1,35 @@
+//! The ferry engine: runs the sans-IO protocol of `ferry-proto` over real
+//! connections, files and a durable journal.
+//!
+//! A tour of the modules:
+//! * [`server`]: accepts TLS connections and serves requests under a root.
+//! * [`client`]: connects (TLS, pinning, token) and issues requests.
+//! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it with retries.
+//! * [`transfer`]: the drivers that run a `Sender` or `Receiver` over a connection.
+//! * [`conn`]: framed message I/O over any byte stream.
+//! * [`tls`]: certificates, fingerprints, the known-servers file.
+//! * [`store`]: the redb journal of partial files and source hashes.
+//! * [`status`]: records of unfinished transfers for `ferry status`.
+//! * [`paths`]: confining peer-supplied paths to the server root.
+//! * [`fsutil`]: durable writes, atomic renames, file identity.
+//! * [`retry`]: backoff with jitter.
+//! * [`progress`]: counters a UI polls.
+//! * [`demo`]: the self-contained showcase behind `ferry demo`.
+#![forbid(unsafe_code)]
 
+pub mod client;
+pub mod conn;
+pub mod copy;
+pub mod demo;
+pub mod error;
+pub mod fsutil;
+pub mod paths;
+pub mod progress;
+pub mod retry;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod tls;
+pub mod transfer;
+
+pub use error::{Error, ErrorClass, Result};

@@ -1,0 +1,242 @@
+//! What the user sees: progress bars or plain lines, logs, summaries, status.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferry::copy::CopySummary;
+use ferry::progress::Progress;
+use ferry::status::StatusDir;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::EnvFilter;
+
+/// Sends log lines to stderr, above the progress bars when there are any.
+#[derive(Clone)]
+struct LogWriter {
+    multi: Option<MultiProgress>,
+}
+
+struct LineWriter {
+    multi: Option<MultiProgress>,
+    buf: Vec<u8>,
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.buf).into_owned();
+        match &self.multi {
+            Some(m) => m.suspend(|| eprint!("{text}")),
+            None => eprint!("{text}"),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogWriter {
+    type Writer = LineWriter;
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter { multi: self.multi.clone(), buf: Vec::new() }
+    }
+}
+
+/// Structured logs on stderr; `RUST_LOG` overrides the level.
+pub fn init_logging(json: bool, default_level: &str, multi: Option<MultiProgress>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let writer = LogWriter { multi };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = if json { builder.json().flatten_event(true).with_current_span(true).try_init() } else { builder.try_init() };
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// Progress bars on a terminal, a plain line every few seconds otherwise.
+pub struct ProgressDisplay {
+    multi: Option<MultiProgress>,
+    task: tokio::task::JoinHandle<()>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl ProgressDisplay {
+    pub fn start(p: Arc<Progress>) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stop2 = stop.clone();
+        if tty {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+            let style_file = ProgressStyle::with_template("{msg:30!} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+            let style_total = ProgressStyle::with_template("{msg:30!} [{bar:30.green/white}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+            let file = multi.add(ProgressBar::new(0).with_style(style_file));
+            let total = multi.add(ProgressBar::new(0).with_style(style_total));
+            let task = tokio::spawn(async move {
+                loop {
+                    let (name, size, done) = p.current();
+                    file.set_length(size);
+                    file.set_position(done.min(size));
+                    file.set_message(short_name(&name));
+                    let t = Progress::get(&p.bytes_total);
+                    total.set_length(t);
+                    total.set_position(Progress::get(&p.bytes_done).min(t));
+                    total.set_message(format!(
+                        "total {}/{} files, {} retries",
+                        Progress::get(&p.files_done),
+                        Progress::get(&p.files_total),
+                        Progress::get(&p.retries)
+                    ));
+                    tokio::select! {
+                        _ = stop2.notified() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+                let t = Progress::get(&p.bytes_total);
+                total.set_position(Progress::get(&p.bytes_done).min(t));
+                file.finish_and_clear();
+                total.finish();
+            });
+            Self { multi: Some(multi), task, stop }
+        } else {
+            let task = tokio::spawn(async move {
+                let start = Instant::now();
+                loop {
+                    tokio::select! {
+                        _ = stop2.notified() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                    let done = Progress::get(&p.bytes_done);
+                    let total = Progress::get(&p.bytes_total);
+                    let rate = done as f64 / start.elapsed().as_secs_f64().max(0.001);
+                    let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+                    eprintln!(
+                        "progress: {} / {} ({pct:.1}%), {}/s, files {}/{}, retries {}",
+                        human(done),
+                        human(total),
+                        human(rate as u64),
+                        Progress::get(&p.files_done),
+                        Progress::get(&p.files_total),
+                        Progress::get(&p.retries)
+                    );
+                }
+            });
+            Self { multi: None, task, stop }
+        }
+    }
+
+    pub fn multi(&self) -> Option<MultiProgress> {
+        self.multi.clone()
+    }
+
+    pub async fn finish(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+    }
+}
+
+fn short_name(s: &str) -> String {
+    let n: Vec<char> = s.chars().collect();
+    if n.len() <= 30 {
+        s.to_string()
+    } else {
+        format!("…{}", n[n.len() - 29..].iter().collect::<String>())
+    }
+}
+
+pub fn summary_line(s: &CopySummary) -> String {
+    let rate = s.bytes_total as f64 / s.duration_s.max(0.001);
+    format!(
+        "copied {} file(s), {} in {:.2}s ({}/s); sent {}, resumed {}, {} retries; {} {}",
+        s.files,
+        human(s.bytes_total),
+        s.duration_s,
+        human(rate as u64),
+        human(s.bytes_sent),
+        human(s.bytes_resumed),
+        s.retries,
+        s.alg,
+        s.digest
+    )
+}
+
+/// The server's token: read from STATE_DIR/token, or made there (0600).
+pub fn server_token(state_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = state_dir.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim();
+        if !t.is_empty() {
+            return Ok(t.as_bytes().to_vec());
+        }
+    }
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    let raw: [u8; 24] = rand::random();
+    let token = ferry::fsutil::hex(&raw);
+    ferry::fsutil::write_atomic(&path, format!("{token}\n").as_bytes())?;
+    restrict(&path);
+    Ok(token.into_bytes())
+}
+
+fn restrict(p: &PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn print_status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let mut recs = StatusDir::new(state_dir).list();
+    for r in &mut recs {
+        if r.state == "active" && (r.pid == 0 || !pid_alive(r.pid) || r.pid == std::process::id()) {
+            r.state = "interrupted".into();
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&recs)?);
+        return Ok(());
+    }
+    if recs.is_empty() {
+        println!("no unfinished transfers");
+        return Ok(());
+    }
+    for r in recs {
+        let pct = if r.size == 0 { 0.0 } else { r.bytes_done as f64 * 100.0 / r.size as f64 };
+        let (from, to) = if r.direction == "upload" { (&r.local, &r.remote) } else { (&r.remote, &r.local) };
+        println!("{} {:<11} {} -> {}", r.id, r.state, from, to);
+        println!("    {} / {} ({pct:.1}%)", human(r.bytes_done), human(r.size));
+        if let Some(e) = r.last_error {
+            println!("    last error: {e}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Framed message I/O over any byte stream (TCP+TLS today; QUIC, WebSocket or
+//! an in-memory duplex tomorrow).
+
+use bytes::BytesMut;
+use ferry_proto::message::encode_data_header;
+use ferry_proto::{ChunkHash, FrameDecoder, Message};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::Error;
+
+/// Any bidirectional byte stream a connection can run over.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+pub type BoxStream = Box<dyn Stream>;
+
+/// Reads whole messages; cancel-safe (bytes read are kept in the buffer).
+pub struct FramedRead<R> {
+    inner: R,
+    buf: BytesMut,
+    dec: FrameDecoder,
+    peer: String,
+    /// Bytes read off the stream so far.
+    pub bytes_in: u64,
+}
+
+impl<R: AsyncRead + Unpin> FramedRead<R> {
+    pub fn new(inner: R, peer: String) -> Self {
+        Self { inner, buf: BytesMut::with_capacity(256 * 1024), dec: FrameDecoder::new(), peer, bytes_in: 0 }
+    }
+
+    /// The next message; `Ok(None)` on a clean end of stream between frames.
+    pub async fn next(&mut self) -> Result<Option<Message>, Error> {
+        loop {
+            if let Some(m) = self.dec.decode(&mut self.buf).map_err(|e| Error::Proto(e.into()))? {
+                return Ok(Some(m));
+            }
+            if let Some(need) = FrameDecoder::needed(&self.buf) {
+                if need > self.buf.capacity() {
+                    self.buf.reserve(need - self.buf.len());
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 64 * 1024 {
+                self.buf.reserve(256 * 1024);
+            }
+            let n = self.inner.read_buf(&mut self.buf).await.map_err(|e| Error::Io { addr: self.peer.clone(), source: e })?;
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::Io {
+                    addr: self.peer.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed in the middle of a frame"),
+                });
+            }
+            self.bytes_in += n as u64;
+        }
+    }
+
+    /// Like [`FramedRead::next`] but treats end of stream as an error.
+    pub async fn expect(&mut self) -> Result<Message, Error> {
+        self.next().await?.ok_or_else(|| Error::Io {
+            addr: self.peer.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed by peer"),
+        })
+    }
+
+    /// A message if one can be had without waiting.
+    pub async fn try_next(&mut self) -> Result<Option<Message>, Error> {
+        tokio::select! {
+            biased;
+            r = self.next() => match r? {
+                Some(m) => Ok(Some(m)),
+                None => Err(Error::Io { addr: self.peer.clone(), source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed by peer") }),
+            },
+            _ = std::future::ready(()) => Ok(None),
+        }
+    }
+}
+
+/// Writes messages.
+pub struct FramedWrite<W> {
+    inner: W,
+    peer: String,
+    /// Bytes written to the stream so far.
+    pub bytes_out: u64,
+}
+
+impl<W: AsyncWrite + Unpin> FramedWrite<W> {
+    pub fn new(inner: W, peer: String) -> Self {
+        Self { inner, peer, bytes_out: 0 }
+    }
+
+    fn err(&self, e: std::io::Error) -> Error {
+        Error::Io { addr: self.peer.clone(), source: e }
+    }
+
+    pub async fn send(&mut self, m: &Message) -> Result<(), Error> {
+        let b = m.encode();
+        self.inner.write_all(&b).await.map_err(|e| self.err(e))?;
+        self.bytes_out += b.len() as u64;
+        Ok(())
+    }
+
+    /// Sends a chunk without copying it into a frame buffer.
+    pub async fn send_data(&mut self, index: u32, offset: u64, tag: &ChunkHash, payload: &[u8]) -> Result<(), Error> {
+        let head = encode_data_header(index, offset, tag, payload.len());
+        self.inner.write_all(&head).await.map_err(|e| self.err(e))?;
+        self.inner.write_all(payload).await.map_err(|e| self.err(e))?;
+        self.bytes_out += (head.len() + payload.len()) as u64;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        self.inner.flush().await.map_err(|e| self.err(e))
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.inner.shutdown().await;
+    }
+}
+
+/// A connection: both halves of a stream.
+pub struct Conn {
+    pub rd: FramedRead<tokio::io::ReadHalf<BoxStream>>,
+    pub wr: FramedWrite<tokio::io::WriteHalf<BoxStream>>,
+    pub peer: String,
+}
+
+impl Conn {
+    pub fn new(stream: BoxStream, peer: String) -> Self {
+        let (r, w) = tokio::io::split(stream);
+        Self { rd: FramedRead::new(r, peer.clone()), wr: FramedWrite::new(w, peer.clone()), peer }
+    }
+
+    /// Sends and flushes one message.
+    pub async fn send(&mut self, m: &Message) -> Result<(), Error> {
+        self.wr.send(m).await?;
+        self.wr.flush().await
+    }
+}

@@ -1,0 +1,569 @@
+//! `ferry cp`: planning a copy of files and trees, and running it with
+//! retries so that it finishes across dropped connections.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::message::{Entry, EntryKind};
+use ferry_proto::{ChunkHash, HashAlg, TransferId};
+use rand::{Rng, SeedableRng};
+use tracing::{info, warn};
+
+use crate::client::{ClientConfig, Session};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::progress::Progress;
+use crate::retry::RetryPolicy;
+use crate::status::{StatusDir, TransferRecord};
+use crate::store::Store;
+use crate::transfer::prepare_send;
+
+/// One side of a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Local(PathBuf),
+    /// `ferry://host:port/path`; `path` is relative to the server root.
+    Remote { addr: String, path: String },
+}
+
+pub const DEFAULT_PORT: u16 = 7787;
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint> {
+        let Some(rest) = s.strip_prefix("ferry://") else {
+            if s.contains("://") {
+                return Err(Error::Usage(format!("{s}: unsupported URL scheme (ferry:// or a local path)")));
+            }
+            return Ok(Endpoint::Local(PathBuf::from(s)));
+        };
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        if hostport.is_empty() {
+            return Err(Error::Usage(format!("{s}: missing host")));
+        }
+        let has_port = if hostport.starts_with('[') { hostport.contains("]:") } else { hostport.contains(':') };
+        let addr = if has_port { hostport.to_string() } else { format!("{hostport}:{DEFAULT_PORT}") };
+        Ok(Endpoint::Remote { addr, path: path.to_string() })
+    }
+
+    fn display(&self) -> String {
+        match self {
+            Endpoint::Local(p) => p.display().to_string(),
+            Endpoint::Remote { addr, path } => format!("ferry://{addr}/{path}"),
+        }
+    }
+}
+
+/// Options of one copy run.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    pub recursive: bool,
+    pub state_dir: PathBuf,
+    pub client: ClientConfig,
+    pub retry: RetryPolicy,
+    pub alg: HashAlg,
+}
+
+/// What a copy did, for `--json` and the closing line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CopySummary {
+    pub files: u64,
+    pub bytes_total: u64,
+    pub bytes_sent: u64,
+    pub bytes_resumed: u64,
+    pub retries: u64,
+    pub duration_s: f64,
+    /// The whole-file digest for one file; for several, a digest over (path, digest) pairs.
+    pub digest: String,
+    pub alg: String,
+}
+
+/// One file to move.
+#[derive(Debug, Clone)]
+struct FileJob {
+    local: PathBuf,
+    remote: String,
+    size: u64,
+}
+
+/// A directory to create (and stamp with its metadata at the end).
+#[derive(Debug, Clone)]
+struct DirJob {
+    local: PathBuf,
+    remote: String,
+    mode: u32,
+    mtime_ns: i64,
+}
+
+fn join_remote(base: &str, rel: &str) -> String {
+    let base = base.trim_end_matches('/');
+    match (base.is_empty(), rel.is_empty()) {
+        (true, _) => rel.to_string(),
+        (_, true) => base.to_string(),
+        _ => format!("{base}/{rel}"),
+    }
+}
+
+fn base_name(p: &str) -> String {
+    p.trim_end_matches('/').rsplit('/').next().unwrap_or("").to_string()
+}
+
+/// Runs a copy; `progress` is updated as it goes.
+pub async fn copy(srcs: &[String], dst: &str, opts: &CopyOptions, progress: Arc<Progress>) -> Result<CopySummary> {
+    let started = Instant::now();
+    if srcs.is_empty() {
+        return Err(Error::Usage("nothing to copy".into()));
+    }
+    let srcs: Vec<Endpoint> = srcs.iter().map(|s| Endpoint::parse(s)).collect::<Result<_>>()?;
+    let dst_ep = Endpoint::parse(dst)?;
+    let store = Arc::new(Store::open(&opts.state_dir)?);
+    let status = StatusDir::new(&opts.state_dir);
+    let mut runner = Runner { opts, store, status, session: None, progress: progress.clone(), rng: rand::rngs::StdRng::from_entropy(), digests: Vec::new() };
+    let dst_is_dir_hint = dst.ends_with('/') || srcs.len() > 1;
+    match (&srcs[0], &dst_ep) {
+        (Endpoint::Local(_), Endpoint::Remote { addr, path }) => {
+            if srcs.iter().any(|s| !matches!(s, Endpoint::Local(_))) {
+                return Err(Error::Usage("all sources must be on the same side".into()));
+            }
+            let addr = addr.clone();
+            let dst_entry = runner.with_session(&addr, |s| Box::pin(s.stat_owned(path.clone()))).await?;
+            let into_dir = dst_is_dir_hint || dst_entry.kind == EntryKind::Dir || path.is_empty();
+            let (mut files, mut dirs) = (Vec::new(), Vec::new());
+            for s in &srcs {
+                let Endpoint::Local(p) = s else { continue };
+                plan_upload(p, path, into_dir, opts.recursive, &mut files, &mut dirs)?;
+            }
+            runner.upload(&addr, files, dirs).await?;
+        }
+        (Endpoint::Remote { addr, .. }, Endpoint::Local(dst_path)) => {
+            let addr = addr.clone();
+            let dst_is_dir = dst_is_dir_hint || dst_path.is_dir();
+            let (mut files, mut dirs) = (Vec::new(), Vec::new());
+            for s in &srcs {
+                let Endpoint::Remote { addr: a, path } = s else {
+                    return Err(Error::Usage("all sources must be on the same side".into()));
+                };
+                if *a != addr {
+                    return Err(Error::Usage("all remote sources must be on one server".into()));
+                }
+                let p = path.clone();
+                let entry = runner.with_session(&addr, |s| Box::pin(s.stat_owned(p.clone()))).await?;
+                let target = if dst_is_dir { dst_path.join(base_name(path)) } else { dst_path.clone() };
+                match entry.kind {
+                    EntryKind::Missing => return Err(Error::NotFound(format!("{}: no such file or directory on the server", s.display()))),
+                    EntryKind::File => files.push(FileJob { local: target, remote: path.clone(), size: entry.size }),
+                    EntryKind::Dir => {
+                        if !opts.recursive {
+                            return Err(Error::Usage(format!("{} is a directory (use -r)", s.display())));
+                        }
+                        let p = path.clone();
+                        let entries = runner.with_session(&addr, |s| Box::pin(s.list_owned(p.clone()))).await?;
+                        dirs.push(DirJob { local: target.clone(), remote: path.clone(), mode: entry.mode, mtime_ns: entry.mtime_ns });
+                        plan_download(&entries, path, &target, &mut files, &mut dirs);
+                    }
+                }
+            }
+            runner.download(&addr, files, dirs).await?;
+        }
+        (Endpoint::Local(_), Endpoint::Local(_)) => {
+            return Err(Error::Usage("both sides are local; one of SRC or DST must be ferry://HOST/PATH".into()))
+        }
+        (Endpoint::Remote { .. }, Endpoint::Remote { .. }) => {
+            return Err(Error::Usage("copying between two servers is not supported; one side must be local".into()))
+        }
+    }
+    let digest = if runner.digests.len() == 1 {
+        runner.digests[0].1.to_hex()
+    } else {
+        let mut h = opts.alg.hash(b"");
+        let mut hasher = ferry_proto::hash::Hasher::new(opts.alg);
+        for (p, d) in &runner.digests {
+            hasher.update(p.as_bytes());
+            hasher.update(&[0]);
+            hasher.update(&d.0);
+        }
+        if !runner.digests.is_empty() {
+            h = hasher.finalize();
+        }
+        h.to_hex()
+    };
+    Ok(CopySummary {
+        files: runner.digests.len() as u64,
+        bytes_total: Progress::get(&progress.bytes_total),
+        bytes_sent: Progress::get(&progress.bytes_sent),
+        bytes_resumed: Progress::get(&progress.bytes_resumed),
+        retries: Progress::get(&progress.retries),
+        duration_s: started.elapsed().as_secs_f64(),
+        digest,
+        alg: opts.alg.name().to_string(),
+    })
+}
+
+fn plan_upload(src: &Path, dst: &str, into_dir: bool, recursive: bool, files: &mut Vec<FileJob>, dirs: &mut Vec<DirJob>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(src).map_err(|e| Error::local(src, e))?;
+    let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let target = if into_dir { join_remote(dst, &name) } else { dst.trim_end_matches('/').to_string() };
+    if md.is_file() {
+        files.push(FileJob { local: src.to_path_buf(), remote: target, size: md.len() });
+        return Ok(());
+    }
+    if !md.is_dir() {
+        return Err(Error::Usage(format!("{} is not a regular file or directory", src.display())));
+    }
+    if !recursive {
+        return Err(Error::Usage(format!("{} is a directory (use -r)", src.display())));
+    }
+    let mut stack = vec![(src.to_path_buf(), target)];
+    while let Some((dir, remote)) = stack.pop() {
+        let dmd = std::fs::metadata(&dir).map_err(|e| Error::local(&dir, e))?;
+        dirs.push(DirJob { local: dir.clone(), remote: remote.clone(), mode: dmd.mode() & 0o7777, mtime_ns: fsutil::mtime_ns(&dmd) });
+        let mut items: Vec<_> = std::fs::read_dir(&dir).map_err(|e| Error::local(&dir, e))?.flatten().collect();
+        items.sort_by_key(|e| e.file_name());
+        for e in items {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            let Ok(md) = std::fs::metadata(&path) else {
+                warn!(path = %path.display(), "skipping unreadable entry");
+                continue;
+            };
+            if md.is_dir() {
+                stack.push((path, join_remote(&remote, &name)));
+            } else if md.is_file() {
+                files.push(FileJob { local: path, remote: join_remote(&remote, &name), size: md.len() });
+            } else {
+                warn!(path = %path.display(), "skipping special file");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn plan_download(entries: &[Entry], base: &str, target: &Path, files: &mut Vec<FileJob>, dirs: &mut Vec<DirJob>) {
+    for e in entries {
+        // Entries come from the server: never let one climb out of the target.
+        if crate::paths::split_relative(&e.path).is_err() || e.path.is_empty() {
+            warn!(path = %e.path, "server listed an unsafe path; skipped");
+            continue;
+        }
+        let local = target.join(&e.path);
+        let remote = join_remote(base, &e.path);
+        match e.kind {
+            EntryKind::Dir => dirs.push(DirJob { local, remote, mode: e.mode, mtime_ns: e.mtime_ns }),
+            EntryKind::File => files.push(FileJob { local, remote, size: e.size }),
+            EntryKind::Missing => {}
+        }
+    }
+}
+
+struct Runner<'a> {
+    opts: &'a CopyOptions,
+    store: Arc<Store>,
+    status: StatusDir,
+    session: Option<Session>,
+    progress: Arc<Progress>,
+    rng: rand::rngs::StdRng,
+    digests: Vec<(String, ChunkHash)>,
+}
+
+type BoxFut<'s, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 's>>;
+
+impl Session {
+    async fn stat_owned(&mut self, p: String) -> Result<Entry> {
+        self.stat(&p).await
+    }
+    async fn list_owned(&mut self, p: String) -> Result<Vec<Entry>> {
+        self.list(&p).await
+    }
+}
+
+impl Runner<'_> {
+    /// Runs `f` on a connected session, reconnecting and retrying retryable failures.
+    async fn with_session<T>(&mut self, addr: &str, mut f: impl for<'s> FnMut(&'s mut Session) -> BoxFut<'s, T>) -> Result<T> {
+        let mut attempt = 0u32;
+        let start = Instant::now();
+        loop {
+            let r = async {
+                if self.session.is_none() {
+                    self.session = Some(Session::connect(addr, &self.opts.client).await?);
+                }
+                let s = self.session.as_mut().ok_or_else(|| Error::Store("no session".into()))?;
+                f(s).await
+            }
+            .await;
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.session = None;
+                    attempt += 1;
+                    self.backoff(e, attempt, start).await?;
+                }
+            }
+        }
+    }
+
+    /// Sleeps before the next attempt, or gives up with the error.
+    async fn backoff(&mut self, e: Error, attempt: u32, start: Instant) -> Result<()> {
+        if !e.is_retryable() {
+            return Err(e);
+        }
+        let Some(delay) = self.opts.retry.delay(attempt, start.elapsed(), &mut self.rng) else {
+            return Err(Error::RetriesExhausted { attempts: attempt, last: Box::new(e) });
+        };
+        Progress::add(&self.progress.retries, 1);
+        warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "retrying");
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    async fn upload(&mut self, addr: &str, files: Vec<FileJob>, dirs: Vec<DirJob>) -> Result<()> {
+        self.count(&files);
+        for d in &dirs {
+            let (p, m, t) = (d.remote.clone(), d.mode, d.mtime_ns);
+            self.with_session(addr, |s| Box::pin(mkdir_owned(s, p.clone(), m | 0o700, 0))).await?;
+            let _ = t;
+        }
+        for f in &files {
+            self.upload_one(addr, f).await?;
+        }
+        // Directory metadata last, deepest first, since adding files changes mtimes.
+        for d in dirs.iter().rev() {
+            let (p, m, t) = (d.remote.clone(), d.mode, d.mtime_ns);
+            self.with_session(addr, |s| Box::pin(mkdir_owned(s, p.clone(), m, t))).await?;
+        }
+        Ok(())
+    }
+
+    fn count(&self, files: &[FileJob]) {
+        Progress::add(&self.progress.files_total, files.len() as u64);
+        Progress::add(&self.progress.bytes_total, files.iter().map(|f| f.size).sum());
+    }
+
+    async fn upload_one(&mut self, addr: &str, job: &FileJob) -> Result<()> {
+        let remote_display = format!("ferry://{addr}/{}", job.remote);
+        let local_key = std::fs::canonicalize(&job.local).unwrap_or_else(|_| job.local.clone()).display().to_string();
+        self.progress.start_file(&job.local.display().to_string(), job.size);
+        let mut attempt = 0u32;
+        let mut restarts = 0u32;
+        let mut start = Instant::now();
+        let mut last_source: Option<Vec<u8>> = None;
+        loop {
+            self.progress.undo_file();
+            let (src, meta, known) = prepare_send(&self.store, &job.local, self.opts.alg)?;
+            if let Some(prev) = &last_source {
+                if *prev != src.source_id {
+                    restarts += 1;
+                    if restarts > 3 {
+                        return Err(Error::SourceUnstable { path: job.local.display().to_string(), times: restarts - 1 });
+                    }
+                    warn!(path = %job.local.display(), "source changed; restarting this file from its new content");
+                }
+            }
+            last_source = Some(src.source_id.clone());
+            if meta.size != job.size {
+                Progress::add(&self.progress.bytes_total, meta.size.saturating_sub(job.size));
+            }
+            self.progress.start_file(&job.local.display().to_string(), meta.size);
+            // Join the unfinished transfer of this same file version, if any.
+            let source_hex = fsutil::hex(&src.source_id);
+            let existing = self.status.find("upload", &local_key, &remote_display).filter(|r| r.source == source_hex);
+            let id = match &existing {
+                Some(r) => TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.rng)),
+                None => random_id(&mut self.rng),
+            };
+            let mut rec = TransferRecord {
+                id: id.to_hex(),
+                direction: "upload".into(),
+                local: local_key.clone(),
+                remote: remote_display.clone(),
+                size: meta.size,
+                bytes_done: 0,
+                state: "active".into(),
+                last_error: None,
+                updated_unix: 0,
+                pid: 0,
+                source: source_hex,
+            };
+            if let Some(old) = self.status.find("upload", &local_key, &remote_display) {
+                if old.id != rec.id {
+                    self.status.remove(&old.id);
+                }
+            }
+            self.status.put(&rec)?;
+            info!(transfer = %id, from = %job.local.display(), to = %remote_display, size = meta.size, "upload");
+            let store = self.store.clone();
+            let progress = self.progress.clone();
+            let remote_path = job.remote.clone();
+            let r = self.run_tracked(addr, &mut rec, |s| Box::pin(async move { s.put(id, &src, meta, known, &remote_path, &store, &progress).await })).await;
+            match r {
+                Ok(digest) => {
+                    self.status.remove(&rec.id);
+                    Progress::add(&self.progress.files_done, 1);
+                    self.digests.push((job.remote.clone(), digest));
+                    return Ok(());
+                }
+                Err(e) => {
+                    let progressed = Progress::get(&self.progress.current_done) > rec.bytes_done;
+                    rec.bytes_done = Progress::get(&self.progress.current_done);
+                    rec.last_error = Some(e.to_string());
+                    rec.state = if e.is_retryable() { "interrupted".into() } else { "failed".into() };
+                    let _ = self.status.put(&rec);
+                    if progressed {
+                        // Progress is not failure: start the count again.
+                        attempt = 0;
+                        start = Instant::now();
+                    }
+                    attempt += 1;
+                    self.backoff(e, attempt, start).await?;
+                }
+            }
+        }
+    }
+
+    /// Runs one transfer attempt on a (re)connected session, updating the
+    /// status record every couple of seconds.
+    async fn run_tracked<T>(&mut self, addr: &str, rec: &mut TransferRecord, f: impl for<'s> FnOnce(&'s mut Session) -> BoxFut<'s, T>) -> Result<T> {
+        if self.session.is_none() {
+            match Session::connect(addr, &self.opts.client).await {
+                Ok(s) => self.session = Some(s),
+                Err(e) => return Err(e),
+            }
+        }
+        let r = {
+            let session = self.session.as_mut().ok_or_else(|| Error::Store("no session".into()))?;
+            let fut = f(session);
+            tokio::pin!(fut);
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    r = &mut fut => break r,
+                    _ = tick.tick() => {
+                        rec.bytes_done = Progress::get(&self.progress.current_done);
+                        let _ = self.status.put(rec);
+                    }
+                }
+            }
+        };
+        if r.is_err() {
+            self.session = None;
+        }
+        r
+    }
+
+    async fn download(&mut self, addr: &str, files: Vec<FileJob>, dirs: Vec<DirJob>) -> Result<()> {
+        self.count(&files);
+        for d in &dirs {
+            std::fs::create_dir_all(&d.local).map_err(|e| Error::local(&d.local, e))?;
+        }
+        for f in &files {
+            self.download_one(addr, f).await?;
+        }
+        for d in dirs.iter().rev() {
+            fsutil::apply_dir_meta(&d.local, d.mode, d.mtime_ns)?;
+        }
+        Ok(())
+    }
+
+    async fn download_one(&mut self, addr: &str, job: &FileJob) -> Result<()> {
+        let remote_display = format!("ferry://{addr}/{}", job.remote);
+        let parent = fsutil::parent_of(&job.local);
+        std::fs::create_dir_all(&parent).map_err(|e| Error::local(&parent, e))?;
+        let parent = std::fs::canonicalize(&parent).map_err(|e| Error::local(&parent, e))?;
+        let name = job.local.file_name().ok_or_else(|| Error::Usage(format!("{}: not a file name", job.local.display())))?;
+        let local = parent.join(name);
+        if local.is_dir() {
+            return Err(Error::Usage(format!("{} is a directory", local.display())));
+        }
+        let local_key = local.display().to_string();
+        self.progress.start_file(&remote_display, job.size);
+        let mut attempt = 0u32;
+        let mut start = Instant::now();
+        loop {
+            self.progress.undo_file();
+            let id = match self.status.find("download", &local_key, &remote_display) {
+                Some(r) => TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.rng)),
+                None => random_id(&mut self.rng),
+            };
+            let mut rec = TransferRecord {
+                id: id.to_hex(),
+                direction: "download".into(),
+                local: local_key.clone(),
+                remote: remote_display.clone(),
+                size: job.size,
+                bytes_done: 0,
+                state: "active".into(),
+                last_error: None,
+                updated_unix: 0,
+                pid: 0,
+                source: String::new(),
+            };
+            self.status.put(&rec)?;
+            info!(transfer = %id, from = %remote_display, to = %local.display(), "download");
+            let store = self.store.clone();
+            let progress = self.progress.clone();
+            let (remote_path, local2) = (job.remote.clone(), local.clone());
+            let total = self.progress.clone();
+            let job_size = job.size;
+            let r = self
+                .run_tracked(addr, &mut rec, |s| {
+                    Box::pin(async move {
+                        s.get(id, &remote_path, &local2, &store, &progress, |m| {
+                            if m.size != job_size {
+                                Progress::add(&total.bytes_total, m.size.saturating_sub(job_size));
+                            }
+                        })
+                        .await
+                    })
+                })
+                .await;
+            match r {
+                Ok(digest) => {
+                    self.status.remove(&rec.id);
+                    Progress::add(&self.progress.files_done, 1);
+                    self.digests.push((job.remote.clone(), digest));
+                    return Ok(());
+                }
+                Err(e) => {
+                    let progressed = Progress::get(&self.progress.current_done) > rec.bytes_done;
+                    rec.bytes_done = Progress::get(&self.progress.current_done);
+                    rec.last_error = Some(e.to_string());
+                    rec.state = if e.is_retryable() { "interrupted".into() } else { "failed".into() };
+                    let _ = self.status.put(&rec);
+                    if progressed {
+                        attempt = 0;
+                        start = Instant::now();
+                    }
+                    attempt += 1;
+                    self.backoff(e, attempt, start).await?;
+                }
+            }
+        }
+    }
+}
+
+async fn mkdir_owned(s: &mut Session, p: String, mode: u32, mtime: i64) -> Result<()> {
+    s.mkdir(&p, mode, mtime).await
+}
+
+fn random_id(rng: &mut rand::rngs::StdRng) -> TransferId {
+    TransferId(rng.gen())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoints() {
+        assert_eq!(Endpoint::parse("a/b").unwrap(), Endpoint::Local("a/b".into()));
+        assert_eq!(Endpoint::parse("ferry://h/x/y").unwrap(), Endpoint::Remote { addr: "h:7787".into(), path: "x/y".into() });
+        assert_eq!(Endpoint::parse("ferry://h:9/").unwrap(), Endpoint::Remote { addr: "h:9".into(), path: "".into() });
+        assert_eq!(Endpoint::parse("ferry://[::1]:9/a").unwrap(), Endpoint::Remote { addr: "[::1]:9".into(), path: "a".into() });
+        assert_eq!(Endpoint::parse("ferry://[::1]/a").unwrap(), Endpoint::Remote { addr: "[::1]:7787".into(), path: "a".into() });
+        assert!(Endpoint::parse("http://x/y").is_err());
+        assert!(Endpoint::parse("ferry:///y").is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! Errors of the engine, each with the class that decides the exit code and
+//! whether a retry can help.
+
+use std::io;
+
+use ferry_proto::{FailureCode, ProtoError};
+
+/// Who or what is at fault; maps to exit codes in the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The caller asked for something impossible (bad arguments, bad paths).
+    Usage,
+    /// Authentication or permission refused.
+    Auth,
+    /// The peer could not be reached or kept failing.
+    Unreachable,
+    /// Data did not verify.
+    Integrity,
+    /// Local file-system trouble.
+    LocalIo,
+    /// The peer broke the protocol or is incompatible.
+    Protocol,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connection to {addr} failed: {source}")]
+    Io { addr: String, source: io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("server certificate fingerprint for {host} is {actual}, but {expected} was expected (known servers file: {file}); if the server's key really changed, remove that line")]
+    FingerprintMismatch { host: String, expected: String, actual: String, file: String },
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("protocol: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("{path}: {source}")]
+    LocalIo { path: String, source: io::Error },
+    #[error("state store: {0}")]
+    Store(String),
+    #[error("source {path} changed during the transfer; it was restarted {times} times and kept changing")]
+    SourceUnstable { path: String, times: u32 },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("gave up after {attempts} attempts: {last}")]
+    RetriesExhausted { attempts: u32, last: Box<Error> },
+}
+
+impl Error {
+    pub fn local(path: impl AsRef<std::path::Path>, source: io::Error) -> Self {
+        Error::LocalIo { path: path.as_ref().display().to_string(), source }
+    }
+
+    /// Whether reconnecting and resuming can help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Io { .. } | Error::Timeout(_) => true,
+            Error::Tls(_) => true,
+            Error::Proto(p) => p.is_retryable(),
+            Error::LocalIo { .. } | Error::Usage(_) | Error::FingerprintMismatch { .. } => false,
+            Error::Store(_) | Error::SourceUnstable { .. } | Error::NotFound(_) => false,
+            Error::RetriesExhausted { .. } => false,
+        }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Usage(_) | Error::NotFound(_) => ErrorClass::Usage,
+            Error::Connect { .. } | Error::Io { .. } | Error::Timeout(_) | Error::Tls(_) => ErrorClass::Unreachable,
+            Error::FingerprintMismatch { .. } => ErrorClass::Auth,
+            Error::LocalIo { .. } | Error::Store(_) => ErrorClass::LocalIo,
+            Error::SourceUnstable { .. } => ErrorClass::Integrity,
+            Error::RetriesExhausted { last, .. } => match last.class() {
+                ErrorClass::Protocol => ErrorClass::Unreachable,
+                c => c,
+            },
+            Error::Proto(p) => match p {
+                ProtoError::IntegrityFailure { .. } | ProtoError::DigestMismatch { .. } | ProtoError::ChunkRejectedRepeatedly { .. } => {
+                    ErrorClass::Integrity
+                }
+                ProtoError::SourceChanged { .. } => ErrorClass::Integrity,
+                ProtoError::Remote(f) => match f.code {
+                    FailureCode::Unauthorized | FailureCode::PermissionDenied => ErrorClass::Auth,
+                    FailureCode::BadRequest | FailureCode::NotFound => ErrorClass::Usage,
+                    FailureCode::Integrity => ErrorClass::Integrity,
+                    FailureCode::NoSpace | FailureCode::Io => ErrorClass::LocalIo,
+                    FailureCode::Busy | FailureCode::Internal => ErrorClass::Unreachable,
+                    _ => ErrorClass::Protocol,
+                },
+                _ => ErrorClass::Protocol,
+            },
+        }
+    }
+}
+
+impl From<redb::Error> for Error {
+    fn from(e: redb::Error) -> Self {
+        Error::Store(e.to_string())
+    }
+}
+
+macro_rules! store_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self { Error::Store(e.to_string()) }
+        }
+    )*};
+}
+store_from!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

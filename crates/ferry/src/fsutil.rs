@@ -1,0 +1,123 @@
+//! File-system helpers: durable writes, atomic renames, file identity.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+/// fsyncs a directory so a rename or create inside it is durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).map_err(|e| Error::local(dir, e))?;
+    d.sync_all().map_err(|e| Error::local(dir, e))
+}
+
+/// Parent directory of `p` ("." for a bare name).
+pub fn parent_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes `body` to `path` atomically: temp file, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
+    let dir = parent_of(path);
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("f"), std::process::id()));
+    {
+        let mut f = File::create(&tmp).map_err(|e| Error::local(&tmp, e))?;
+        f.write_all(body).map_err(|e| Error::local(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::local(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::local(path, e))?;
+    fsync_dir(&dir)
+}
+
+/// The `.part` name a file is received under until it is verified.
+pub fn part_path(final_path: &Path) -> PathBuf {
+    let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    parent_of(final_path).join(format!(".{name}.ferry.part"))
+}
+
+/// Whether a directory entry name is one of ferry's partial files.
+pub fn is_part_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".ferry.part")
+}
+
+/// Opens (creating if needed) a partial file for writing at offsets.
+pub fn open_part(path: &Path) -> Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(|e| Error::local(path, e))
+}
+
+/// mtime in nanoseconds since the epoch.
+pub fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec())
+}
+
+/// An identity of a file version: changes when its content may have changed
+/// (size, mtime and ctime in ns, inode, device). ctime cannot be set back by
+/// users, so an edit that restores mtime is still seen.
+pub fn source_id(md: &std::fs::Metadata) -> Vec<u8> {
+    let mut v = Vec::with_capacity(40);
+    v.extend_from_slice(&md.size().to_be_bytes());
+    v.extend_from_slice(&mtime_ns(md).to_be_bytes());
+    v.extend_from_slice(&md.ctime().to_be_bytes());
+    v.extend_from_slice(&md.ctime_nsec().to_be_bytes());
+    v.extend_from_slice(&md.ino().to_be_bytes());
+    v.extend_from_slice(&md.dev().to_be_bytes());
+    v
+}
+
+/// Sets permission bits and mtime on an open file.
+pub fn apply_meta(f: &File, path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
+    if mode != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| Error::local(path, e))?;
+    }
+    if mtime_ns > 0 {
+        let t = UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64);
+        f.set_modified(t).map_err(|e| Error::local(path, e))?;
+    }
+    Ok(())
+}
+
+/// Sets a directory's permission bits and mtime.
+pub fn apply_dir_meta(path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
+    if mode != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| Error::local(path, e))?;
+    }
+    if mtime_ns > 0 {
+        let f = File::open(path).map_err(|e| Error::local(path, e))?;
+        let t = UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64);
+        f.set_modified(t).map_err(|e| Error::local(path, e))?;
+    }
+    Ok(())
+}
+
+/// Finalises a verified partial file: fsync, metadata, atomic rename, dir fsync.
+pub fn finalize_part(part: &File, part_path: &Path, final_path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
+    apply_meta(part, part_path, mode, mtime_ns)?;
+    part.sync_all().map_err(|e| Error::local(part_path, e))?;
+    std::fs::rename(part_path, final_path).map_err(|e| Error::local(final_path, e))?;
+    fsync_dir(&parent_of(final_path))
+}
+
+/// Lowercase hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The key under which a source's chunk hashes are remembered.
+pub fn source_key(path: &str, source_id: &[u8], chunk_size: u32, alg: &str) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"ferry source key\0");
+    h.update(path.as_bytes());
+    h.update(&[0]);
+    h.update(source_id);
+    h.update(&chunk_size.to_be_bytes());
+    h.update(alg.as_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    k
+}

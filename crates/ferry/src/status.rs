@@ -1,0 +1,76 @@
+//! Records of the transfers this machine started, one small JSON file each
+//! under `STATE_DIR/transfers/`, replaced atomically. `ferry status` reads them
+//! without touching the database a running transfer holds.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fsutil::write_atomic;
+
+/// A transfer this machine started.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TransferRecord {
+    pub id: String,
+    /// "upload" or "download".
+    pub direction: String,
+    pub local: String,
+    pub remote: String,
+    pub size: u64,
+    pub bytes_done: u64,
+    /// "active", "interrupted", "failed" or "complete".
+    pub state: String,
+    pub last_error: Option<String>,
+    pub updated_unix: u64,
+    /// Process that last worked on it.
+    pub pid: u32,
+    /// Hex identity of the source version being sent (uploads).
+    #[serde(default)]
+    pub source: String,
+}
+
+/// The folder of transfer records.
+#[derive(Debug, Clone)]
+pub struct StatusDir {
+    dir: PathBuf,
+}
+
+impl StatusDir {
+    pub fn new(state_dir: &Path) -> Self {
+        Self { dir: state_dir.join("transfers") }
+    }
+
+    pub fn put(&self, rec: &TransferRecord) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::local(&self.dir, e))?;
+        let mut rec = rec.clone();
+        rec.updated_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        rec.pid = std::process::id();
+        let body = serde_json::to_vec_pretty(&rec).map_err(|e| Error::Store(e.to_string()))?;
+        write_atomic(&self.dir.join(format!("{}.json", rec.id)), &body)
+    }
+
+    pub fn remove(&self, id: &str) {
+        let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+    }
+
+    /// Every record, oldest first; unreadable files are skipped.
+    pub fn list(&self) -> Vec<TransferRecord> {
+        let mut out: Vec<TransferRecord> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        out.sort_by_key(|r: &TransferRecord| r.updated_unix);
+        out
+    }
+
+    /// The unfinished record for this (direction, local, remote), if any.
+    pub fn find(&self, direction: &str, local: &str, remote: &str) -> Option<TransferRecord> {
+        self.list().into_iter().find(|r| r.direction == direction && r.local == local && r.remote == remote && r.state != "complete")
+    }
+}

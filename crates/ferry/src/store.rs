@@ -1,0 +1,246 @@
+//! The durable state of both ends, in one redb database per state directory.
+//!
+//! Tables:
+//! * `partials`: destination path → [`PartialRecord`] of a file being received.
+//! * `partial_chunks`: (destination path, chunk) → content hash, verified and
+//!   durable (data fsynced before the row is committed).
+//! * `source_hashes`: (source key, chunk) → content hash of a source chunk
+//!   the receiver acknowledged, so a resume need not re-read the source.
+//!
+//! What `ferry status` shows lives beside it as small JSON files ([`crate::status`]),
+//! so it can be read while a transfer holds the database.
+
+use std::path::{Path, PathBuf};
+
+use ferry_proto::ChunkHash;
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+const PARTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("partials");
+const PARTIAL_CHUNKS: TableDefinition<(&str, u32), &[u8; 32]> = TableDefinition::new("partial_chunks");
+const SOURCE_HASHES: TableDefinition<(&[u8; 16], u32), &[u8; 32]> = TableDefinition::new("source_hashes");
+
+/// What the receiver knows about a partial (or just finalised) file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartialRecord {
+    pub transfer_id: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub alg: String,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    /// Hex of the sender's source identity.
+    pub source_id: String,
+    /// Set once the file is in place under its final name.
+    pub finalized: bool,
+}
+
+/// Opens the database, waiting a little if another ferry process holds it.
+fn open_with_wait(path: &Path) -> Result<Database> {
+    let mut waited = 0;
+    loop {
+        match Database::builder().create(path) {
+            Ok(db) => return Ok(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if waited < 100 => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                waited += 1;
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(Error::Store(format!(
+                    "{} is in use by another ferry process; use another --state-dir or wait for it to finish",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(Error::Store(format!("{}: {e}", path.display()))),
+        }
+    }
+}
+
+/// The embedded store.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) `DIR/state.redb`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::local(dir, e))?;
+        let path = dir.join("state.redb");
+        let db = open_with_wait(&path)?;
+        let tx = db.begin_write()?;
+        tx.open_table(PARTIALS)?;
+        tx.open_table(PARTIAL_CHUNKS)?;
+        tx.open_table(SOURCE_HASHES)?;
+        tx.commit()?;
+        Ok(Self { db, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    // ---- receiver side ----
+
+    pub fn partial(&self, dest: &str) -> Result<Option<(PartialRecord, Vec<(u32, ChunkHash)>)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PARTIALS)?;
+        let Some(v) = t.get(dest)? else { return Ok(None) };
+        let rec: PartialRecord = match serde_json::from_slice(v.value()) {
+            Ok(r) => r,
+            Err(_) => return Ok(None),
+        };
+        let c = tx.open_table(PARTIAL_CHUNKS)?;
+        let mut chunks = Vec::new();
+        for row in c.range((dest, 0u32)..=(dest, u32::MAX))? {
+            let (k, v) = row?;
+            chunks.push((k.value().1, ChunkHash(*v.value())));
+        }
+        Ok(Some((rec, chunks)))
+    }
+
+    /// Replaces any record for `dest` with a fresh one with no chunks.
+    pub fn start_partial(&self, dest: &str, rec: &PartialRecord) -> Result<()> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate);
+        {
+            let mut c = tx.open_table(PARTIAL_CHUNKS)?;
+            c.retain_in((dest, 0u32)..=(dest, u32::MAX), |_, _| false)?;
+            let mut t = tx.open_table(PARTIALS)?;
+            t.insert(dest, serde_json::to_vec(rec).unwrap_or_default().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records chunks as verified and durable. Call only after their data was fsynced.
+    pub fn commit_chunks(&self, dest: &str, chunks: &[(u32, ChunkHash)]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut c = tx.open_table(PARTIAL_CHUNKS)?;
+            for (i, h) in chunks {
+                c.insert((dest, *i), &h.0)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn forget_chunks(&self, dest: &str, chunks: impl Iterator<Item = u32>) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut c = tx.open_table(PARTIAL_CHUNKS)?;
+            for i in chunks {
+                c.remove((dest, i))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn mark_finalized(&self, dest: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(PARTIALS)?;
+            let rec = t.get(dest)?.and_then(|v| serde_json::from_slice::<PartialRecord>(v.value()).ok());
+            if let Some(mut rec) = rec {
+                rec.finalized = true;
+                t.insert(dest, serde_json::to_vec(&rec).unwrap_or_default().as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_partial(&self, dest: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut c = tx.open_table(PARTIAL_CHUNKS)?;
+            c.retain_in((dest, 0u32)..=(dest, u32::MAX), |_, _| false)?;
+            let mut t = tx.open_table(PARTIALS)?;
+            t.remove(dest)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- sender side ----
+
+    pub fn source_hashes(&self, key: &[u8; 16]) -> Result<Vec<(u32, ChunkHash)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SOURCE_HASHES)?;
+        let mut out = Vec::new();
+        for row in t.range((key, 0u32)..=(key, u32::MAX))? {
+            let (k, v) = row?;
+            out.push((k.value().1, ChunkHash(*v.value())));
+        }
+        Ok(out)
+    }
+
+    pub fn add_source_hashes(&self, key: &[u8; 16], hashes: &[(u32, ChunkHash)]) -> Result<()> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(SOURCE_HASHES)?;
+            for (i, h) in hashes {
+                t.insert((key, *i), &h.0)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn drop_source_hashes(&self, key: &[u8; 16]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(SOURCE_HASHES)?;
+            t.retain_in((key, 0u32)..=(key, u32::MAX), |_, _| false)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_lifecycle_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = PartialRecord {
+            transfer_id: "00".repeat(16),
+            size: 10,
+            chunk_size: 1024,
+            alg: "blake3".into(),
+            mtime_ns: 1,
+            mode: 0o644,
+            source_id: "ab".into(),
+            finalized: false,
+        };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.start_partial("/a", &rec).unwrap();
+            s.commit_chunks("/a", &[(0, ChunkHash([1; 32])), (2, ChunkHash([2; 32]))]).unwrap();
+            s.commit_chunks("/b", &[(0, ChunkHash([3; 32]))]).unwrap();
+            s.forget_chunks("/a", [2].into_iter()).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let (r, chunks) = s.partial("/a").unwrap().unwrap();
+        assert_eq!(r, rec);
+        assert_eq!(chunks, vec![(0, ChunkHash([1; 32]))]);
+        s.start_partial("/a", &rec).unwrap();
+        assert!(s.partial("/a").unwrap().unwrap().1.is_empty());
+        s.remove_partial("/a").unwrap();
+        assert!(s.partial("/a").unwrap().is_none());
+        let key = [5u8; 16];
+        s.add_source_hashes(&key, &[(1, ChunkHash([9; 32]))]).unwrap();
+        assert_eq!(s.source_hashes(&key).unwrap(), vec![(1, ChunkHash([9; 32]))]);
+        s.drop_source_hashes(&key).unwrap();
+        assert!(s.source_hashes(&key).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,175 @@
+//! TLS 1.3 with self-made server certificates and SSH-style pinning.
+//!
+//! The server makes a self-signed certificate on first start and keeps it in
+//! its state directory. Clients identify it by the SHA-256 fingerprint of that
+//! certificate: given with `--fingerprint`, or pinned on first use in a
+//! known-servers file and refused if it ever changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{aws_lc_rs, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::fsutil::{hex, write_atomic};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(aws_lc_rs::default_provider())
+}
+
+/// `SHA256:<hex>` of a DER certificate.
+pub fn fingerprint(cert: &[u8]) -> String {
+    format!("SHA256:{}", hex(&Sha256::digest(cert)))
+}
+
+/// Normalises a user-given fingerprint (case, optional prefix, colons).
+pub fn normalize_fingerprint(s: &str) -> String {
+    let body = s.trim().strip_prefix("SHA256:").or_else(|| s.trim().strip_prefix("sha256:")).unwrap_or(s.trim());
+    format!("SHA256:{}", body.replace(':', "").to_ascii_lowercase())
+}
+
+/// The server's identity: certificate and key, made once and kept.
+pub struct ServerIdentity {
+    pub cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl ServerIdentity {
+    /// Loads `DIR/server.crt` + `DIR/server.key`, or makes them.
+    pub fn load_or_create(dir: &Path) -> Result<Self> {
+        let cert_path = dir.join("server.crt.der");
+        let key_path = dir.join("server.key.der");
+        if let (Ok(c), Ok(k)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
+            return Ok(Self { cert: CertificateDer::from(c), key: PrivatePkcs8KeyDer::from(k) });
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::local(dir, e))?;
+        let ck = rcgen::generate_simple_self_signed(vec!["ferry".to_string()]).map_err(|e| Error::Tls(e.to_string()))?;
+        let cert = ck.cert.der().to_vec();
+        let key = ck.key_pair.serialize_der();
+        write_atomic(&key_path, &key)?;
+        restrict(&key_path);
+        write_atomic(&cert_path, &cert)?;
+        Ok(Self { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) })
+    }
+
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.cert)
+    }
+
+    pub fn server_config(&self) -> Result<rustls::ServerConfig> {
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))
+            .map_err(|e| Error::Tls(e.to_string()))
+    }
+}
+
+pub(crate) fn restrict(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
+}
+
+/// The known-servers file: one `host:port SHA256:hex` per line.
+#[derive(Debug, Clone)]
+pub struct KnownServers {
+    path: PathBuf,
+}
+
+impl KnownServers {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn lookup(&self, host: &str) -> Option<String> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        text.lines().filter_map(|l| l.split_once(' ')).find(|(h, _)| *h == host).map(|(_, f)| f.trim().to_string())
+    }
+
+    pub fn record(&self, host: &str, fp: &str) -> Result<()> {
+        let mut text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("{host} {fp}\n"));
+        if let Some(d) = self.path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::local(d, e))?;
+        }
+        write_atomic(&self.path, text.as_bytes())
+    }
+}
+
+/// Accepts exactly one certificate fingerprint, or (when none is known yet)
+/// any certificate whose handshake signature verifies, remembering what it saw.
+#[derive(Debug)]
+struct PinVerifier {
+    expected: Option<String>,
+    seen: Mutex<Option<String>>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let fp = fingerprint(end_entity);
+        if let Ok(mut s) = self.seen.lock() {
+            *s = Some(fp.clone());
+        }
+        match &self.expected {
+            Some(e) if *e != fp => Err(rustls::Error::General(format!("server fingerprint {fp} does not match the pinned {e}"))),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used by ferry".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// A client TLS configuration pinned to `expected` (or trust-on-first-use when `None`).
+/// The returned handle tells which fingerprint the server presented.
+pub fn client_config(expected: Option<String>) -> Result<(rustls::ClientConfig, Arc<dyn Fn() -> Option<String> + Send + Sync>)> {
+    let p = provider();
+    let verifier = Arc::new(PinVerifier { expected, seen: Mutex::new(None), algs: p.signature_verification_algorithms });
+    let cfg = rustls::ClientConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    let seen: Arc<dyn Fn() -> Option<String> + Send + Sync> = Arc::new(move || verifier.seen.lock().ok().and_then(|s| s.clone()));
+    Ok((cfg, seen))
+}

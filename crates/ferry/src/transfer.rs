@@ -1,0 +1,451 @@
+//! Drivers that run the protocol core's [`Sender`] and [`Receiver`] over a
+//! connection, doing the file and journal I/O they ask for. Both the client
+//! and the server use them: the uploader sends, the downloader receives.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::hash::verify_chunk;
+use ferry_proto::{ChunkHash, DataVerdict, HashAlg, Message, ProtoError, Receiver, ReceiverEvent, Sender, SenderEvent, Transmit};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::conn::Conn;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::progress::Progress;
+use crate::store::Store;
+
+/// Silence from the peer for this long tears the connection down.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Send a keepalive after this long without writing.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Deliberate faults, for the demo and for tests.
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    /// How many incoming chunks to corrupt (one bit flipped) before verification.
+    pub corrupt_chunks: AtomicU32,
+}
+
+impl FaultPlan {
+    fn take_corruption(&self) -> bool {
+        self.corrupt_chunks.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+/// The file being sent.
+pub struct SourceFile {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    /// Identity at open time (see [`fsutil::source_id`]).
+    pub source_id: Vec<u8>,
+    /// Key of this source's remembered chunk hashes.
+    pub key: [u8; 16],
+    pub alg: HashAlg,
+}
+
+impl SourceFile {
+    fn read_chunk(&self, offset: u64, len: u32, buf: &mut Vec<u8>) -> Result<()> {
+        buf.resize(len as usize, 0);
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Proto(ProtoError::SourceChanged { chunk: 0 })
+            } else {
+                Error::local(&self.path, e)
+            }
+        })
+    }
+
+    /// Fails if the source is no longer the version that was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let md = std::fs::metadata(&self.path).map_err(|e| Error::local(&self.path, e))?;
+        let now = fsutil::source_id(&md);
+        if now != self.source_id {
+            return Err(Error::Proto(ProtoError::SourceChanged { chunk: 0 }));
+        }
+        Ok(())
+    }
+}
+
+/// Runs a sender to completion; returns the verified digest.
+pub async fn drive_sender(conn: &mut Conn, tx: &mut Sender, src: &SourceFile, store: &Arc<Store>, progress: &Progress) -> Result<ChunkHash> {
+    let tid = tx.id();
+    let mut buf = Vec::new();
+    let mut last_write = Instant::now();
+    loop {
+        while let Some(m) = conn.rd.try_next().await? {
+            sender_handle(tx, m, src, &mut buf)?;
+        }
+        let mut acked_hashes = Vec::new();
+        while let Some(ev) = tx.poll_event() {
+            match ev {
+                SenderEvent::Resumed { bytes, chunks } => {
+                    info!(transfer = %tid, chunks = chunks.count(), bytes, "resuming: receiver already holds verified chunks");
+                    Progress::add(&progress.bytes_resumed, bytes);
+                    progress.done(bytes);
+                }
+                SenderEvent::Acked { chunks, bytes } => {
+                    debug!(transfer = %tid, ranges = ?chunks, "acked");
+                    progress.done(bytes);
+                    acked_hashes.extend(chunks.iter().filter_map(|i| tx.source_hash(i).map(|h| (i, h))));
+                }
+                SenderEvent::Rejected { index } => {
+                    warn!(transfer = %tid, chunk = index, "receiver rejected a chunk; sending it again");
+                }
+                SenderEvent::Completed { digest } => {
+                    store.add_source_hashes(&src.key, &acked_hashes)?;
+                    return Ok(digest);
+                }
+            }
+        }
+        if !acked_hashes.is_empty() {
+            store.add_source_hashes(&src.key, &acked_hashes)?;
+        }
+        match tx.poll_transmit() {
+            Some(Transmit::Message(m)) => {
+                if matches!(m, Message::Done { .. }) {
+                    src.check_unchanged()?;
+                }
+                conn.wr.send(&m).await?;
+                if !matches!(m, Message::Ack { .. }) {
+                    conn.wr.flush().await?;
+                }
+                last_write = Instant::now();
+            }
+            Some(Transmit::Chunk { index, offset, len }) => {
+                src.read_chunk(offset, len, &mut buf)?;
+                let content = src.alg.hash(&buf);
+                let tag = tx.chunk_read(index, content).map_err(|e| match e {
+                    ProtoError::SourceChanged { .. } => Error::Proto(ProtoError::SourceChanged { chunk: index }),
+                    e => Error::Proto(e),
+                })?;
+                conn.wr.send_data(index, offset, &tag, &buf).await?;
+                Progress::add(&progress.bytes_sent, u64::from(len));
+                last_write = Instant::now();
+            }
+            None => {
+                conn.wr.flush().await?;
+                let wait = KEEPALIVE.saturating_sub(last_write.elapsed());
+                tokio::select! {
+                    r = conn.rd.next() => {
+                        let m = r?.ok_or_else(|| closed(&conn.peer))?;
+                        sender_handle(tx, m, src, &mut buf)?;
+                    }
+                    _ = tokio::time::sleep(wait) => {
+                        if last_write.elapsed() >= IDLE_TIMEOUT {
+                            return Err(Error::Timeout(format!("no progress from {} for {}s", conn.peer, IDLE_TIMEOUT.as_secs())));
+                        }
+                        conn.send(&Message::Ping { nonce: 0 }).await?;
+                        last_write = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn sender_handle(tx: &mut Sender, m: Message, src: &SourceFile, buf: &mut Vec<u8>) -> Result<()> {
+    if let Message::Offer { ranges, .. } = &m {
+        // Chunks we have no record of are checked against the source itself.
+        let layout = tx.layout();
+        for i in tx.unknown_in(ranges) {
+            src.read_chunk(layout.offset(i), layout.len(i), buf)?;
+            tx.set_source_hash(i, src.alg.hash(buf));
+        }
+    }
+    tx.handle(m).map_err(Error::Proto)
+}
+
+fn closed(peer: &str) -> Error {
+    Error::Io { addr: peer.to_string(), source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed by peer") }
+}
+
+/// The file being received.
+pub struct DestFile {
+    pub final_path: PathBuf,
+    pub part_path: PathBuf,
+    pub file: Arc<File>,
+    /// Key of this destination in the journal.
+    pub key: String,
+    pub mode: u32,
+    pub mtime_ns: i64,
+}
+
+/// What a receive ended with.
+pub struct Received {
+    pub digest: ChunkHash,
+    pub bytes_received: u64,
+}
+
+/// Runs a receiver to completion: the file is verified and in place.
+pub async fn drive_receiver(
+    conn: &mut Conn,
+    rx: &mut Receiver,
+    dest: &DestFile,
+    store: &Arc<Store>,
+    progress: &Progress,
+    faults: Option<&FaultPlan>,
+) -> Result<Received> {
+    let tid = rx.id();
+    let alg = rx.alg();
+    let mut checkpoint: Option<tokio::task::JoinHandle<Result<Vec<(u32, ChunkHash)>>>> = None;
+    let mut last_heard = Instant::now();
+    let mut last_write = Instant::now();
+    loop {
+        let mut wrote = false;
+        while let Some(m) = rx.poll_transmit() {
+            conn.wr.send(&m).await?;
+            wrote = true;
+        }
+        if wrote {
+            conn.wr.flush().await?;
+            last_write = Instant::now();
+        }
+        let mut handled = false;
+        while let Some(ev) = rx.poll_event() {
+            handled = true;
+            match ev {
+                ReceiverEvent::Checkpoint(list) => {
+                    let file = dest.file.clone();
+                    let store = store.clone();
+                    let key = dest.key.clone();
+                    let path = dest.part_path.clone();
+                    checkpoint = Some(tokio::task::spawn_blocking(move || {
+                        // Durability order: the data first, then the journal that claims it.
+                        file.sync_data().map_err(|e| Error::local(&path, e))?;
+                        store.commit_chunks(&key, &list)?;
+                        Ok(list)
+                    }));
+                }
+                ReceiverEvent::Forget(set) => {
+                    warn!(transfer = %tid, ranges = ?set, "dropping chunks that no longer verify");
+                    store.forget_chunks(&dest.key, set.iter())?;
+                }
+                ReceiverEvent::VerifyStale(set) => {
+                    info!(transfer = %tid, chunks = set.count(), "re-checking chunks kept from an earlier run");
+                    let file = dest.file.clone();
+                    let layout = rx.layout();
+                    let mut job = tokio::task::spawn_blocking(move || {
+                        let mut buf = Vec::new();
+                        set.iter()
+                            .map(|i| {
+                                buf.resize(layout.len(i) as usize, 0);
+                                let h = file.read_exact_at(&mut buf, layout.offset(i)).ok().map(|_| alg.hash(&buf));
+                                (i, h)
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    let results = loop {
+                        tokio::select! {
+                            r = &mut job => break r.map_err(|e| Error::Store(e.to_string()))?,
+                            _ = tokio::time::sleep(KEEPALIVE) => conn.send(&Message::Ping { nonce: 1 }).await?,
+                        }
+                    };
+                    let bad = results.iter().filter(|(i, h)| h.is_none() || rx.held_hash(*i) != *h).count();
+                    if bad > 0 {
+                        warn!(transfer = %tid, damaged = bad, "partial file was damaged while nothing ran; those chunks will be sent again");
+                    }
+                    rx.stale_checked(&results);
+                }
+                ReceiverEvent::Finalize { digest } => {
+                    let file = dest.file.clone();
+                    let (part, fin, key, mode, mtime) = (dest.part_path.clone(), dest.final_path.clone(), dest.key.clone(), dest.mode, dest.mtime_ns);
+                    let store2 = store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        fsutil::finalize_part(&file, &part, &fin, mode, mtime)?;
+                        store2.mark_finalized(&key)
+                    })
+                    .await
+                    .map_err(|e| Error::Store(e.to_string()))??;
+                    info!(transfer = %tid, path = %dest.final_path.display(), digest = %digest, "verified and in place");
+                    rx.finalized(digest);
+                }
+                ReceiverEvent::Completed { digest } => {
+                    while let Some(m) = rx.poll_transmit() {
+                        conn.wr.send(&m).await?;
+                    }
+                    conn.wr.flush().await?;
+                    return Ok(Received { digest, bytes_received: rx.received_bytes() });
+                }
+            }
+        }
+        if handled {
+            // Handling events may have queued messages: send them before waiting.
+            continue;
+        }
+        let timer = rx.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            r = conn.rd.next() => {
+                let m = r?.ok_or_else(|| closed(&conn.peer))?;
+                last_heard = Instant::now();
+                match m {
+                    Message::Data { index, offset, tag, payload } => {
+                        match rx.accept_data(index, offset, payload.len()).map_err(Error::Proto)? {
+                            DataVerdict::Duplicate => {}
+                            DataVerdict::Write => {
+                                let payload = match faults {
+                                    Some(f) if f.take_corruption() && !payload.is_empty() => {
+                                        warn!(transfer = %tid, chunk = index, "fault injector: flipping a bit of this chunk in flight");
+                                        let mut p = payload.to_vec();
+                                        p[0] ^= 0x01;
+                                        bytes::Bytes::from(p)
+                                    }
+                                    _ => payload,
+                                };
+                                match verify_chunk(alg, &tid, index, offset, &payload, &tag) {
+                                    Ok(content) => {
+                                        dest.file.write_all_at(&payload, offset).map_err(|e| Error::local(&dest.part_path, e))?;
+                                        Progress::add(&progress.bytes_sent, payload.len() as u64);
+                                        progress.done(payload.len() as u64);
+                                        rx.chunk_written(Instant::now().into_std(), index, content);
+                                    }
+                                    Err(actual) => {
+                                        warn!(transfer = %tid, chunk = index, offset, len = payload.len(), actual = %actual, "chunk failed verification; asking for it again");
+                                        rx.chunk_corrupt(index);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    other => {
+                        let agreed = matches!(other, Message::Agreed { .. });
+                        rx.handle(other).map_err(Error::Proto)?;
+                        if agreed {
+                            let held = rx.held();
+                            let bytes = rx.layout().bytes_in(&held);
+                            if bytes > 0 {
+                                info!(transfer = %tid, chunks = held.count(), bytes, "resuming: already holding verified chunks");
+                            }
+                            Progress::add(&progress.bytes_resumed, bytes);
+                            progress.done(bytes);
+                        }
+                    }
+                }
+            }
+            r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
+                checkpoint = None;
+                let list = r.map_err(|e| Error::Store(e.to_string()))??;
+                debug!(transfer = %tid, chunks = list.len(), "checkpoint committed");
+                rx.checkpoint_committed(&list);
+            }
+            _ = sleep_opt(timer), if timer.is_some() => {
+                rx.handle_timeout(Instant::now().into_std());
+            }
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                if last_heard.elapsed() >= IDLE_TIMEOUT {
+                    return Err(Error::Timeout(format!("no data from {} for {}s", conn.peer, IDLE_TIMEOUT.as_secs())));
+                }
+                if last_write.elapsed() >= KEEPALIVE {
+                    conn.send(&Message::Ping { nonce: 2 }).await?;
+                    last_write = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+async fn join_opt<T>(h: Option<&mut tokio::task::JoinHandle<T>>) -> std::result::Result<T, tokio::task::JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Opens a source file for sending: its metadata for the peer, and any chunk
+/// hashes remembered from earlier runs for this exact version of it.
+pub fn prepare_send(store: &Store, path: &std::path::Path, alg: HashAlg) -> Result<(SourceFile, ferry_proto::message::FileMeta, Vec<(u32, ChunkHash)>)> {
+    use std::os::unix::fs::MetadataExt;
+    let file = File::open(path).map_err(|e| Error::local(path, e))?;
+    let md = file.metadata().map_err(|e| Error::local(path, e))?;
+    if !md.is_file() {
+        return Err(Error::Usage(format!("{} is not a regular file", path.display())));
+    }
+    let source_id = fsutil::source_id(&md);
+    let layout = ferry_proto::ChunkLayout::for_size(md.len());
+    let key = fsutil::source_key(&path.to_string_lossy(), &source_id, layout.chunk_size(), alg.name());
+    let known = store.source_hashes(&key)?;
+    let meta = ferry_proto::message::FileMeta {
+        size: md.len(),
+        mtime_ns: fsutil::mtime_ns(&md),
+        mode: md.mode() & 0o7777,
+        chunk_size: layout.chunk_size(),
+        alg: alg.name().to_string(),
+        source_id: bytes::Bytes::from(source_id.clone()),
+    };
+    Ok((SourceFile { file: Arc::new(file), path: path.to_path_buf(), source_id, key, alg }, meta, known))
+}
+
+/// Prepares to receive `meta` into `final_path`: resumes the partial file if
+/// the journal has one for the same source version, else starts afresh.
+pub fn prepare_receive(
+    store: &Store,
+    final_path: &std::path::Path,
+    id: ferry_proto::TransferId,
+    meta: &ferry_proto::message::FileMeta,
+    cfg: ferry_proto::ReceiverConfig,
+) -> Result<(Receiver, DestFile)> {
+    use crate::store::PartialRecord;
+    let layout = ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size)
+        .ok_or_else(|| Error::Proto(ProtoError::PeerMisbehaved(format!("unacceptable chunk size {} for {} bytes", meta.chunk_size, meta.size))))?;
+    let alg = HashAlg::from_name(&meta.alg)
+        .ok_or_else(|| Error::Proto(ProtoError::Incompatible(format!("unknown hash algorithm {:?}", meta.alg))))?;
+    let key = final_path.to_string_lossy().into_owned();
+    let part_path = fsutil::part_path(final_path);
+    let source_hex = fsutil::hex(&meta.source_id);
+    let rec = PartialRecord {
+        transfer_id: id.to_hex(),
+        size: meta.size,
+        chunk_size: meta.chunk_size,
+        alg: meta.alg.clone(),
+        mtime_ns: meta.mtime_ns,
+        mode: meta.mode,
+        source_id: source_hex.clone(),
+        finalized: false,
+    };
+    let same_source = |r: &PartialRecord| r.source_id == source_hex && r.size == meta.size && r.chunk_size == meta.chunk_size && r.alg == meta.alg;
+    if let Some((old, chunks)) = store.partial(&key)? {
+        if same_source(&old) && old.finalized {
+            // Finalised earlier; the sender did not hear. Confirm without touching data.
+            if let Ok(md) = std::fs::metadata(final_path) {
+                if md.len() == meta.size && chunks.len() as u32 == layout.count() {
+                    let file = File::open(final_path).map_err(|e| Error::local(final_path, e))?;
+                    let rx = Receiver::already_final(id, layout, alg, cfg, chunks);
+                    let dest = DestFile { final_path: final_path.to_path_buf(), part_path, file: Arc::new(file), key, mode: meta.mode, mtime_ns: meta.mtime_ns };
+                    return Ok((rx, dest));
+                }
+            }
+        } else if same_source(&old) {
+            if let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&part_path) {
+                let len = file.metadata().map_err(|e| Error::local(&part_path, e))?.len();
+                // A partial shorter than a chunk's end lost that chunk (truncation).
+                let held: Vec<_> = chunks.into_iter().filter(|(i, _)| layout.offset(*i) + u64::from(layout.len(*i)) <= len).collect();
+                info!(transfer = %id, path = %final_path.display(), held = held.len(), "resuming partial file");
+                let rx = Receiver::new(id, layout, alg, cfg, held);
+                let dest = DestFile { final_path: final_path.to_path_buf(), part_path, file: Arc::new(file), key, mode: meta.mode, mtime_ns: meta.mtime_ns };
+                return Ok((rx, dest));
+            }
+        } else {
+            info!(path = %final_path.display(), "source changed since the partial file was started; starting over");
+        }
+    }
+    store.start_partial(&key, &rec)?;
+    let file = fsutil::open_part(&part_path)?;
+    file.set_len(0).map_err(|e| Error::local(&part_path, e))?;
+    file.set_len(meta.size).map_err(|e| Error::local(&part_path, e))?;
+    fsutil::fsync_dir(&fsutil::parent_of(&part_path))?;
+    let rx = Receiver::new(id, layout, alg, cfg, Vec::new());
+    let dest = DestFile { final_path: final_path.to_path_buf(), part_path, file: Arc::new(file), key, mode: meta.mode, mtime_ns: meta.mtime_ns };
+    Ok((rx, dest))
+}
