@@ -84,6 +84,7 @@ pub async fn run(size_mib: u64, cuts: u32, seed: Option<u64>, json_logs: bool) -
             known_servers: KnownServers::new(tmp.path().join("client-state/known_servers")),
             connect_timeout: Duration::from_secs(10),
             via: Some(proxy.addr().to_string()),
+            bwlimit: 0,
         },
         retry: RetryPolicy { initial: Duration::from_millis(100), multiplier: 2.0, max_delay: Duration::from_secs(1), max_attempts: 20, budget: None },
         alg: HashAlg::Blake3,

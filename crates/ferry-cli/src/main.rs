@@ -101,6 +101,9 @@ enum Cmd {
         /// Give up after this many seconds without progress (default: no limit).
         #[arg(long)]
         retry_budget: Option<u64>,
+        /// Limit each transfer's payload rate, e.g. 10M, 512K (bytes per second).
+        #[arg(long, value_parser = parse_rate, default_value = "0")]
+        bwlimit: u64,
         /// No progress bars or periodic lines.
         #[arg(long)]
         no_progress: bool,
@@ -266,6 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             retry_budget,
             no_progress,
             via,
+            bwlimit,
             mut paths,
         } => {
             let dst = paths.pop().ok_or_else(|| UsageError("missing destination".into()))?;
@@ -280,6 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     known_servers: KnownServers::new(state_dir.join("known_servers")),
                     connect_timeout: Duration::from_secs(10),
                     via,
+                    bwlimit,
                 },
                 retry: RetryPolicy {
                     initial: Duration::from_millis(retry_initial),
@@ -324,4 +329,20 @@ fn receiver_config_from_env() -> ferry_proto::ReceiverConfig {
         c.checkpoint_interval = Duration::from_millis(ms);
     }
     c
+}
+
+/// Parses `10M`, `512K`, `1G` or plain bytes per second.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a rate like 10M"))?;
+    if !(0.0..1e15).contains(&n) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok((n * mult as f64) as u64)
 }

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::tls::{client_config, normalize_fingerprint, KnownServers};
-use crate::transfer::{drive_receiver, drive_sender, prepare_receive, SourceFile};
+use crate::transfer::{drive_receiver, drive_sender, prepare_receive, SourceFile, Throttle};
 
 /// How a client connects.
 #[derive(Debug, Clone)]
@@ -30,12 +30,15 @@ pub struct ClientConfig {
     /// Route connections through this address instead (a proxy or fault injector),
     /// while pinning and naming the server by its real address.
     pub via: Option<String>,
+    /// Payload bytes per second per transfer; 0 for no limit.
+    pub bwlimit: u64,
 }
 
 /// An authenticated connection to a server.
 pub struct Session {
     conn: Conn,
     pub addr: String,
+    bwlimit: u64,
 }
 
 fn remote(f: ferry_proto::Failure) -> Error {
@@ -92,7 +95,13 @@ impl Session {
             Message::Failure(f) => return Err(remote(f)),
             m => return Err(unexpected(&m)),
         }
-        Ok(Session { conn, addr: addr.to_string() })
+        Ok(Session { conn, addr: addr.to_string(), bwlimit: cfg.bwlimit })
+    }
+
+    /// Writes raw bytes on the connection (for tests of hostile input).
+    #[doc(hidden)]
+    pub async fn raw_write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.conn.wr.raw(bytes).await
     }
 
     async fn call(&mut self, m: &Message) -> Result<Message> {
@@ -151,7 +160,7 @@ impl Session {
         let layout = ChunkLayout::new(meta.size, meta.chunk_size).ok_or_else(|| Error::Usage(format!("{} is too large", src.path.display())))?;
         self.conn.send(&Message::PutOpen { id, path: remote_path.to_string(), meta }).await?;
         let mut tx = Sender::new(id, layout, src.alg, SenderConfig::default(), known);
-        drive_sender(&mut self.conn, &mut tx, src, store, progress).await
+        drive_sender(&mut self.conn, &mut tx, src, store, progress, Throttle::new(self.bwlimit)).await
     }
 
     /// Downloads one file into `local` (resuming a local partial); returns the digest.
@@ -171,7 +180,7 @@ impl Session {
         };
         on_meta(&meta);
         let (mut rx, dest) = prepare_receive(store, local, id, &meta, ReceiverConfig::default())?;
-        let r = drive_receiver(&mut self.conn, &mut rx, &dest, store, progress, None).await?;
+        let r = drive_receiver(&mut self.conn, &mut rx, &dest, store, progress, None, Throttle::new(self.bwlimit)).await?;
         Ok(r.digest)
     }
 }

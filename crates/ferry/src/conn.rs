@@ -111,6 +111,13 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
         Ok(())
     }
 
+    /// Writes bytes that are not a frame (tests only).
+    #[doc(hidden)]
+    pub async fn raw(&mut self, b: &[u8]) -> Result<(), Error> {
+        self.inner.write_all(b).await.map_err(|e| self.err(e))?;
+        self.flush().await
+    }
+
     pub async fn flush(&mut self) -> Result<(), Error> {
         self.inner.flush().await.map_err(|e| self.err(e))
     }

@@ -313,7 +313,7 @@ async fn handle_request(conn: &mut Conn, req: Message, shared: &Arc<Shared>) -> 
             let span = tracing::info_span!("put", transfer = %id, path = %path);
             let progress = Progress::default();
             let r = tokio::select! {
-                r = drive_receiver(conn, &mut rx, &dest, &shared.store, &progress, shared.faults.as_deref()).instrument(span) => r?,
+                r = drive_receiver(conn, &mut rx, &dest, &shared.store, &progress, shared.faults.as_deref(), None).instrument(span) => r?,
                 _ = guard.stop.notified() => {
                     return Err(RequestError::Fatal(Error::Io {
                         addr: conn.peer.clone(),
@@ -336,7 +336,7 @@ async fn handle_request(conn: &mut Conn, req: Message, shared: &Arc<Shared>) -> 
             let mut tx = Sender::new(id, layout, alg, SenderConfig::default(), known);
             let span = tracing::info_span!("get", transfer = %id, path = %path);
             let progress = Progress::default();
-            let digest = drive_sender(conn, &mut tx, &src, &shared.store, &progress).instrument(span).await?;
+            let digest = drive_sender(conn, &mut tx, &src, &shared.store, &progress, None).instrument(span).await?;
             info!(transfer = %id, path = %path, digest = %digest, "download complete");
         }
         Message::Ping { nonce } => conn.send(&Message::Pong { nonce }).await?,

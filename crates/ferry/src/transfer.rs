@@ -38,6 +38,27 @@ impl FaultPlan {
     }
 }
 
+/// Caps the payload rate of one transfer (`--bwlimit`).
+#[derive(Debug)]
+pub struct Throttle {
+    rate: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Throttle {
+    /// `rate` in bytes per second; `None` for 0.
+    pub fn new(rate: u64) -> Option<Self> {
+        (rate > 0).then(|| Self { rate, start: Instant::now(), bytes: 0 })
+    }
+
+    async fn consume(&mut self, n: u64) {
+        self.bytes += n;
+        let due = self.start + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        tokio::time::sleep_until(due).await;
+    }
+}
+
 /// The file being sent.
 pub struct SourceFile {
     pub file: Arc<File>,
@@ -73,7 +94,14 @@ impl SourceFile {
 }
 
 /// Runs a sender to completion; returns the verified digest.
-pub async fn drive_sender(conn: &mut Conn, tx: &mut Sender, src: &SourceFile, store: &Arc<Store>, progress: &Progress) -> Result<ChunkHash> {
+pub async fn drive_sender(
+    conn: &mut Conn,
+    tx: &mut Sender,
+    src: &SourceFile,
+    store: &Arc<Store>,
+    progress: &Progress,
+    mut throttle: Option<Throttle>,
+) -> Result<ChunkHash> {
     let tid = tx.id();
     let mut buf = Vec::new();
     let mut last_write = Instant::now();
@@ -126,6 +154,10 @@ pub async fn drive_sender(conn: &mut Conn, tx: &mut Sender, src: &SourceFile, st
                 })?;
                 conn.wr.send_data(index, offset, &tag, &buf).await?;
                 Progress::add(&progress.bytes_sent, u64::from(len));
+                if let Some(t) = throttle.as_mut() {
+                    conn.wr.flush().await?;
+                    t.consume(u64::from(len)).await;
+                }
                 last_write = Instant::now();
             }
             None => {
@@ -190,6 +222,7 @@ pub async fn drive_receiver(
     store: &Arc<Store>,
     progress: &Progress,
     faults: Option<&FaultPlan>,
+    mut throttle: Option<Throttle>,
 ) -> Result<Received> {
     let tid = rx.id();
     let alg = rx.alg();
@@ -303,6 +336,9 @@ pub async fn drive_receiver(
                                         Progress::add(&progress.bytes_sent, payload.len() as u64);
                                         progress.done(payload.len() as u64);
                                         rx.chunk_written(Instant::now().into_std(), index, content);
+                                        if let Some(t) = throttle.as_mut() {
+                                            t.consume(payload.len() as u64).await;
+                                        }
                                     }
                                     Err(actual) => {
                                         warn!(transfer = %tid, chunk = index, offset, len = payload.len(), actual = %actual, "chunk failed verification; asking for it again");
