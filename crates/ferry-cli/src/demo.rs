@@ -19,10 +19,18 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use crate::ui;
 
-pub async fn run(size_mib: u64, cuts: u32, seed: Option<u64>, json_logs: bool) -> anyhow::Result<()> {
+pub async fn run(
+    size_mib: u64,
+    cuts: u32,
+    seed: Option<u64>,
+    json_logs: bool,
+) -> anyhow::Result<()> {
     let seed = seed.unwrap_or_else(rand::random);
     let size = size_mib * 1024 * 1024;
-    let tmp = tempfile::Builder::new().prefix("ferry-demo-").tempdir().context("creating a temp dir")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("ferry-demo-")
+        .tempdir()
+        .context("creating a temp dir")?;
     let src_path = tmp.path().join("payload.bin");
     println!("ferry demo (seed {seed})");
     println!("  work dir   {}", tmp.path().display());
@@ -42,7 +50,11 @@ pub async fn run(size_mib: u64, cuts: u32, seed: Option<u64>, json_logs: bool) -
         }
         f.flush()?;
     }
-    println!("  source     {} ({size_mib} MiB of random data, made in {:.1}s)", src_path.display(), t.elapsed().as_secs_f64());
+    println!(
+        "  source     {} ({size_mib} MiB of random data, made in {:.1}s)",
+        src_path.display(),
+        t.elapsed().as_secs_f64()
+    );
 
     // 2. A server on loopback that corrupts one incoming chunk.
     let faults = Arc::new(FaultPlan::default());
@@ -67,9 +79,14 @@ pub async fn run(size_mib: u64, cuts: u32, seed: Option<u64>, json_logs: bool) -
 
     // 3. A flaky link: cut at random points of the upload.
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-    let points: Vec<u64> = (0..cuts).map(|_| rng.gen_range(size / 20..size.max(20) * 9 / 10)).collect();
+    let points: Vec<u64> = (0..cuts)
+        .map(|_| rng.gen_range(size / 20..size.max(20) * 9 / 10))
+        .collect();
     let proxy = FaultProxy::start(addr, points.clone()).await?;
-    let mut shown: Vec<String> = points.iter().map(|p| format!("{:.0}%", *p as f64 * 100.0 / size.max(1) as f64)).collect();
+    let mut shown: Vec<String> = points
+        .iter()
+        .map(|p| format!("{:.0}%", *p as f64 * 100.0 / size.max(1) as f64))
+        .collect();
     shown.sort();
     println!("  link       via fault injector {} that cuts the connection {cuts} times (at ~{}) and corrupts 1 chunk", proxy.addr(), shown.join(", "));
     println!();
@@ -86,14 +103,26 @@ pub async fn run(size_mib: u64, cuts: u32, seed: Option<u64>, json_logs: bool) -
             via: Some(proxy.addr().to_string()),
             bwlimit: 0,
         },
-        retry: RetryPolicy { initial: Duration::from_millis(100), multiplier: 2.0, max_delay: Duration::from_secs(1), max_attempts: 20, budget: None },
+        retry: RetryPolicy {
+            initial: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(1),
+            max_attempts: 20,
+            budget: None,
+        },
         alg: HashAlg::Blake3,
     };
     let progress = Arc::new(Progress::default());
     let display = ui::ProgressDisplay::start(progress.clone());
     ui::init_logging(json_logs, "warn", display.multi());
     let dst = format!("ferry://{addr}/received/payload.bin");
-    let result = copy(&[src_path.display().to_string()], &dst, &opts, progress.clone()).await;
+    let result = copy(
+        &[src_path.display().to_string()],
+        &dst,
+        &opts,
+        progress.clone(),
+    )
+    .await;
     display.finish().await;
     let _ = stop_tx.send(());
     let _ = server_task.await;
@@ -105,12 +134,19 @@ pub async fn run(size_mib: u64, cuts: u32, seed: Option<u64>, json_logs: bool) -
     let b = blake3_file(&dst_path)?;
     println!();
     println!("  cuts made        {}", proxy.cuts.load(Ordering::SeqCst));
-    println!("  corrupt chunks   {} injected, detected and re-sent", 1 - faults.corrupt_chunks.load(Ordering::SeqCst));
+    println!(
+        "  corrupt chunks   {} injected, detected and re-sent",
+        1 - faults.corrupt_chunks.load(Ordering::SeqCst)
+    );
     println!("  retries          {}", summary.retries);
     println!("  file size        {} bytes", size);
     println!("  payload sent     {} bytes", summary.bytes_sent);
     let resent = summary.bytes_sent.saturating_sub(size);
-    println!("  re-sent          {} bytes ({:.2}% of the file)", resent, resent as f64 * 100.0 / size.max(1) as f64);
+    println!(
+        "  re-sent          {} bytes ({:.2}% of the file)",
+        resent,
+        resent as f64 * 100.0 / size.max(1) as f64
+    );
     println!("  time             {:.2}s", summary.duration_s);
     println!("  ferry digest     {}:{}", summary.alg, summary.digest);
     println!("  b3sum source     {}", a);

@@ -30,7 +30,11 @@ mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Verified, resumable file transfer that finishes the job on bad networks")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Verified, resumable file transfer that finishes the job on bad networks"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -150,15 +154,21 @@ fn default_state_dir() -> PathBuf {
 
 fn read_token(file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
     if let Some(f) = file {
-        let t = std::fs::read_to_string(f).with_context(|| format!("reading token file {}", f.display()))?;
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("reading token file {}", f.display()))?;
         return Ok(Some(t.trim().as_bytes().to_vec()));
     }
-    Ok(std::env::var("FERRY_TOKEN").ok().map(|t| t.trim().as_bytes().to_vec()))
+    Ok(std::env::var("FERRY_TOKEN")
+        .ok()
+        .map(|t| t.trim().as_bytes().to_vec()))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry: cannot start runtime: {e}");
@@ -221,7 +231,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => "debug",
     };
     match cli.cmd {
-        Cmd::Serve { root, listen, token_file, state_dir, no_auth } => {
+        Cmd::Serve {
+            root,
+            listen,
+            token_file,
+            state_dir,
+            no_auth,
+        } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir().join("server"));
             let token = if no_auth {
@@ -272,9 +288,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bwlimit,
             mut paths,
         } => {
-            let dst = paths.pop().ok_or_else(|| UsageError("missing destination".into()))?;
+            let dst = paths
+                .pop()
+                .ok_or_else(|| UsageError("missing destination".into()))?;
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
-            let alg = HashAlg::from_name(&hash).ok_or_else(|| UsageError(format!("unknown hash {hash:?}: use blake3 or sha256")))?;
+            let alg = HashAlg::from_name(&hash).ok_or_else(|| {
+                UsageError(format!("unknown hash {hash:?}: use blake3 or sha256"))
+            })?;
             let opts = CopyOptions {
                 recursive,
                 state_dir: state_dir.clone(),
@@ -296,8 +316,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 alg,
             };
             let progress = Arc::new(Progress::default());
-            let display = if no_progress { None } else { Some(ui::ProgressDisplay::start(progress.clone())) };
-            ui::init_logging(cli.log_format == LogFormat::Json, default_level, display.as_ref().and_then(|d| d.multi()));
+            let display = if no_progress {
+                None
+            } else {
+                Some(ui::ProgressDisplay::start(progress.clone()))
+            };
+            ui::init_logging(
+                cli.log_format == LogFormat::Json,
+                default_level,
+                display.as_ref().and_then(|d| d.multi()),
+            );
             let r = copy(&paths, &dst, &opts, progress.clone()).await;
             if let Some(d) = display {
                 d.finish().await;
@@ -315,17 +343,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             ui::print_status(&state_dir, json)
         }
-        Cmd::Demo { size_mib, cuts, seed } => demo::run(size_mib, cuts, seed, cli.log_format == LogFormat::Json).await,
+        Cmd::Demo {
+            size_mib,
+            cuts,
+            seed,
+        } => demo::run(size_mib, cuts, seed, cli.log_format == LogFormat::Json).await,
     }
 }
 
 /// Checkpoint tuning for benchmarks: FERRY_CHECKPOINT_MIB and FERRY_CHECKPOINT_MS.
 fn receiver_config_from_env() -> ferry_proto::ReceiverConfig {
     let mut c = ferry_proto::ReceiverConfig::default();
-    if let Some(m) = std::env::var("FERRY_CHECKPOINT_MIB").ok().and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(m) = std::env::var("FERRY_CHECKPOINT_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         c.checkpoint_bytes = m << 20;
     }
-    if let Some(ms) = std::env::var("FERRY_CHECKPOINT_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(ms) = std::env::var("FERRY_CHECKPOINT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         c.checkpoint_interval = Duration::from_millis(ms);
     }
     c
@@ -340,7 +378,9 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a rate like 10M"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate like 10M"))?;
     if !(0.0..1e15).contains(&n) {
         return Err(format!("{s:?} is out of range"));
     }

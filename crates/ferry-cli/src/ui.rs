@@ -47,20 +47,32 @@ impl Drop for LineWriter {
 impl<'a> MakeWriter<'a> for LogWriter {
     type Writer = LineWriter;
     fn make_writer(&'a self) -> LineWriter {
-        LineWriter { multi: self.multi.clone(), buf: Vec::new() }
+        LineWriter {
+            multi: self.multi.clone(),
+            buf: Vec::new(),
+        }
     }
 }
 
 /// Structured logs on stderr; `RUST_LOG` overrides the level.
 pub fn init_logging(json: bool, default_level: &str, multi: Option<MultiProgress>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let writer = LogWriter { multi };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = if json { builder.json().flatten_event(true).with_current_span(true).try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn human(n: u64) -> String {
@@ -125,7 +137,11 @@ impl ProgressDisplay {
                 file.finish_and_clear();
                 total.finish();
             });
-            Self { multi: Some(multi), task, stop }
+            Self {
+                multi: Some(multi),
+                task,
+                stop,
+            }
         } else {
             let task = tokio::spawn(async move {
                 let start = Instant::now();
@@ -137,7 +153,11 @@ impl ProgressDisplay {
                     let done = Progress::get(&p.bytes_done);
                     let total = Progress::get(&p.bytes_total);
                     let rate = done as f64 / start.elapsed().as_secs_f64().max(0.001);
-                    let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+                    let pct = if total == 0 {
+                        100.0
+                    } else {
+                        done as f64 * 100.0 / total as f64
+                    };
                     eprintln!(
                         "progress: {} / {} ({pct:.1}%), {}/s, files {}/{}, retries {}",
                         human(done),
@@ -149,7 +169,11 @@ impl ProgressDisplay {
                     );
                 }
             });
-            Self { multi: None, task, stop }
+            Self {
+                multi: None,
+                task,
+                stop,
+            }
         }
     }
 
@@ -197,7 +221,8 @@ pub fn server_token(state_dir: &Path) -> anyhow::Result<Vec<u8>> {
             return Ok(t.as_bytes().to_vec());
         }
     }
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
     let raw: [u8; 24] = rand::random();
     let token = ferry::fsutil::hex(&raw);
     ferry::fsutil::write_atomic(&path, format!("{token}\n").as_bytes())?;
@@ -230,10 +255,22 @@ pub fn print_status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     for r in recs {
-        let pct = if r.size == 0 { 0.0 } else { r.bytes_done as f64 * 100.0 / r.size as f64 };
-        let (from, to) = if r.direction == "upload" { (&r.local, &r.remote) } else { (&r.remote, &r.local) };
+        let pct = if r.size == 0 {
+            0.0
+        } else {
+            r.bytes_done as f64 * 100.0 / r.size as f64
+        };
+        let (from, to) = if r.direction == "upload" {
+            (&r.local, &r.remote)
+        } else {
+            (&r.remote, &r.local)
+        };
         println!("{} {:<11} {} -> {}", r.id, r.state, from, to);
-        println!("    {} / {} ({pct:.1}%)", human(r.bytes_done), human(r.size));
+        println!(
+            "    {} / {} ({pct:.1}%)",
+            human(r.bytes_done),
+            human(r.size)
+        );
         if let Some(e) = r.last_error {
             println!("    last error: {e}");
         }

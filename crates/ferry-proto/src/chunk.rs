@@ -36,7 +36,9 @@ impl ChunkLayout {
             return None;
         }
         let layout = Self { size, chunk_size };
-        if u64::from(layout.count()) > MAX_CHUNKS || size.div_ceil(u64::from(chunk_size)) > MAX_CHUNKS {
+        if u64::from(layout.count()) > MAX_CHUNKS
+            || size.div_ceil(u64::from(chunk_size)) > MAX_CHUNKS
+        {
             return None;
         }
         Some(layout)
@@ -44,7 +46,10 @@ impl ChunkLayout {
 
     /// The layout ferry picks for a file of `size` bytes.
     pub fn for_size(size: u64) -> Self {
-        Self { size, chunk_size: choose_chunk_size(size) }
+        Self {
+            size,
+            chunk_size: choose_chunk_size(size),
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -81,7 +86,9 @@ impl ChunkLayout {
 
     /// Total bytes of the chunks in `set`.
     pub fn bytes_in(&self, set: &crate::ranges::RangeSet) -> u64 {
-        set.iter_ranges().map(|r| r.clone().map(|i| u64::from(self.len(i))).sum::<u64>()).sum()
+        set.iter_ranges()
+            .map(|r| r.clone().map(|i| u64::from(self.len(i))).sum::<u64>())
+            .sum()
     }
 }
 
@@ -100,7 +107,14 @@ mod tests {
     #[test]
     fn geometry_of_interesting_sizes() {
         let c = u64::from(MIN_CHUNK);
-        for (size, count, last) in [(0, 0, 0), (1, 1, 1), (c - 1, 1, c - 1), (c, 1, c), (c + 1, 2, 1), (10 * c + 5, 11, 5)] {
+        for (size, count, last) in [
+            (0, 0, 0),
+            (1, 1, 1),
+            (c - 1, 1, c - 1),
+            (c, 1, c),
+            (c + 1, 2, 1),
+            (10 * c + 5, 11, 5),
+        ] {
             let l = ChunkLayout::new(size, MIN_CHUNK).unwrap();
             assert_eq!(l.count(), count, "size {size}");
             if count > 0 {

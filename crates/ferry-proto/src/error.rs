@@ -11,10 +11,17 @@ pub enum DecodeError {
     Malformed(&'static str),
     /// A length or count exceeds what this implementation accepts.
     #[error("{what} too large: {len} > {max}")]
-    TooLarge { what: &'static str, len: u64, max: u64 },
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
     /// A required field is missing.
     #[error("message {message} lacks required field {field}")]
-    MissingField { message: &'static str, field: &'static str },
+    MissingField {
+        message: &'static str,
+        field: &'static str,
+    },
     /// A frame type this version does not know and cannot skip.
     #[error("unknown frame type {0}")]
     UnknownFrame(u8),
@@ -32,10 +39,17 @@ pub enum ProtoError {
     Incompatible(String),
     /// The same chunk failed verification repeatedly.
     #[error("integrity failure on chunk {chunk}: expected {expected}, got {actual}")]
-    IntegrityFailure { chunk: u32, expected: ChunkHash, actual: ChunkHash },
+    IntegrityFailure {
+        chunk: u32,
+        expected: ChunkHash,
+        actual: ChunkHash,
+    },
     /// The whole-file digest did not match after every chunk verified.
     #[error("whole-file digest mismatch: sender {expected}, receiver {actual}")]
-    DigestMismatch { expected: ChunkHash, actual: ChunkHash },
+    DigestMismatch {
+        expected: ChunkHash,
+        actual: ChunkHash,
+    },
     /// A chunk was rejected by the receiver too many times.
     #[error("chunk {chunk} was rejected {times} times by the receiver")]
     ChunkRejectedRepeatedly { chunk: u32, times: u32 },

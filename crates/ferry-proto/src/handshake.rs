@@ -15,7 +15,12 @@ pub const SUPPORTED_VERSIONS: &[Version] = &[Version { major: 1, minor: 0 }];
 
 /// Capabilities this build offers.
 pub fn local_caps() -> Vec<String> {
-    vec!["hash:blake3".into(), "hash:sha256".into(), "resume:v1".into(), "tree:v1".into()]
+    vec![
+        "hash:blake3".into(),
+        "hash:sha256".into(),
+        "resume:v1".into(),
+        "tree:v1".into(),
+    ]
 }
 
 /// The client's first frame.
@@ -38,8 +43,12 @@ pub struct Negotiated {
 impl Negotiated {
     /// Hash algorithms both ends support, in order of preference.
     pub fn hash_algs(&self) -> Vec<HashAlg> {
-        let mut algs: Vec<HashAlg> =
-            self.caps.iter().filter_map(|c| c.strip_prefix("hash:")).filter_map(HashAlg::from_name).collect();
+        let mut algs: Vec<HashAlg> = self
+            .caps
+            .iter()
+            .filter_map(|c| c.strip_prefix("hash:"))
+            .filter_map(HashAlg::from_name)
+            .collect();
         algs.sort_by_key(|a| match a {
             HashAlg::Blake3 => 0,
             HashAlg::Sha256 => 1,
@@ -53,19 +62,35 @@ pub fn negotiate(versions: &[Version], caps: &[String]) -> Result<Negotiated, Fa
     let version = SUPPORTED_VERSIONS
         .iter()
         .filter_map(|ours| {
-            versions.iter().filter(|v| v.major == ours.major).map(|v| Version { major: v.major, minor: v.minor.min(ours.minor) }).max()
+            versions
+                .iter()
+                .filter(|v| v.major == ours.major)
+                .map(|v| Version {
+                    major: v.major,
+                    minor: v.minor.min(ours.minor),
+                })
+                .max()
         })
         .max();
     let Some(version) = version else {
-        let theirs: Vec<String> = versions.iter().map(|v| format!("{}.{}", v.major, v.minor)).collect();
+        let theirs: Vec<String> = versions
+            .iter()
+            .map(|v| format!("{}.{}", v.major, v.minor))
+            .collect();
         return Err(Failure::new(
             FailureCode::VersionRefused,
-            format!("no common protocol version: peer speaks [{}], this server speaks 1.x", theirs.join(", ")),
+            format!(
+                "no common protocol version: peer speaks [{}], this server speaks 1.x",
+                theirs.join(", ")
+            ),
         ));
     };
     let ours = local_caps();
     let shared: Vec<String> = caps.iter().filter(|c| ours.contains(c)).cloned().collect();
-    Ok(Negotiated { version, caps: shared })
+    Ok(Negotiated {
+        version,
+        caps: shared,
+    })
 }
 
 /// Client side: checks the server's `Welcome`.
@@ -73,11 +98,17 @@ pub fn accept_welcome(version: Version, caps: &[String]) -> Result<Negotiated, F
     if !SUPPORTED_VERSIONS.iter().any(|v| v.major == version.major) {
         return Err(Failure::new(
             FailureCode::VersionRefused,
-            format!("server chose protocol {}.{}, which this client does not speak", version.major, version.minor),
+            format!(
+                "server chose protocol {}.{}, which this client does not speak",
+                version.major, version.minor
+            ),
         ));
     }
     let ours = local_caps();
-    Ok(Negotiated { version, caps: caps.iter().filter(|c| ours.contains(c)).cloned().collect() })
+    Ok(Negotiated {
+        version,
+        caps: caps.iter().filter(|c| ours.contains(c)).cloned().collect(),
+    })
 }
 
 #[cfg(test)]
@@ -86,7 +117,14 @@ mod tests {
 
     #[test]
     fn picks_shared_major_and_ignores_unknown_caps() {
-        let n = negotiate(&[Version { major: 1, minor: 7 }, Version { major: 2, minor: 0 }], &["hash:blake3".into(), "warp-drive".into()]).unwrap();
+        let n = negotiate(
+            &[
+                Version { major: 1, minor: 7 },
+                Version { major: 2, minor: 0 },
+            ],
+            &["hash:blake3".into(), "warp-drive".into()],
+        )
+        .unwrap();
         assert_eq!(n.version, Version { major: 1, minor: 0 });
         assert_eq!(n.caps, vec!["hash:blake3".to_string()]);
         assert_eq!(n.hash_algs(), vec![HashAlg::Blake3]);

@@ -144,7 +144,14 @@ impl fmt::Display for TransferId {
 }
 
 /// The tag that binds a chunk's content hash to its place in a transfer.
-pub fn chunk_tag(alg: HashAlg, id: &TransferId, index: u32, offset: u64, len: u32, content: &ChunkHash) -> ChunkHash {
+pub fn chunk_tag(
+    alg: HashAlg,
+    id: &TransferId,
+    index: u32,
+    offset: u64,
+    len: u32,
+    content: &ChunkHash,
+) -> ChunkHash {
     let mut h = Hasher::new(alg);
     h.update(b"ferry chunk v1\0");
     h.update(alg.name().as_bytes());

@@ -12,7 +12,9 @@ use crate::chunk::MAX_CHUNK;
 use crate::error::DecodeError;
 use crate::hash::{ChunkHash, TransferId};
 use crate::ranges::RangeSet;
-use crate::wire::{as_array, as_string, as_u32, as_u64, get_varint, put_varint, FieldReader, FieldWriter};
+use crate::wire::{
+    as_array, as_string, as_u32, as_u64, get_varint, put_varint, FieldReader, FieldWriter,
+};
 
 /// Largest frame (type byte and body) accepted: a full chunk plus headroom.
 pub const MAX_FRAME: u32 = MAX_CHUNK + 64 * 1024;
@@ -46,7 +48,10 @@ impl Version {
         if v > u64::from(u32::MAX) {
             return Err(DecodeError::Malformed("version out of range"));
         }
-        Ok(Version { major: (v >> 16) as u16, minor: v as u16 })
+        Ok(Version {
+            major: (v >> 16) as u16,
+            minor: v as u16,
+        })
     }
 }
 
@@ -111,7 +116,11 @@ impl FailureCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            FailureCode::Busy | FailureCode::Io | FailureCode::Internal | FailureCode::SourceChanged | FailureCode::Protocol
+            FailureCode::Busy
+                | FailureCode::Io
+                | FailureCode::Internal
+                | FailureCode::SourceChanged
+                | FailureCode::Protocol
         )
     }
 }
@@ -136,7 +145,11 @@ impl Failure {
             }
             message.truncate(cut);
         }
-        Failure { code, message, retry_after_ms: None }
+        Failure {
+            code,
+            message,
+            retry_after_ms: None,
+        }
     }
 }
 
@@ -195,48 +208,106 @@ pub struct FileMeta {
 #[non_exhaustive]
 pub enum Message {
     /// Client → server, first frame of a connection.
-    Hello { versions: Vec<Version>, caps: Vec<String>, token: Bytes, agent: String },
+    Hello {
+        versions: Vec<Version>,
+        caps: Vec<String>,
+        token: Bytes,
+        agent: String,
+    },
     /// Server → client: the version and capabilities chosen.
-    Welcome { version: Version, caps: Vec<String>, server: String },
+    Welcome {
+        version: Version,
+        caps: Vec<String>,
+        server: String,
+    },
     /// Either side: a request or transfer failed.
     Failure(Failure),
     /// Client → server: what is at `path`?
-    Stat { path: String },
-    StatReply { entry: Entry },
+    Stat {
+        path: String,
+    },
+    StatReply {
+        entry: Entry,
+    },
     /// Client → server: list the tree under `path` (recursive).
-    List { path: String },
+    List {
+        path: String,
+    },
     /// Server → client: one page of entries; `more` says whether pages follow.
-    ListReply { entries: Vec<Entry>, more: bool },
+    ListReply {
+        entries: Vec<Entry>,
+        more: bool,
+    },
     /// Client → server: create a directory (and parents).
-    Mkdir { path: String, mode: u32, mtime_ns: i64 },
+    Mkdir {
+        path: String,
+        mode: u32,
+        mtime_ns: i64,
+    },
     /// Server → client: the request succeeded (no payload).
     Ok,
     /// Client → server: start or resume an upload to `path`.
-    PutOpen { id: TransferId, path: String, meta: FileMeta },
+    PutOpen {
+        id: TransferId,
+        path: String,
+        meta: FileMeta,
+    },
     /// Client → server: start or resume a download of `path`.
-    GetOpen { id: TransferId, path: String, algs: Vec<String> },
+    GetOpen {
+        id: TransferId,
+        path: String,
+        algs: Vec<String>,
+    },
     /// Server → client: metadata of the file about to be downloaded.
-    GetMeta { id: TransferId, meta: FileMeta },
+    GetMeta {
+        id: TransferId,
+        meta: FileMeta,
+    },
     /// Receiver → sender: chunks it holds verified, with their content hashes.
     /// `hashes` holds 32 bytes per chunk of `ranges`, in order.
-    Offer { ranges: RangeSet, hashes: Bytes, more: bool },
+    Offer {
+        ranges: RangeSet,
+        hashes: Bytes,
+        more: bool,
+    },
     /// Sender → receiver: the chunks of the offer both ends now treat as verified.
-    Agreed { ranges: RangeSet },
+    Agreed {
+        ranges: RangeSet,
+    },
     /// Sender → receiver: one chunk.
-    Data { index: u32, offset: u64, tag: ChunkHash, payload: Bytes },
+    Data {
+        index: u32,
+        offset: u64,
+        tag: ChunkHash,
+        payload: Bytes,
+    },
     /// Receiver → sender: these chunks are verified and durably stored.
-    Ack { ranges: RangeSet },
+    Ack {
+        ranges: RangeSet,
+    },
     /// Receiver → sender: this chunk failed verification; send it again.
-    Reject { index: u32 },
+    Reject {
+        index: u32,
+    },
     /// Receiver → sender: these chunks are needed (again).
-    Need { ranges: RangeSet },
+    Need {
+        ranges: RangeSet,
+    },
     /// Sender → receiver: every chunk was sent; here is the whole-file digest.
-    Done { digest: ChunkHash },
+    Done {
+        digest: ChunkHash,
+    },
     /// Receiver → sender: the file is verified and in place under its final name.
-    Complete { digest: ChunkHash },
+    Complete {
+        digest: ChunkHash,
+    },
     /// Either side, keepalive.
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
 }
 
 mod kind {
@@ -279,14 +350,20 @@ fn decode_ranges(mut v: &[u8]) -> Result<RangeSet, DecodeError> {
     while !v.is_empty() {
         n += 1;
         if n > MAX_RANGES {
-            return Err(DecodeError::TooLarge { what: "range set", len: n as u64, max: MAX_RANGES as u64 });
+            return Err(DecodeError::TooLarge {
+                what: "range set",
+                len: n as u64,
+                max: MAX_RANGES as u64,
+            });
         }
         let (start, a) = get_varint(v)?;
         let (len, b) = get_varint(&v[a..])?;
         v = &v[a + b..];
-        let start = u32::try_from(start).map_err(|_| DecodeError::Malformed("range start out of range"))?;
+        let start =
+            u32::try_from(start).map_err(|_| DecodeError::Malformed("range start out of range"))?;
         let end = u64::from(start) + len;
-        let end = u32::try_from(end).map_err(|_| DecodeError::Malformed("range end out of range"))?;
+        let end =
+            u32::try_from(end).map_err(|_| DecodeError::Malformed("range end out of range"))?;
         set.insert_range(start..end);
     }
     Ok(set)
@@ -294,7 +371,11 @@ fn decode_ranges(mut v: &[u8]) -> Result<RangeSet, DecodeError> {
 
 fn encode_entry(e: &Entry) -> FieldWriter {
     let mut w = FieldWriter::new();
-    w.str(1, &e.path).u64(2, e.kind.to_u64()).u64(3, e.size).u64(4, e.mtime_ns as u64).u64(5, u64::from(e.mode));
+    w.str(1, &e.path)
+        .u64(2, e.kind.to_u64())
+        .u64(3, e.size)
+        .u64(4, e.mtime_ns as u64)
+        .u64(5, u64::from(e.mode));
     w
 }
 
@@ -312,8 +393,14 @@ fn decode_entry(body: Bytes) -> Result<Entry, DecodeError> {
         }
     }
     Ok(Entry {
-        path: path.ok_or(DecodeError::MissingField { message: "entry", field: "path" })?,
-        kind: kind.ok_or(DecodeError::MissingField { message: "entry", field: "kind" })?,
+        path: path.ok_or(DecodeError::MissingField {
+            message: "entry",
+            field: "path",
+        })?,
+        kind: kind.ok_or(DecodeError::MissingField {
+            message: "entry",
+            field: "kind",
+        })?,
         size,
         mtime_ns: mtime,
         mode,
@@ -350,7 +437,11 @@ impl MetaFields {
             14 => self.alg = Some(as_string(v, 32)?),
             15 => {
                 if v.len() > 64 {
-                    return Err(DecodeError::TooLarge { what: "source id", len: v.len() as u64, max: 64 });
+                    return Err(DecodeError::TooLarge {
+                        what: "source id",
+                        len: v.len() as u64,
+                        max: 64,
+                    });
                 }
                 self.source_id = v.clone()
             }
@@ -361,11 +452,20 @@ impl MetaFields {
 
     fn finish(self, message: &'static str) -> Result<FileMeta, DecodeError> {
         Ok(FileMeta {
-            size: self.size.ok_or(DecodeError::MissingField { message, field: "size" })?,
+            size: self.size.ok_or(DecodeError::MissingField {
+                message,
+                field: "size",
+            })?,
             mtime_ns: self.mtime,
             mode: self.mode,
-            chunk_size: self.chunk_size.ok_or(DecodeError::MissingField { message, field: "chunk_size" })?,
-            alg: self.alg.ok_or(DecodeError::MissingField { message, field: "alg" })?,
+            chunk_size: self.chunk_size.ok_or(DecodeError::MissingField {
+                message,
+                field: "chunk_size",
+            })?,
+            alg: self.alg.ok_or(DecodeError::MissingField {
+                message,
+                field: "alg",
+            })?,
             source_id: self.source_id,
         })
     }
@@ -402,14 +502,25 @@ impl Message {
 
     /// Encodes this message as one complete frame.
     pub fn encode(&self) -> Bytes {
-        if let Message::Data { index, offset, tag, payload } = self {
+        if let Message::Data {
+            index,
+            offset,
+            tag,
+            payload,
+        } = self
+        {
             let mut b = encode_data_header(*index, *offset, tag, payload.len());
             b.extend_from_slice(payload);
             return b.freeze();
         }
         let mut w = FieldWriter::new();
         let kind = match self {
-            Message::Hello { versions, caps, token, agent } => {
+            Message::Hello {
+                versions,
+                caps,
+                token,
+                agent,
+            } => {
                 for v in versions {
                     w.u64(1, v.to_u64());
                 }
@@ -419,7 +530,11 @@ impl Message {
                 w.bytes(3, token).str(4, agent);
                 kind::HELLO
             }
-            Message::Welcome { version, caps, server } => {
+            Message::Welcome {
+                version,
+                caps,
+                server,
+            } => {
                 w.u64(1, version.to_u64());
                 for c in caps {
                     w.str(2, c);
@@ -453,8 +568,14 @@ impl Message {
                 w.bool(2, *more);
                 kind::LIST_REPLY
             }
-            Message::Mkdir { path, mode, mtime_ns } => {
-                w.str(1, path).u64(2, u64::from(*mode)).u64(3, *mtime_ns as u64);
+            Message::Mkdir {
+                path,
+                mode,
+                mtime_ns,
+            } => {
+                w.str(1, path)
+                    .u64(2, u64::from(*mode))
+                    .u64(3, *mtime_ns as u64);
                 kind::MKDIR
             }
             Message::Ok => kind::OK,
@@ -475,8 +596,14 @@ impl Message {
                 encode_meta(&mut w, meta);
                 kind::GET_META
             }
-            Message::Offer { ranges, hashes, more } => {
-                w.bytes(1, &encode_ranges(ranges)).bytes(2, hashes).bool(3, *more);
+            Message::Offer {
+                ranges,
+                hashes,
+                more,
+            } => {
+                w.bytes(1, &encode_ranges(ranges))
+                    .bytes(2, hashes)
+                    .bool(3, *more);
                 kind::OFFER
             }
             Message::Agreed { ranges } => {
@@ -524,20 +651,31 @@ impl Message {
     /// Decodes the body of a frame of type `kind`.
     pub fn decode(kind: u8, body: Bytes) -> Result<Option<Message>, DecodeError> {
         if kind != kind::DATA && body.len() > MAX_CONTROL_FRAME as usize {
-            return Err(DecodeError::TooLarge { what: "control frame", len: body.len() as u64, max: u64::from(MAX_CONTROL_FRAME) });
+            return Err(DecodeError::TooLarge {
+                what: "control frame",
+                len: body.len() as u64,
+                max: u64::from(MAX_CONTROL_FRAME),
+            });
         }
         let mut r = FieldReader::new(body);
         let missing = |message, field| DecodeError::MissingField { message, field };
         let msg = match kind {
             kind::HELLO => {
-                let (mut versions, mut caps, mut token, mut agent) = (vec![], vec![], Bytes::new(), String::new());
+                let (mut versions, mut caps, mut token, mut agent) =
+                    (vec![], vec![], Bytes::new(), String::new());
                 while let Some((tag, v)) = r.next_field()? {
                     match tag {
-                        1 if versions.len() < MAX_LIST => versions.push(Version::from_u64(as_u64(&v)?)?),
+                        1 if versions.len() < MAX_LIST => {
+                            versions.push(Version::from_u64(as_u64(&v)?)?)
+                        }
                         2 if caps.len() < MAX_LIST => caps.push(as_string(&v, 64)?),
                         3 => {
                             if v.len() > 1024 {
-                                return Err(DecodeError::TooLarge { what: "token", len: v.len() as u64, max: 1024 });
+                                return Err(DecodeError::TooLarge {
+                                    what: "token",
+                                    len: v.len() as u64,
+                                    max: 1024,
+                                });
                             }
                             token = v
                         }
@@ -545,7 +683,12 @@ impl Message {
                         _ => {}
                     }
                 }
-                Message::Hello { versions, caps, token, agent }
+                Message::Hello {
+                    versions,
+                    caps,
+                    token,
+                    agent,
+                }
             }
             kind::WELCOME => {
                 let (mut version, mut caps, mut server) = (None, vec![], String::new());
@@ -557,7 +700,11 @@ impl Message {
                         _ => {}
                     }
                 }
-                Message::Welcome { version: version.ok_or(missing("Welcome", "version"))?, caps, server }
+                Message::Welcome {
+                    version: version.ok_or(missing("Welcome", "version"))?,
+                    caps,
+                    server,
+                }
             }
             kind::FAILURE => {
                 let mut f = Failure::new(FailureCode::Other(0), "");
@@ -592,7 +739,9 @@ impl Message {
                         entry = Some(decode_entry(v)?);
                     }
                 }
-                Message::StatReply { entry: entry.ok_or(missing("StatReply", "entry"))? }
+                Message::StatReply {
+                    entry: entry.ok_or(missing("StatReply", "entry"))?,
+                }
             }
             kind::LIST_REPLY => {
                 let (mut entries, mut more) = (vec![], false);
@@ -624,7 +773,11 @@ impl Message {
                         _ => {}
                     }
                 }
-                Message::Mkdir { path: path.ok_or(missing("Mkdir", "path"))?, mode, mtime_ns: mtime }
+                Message::Mkdir {
+                    path: path.ok_or(missing("Mkdir", "path"))?,
+                    mode,
+                    mtime_ns: mtime,
+                }
             }
             kind::OK => Message::Ok,
             kind::PUT_OPEN | kind::GET_META => {
@@ -639,11 +792,19 @@ impl Message {
                         _ => {}
                     }
                 }
-                let name = if kind == kind::PUT_OPEN { "PutOpen" } else { "GetMeta" };
+                let name = if kind == kind::PUT_OPEN {
+                    "PutOpen"
+                } else {
+                    "GetMeta"
+                };
                 let id = id.ok_or(missing(name, "id"))?;
                 let meta = meta.finish(name)?;
                 if kind == kind::PUT_OPEN {
-                    Message::PutOpen { id, path: path.ok_or(missing(name, "path"))?, meta }
+                    Message::PutOpen {
+                        id,
+                        path: path.ok_or(missing(name, "path"))?,
+                        meta,
+                    }
                 } else {
                     Message::GetMeta { id, meta }
                 }
@@ -658,7 +819,11 @@ impl Message {
                         _ => {}
                     }
                 }
-                Message::GetOpen { id: id.ok_or(missing("GetOpen", "id"))?, path: path.ok_or(missing("GetOpen", "path"))?, algs }
+                Message::GetOpen {
+                    id: id.ok_or(missing("GetOpen", "id"))?,
+                    path: path.ok_or(missing("GetOpen", "path"))?,
+                    algs,
+                }
             }
             kind::OFFER => {
                 let (mut ranges, mut hashes, mut more) = (RangeSet::new(), Bytes::new(), false);
@@ -672,12 +837,22 @@ impl Message {
                 }
                 let n = ranges.count();
                 if n > u64::from(MAX_OFFER_CHUNKS) {
-                    return Err(DecodeError::TooLarge { what: "offer", len: n, max: u64::from(MAX_OFFER_CHUNKS) });
+                    return Err(DecodeError::TooLarge {
+                        what: "offer",
+                        len: n,
+                        max: u64::from(MAX_OFFER_CHUNKS),
+                    });
                 }
                 if hashes.len() as u64 != n * 32 {
-                    return Err(DecodeError::Malformed("offer hash count does not match its ranges"));
+                    return Err(DecodeError::Malformed(
+                        "offer hash count does not match its ranges",
+                    ));
                 }
-                Message::Offer { ranges, hashes, more }
+                Message::Offer {
+                    ranges,
+                    hashes,
+                    more,
+                }
             }
             kind::AGREED | kind::ACK | kind::NEED => {
                 let mut ranges = RangeSet::new();
@@ -717,7 +892,9 @@ impl Message {
                         index = Some(as_u32(&v)?);
                     }
                 }
-                Message::Reject { index: index.ok_or(missing("Reject", "index"))? }
+                Message::Reject {
+                    index: index.ok_or(missing("Reject", "index"))?,
+                }
             }
             kind::DONE | kind::COMPLETE => {
                 let mut digest = None;
@@ -755,7 +932,12 @@ impl Message {
 
 /// Encodes everything of a `Data` frame but the payload, which the caller
 /// writes right after (so a chunk is never copied into a frame buffer).
-pub fn encode_data_header(index: u32, offset: u64, tag: &ChunkHash, payload_len: usize) -> BytesMut {
+pub fn encode_data_header(
+    index: u32,
+    offset: u64,
+    tag: &ChunkHash,
+    payload_len: usize,
+) -> BytesMut {
     let mut w = FieldWriter::new();
     w.u64(1, u64::from(index)).u64(2, offset).bytes(3, &tag.0);
     let mut head = w.finish();
@@ -801,11 +983,19 @@ impl FrameDecoder {
                 return Err(DecodeError::Malformed("empty frame"));
             }
             if len > MAX_FRAME {
-                return Err(DecodeError::TooLarge { what: "frame", len: u64::from(len), max: u64::from(MAX_FRAME) });
+                return Err(DecodeError::TooLarge {
+                    what: "frame",
+                    len: u64::from(len),
+                    max: u64::from(MAX_FRAME),
+                });
             }
             let kind = buf[4];
             if kind != kind::DATA && len > MAX_CONTROL_FRAME + 1 {
-                return Err(DecodeError::TooLarge { what: "control frame", len: u64::from(len), max: u64::from(MAX_CONTROL_FRAME) });
+                return Err(DecodeError::TooLarge {
+                    what: "control frame",
+                    len: u64::from(len),
+                    max: u64::from(MAX_CONTROL_FRAME),
+                });
             }
             if buf.len() < 4 + len as usize {
                 return Ok(None);
@@ -820,33 +1010,105 @@ impl FrameDecoder {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn samples() -> Vec<Message> {
-        let meta = FileMeta { size: 5, mtime_ns: -3, mode: 0o644, chunk_size: 1024, alg: "blake3".into(), source_id: Bytes::from_static(b"src") };
+        let meta = FileMeta {
+            size: 5,
+            mtime_ns: -3,
+            mode: 0o644,
+            chunk_size: 1024,
+            alg: "blake3".into(),
+            source_id: Bytes::from_static(b"src"),
+        };
         vec![
-            Message::Hello { versions: vec![Version { major: 1, minor: 0 }], caps: vec!["hash:blake3".into()], token: Bytes::from_static(b"t"), agent: "x".into() },
-            Message::Welcome { version: Version { major: 1, minor: 2 }, caps: vec![], server: "s".into() },
-            Message::Failure(Failure { code: FailureCode::Busy, message: "busy".into(), retry_after_ms: Some(5) }),
+            Message::Hello {
+                versions: vec![Version { major: 1, minor: 0 }],
+                caps: vec!["hash:blake3".into()],
+                token: Bytes::from_static(b"t"),
+                agent: "x".into(),
+            },
+            Message::Welcome {
+                version: Version { major: 1, minor: 2 },
+                caps: vec![],
+                server: "s".into(),
+            },
+            Message::Failure(Failure {
+                code: FailureCode::Busy,
+                message: "busy".into(),
+                retry_after_ms: Some(5),
+            }),
             Message::Stat { path: "a/b".into() },
-            Message::StatReply { entry: Entry { path: "a".into(), kind: EntryKind::Dir, size: 0, mtime_ns: 7, mode: 0o755 } },
+            Message::StatReply {
+                entry: Entry {
+                    path: "a".into(),
+                    kind: EntryKind::Dir,
+                    size: 0,
+                    mtime_ns: 7,
+                    mode: 0o755,
+                },
+            },
             Message::List { path: "".into() },
-            Message::ListReply { entries: vec![Entry { path: "a".into(), kind: EntryKind::File, size: 9, mtime_ns: 1, mode: 0o600 }], more: true },
-            Message::Mkdir { path: "d".into(), mode: 0o700, mtime_ns: 5 },
+            Message::ListReply {
+                entries: vec![Entry {
+                    path: "a".into(),
+                    kind: EntryKind::File,
+                    size: 9,
+                    mtime_ns: 1,
+                    mode: 0o600,
+                }],
+                more: true,
+            },
+            Message::Mkdir {
+                path: "d".into(),
+                mode: 0o700,
+                mtime_ns: 5,
+            },
             Message::Ok,
-            Message::PutOpen { id: TransferId([1; 16]), path: "f".into(), meta: meta.clone() },
-            Message::GetOpen { id: TransferId([2; 16]), path: "f".into(), algs: vec!["sha256".into()] },
-            Message::GetMeta { id: TransferId([2; 16]), meta },
-            Message::Offer { ranges: RangeSet::from_ranges([0..2, 5..6]), hashes: Bytes::from(vec![9u8; 96]), more: false },
-            Message::Agreed { ranges: RangeSet::from_ranges([0..2]) },
-            Message::Data { index: 3, offset: 3072, tag: ChunkHash([4; 32]), payload: Bytes::from_static(b"payload") },
-            Message::Ack { ranges: RangeSet::from_ranges([1..4]) },
+            Message::PutOpen {
+                id: TransferId([1; 16]),
+                path: "f".into(),
+                meta: meta.clone(),
+            },
+            Message::GetOpen {
+                id: TransferId([2; 16]),
+                path: "f".into(),
+                algs: vec!["sha256".into()],
+            },
+            Message::GetMeta {
+                id: TransferId([2; 16]),
+                meta,
+            },
+            Message::Offer {
+                ranges: RangeSet::from_ranges([0..2, 5..6]),
+                hashes: Bytes::from(vec![9u8; 96]),
+                more: false,
+            },
+            Message::Agreed {
+                ranges: RangeSet::from_ranges([0..2]),
+            },
+            Message::Data {
+                index: 3,
+                offset: 3072,
+                tag: ChunkHash([4; 32]),
+                payload: Bytes::from_static(b"payload"),
+            },
+            Message::Ack {
+                ranges: RangeSet::from_ranges([1..4]),
+            },
             Message::Reject { index: 2 },
-            Message::Need { ranges: RangeSet::new() },
-            Message::Done { digest: ChunkHash([5; 32]) },
-            Message::Complete { digest: ChunkHash([6; 32]) },
+            Message::Need {
+                ranges: RangeSet::new(),
+            },
+            Message::Done {
+                digest: ChunkHash([5; 32]),
+            },
+            Message::Complete {
+                digest: ChunkHash([6; 32]),
+            },
             Message::Ping { nonce: 1 },
             Message::Pong { nonce: 2 },
         ]
@@ -857,7 +1119,12 @@ mod tests {
         let mut dec = FrameDecoder::new();
         for m in samples() {
             let mut buf = BytesMut::from(&m.encode()[..]);
-            assert_eq!(dec.decode(&mut buf).unwrap(), Some(m.clone()), "{}", m.name());
+            assert_eq!(
+                dec.decode(&mut buf).unwrap(),
+                Some(m.clone()),
+                "{}",
+                m.name()
+            );
             assert!(buf.is_empty());
         }
     }
@@ -879,11 +1146,17 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32(MAX_FRAME + 1);
         buf.put_u8(25);
-        assert!(matches!(FrameDecoder::new().decode(&mut buf), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            FrameDecoder::new().decode(&mut buf),
+            Err(DecodeError::TooLarge { .. })
+        ));
         let mut buf = BytesMut::new();
         buf.put_u32(MAX_CONTROL_FRAME + 100);
         buf.put_u8(1);
-        assert!(matches!(FrameDecoder::new().decode(&mut buf), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            FrameDecoder::new().decode(&mut buf),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -893,17 +1166,29 @@ mod tests {
         buf.put_u8(0xF0);
         buf.put_slice(b"zz");
         buf.extend_from_slice(&Message::Ok.encode());
-        assert_eq!(FrameDecoder::new().decode(&mut buf).unwrap(), Some(Message::Ok));
+        assert_eq!(
+            FrameDecoder::new().decode(&mut buf).unwrap(),
+            Some(Message::Ok)
+        );
         let mut buf = BytesMut::new();
         buf.put_u32(1);
         buf.put_u8(0x70);
-        assert_eq!(FrameDecoder::new().decode(&mut buf), Err(DecodeError::UnknownFrame(0x70)));
+        assert_eq!(
+            FrameDecoder::new().decode(&mut buf),
+            Err(DecodeError::UnknownFrame(0x70))
+        );
     }
 
     #[test]
     fn offer_hash_count_must_match() {
-        let m = Message::Offer { ranges: RangeSet::from_ranges([0..2]), hashes: Bytes::from(vec![0u8; 32]), more: false };
-        assert!(FrameDecoder::new().decode(&mut BytesMut::from(&m.encode()[..])).is_err());
+        let m = Message::Offer {
+            ranges: RangeSet::from_ranges([0..2]),
+            hashes: Bytes::from(vec![0u8; 32]),
+            more: false,
+        };
+        assert!(FrameDecoder::new()
+            .decode(&mut BytesMut::from(&m.encode()[..]))
+            .is_err());
     }
 
     proptest! {

@@ -42,7 +42,10 @@ pub struct ReceiverConfig {
 
 impl Default for ReceiverConfig {
     fn default() -> Self {
-        Self { checkpoint_bytes: 8 * 1024 * 1024, checkpoint_interval: Duration::from_millis(250) }
+        Self {
+            checkpoint_bytes: 8 * 1024 * 1024,
+            checkpoint_interval: Duration::from_millis(250),
+        }
     }
 }
 
@@ -106,7 +109,13 @@ pub struct Receiver {
 
 impl Receiver {
     /// `held`: chunks the journal says are verified and durable from an earlier run.
-    pub fn new(id: TransferId, layout: ChunkLayout, alg: HashAlg, cfg: ReceiverConfig, held: impl IntoIterator<Item = (u32, ChunkHash)>) -> Self {
+    pub fn new(
+        id: TransferId,
+        layout: ChunkLayout,
+        alg: HashAlg,
+        cfg: ReceiverConfig,
+        held: impl IntoIterator<Item = (u32, ChunkHash)>,
+    ) -> Self {
         let mut have = vec![None; layout.count() as usize];
         let mut stale = RangeSet::new();
         for (i, h) in held {
@@ -143,7 +152,13 @@ impl Receiver {
     /// but whose sender never saw `Complete`: it offers every chunk and, once the
     /// sender agrees and the digest matches, answers `Complete` without touching
     /// the file again.
-    pub fn already_final(id: TransferId, layout: ChunkLayout, alg: HashAlg, cfg: ReceiverConfig, hashes: impl IntoIterator<Item = (u32, ChunkHash)>) -> Self {
+    pub fn already_final(
+        id: TransferId,
+        layout: ChunkLayout,
+        alg: HashAlg,
+        cfg: ReceiverConfig,
+        hashes: impl IntoIterator<Item = (u32, ChunkHash)>,
+    ) -> Self {
         let mut r = Self::new(id, layout, alg, cfg, hashes);
         r.stale = RangeSet::new();
         r.already_final = true;
@@ -151,9 +166,17 @@ impl Receiver {
     }
 
     fn queue_offer(&mut self) {
-        let held: Vec<(u32, ChunkHash)> =
-            self.have.iter().enumerate().filter_map(|(i, h)| h.map(|h| (i as u32, h))).collect();
-        let pages: Vec<&[(u32, ChunkHash)]> = if held.is_empty() { vec![&[]] } else { held.chunks(MAX_OFFER_CHUNKS as usize).collect() };
+        let held: Vec<(u32, ChunkHash)> = self
+            .have
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.map(|h| (i as u32, h)))
+            .collect();
+        let pages: Vec<&[(u32, ChunkHash)]> = if held.is_empty() {
+            vec![&[]]
+        } else {
+            held.chunks(MAX_OFFER_CHUNKS as usize).collect()
+        };
         let n = pages.len();
         for (k, page) in pages.into_iter().enumerate() {
             let mut hashes = BytesMut::with_capacity(page.len() * 32);
@@ -161,7 +184,11 @@ impl Receiver {
                 hashes.put_slice(&h.0);
             }
             let ranges: RangeSet = page.iter().map(|(i, _)| *i).collect();
-            self.out.push_back(Message::Offer { ranges, hashes: hashes.freeze(), more: k + 1 < n });
+            self.out.push_back(Message::Offer {
+                ranges,
+                hashes: hashes.freeze(),
+                more: k + 1 < n,
+            });
         }
     }
 
@@ -179,7 +206,12 @@ impl Receiver {
 
     /// Chunks verified and durable.
     pub fn held(&self) -> RangeSet {
-        self.have.iter().enumerate().filter(|(_, h)| h.is_some()).map(|(i, _)| i as u32).collect()
+        self.have
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_some())
+            .map(|(i, _)| i as u32)
+            .collect()
     }
 
     /// The recorded hash of a held chunk.
@@ -197,11 +229,21 @@ impl Receiver {
     }
 
     /// Checks a `Data` frame's header against the layout before anything is written.
-    pub fn accept_data(&self, index: u32, offset: u64, len: usize) -> Result<DataVerdict, ProtoError> {
+    pub fn accept_data(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<DataVerdict, ProtoError> {
         if self.phase != Phase::Receiving {
-            return Err(ProtoError::PeerMisbehaved("Data outside the data phase".into()));
+            return Err(ProtoError::PeerMisbehaved(
+                "Data outside the data phase".into(),
+            ));
         }
-        if index >= self.layout.count() || offset != self.layout.offset(index) || len != self.layout.len(index) as usize {
+        if index >= self.layout.count()
+            || offset != self.layout.offset(index)
+            || len != self.layout.len(index) as usize
+        {
             return Err(ProtoError::PeerMisbehaved(format!(
                 "Data for chunk {index} at offset {offset} with {len} bytes does not fit the file layout"
             )));
@@ -214,7 +256,10 @@ impl Receiver {
 
     /// A chunk passed verification and was written (not yet durable).
     pub fn chunk_written(&mut self, now: Instant, index: u32, content: ChunkHash) {
-        if (index as usize) >= self.have.len() || self.pending_set.contains(index) || self.have[index as usize].is_some() {
+        if (index as usize) >= self.have.len()
+            || self.pending_set.contains(index)
+            || self.have[index as usize].is_some()
+        {
             return;
         }
         let len = u64::from(self.layout.len(index));
@@ -240,7 +285,8 @@ impl Receiver {
         self.checkpoint_running = true;
         self.pending_since = None;
         self.pending_bytes = 0;
-        self.events.push_back(ReceiverEvent::Checkpoint(std::mem::take(&mut self.pending)));
+        self.events
+            .push_back(ReceiverEvent::Checkpoint(std::mem::take(&mut self.pending)));
     }
 
     /// The driver made these chunks durable and committed them.
@@ -286,7 +332,9 @@ impl Receiver {
                 }
                 let held = self.held();
                 if !ranges.difference(&held).is_empty() {
-                    return Err(ProtoError::PeerMisbehaved("Agreed names chunks that were not offered".into()));
+                    return Err(ProtoError::PeerMisbehaved(
+                        "Agreed names chunks that were not offered".into(),
+                    ));
                 }
                 let refused = held.difference(&ranges);
                 if !refused.is_empty() {
@@ -301,7 +349,9 @@ impl Receiver {
             }
             Message::Done { digest } => {
                 if self.phase != Phase::Receiving {
-                    return Err(ProtoError::PeerMisbehaved("Done outside the data phase".into()));
+                    return Err(ProtoError::PeerMisbehaved(
+                        "Done outside the data phase".into(),
+                    ));
                 }
                 self.done = Some(digest);
                 self.start_checkpoint();
@@ -314,17 +364,26 @@ impl Receiver {
                 Ok(())
             }
             Message::Pong { .. } => Ok(()),
-            other => Err(ProtoError::PeerMisbehaved(format!("unexpected {} during a transfer", other.name()))),
+            other => Err(ProtoError::PeerMisbehaved(format!(
+                "unexpected {} during a transfer",
+                other.name()
+            ))),
         }
     }
 
     /// Moves towards finalisation once `Done` came and nothing is in progress.
     fn try_finish(&mut self) {
         let Some(expected) = self.done else { return };
-        if self.phase != Phase::Receiving || self.checkpoint_running || self.stale_check_running || !self.pending.is_empty() {
+        if self.phase != Phase::Receiving
+            || self.checkpoint_running
+            || self.stale_check_running
+            || !self.pending.is_empty()
+        {
             return;
         }
-        let missing: RangeSet = (0..self.layout.count()).filter(|&i| self.have[i as usize].is_none()).collect();
+        let missing: RangeSet = (0..self.layout.count())
+            .filter(|&i| self.have[i as usize].is_none())
+            .collect();
         if !missing.is_empty() {
             self.done = None;
             self.out.push_back(Message::Need { ranges: missing });
@@ -332,7 +391,8 @@ impl Receiver {
         }
         if !self.stale.is_empty() {
             self.stale_check_running = true;
-            self.events.push_back(ReceiverEvent::VerifyStale(self.stale.clone()));
+            self.events
+                .push_back(ReceiverEvent::VerifyStale(self.stale.clone()));
             return;
         }
         let digest = self.digest_now();
@@ -341,11 +401,13 @@ impl Receiver {
             // means the sender's view of the source moved under it.
             self.done = None;
             self.phase = Phase::Complete;
-            self.events.push_back(ReceiverEvent::Forget(RangeSet::full(self.layout.count())));
-            self.out.push_back(Message::Failure(crate::message::Failure::new(
-                crate::message::FailureCode::Integrity,
-                format!("whole-file digest mismatch: sender {expected}, receiver {digest}"),
-            )));
+            self.events
+                .push_back(ReceiverEvent::Forget(RangeSet::full(self.layout.count())));
+            self.out
+                .push_back(Message::Failure(crate::message::Failure::new(
+                    crate::message::FailureCode::Integrity,
+                    format!("whole-file digest mismatch: sender {expected}, receiver {digest}"),
+                )));
             return;
         }
         if self.already_final {
@@ -358,7 +420,12 @@ impl Receiver {
 
     fn digest_now(&self) -> ChunkHash {
         let hashes: Vec<ChunkHash> = self.have.iter().map(|h| h.unwrap_or_default()).collect();
-        file_digest(self.alg, self.layout.size(), self.layout.chunk_size(), hashes.iter())
+        file_digest(
+            self.alg,
+            self.layout.size(),
+            self.layout.chunk_size(),
+            hashes.iter(),
+        )
     }
 
     /// Results of re-reading stale chunks: `(index, hash of what is on disk now)`;

@@ -32,7 +32,10 @@ pub struct SenderConfig {
 
 impl Default for SenderConfig {
     fn default() -> Self {
-        Self { window_bytes: 32 * 1024 * 1024, max_chunk_retries: 4 }
+        Self {
+            window_bytes: 32 * 1024 * 1024,
+            max_chunk_retries: 4,
+        }
     }
 }
 
@@ -41,7 +44,11 @@ impl Default for SenderConfig {
 pub enum Transmit {
     Message(Message),
     /// Read, hash and send this chunk.
-    Chunk { index: u32, offset: u64, len: u32 },
+    Chunk {
+        index: u32,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// Things the application may want to know.
@@ -87,7 +94,13 @@ pub struct Sender {
 
 impl Sender {
     /// `known` are content hashes of source chunks recorded in an earlier run.
-    pub fn new(id: TransferId, layout: ChunkLayout, alg: HashAlg, cfg: SenderConfig, known: impl IntoIterator<Item = (u32, ChunkHash)>) -> Self {
+    pub fn new(
+        id: TransferId,
+        layout: ChunkLayout,
+        alg: HashAlg,
+        cfg: SenderConfig,
+        known: impl IntoIterator<Item = (u32, ChunkHash)>,
+    ) -> Self {
         let mut hashes = vec![None; layout.count() as usize];
         for (i, h) in known {
             if let Some(slot) = hashes.get_mut(i as usize) {
@@ -138,7 +151,10 @@ impl Sender {
 
     /// Indices of `ranges` whose source hash is not known yet.
     pub fn unknown_in(&self, ranges: &RangeSet) -> Vec<u32> {
-        ranges.iter().filter(|&i| (i as usize) < self.hashes.len() && self.hashes[i as usize].is_none()).collect()
+        ranges
+            .iter()
+            .filter(|&i| (i as usize) < self.hashes.len() && self.hashes[i as usize].is_none())
+            .collect()
     }
 
     /// Records a source hash computed by the driver (to check an offer).
@@ -151,7 +167,11 @@ impl Sender {
     /// Feeds one message from the receiver.
     pub fn handle(&mut self, msg: Message) -> Result<(), ProtoError> {
         match msg {
-            Message::Offer { ranges, hashes, more } => {
+            Message::Offer {
+                ranges,
+                hashes,
+                more,
+            } => {
                 if self.phase != Phase::AwaitOffer {
                     return Err(misbehaved("Offer after the resume handshake"));
                 }
@@ -170,8 +190,13 @@ impl Sender {
                     self.phase = Phase::Sending;
                     self.acked = self.agreed.clone();
                     self.queue = RangeSet::full(self.layout.count()).difference(&self.agreed);
-                    self.out.push_back(Message::Agreed { ranges: self.agreed.clone() });
-                    self.events.push_back(SenderEvent::Resumed { bytes: self.layout.bytes_in(&self.agreed), chunks: self.agreed.clone() });
+                    self.out.push_back(Message::Agreed {
+                        ranges: self.agreed.clone(),
+                    });
+                    self.events.push_back(SenderEvent::Resumed {
+                        bytes: self.layout.bytes_in(&self.agreed),
+                        chunks: self.agreed.clone(),
+                    });
                 }
                 Ok(())
             }
@@ -182,12 +207,17 @@ impl Sender {
                     return Ok(());
                 }
                 self.in_flight = self.in_flight.difference(&newly);
-                self.in_flight_bytes = self.in_flight_bytes.saturating_sub(self.layout.bytes_in(&newly));
+                self.in_flight_bytes = self
+                    .in_flight_bytes
+                    .saturating_sub(self.layout.bytes_in(&newly));
                 self.acked = self.acked.union(&newly);
                 for i in newly.iter() {
                     self.retries.remove(&i);
                 }
-                self.events.push_back(SenderEvent::Acked { bytes: self.layout.bytes_in(&newly), chunks: newly });
+                self.events.push_back(SenderEvent::Acked {
+                    bytes: self.layout.bytes_in(&newly),
+                    chunks: newly,
+                });
                 Ok(())
             }
             Message::Reject { index } => {
@@ -209,9 +239,14 @@ impl Sender {
                 if self.phase != Phase::AwaitComplete {
                     return Err(misbehaved("Complete before Done"));
                 }
-                let ours = self.digest().ok_or_else(|| misbehaved("Complete while hashes are missing"))?;
+                let ours = self
+                    .digest()
+                    .ok_or_else(|| misbehaved("Complete while hashes are missing"))?;
                 if ours != digest {
-                    return Err(ProtoError::DigestMismatch { expected: ours, actual: digest });
+                    return Err(ProtoError::DigestMismatch {
+                        expected: ours,
+                        actual: digest,
+                    });
                 }
                 self.phase = Phase::Complete;
                 self.events.push_back(SenderEvent::Completed { digest });
@@ -223,14 +258,19 @@ impl Sender {
                 Ok(())
             }
             Message::Pong { .. } => Ok(()),
-            other => Err(ProtoError::PeerMisbehaved(format!("unexpected {} during a transfer", other.name()))),
+            other => Err(ProtoError::PeerMisbehaved(format!(
+                "unexpected {} during a transfer",
+                other.name()
+            ))),
         }
     }
 
     fn expect_transfer(&self, what: &str) -> Result<(), ProtoError> {
         match self.phase {
             Phase::Sending | Phase::AwaitComplete => Ok(()),
-            _ => Err(ProtoError::PeerMisbehaved(format!("{what} outside the data phase"))),
+            _ => Err(ProtoError::PeerMisbehaved(format!(
+                "{what} outside the data phase"
+            ))),
         }
     }
 
@@ -239,11 +279,16 @@ impl Sender {
             let n = self.retries.entry(i).or_insert(0);
             *n += 1;
             if *n > self.cfg.max_chunk_retries {
-                return Err(ProtoError::ChunkRejectedRepeatedly { chunk: i, times: *n });
+                return Err(ProtoError::ChunkRejectedRepeatedly {
+                    chunk: i,
+                    times: *n,
+                });
             }
         }
         let was_in_flight = ranges.intersection(&self.in_flight);
-        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(self.layout.bytes_in(&was_in_flight));
+        self.in_flight_bytes = self
+            .in_flight_bytes
+            .saturating_sub(self.layout.bytes_in(&was_in_flight));
         self.in_flight = self.in_flight.difference(ranges);
         self.acked = self.acked.difference(ranges);
         self.queue = self.queue.union(ranges);
@@ -263,14 +308,20 @@ impl Sender {
         }
         if let Some(index) = self.queue.first() {
             let len = self.layout.len(index);
-            if self.in_flight_bytes > 0 && self.in_flight_bytes + u64::from(len) > self.cfg.window_bytes {
+            if self.in_flight_bytes > 0
+                && self.in_flight_bytes + u64::from(len) > self.cfg.window_bytes
+            {
                 return None;
             }
             self.queue.remove(index);
             self.in_flight.insert(index);
             self.in_flight_bytes += u64::from(len);
             self.awaiting_read = Some(index);
-            return Some(Transmit::Chunk { index, offset: self.layout.offset(index), len });
+            return Some(Transmit::Chunk {
+                index,
+                offset: self.layout.offset(index),
+                len,
+            });
         }
         let digest = self.digest()?;
         self.phase = Phase::AwaitComplete;
@@ -281,25 +332,40 @@ impl Sender {
     /// Fails if the same chunk hashed differently before: the source changed.
     pub fn chunk_read(&mut self, index: u32, content: ChunkHash) -> Result<ChunkHash, ProtoError> {
         if self.awaiting_read != Some(index) {
-            return Err(ProtoError::PeerMisbehaved(format!("driver reported chunk {index} it was not asked for")));
+            return Err(ProtoError::PeerMisbehaved(format!(
+                "driver reported chunk {index} it was not asked for"
+            )));
         }
         self.awaiting_read = None;
         match self.source_hash(index) {
             Some(h) if h != content => return Err(ProtoError::SourceChanged { chunk: index }),
             _ => self.set_source_hash(index, content),
         }
-        Ok(chunk_tag(self.alg, &self.id, index, self.layout.offset(index), self.layout.len(index), &content))
+        Ok(chunk_tag(
+            self.alg,
+            &self.id,
+            index,
+            self.layout.offset(index),
+            self.layout.len(index),
+            &content,
+        ))
     }
 
     /// Whether the window is full (the driver may wait for acks).
     pub fn window_full(&self) -> bool {
-        self.phase == Phase::Sending && !self.queue.is_empty() && self.awaiting_read.is_none() && self.poll_would_block()
+        self.phase == Phase::Sending
+            && !self.queue.is_empty()
+            && self.awaiting_read.is_none()
+            && self.poll_would_block()
     }
 
     fn poll_would_block(&self) -> bool {
         self.queue
             .first()
-            .map(|i| self.in_flight_bytes > 0 && self.in_flight_bytes + u64::from(self.layout.len(i)) > self.cfg.window_bytes)
+            .map(|i| {
+                self.in_flight_bytes > 0
+                    && self.in_flight_bytes + u64::from(self.layout.len(i)) > self.cfg.window_bytes
+            })
             .unwrap_or(false)
     }
 
@@ -310,7 +376,12 @@ impl Sender {
     /// Whole-file digest, once every chunk hash is known.
     pub fn digest(&self) -> Option<ChunkHash> {
         let hashes: Option<Vec<ChunkHash>> = self.hashes.iter().copied().collect();
-        Some(file_digest(self.alg, self.layout.size(), self.layout.chunk_size(), hashes?.iter()))
+        Some(file_digest(
+            self.alg,
+            self.layout.size(),
+            self.layout.chunk_size(),
+            hashes?.iter(),
+        ))
     }
 }
 

@@ -125,13 +125,19 @@ pub(crate) fn as_u32(value: &[u8]) -> Result<u32, DecodeError> {
 
 pub(crate) fn as_string(value: &[u8], max: usize) -> Result<String, DecodeError> {
     if value.len() > max {
-        return Err(DecodeError::TooLarge { what: "string", len: value.len() as u64, max: max as u64 });
+        return Err(DecodeError::TooLarge {
+            what: "string",
+            len: value.len() as u64,
+            max: max as u64,
+        });
     }
     String::from_utf8(value.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))
 }
 
 pub(crate) fn as_array<const N: usize>(value: &[u8]) -> Result<[u8; N], DecodeError> {
-    value.try_into().map_err(|_| DecodeError::Malformed("fixed-size field has the wrong length"))
+    value
+        .try_into()
+        .map_err(|_| DecodeError::Malformed("fixed-size field has the wrong length"))
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! corrupted; sessions can be cut (a crash loses whatever was not checkpointed).
 //! Every run must end with a byte-identical file.
 
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const CHUNK: u32 = 1024;
-const INTERESTING_SIZES: &[u64] = &[0, 1, CHUNK as u64 - 1, CHUNK as u64, CHUNK as u64 + 1, 37 * CHUNK as u64 + 5];
+const INTERESTING_SIZES: &[u64] = &[
+    0,
+    1,
+    CHUNK as u64 - 1,
+    CHUNK as u64,
+    CHUNK as u64 + 1,
+    37 * CHUNK as u64 + 5,
+];
 
 #[derive(Default, Clone, Copy)]
 struct Faults {
@@ -75,15 +84,29 @@ impl World {
     /// One connection's worth of transfer. Returns true when the file completed.
     fn session(&mut self, f: Faults, rng: &mut StdRng) -> bool {
         self.sessions += 1;
+        // Virtual time: one real instant as the origin, then advanced by hand.
+        #[allow(clippy::disallowed_methods)]
         let mut now = Instant::now();
-        let rcfg = ReceiverConfig { checkpoint_bytes: 4 * CHUNK as u64, checkpoint_interval: Duration::from_millis(50) };
-        let scfg = SenderConfig { window_bytes: 16 * CHUNK as u64, max_chunk_retries: 1000 };
+        let rcfg = ReceiverConfig {
+            checkpoint_bytes: 4 * CHUNK as u64,
+            checkpoint_interval: Duration::from_millis(50),
+        };
+        let scfg = SenderConfig {
+            window_bytes: 16 * CHUNK as u64,
+            max_chunk_retries: 1000,
+        };
         let mut rx = if self.finalized {
             Receiver::already_final(self.id, self.layout, self.alg, rcfg, self.journal.clone())
         } else {
             Receiver::new(self.id, self.layout, self.alg, rcfg, self.journal.clone())
         };
-        let mut tx = Sender::new(self.id, self.layout, self.alg, scfg, self.sender_journal.clone());
+        let mut tx = Sender::new(
+            self.id,
+            self.layout,
+            self.alg,
+            scfg,
+            self.sender_journal.clone(),
+        );
         let mut to_rx: VecDeque<Message> = VecDeque::new();
         let mut to_tx: VecDeque<Message> = VecDeque::new();
         let mut idle = 0;
@@ -105,7 +128,12 @@ impl World {
                             Err(_) => return false,
                         };
                         self.payload_sent += data.len() as u64;
-                        Message::Data { index, offset, tag, payload: data.into() }
+                        Message::Data {
+                            index,
+                            offset,
+                            tag,
+                            payload: data.into(),
+                        }
                     }
                 };
                 self.send(&mut to_rx, m, f, rng);
@@ -118,7 +146,12 @@ impl World {
             if let Some(m) = to_rx.pop_front() {
                 progressed = true;
                 let r = match m {
-                    Message::Data { index, offset, tag, payload } => match rx.accept_data(index, offset, payload.len()) {
+                    Message::Data {
+                        index,
+                        offset,
+                        tag,
+                        payload,
+                    } => match rx.accept_data(index, offset, payload.len()) {
                         Ok(DataVerdict::Write) => {
                             match verify_chunk(self.alg, &self.id, index, offset, &payload, &tag) {
                                 Ok(h) => {
@@ -142,7 +175,10 @@ impl World {
             }
             if let Some(m) = to_tx.pop_front() {
                 progressed = true;
-                if tx.handle_offer_aware(m, &self.src, &self.layout, self.alg).is_err() {
+                if tx
+                    .handle_offer_aware(m, &self.src, &self.layout, self.alg)
+                    .is_err()
+                {
                     return false;
                 }
             }
@@ -169,7 +205,10 @@ impl World {
                         }
                     }
                     ReceiverEvent::VerifyStale(set) => {
-                        let res: Vec<_> = set.iter().map(|i| (i, Some(self.alg.hash(&self.chunk(&self.part, i))))).collect();
+                        let res: Vec<_> = set
+                            .iter()
+                            .map(|i| (i, Some(self.alg.hash(&self.chunk(&self.part, i)))))
+                            .collect();
                         rx.stale_checked(&res);
                     }
                     ReceiverEvent::Finalize { digest } => {
@@ -209,11 +248,21 @@ impl World {
             return;
         }
         let m = match m {
-            Message::Data { index, offset, tag, payload } if !payload.is_empty() && rng.gen_bool(f.corrupt) => {
+            Message::Data {
+                index,
+                offset,
+                tag,
+                payload,
+            } if !payload.is_empty() && rng.gen_bool(f.corrupt) => {
                 let mut p = payload.to_vec();
                 let at = rng.gen_range(0..p.len());
                 p[at] ^= 1 << rng.gen_range(0..8);
-                Message::Data { index, offset, tag, payload: p.into() }
+                Message::Data {
+                    index,
+                    offset,
+                    tag,
+                    payload: p.into(),
+                }
             }
             m => m,
         };
@@ -242,11 +291,23 @@ impl World {
 
 /// The driver's duty before an `Offer`: fill unknown source hashes by reading.
 trait OfferAware {
-    fn handle_offer_aware(&mut self, m: Message, src: &[u8], layout: &ChunkLayout, alg: HashAlg) -> Result<(), ProtoError>;
+    fn handle_offer_aware(
+        &mut self,
+        m: Message,
+        src: &[u8],
+        layout: &ChunkLayout,
+        alg: HashAlg,
+    ) -> Result<(), ProtoError>;
 }
 
 impl OfferAware for Sender {
-    fn handle_offer_aware(&mut self, m: Message, src: &[u8], layout: &ChunkLayout, alg: HashAlg) -> Result<(), ProtoError> {
+    fn handle_offer_aware(
+        &mut self,
+        m: Message,
+        src: &[u8],
+        layout: &ChunkLayout,
+        alg: HashAlg,
+    ) -> Result<(), ProtoError> {
         if let Message::Offer { ranges, .. } = &m {
             for i in self.unknown_in(ranges) {
                 let off = layout.offset(i) as usize;
@@ -266,9 +327,16 @@ fn run(size: u64, faults: Faults, seed: u64, alg: HashAlg) -> World {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut w = World::new(data(size, seed), alg);
     while !w.session(faults, &mut rng) {
-        assert!(w.sessions < 500, "seed {seed} size {size}: no completion after 500 sessions");
+        assert!(
+            w.sessions < 500,
+            "seed {seed} size {size}: no completion after 500 sessions"
+        );
     }
-    assert_eq!(w.final_file.as_deref(), Some(&w.src[..]), "seed {seed} size {size}: final file differs");
+    assert_eq!(
+        w.final_file.as_deref(),
+        Some(&w.src[..]),
+        "seed {seed} size {size}: final file differs"
+    );
     w
 }
 
@@ -285,7 +353,15 @@ fn clean_transfer_of_interesting_sizes_sends_each_byte_once() {
 
 #[test]
 fn survives_drops_duplicates_reordering_and_corruption() {
-    let f = Faults { drop_data: 0.05, drop_control: 0.01, dup: 0.05, reorder: 0.1, corrupt: 0.05, cut: 0.0, cut_at_payload: None };
+    let f = Faults {
+        drop_data: 0.05,
+        drop_control: 0.01,
+        dup: 0.05,
+        reorder: 0.1,
+        corrupt: 0.05,
+        cut: 0.0,
+        cut_at_payload: None,
+    };
     for seed in 0..40 {
         for &size in INTERESTING_SIZES {
             run(size, f, seed, HashAlg::Blake3);
@@ -295,13 +371,21 @@ fn survives_drops_duplicates_reordering_and_corruption() {
 
 #[test]
 fn survives_crashes_and_resends_little() {
-    let f = Faults { cut: 0.01, ..Faults::default() };
+    let f = Faults {
+        cut: 0.01,
+        ..Faults::default()
+    };
     for seed in 0..40 {
         let size = 200 * CHUNK as u64 + 3;
         let w = run(size, f, seed, HashAlg::Blake3);
         // Each cut loses at most the un-checkpointed bytes plus the sender's window.
         let bound = size + u64::from(w.sessions) * (4 + 16 + 1) * CHUNK as u64;
-        assert!(w.payload_sent <= bound, "seed {seed}: sent {} > bound {bound} over {} sessions", w.payload_sent, w.sessions);
+        assert!(
+            w.payload_sent <= bound,
+            "seed {seed}: sent {} > bound {bound} over {} sessions",
+            w.payload_sent,
+            w.sessions
+        );
     }
 }
 
@@ -310,9 +394,19 @@ fn damaged_partial_is_detected_and_only_damaged_chunks_resent() {
     let size = 40 * CHUNK as u64;
     let mut rng = StdRng::seed_from_u64(7);
     let mut w = World::new(data(size, 7), HashAlg::Blake3);
-    assert!(!w.session(Faults { cut_at_payload: Some(size * 3 / 4), ..Faults::default() }, &mut rng));
+    assert!(!w.session(
+        Faults {
+            cut_at_payload: Some(size * 3 / 4),
+            ..Faults::default()
+        },
+        &mut rng
+    ));
     let held: Vec<u32> = w.journal.keys().copied().collect();
-    assert!(held.len() >= 8, "half the file should be checkpointed, got {}", held.len());
+    assert!(
+        held.len() >= 8,
+        "half the file should be checkpointed, got {}",
+        held.len()
+    );
     // Flip one bit in two held chunks while nothing runs.
     let victims = [held[1], held[held.len() / 2]];
     for v in victims {
@@ -323,7 +417,11 @@ fn damaged_partial_is_detected_and_only_damaged_chunks_resent() {
     let missing = size - w.journal.len() as u64 * CHUNK as u64;
     assert!(w.session(Faults::default(), &mut rng));
     assert_eq!(w.final_file.as_deref(), Some(&w.src[..]));
-    assert_eq!(w.payload_sent - before, missing + 2 * CHUNK as u64, "only the missing and the two damaged chunks go again");
+    assert_eq!(
+        w.payload_sent - before,
+        missing + 2 * CHUNK as u64,
+        "only the missing and the two damaged chunks go again"
+    );
 }
 
 #[test]
@@ -331,7 +429,13 @@ fn truncated_partial_is_detected() {
     let size = 40 * CHUNK as u64;
     let mut rng = StdRng::seed_from_u64(8);
     let mut w = World::new(data(size, 8), HashAlg::Sha256);
-    assert!(!w.session(Faults { cut_at_payload: Some(size * 3 / 4), ..Faults::default() }, &mut rng));
+    assert!(!w.session(
+        Faults {
+            cut_at_payload: Some(size * 3 / 4),
+            ..Faults::default()
+        },
+        &mut rng
+    ));
     // Zero the tail of the partial, as a truncate-then-extend would.
     let cut = (size / 4) as usize;
     for b in &mut w.part[cut..] {
@@ -349,11 +453,20 @@ fn sender_that_missed_complete_learns_it_without_resending() {
     // Cut right after everything was sent: the receiver may finalise, the sender may not hear.
     while !w.finalized {
         w = World::new(data(size, 9), HashAlg::Blake3);
-        let _ = w.session(Faults { cut: 0.05, ..Faults::default() }, &mut rng);
+        let _ = w.session(
+            Faults {
+                cut: 0.05,
+                ..Faults::default()
+            },
+            &mut rng,
+        );
     }
     let before = w.payload_sent;
     assert!(w.session(Faults::default(), &mut rng));
-    assert_eq!(w.payload_sent, before, "nothing re-sent for a finalised file");
+    assert_eq!(
+        w.payload_sent, before,
+        "nothing re-sent for a finalised file"
+    );
 }
 
 #[test]
@@ -363,7 +476,12 @@ fn sender_detects_a_source_that_changed_under_it() {
     // Sender knows hash of chunk 2 from an earlier run, but the source is now different.
     let stale = HashAlg::Blake3.hash(b"old content");
     let mut tx = Sender::new(w.id, w.layout, w.alg, SenderConfig::default(), [(2, stale)]);
-    tx.handle(Message::Offer { ranges: RangeSet::new(), hashes: bytes::Bytes::new(), more: false }).unwrap();
+    tx.handle(Message::Offer {
+        ranges: RangeSet::new(),
+        hashes: bytes::Bytes::new(),
+        more: false,
+    })
+    .unwrap();
     let mut err = None;
     while let Some(t) = tx.poll_transmit() {
         if let Transmit::Chunk { index, .. } = t {
@@ -385,28 +503,81 @@ fn offer_with_wrong_hash_is_not_agreed() {
     let layout = ChunkLayout::new(size, CHUNK).unwrap();
     let id = TransferId([1; 16]);
     let good = HashAlg::Blake3.hash(&src[..CHUNK as usize]);
-    let known = (0..4).map(|i| (i, HashAlg::Blake3.hash(&src[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize])));
+    let known = (0..4).map(|i| {
+        (
+            i,
+            HashAlg::Blake3.hash(&src[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize]),
+        )
+    });
     let mut tx = Sender::new(id, layout, HashAlg::Blake3, SenderConfig::default(), known);
     let mut hashes = good.0.to_vec();
     hashes.extend_from_slice(&[0u8; 32]);
-    tx.handle(Message::Offer { ranges: RangeSet::from_ranges([0..2]), hashes: hashes.into(), more: false }).unwrap();
-    assert_eq!(tx.poll_transmit(), Some(Transmit::Message(Message::Agreed { ranges: RangeSet::from_ranges([0..1]) })));
+    tx.handle(Message::Offer {
+        ranges: RangeSet::from_ranges([0..2]),
+        hashes: hashes.into(),
+        more: false,
+    })
+    .unwrap();
+    assert_eq!(
+        tx.poll_transmit(),
+        Some(Transmit::Message(Message::Agreed {
+            ranges: RangeSet::from_ranges([0..1])
+        }))
+    );
 }
 
 #[test]
 fn hostile_messages_are_errors_not_panics() {
     let layout = ChunkLayout::new(10 * 1024, CHUNK).unwrap();
-    let mut rx = Receiver::new(TransferId::default(), layout, HashAlg::Blake3, ReceiverConfig::default(), []);
+    let mut rx = Receiver::new(
+        TransferId::default(),
+        layout,
+        HashAlg::Blake3,
+        ReceiverConfig::default(),
+        [],
+    );
     assert!(rx.accept_data(0, 0, 1024).is_err(), "data before Agreed");
-    assert!(rx.handle(Message::Agreed { ranges: RangeSet::from_ranges([0..1]) }).is_err(), "agreeing to unoffered chunks");
-    let mut rx = Receiver::new(TransferId::default(), layout, HashAlg::Blake3, ReceiverConfig::default(), []);
-    rx.handle(Message::Agreed { ranges: RangeSet::new() }).unwrap();
+    assert!(
+        rx.handle(Message::Agreed {
+            ranges: RangeSet::from_ranges([0..1])
+        })
+        .is_err(),
+        "agreeing to unoffered chunks"
+    );
+    let mut rx = Receiver::new(
+        TransferId::default(),
+        layout,
+        HashAlg::Blake3,
+        ReceiverConfig::default(),
+        [],
+    );
+    rx.handle(Message::Agreed {
+        ranges: RangeSet::new(),
+    })
+    .unwrap();
     assert!(rx.accept_data(10, 10 * 1024, 1024).is_err());
     assert!(rx.accept_data(1, 0, 1024).is_err());
     assert!(rx.accept_data(1, 1024, 1023).is_err());
     assert!(rx.accept_data(1, 1024, 1024).is_ok());
-    let mut tx = Sender::new(TransferId::default(), layout, HashAlg::Blake3, SenderConfig::default(), []);
-    assert!(tx.handle(Message::Offer { ranges: RangeSet::from_ranges([50..51]), hashes: vec![0; 32].into(), more: false }).is_err());
-    assert!(tx.handle(Message::Need { ranges: RangeSet::from_ranges([0..1]) }).is_err(), "Need before handshake");
+    let mut tx = Sender::new(
+        TransferId::default(),
+        layout,
+        HashAlg::Blake3,
+        SenderConfig::default(),
+        [],
+    );
+    assert!(tx
+        .handle(Message::Offer {
+            ranges: RangeSet::from_ranges([50..51]),
+            hashes: vec![0; 32].into(),
+            more: false
+        })
+        .is_err());
+    assert!(
+        tx.handle(Message::Need {
+            ranges: RangeSet::from_ranges([0..1])
+        })
+        .is_err(),
+        "Need before handshake"
+    );
 }
-

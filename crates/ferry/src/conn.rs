@@ -26,13 +26,23 @@ pub struct FramedRead<R> {
 
 impl<R: AsyncRead + Unpin> FramedRead<R> {
     pub fn new(inner: R, peer: String) -> Self {
-        Self { inner, buf: BytesMut::with_capacity(256 * 1024), dec: FrameDecoder::new(), peer, bytes_in: 0 }
+        Self {
+            inner,
+            buf: BytesMut::with_capacity(256 * 1024),
+            dec: FrameDecoder::new(),
+            peer,
+            bytes_in: 0,
+        }
     }
 
     /// The next message; `Ok(None)` on a clean end of stream between frames.
     pub async fn next(&mut self) -> Result<Option<Message>, Error> {
         loop {
-            if let Some(m) = self.dec.decode(&mut self.buf).map_err(|e| Error::Proto(e.into()))? {
+            if let Some(m) = self
+                .dec
+                .decode(&mut self.buf)
+                .map_err(|e| Error::Proto(e.into()))?
+            {
                 return Ok(Some(m));
             }
             if let Some(need) = FrameDecoder::needed(&self.buf) {
@@ -43,14 +53,24 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             if self.buf.capacity() - self.buf.len() < 64 * 1024 {
                 self.buf.reserve(256 * 1024);
             }
-            let n = self.inner.read_buf(&mut self.buf).await.map_err(|e| Error::Io { addr: self.peer.clone(), source: e })?;
+            let n = self
+                .inner
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| Error::Io {
+                    addr: self.peer.clone(),
+                    source: e,
+                })?;
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
                 return Err(Error::Io {
                     addr: self.peer.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed in the middle of a frame"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed in the middle of a frame",
+                    ),
                 });
             }
             self.bytes_in += n as u64;
@@ -61,7 +81,10 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
     pub async fn expect(&mut self) -> Result<Message, Error> {
         self.next().await?.ok_or_else(|| Error::Io {
             addr: self.peer.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed by peer"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed by peer",
+            ),
         })
     }
 
@@ -88,11 +111,18 @@ pub struct FramedWrite<W> {
 
 impl<W: AsyncWrite + Unpin> FramedWrite<W> {
     pub fn new(inner: W, peer: String) -> Self {
-        Self { inner, peer, bytes_out: 0 }
+        Self {
+            inner,
+            peer,
+            bytes_out: 0,
+        }
     }
 
     fn err(&self, e: std::io::Error) -> Error {
-        Error::Io { addr: self.peer.clone(), source: e }
+        Error::Io {
+            addr: self.peer.clone(),
+            source: e,
+        }
     }
 
     pub async fn send(&mut self, m: &Message) -> Result<(), Error> {
@@ -103,10 +133,19 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
     }
 
     /// Sends a chunk without copying it into a frame buffer.
-    pub async fn send_data(&mut self, index: u32, offset: u64, tag: &ChunkHash, payload: &[u8]) -> Result<(), Error> {
+    pub async fn send_data(
+        &mut self,
+        index: u32,
+        offset: u64,
+        tag: &ChunkHash,
+        payload: &[u8],
+    ) -> Result<(), Error> {
         let head = encode_data_header(index, offset, tag, payload.len());
         self.inner.write_all(&head).await.map_err(|e| self.err(e))?;
-        self.inner.write_all(payload).await.map_err(|e| self.err(e))?;
+        self.inner
+            .write_all(payload)
+            .await
+            .map_err(|e| self.err(e))?;
         self.bytes_out += (head.len() + payload.len()) as u64;
         Ok(())
     }
@@ -137,7 +176,11 @@ pub struct Conn {
 impl Conn {
     pub fn new(stream: BoxStream, peer: String) -> Self {
         let (r, w) = tokio::io::split(stream);
-        Self { rd: FramedRead::new(r, peer.clone()), wr: FramedWrite::new(w, peer.clone()), peer }
+        Self {
+            rd: FramedRead::new(r, peer.clone()),
+            wr: FramedWrite::new(w, peer.clone()),
+            peer,
+        }
     }
 
     /// Sends and flushes one message.

@@ -24,7 +24,10 @@ use crate::transfer::prepare_send;
 pub enum Endpoint {
     Local(PathBuf),
     /// `ferry://host:port/path`; `path` is relative to the server root.
-    Remote { addr: String, path: String },
+    Remote {
+        addr: String,
+        path: String,
+    },
 }
 
 pub const DEFAULT_PORT: u16 = 7787;
@@ -33,7 +36,9 @@ impl Endpoint {
     pub fn parse(s: &str) -> Result<Endpoint> {
         let Some(rest) = s.strip_prefix("ferry://") else {
             if s.contains("://") {
-                return Err(Error::Usage(format!("{s}: unsupported URL scheme (ferry:// or a local path)")));
+                return Err(Error::Usage(format!(
+                    "{s}: unsupported URL scheme (ferry:// or a local path)"
+                )));
             }
             return Ok(Endpoint::Local(PathBuf::from(s)));
         };
@@ -44,9 +49,20 @@ impl Endpoint {
         if hostport.is_empty() {
             return Err(Error::Usage(format!("{s}: missing host")));
         }
-        let has_port = if hostport.starts_with('[') { hostport.contains("]:") } else { hostport.contains(':') };
-        let addr = if has_port { hostport.to_string() } else { format!("{hostport}:{DEFAULT_PORT}") };
-        Ok(Endpoint::Remote { addr, path: path.to_string() })
+        let has_port = if hostport.starts_with('[') {
+            hostport.contains("]:")
+        } else {
+            hostport.contains(':')
+        };
+        let addr = if has_port {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:{DEFAULT_PORT}")
+        };
+        Ok(Endpoint::Remote {
+            addr,
+            path: path.to_string(),
+        })
     }
 
     fn display(&self) -> String {
@@ -108,20 +124,40 @@ fn join_remote(base: &str, rel: &str) -> String {
 }
 
 fn base_name(p: &str) -> String {
-    p.trim_end_matches('/').rsplit('/').next().unwrap_or("").to_string()
+    p.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Runs a copy; `progress` is updated as it goes.
-pub async fn copy(srcs: &[String], dst: &str, opts: &CopyOptions, progress: Arc<Progress>) -> Result<CopySummary> {
+pub async fn copy(
+    srcs: &[String],
+    dst: &str,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+) -> Result<CopySummary> {
     let started = Instant::now();
     if srcs.is_empty() {
         return Err(Error::Usage("nothing to copy".into()));
     }
-    let srcs: Vec<Endpoint> = srcs.iter().map(|s| Endpoint::parse(s)).collect::<Result<_>>()?;
+    let srcs: Vec<Endpoint> = srcs
+        .iter()
+        .map(|s| Endpoint::parse(s))
+        .collect::<Result<_>>()?;
     let dst_ep = Endpoint::parse(dst)?;
     let store = Arc::new(Store::open(&opts.state_dir)?);
     let status = StatusDir::new(&opts.state_dir);
-    let mut runner = Runner { opts, store, status, session: None, progress: progress.clone(), rng: rand::rngs::StdRng::from_entropy(), digests: Vec::new() };
+    let mut runner = Runner {
+        opts,
+        store,
+        status,
+        session: None,
+        progress: progress.clone(),
+        rng: rand::rngs::StdRng::from_entropy(),
+        digests: Vec::new(),
+    };
     let dst_is_dir_hint = dst.ends_with('/') || srcs.len() > 1;
     match (&srcs[0], &dst_ep) {
         (Endpoint::Local(_), Endpoint::Remote { addr, path }) => {
@@ -129,7 +165,9 @@ pub async fn copy(srcs: &[String], dst: &str, opts: &CopyOptions, progress: Arc<
                 return Err(Error::Usage("all sources must be on the same side".into()));
             }
             let addr = addr.clone();
-            let dst_entry = runner.with_session(&addr, |s| Box::pin(s.stat_owned(path.clone()))).await?;
+            let dst_entry = runner
+                .with_session(&addr, |s| Box::pin(s.stat_owned(path.clone())))
+                .await?;
             let into_dir = dst_is_dir_hint || dst_entry.kind == EntryKind::Dir || path.is_empty();
             let (mut files, mut dirs) = (Vec::new(), Vec::new());
             for s in &srcs {
@@ -147,21 +185,48 @@ pub async fn copy(srcs: &[String], dst: &str, opts: &CopyOptions, progress: Arc<
                     return Err(Error::Usage("all sources must be on the same side".into()));
                 };
                 if *a != addr {
-                    return Err(Error::Usage("all remote sources must be on one server".into()));
+                    return Err(Error::Usage(
+                        "all remote sources must be on one server".into(),
+                    ));
                 }
                 let p = path.clone();
-                let entry = runner.with_session(&addr, |s| Box::pin(s.stat_owned(p.clone()))).await?;
-                let target = if dst_is_dir { dst_path.join(base_name(path)) } else { dst_path.clone() };
+                let entry = runner
+                    .with_session(&addr, |s| Box::pin(s.stat_owned(p.clone())))
+                    .await?;
+                let target = if dst_is_dir {
+                    dst_path.join(base_name(path))
+                } else {
+                    dst_path.clone()
+                };
                 match entry.kind {
-                    EntryKind::Missing => return Err(Error::NotFound(format!("{}: no such file or directory on the server", s.display()))),
-                    EntryKind::File => files.push(FileJob { local: target, remote: path.clone(), size: entry.size }),
+                    EntryKind::Missing => {
+                        return Err(Error::NotFound(format!(
+                            "{}: no such file or directory on the server",
+                            s.display()
+                        )))
+                    }
+                    EntryKind::File => files.push(FileJob {
+                        local: target,
+                        remote: path.clone(),
+                        size: entry.size,
+                    }),
                     EntryKind::Dir => {
                         if !opts.recursive {
-                            return Err(Error::Usage(format!("{} is a directory (use -r)", s.display())));
+                            return Err(Error::Usage(format!(
+                                "{} is a directory (use -r)",
+                                s.display()
+                            )));
                         }
                         let p = path.clone();
-                        let entries = runner.with_session(&addr, |s| Box::pin(s.list_owned(p.clone()))).await?;
-                        dirs.push(DirJob { local: target.clone(), remote: path.clone(), mode: entry.mode, mtime_ns: entry.mtime_ns });
+                        let entries = runner
+                            .with_session(&addr, |s| Box::pin(s.list_owned(p.clone())))
+                            .await?;
+                        dirs.push(DirJob {
+                            local: target.clone(),
+                            remote: path.clone(),
+                            mode: entry.mode,
+                            mtime_ns: entry.mtime_ns,
+                        });
                         plan_download(&entries, path, &target, &mut files, &mut dirs);
                     }
                 }
@@ -169,10 +234,14 @@ pub async fn copy(srcs: &[String], dst: &str, opts: &CopyOptions, progress: Arc<
             runner.download(&addr, files, dirs).await?;
         }
         (Endpoint::Local(_), Endpoint::Local(_)) => {
-            return Err(Error::Usage("both sides are local; one of SRC or DST must be ferry://HOST/PATH".into()))
+            return Err(Error::Usage(
+                "both sides are local; one of SRC or DST must be ferry://HOST/PATH".into(),
+            ))
         }
         (Endpoint::Remote { .. }, Endpoint::Remote { .. }) => {
-            return Err(Error::Usage("copying between two servers is not supported; one side must be local".into()))
+            return Err(Error::Usage(
+                "copying between two servers is not supported; one side must be local".into(),
+            ))
         }
     }
     let digest = if runner.digests.len() == 1 {
@@ -202,26 +271,58 @@ pub async fn copy(srcs: &[String], dst: &str, opts: &CopyOptions, progress: Arc<
     })
 }
 
-fn plan_upload(src: &Path, dst: &str, into_dir: bool, recursive: bool, files: &mut Vec<FileJob>, dirs: &mut Vec<DirJob>) -> Result<()> {
+fn plan_upload(
+    src: &Path,
+    dst: &str,
+    into_dir: bool,
+    recursive: bool,
+    files: &mut Vec<FileJob>,
+    dirs: &mut Vec<DirJob>,
+) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(src).map_err(|e| Error::local(src, e))?;
-    let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let target = if into_dir { join_remote(dst, &name) } else { dst.trim_end_matches('/').to_string() };
+    let name = src
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let target = if into_dir {
+        join_remote(dst, &name)
+    } else {
+        dst.trim_end_matches('/').to_string()
+    };
     if md.is_file() {
-        files.push(FileJob { local: src.to_path_buf(), remote: target, size: md.len() });
+        files.push(FileJob {
+            local: src.to_path_buf(),
+            remote: target,
+            size: md.len(),
+        });
         return Ok(());
     }
     if !md.is_dir() {
-        return Err(Error::Usage(format!("{} is not a regular file or directory", src.display())));
+        return Err(Error::Usage(format!(
+            "{} is not a regular file or directory",
+            src.display()
+        )));
     }
     if !recursive {
-        return Err(Error::Usage(format!("{} is a directory (use -r)", src.display())));
+        return Err(Error::Usage(format!(
+            "{} is a directory (use -r)",
+            src.display()
+        )));
     }
     let mut stack = vec![(src.to_path_buf(), target)];
     while let Some((dir, remote)) = stack.pop() {
         let dmd = std::fs::metadata(&dir).map_err(|e| Error::local(&dir, e))?;
-        dirs.push(DirJob { local: dir.clone(), remote: remote.clone(), mode: dmd.mode() & 0o7777, mtime_ns: fsutil::mtime_ns(&dmd) });
-        let mut items: Vec<_> = std::fs::read_dir(&dir).map_err(|e| Error::local(&dir, e))?.flatten().collect();
+        dirs.push(DirJob {
+            local: dir.clone(),
+            remote: remote.clone(),
+            mode: dmd.mode() & 0o7777,
+            mtime_ns: fsutil::mtime_ns(&dmd),
+        });
+        let mut items: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::local(&dir, e))?
+            .flatten()
+            .collect();
         items.sort_by_key(|e| e.file_name());
         for e in items {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -233,7 +334,11 @@ fn plan_upload(src: &Path, dst: &str, into_dir: bool, recursive: bool, files: &m
             if md.is_dir() {
                 stack.push((path, join_remote(&remote, &name)));
             } else if md.is_file() {
-                files.push(FileJob { local: path, remote: join_remote(&remote, &name), size: md.len() });
+                files.push(FileJob {
+                    local: path,
+                    remote: join_remote(&remote, &name),
+                    size: md.len(),
+                });
             } else {
                 warn!(path = %path.display(), "skipping special file");
             }
@@ -242,7 +347,13 @@ fn plan_upload(src: &Path, dst: &str, into_dir: bool, recursive: bool, files: &m
     Ok(())
 }
 
-fn plan_download(entries: &[Entry], base: &str, target: &Path, files: &mut Vec<FileJob>, dirs: &mut Vec<DirJob>) {
+fn plan_download(
+    entries: &[Entry],
+    base: &str,
+    target: &Path,
+    files: &mut Vec<FileJob>,
+    dirs: &mut Vec<DirJob>,
+) {
     for e in entries {
         // Entries come from the server: never let one climb out of the target.
         if crate::paths::split_relative(&e.path).is_err() || e.path.is_empty() {
@@ -252,8 +363,17 @@ fn plan_download(entries: &[Entry], base: &str, target: &Path, files: &mut Vec<F
         let local = target.join(&e.path);
         let remote = join_remote(base, &e.path);
         match e.kind {
-            EntryKind::Dir => dirs.push(DirJob { local, remote, mode: e.mode, mtime_ns: e.mtime_ns }),
-            EntryKind::File => files.push(FileJob { local, remote, size: e.size }),
+            EntryKind::Dir => dirs.push(DirJob {
+                local,
+                remote,
+                mode: e.mode,
+                mtime_ns: e.mtime_ns,
+            }),
+            EntryKind::File => files.push(FileJob {
+                local,
+                remote,
+                size: e.size,
+            }),
             EntryKind::Missing => {}
         }
     }
@@ -282,7 +402,11 @@ impl Session {
 
 impl Runner<'_> {
     /// Runs `f` on a connected session, reconnecting and retrying retryable failures.
-    async fn with_session<T>(&mut self, addr: &str, mut f: impl for<'s> FnMut(&'s mut Session) -> BoxFut<'s, T>) -> Result<T> {
+    async fn with_session<T>(
+        &mut self,
+        addr: &str,
+        mut f: impl for<'s> FnMut(&'s mut Session) -> BoxFut<'s, T>,
+    ) -> Result<T> {
         let mut attempt = 0u32;
         let start = Instant::now();
         loop {
@@ -290,7 +414,10 @@ impl Runner<'_> {
                 if self.session.is_none() {
                     self.session = Some(Session::connect(addr, &self.opts.client).await?);
                 }
-                let s = self.session.as_mut().ok_or_else(|| Error::Store("no session".into()))?;
+                let s = self
+                    .session
+                    .as_mut()
+                    .ok_or_else(|| Error::Store("no session".into()))?;
                 f(s).await
             }
             .await;
@@ -310,8 +437,15 @@ impl Runner<'_> {
         if !e.is_retryable() {
             return Err(e);
         }
-        let Some(delay) = self.opts.retry.delay(attempt, start.elapsed(), &mut self.rng) else {
-            return Err(Error::RetriesExhausted { attempts: attempt, last: Box::new(e) });
+        let Some(delay) = self
+            .opts
+            .retry
+            .delay(attempt, start.elapsed(), &mut self.rng)
+        else {
+            return Err(Error::RetriesExhausted {
+                attempts: attempt,
+                last: Box::new(e),
+            });
         };
         Progress::add(&self.progress.retries, 1);
         warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "retrying");
@@ -323,7 +457,8 @@ impl Runner<'_> {
         self.count(&files);
         for d in &dirs {
             let (p, m, t) = (d.remote.clone(), d.mode, d.mtime_ns);
-            self.with_session(addr, |s| Box::pin(mkdir_owned(s, p.clone(), m | 0o700, 0))).await?;
+            self.with_session(addr, |s| Box::pin(mkdir_owned(s, p.clone(), m | 0o700, 0)))
+                .await?;
             let _ = t;
         }
         for f in &files {
@@ -332,44 +467,63 @@ impl Runner<'_> {
         // Directory metadata last, deepest first, since adding files changes mtimes.
         for d in dirs.iter().rev() {
             let (p, m, t) = (d.remote.clone(), d.mode, d.mtime_ns);
-            self.with_session(addr, |s| Box::pin(mkdir_owned(s, p.clone(), m, t))).await?;
+            self.with_session(addr, |s| Box::pin(mkdir_owned(s, p.clone(), m, t)))
+                .await?;
         }
         Ok(())
     }
 
     fn count(&self, files: &[FileJob]) {
         Progress::add(&self.progress.files_total, files.len() as u64);
-        Progress::add(&self.progress.bytes_total, files.iter().map(|f| f.size).sum());
+        Progress::add(
+            &self.progress.bytes_total,
+            files.iter().map(|f| f.size).sum(),
+        );
     }
 
     async fn upload_one(&mut self, addr: &str, job: &FileJob) -> Result<()> {
         let remote_display = format!("ferry://{addr}/{}", job.remote);
-        let local_key = std::fs::canonicalize(&job.local).unwrap_or_else(|_| job.local.clone()).display().to_string();
-        self.progress.start_file(&job.local.display().to_string(), job.size);
+        let local_key = std::fs::canonicalize(&job.local)
+            .unwrap_or_else(|_| job.local.clone())
+            .display()
+            .to_string();
+        self.progress
+            .start_file(&job.local.display().to_string(), job.size);
         let mut attempt = 0u32;
         let mut restarts = 0u32;
         let mut start = Instant::now();
         let mut last_source: Option<Vec<u8>> = None;
         loop {
             self.progress.undo_file();
-            let (src, meta, known) = prepare_send(&self.store, &job.local, self.opts.alg)?;
+            let prepared = prepare_send(&self.store, &job.local, self.opts.alg)?;
+            let (src, meta) = (&prepared.src, prepared.meta.clone());
             if let Some(prev) = &last_source {
                 if *prev != src.source_id {
                     restarts += 1;
                     if restarts > 3 {
-                        return Err(Error::SourceUnstable { path: job.local.display().to_string(), times: restarts - 1 });
+                        return Err(Error::SourceUnstable {
+                            path: job.local.display().to_string(),
+                            times: restarts - 1,
+                        });
                     }
                     warn!(path = %job.local.display(), "source changed; restarting this file from its new content");
                 }
             }
             last_source = Some(src.source_id.clone());
             if meta.size != job.size {
-                Progress::add(&self.progress.bytes_total, meta.size.saturating_sub(job.size));
+                Progress::add(
+                    &self.progress.bytes_total,
+                    meta.size.saturating_sub(job.size),
+                );
             }
-            self.progress.start_file(&job.local.display().to_string(), meta.size);
+            self.progress
+                .start_file(&job.local.display().to_string(), meta.size);
             // Join the unfinished transfer of this same file version, if any.
             let source_hex = fsutil::hex(&src.source_id);
-            let existing = self.status.find("upload", &local_key, &remote_display).filter(|r| r.source == source_hex);
+            let existing = self
+                .status
+                .find("upload", &local_key, &remote_display)
+                .filter(|r| r.source == source_hex);
             let id = match &existing {
                 Some(r) => TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.rng)),
                 None => random_id(&mut self.rng),
@@ -397,7 +551,13 @@ impl Runner<'_> {
             let store = self.store.clone();
             let progress = self.progress.clone();
             let remote_path = job.remote.clone();
-            let r = self.run_tracked(addr, &mut rec, |s| Box::pin(async move { s.put(id, &src, meta, known, &remote_path, &store, &progress).await })).await;
+            let r = self
+                .run_tracked(addr, &mut rec, |s| {
+                    Box::pin(
+                        async move { s.put(id, &prepared, &remote_path, &store, &progress).await },
+                    )
+                })
+                .await;
             match r {
                 Ok(digest) => {
                     self.status.remove(&rec.id);
@@ -409,7 +569,11 @@ impl Runner<'_> {
                     let progressed = Progress::get(&self.progress.current_done) > rec.bytes_done;
                     rec.bytes_done = Progress::get(&self.progress.current_done);
                     rec.last_error = Some(e.to_string());
-                    rec.state = if e.is_retryable() { "interrupted".into() } else { "failed".into() };
+                    rec.state = if e.is_retryable() {
+                        "interrupted".into()
+                    } else {
+                        "failed".into()
+                    };
                     let _ = self.status.put(&rec);
                     if progressed {
                         // Progress is not failure: start the count again.
@@ -425,7 +589,12 @@ impl Runner<'_> {
 
     /// Runs one transfer attempt on a (re)connected session, updating the
     /// status record every couple of seconds.
-    async fn run_tracked<T>(&mut self, addr: &str, rec: &mut TransferRecord, f: impl for<'s> FnOnce(&'s mut Session) -> BoxFut<'s, T>) -> Result<T> {
+    async fn run_tracked<T>(
+        &mut self,
+        addr: &str,
+        rec: &mut TransferRecord,
+        f: impl for<'s> FnOnce(&'s mut Session) -> BoxFut<'s, T>,
+    ) -> Result<T> {
         if self.session.is_none() {
             match Session::connect(addr, &self.opts.client).await {
                 Ok(s) => self.session = Some(s),
@@ -433,7 +602,10 @@ impl Runner<'_> {
             }
         }
         let r = {
-            let session = self.session.as_mut().ok_or_else(|| Error::Store("no session".into()))?;
+            let session = self
+                .session
+                .as_mut()
+                .ok_or_else(|| Error::Store("no session".into()))?;
             let fut = f(session);
             tokio::pin!(fut);
             let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -472,7 +644,10 @@ impl Runner<'_> {
         let parent = fsutil::parent_of(&job.local);
         std::fs::create_dir_all(&parent).map_err(|e| Error::local(&parent, e))?;
         let parent = std::fs::canonicalize(&parent).map_err(|e| Error::local(&parent, e))?;
-        let name = job.local.file_name().ok_or_else(|| Error::Usage(format!("{}: not a file name", job.local.display())))?;
+        let name = job
+            .local
+            .file_name()
+            .ok_or_else(|| Error::Usage(format!("{}: not a file name", job.local.display())))?;
         let local = parent.join(name);
         if local.is_dir() {
             return Err(Error::Usage(format!("{} is a directory", local.display())));
@@ -530,7 +705,11 @@ impl Runner<'_> {
                     let progressed = Progress::get(&self.progress.current_done) > rec.bytes_done;
                     rec.bytes_done = Progress::get(&self.progress.current_done);
                     rec.last_error = Some(e.to_string());
-                    rec.state = if e.is_retryable() { "interrupted".into() } else { "failed".into() };
+                    rec.state = if e.is_retryable() {
+                        "interrupted".into()
+                    } else {
+                        "failed".into()
+                    };
                     let _ = self.status.put(&rec);
                     if progressed {
                         attempt = 0;
@@ -558,11 +737,38 @@ mod tests {
 
     #[test]
     fn parses_endpoints() {
-        assert_eq!(Endpoint::parse("a/b").unwrap(), Endpoint::Local("a/b".into()));
-        assert_eq!(Endpoint::parse("ferry://h/x/y").unwrap(), Endpoint::Remote { addr: "h:7787".into(), path: "x/y".into() });
-        assert_eq!(Endpoint::parse("ferry://h:9/").unwrap(), Endpoint::Remote { addr: "h:9".into(), path: "".into() });
-        assert_eq!(Endpoint::parse("ferry://[::1]:9/a").unwrap(), Endpoint::Remote { addr: "[::1]:9".into(), path: "a".into() });
-        assert_eq!(Endpoint::parse("ferry://[::1]/a").unwrap(), Endpoint::Remote { addr: "[::1]:7787".into(), path: "a".into() });
+        assert_eq!(
+            Endpoint::parse("a/b").unwrap(),
+            Endpoint::Local("a/b".into())
+        );
+        assert_eq!(
+            Endpoint::parse("ferry://h/x/y").unwrap(),
+            Endpoint::Remote {
+                addr: "h:7787".into(),
+                path: "x/y".into()
+            }
+        );
+        assert_eq!(
+            Endpoint::parse("ferry://h:9/").unwrap(),
+            Endpoint::Remote {
+                addr: "h:9".into(),
+                path: "".into()
+            }
+        );
+        assert_eq!(
+            Endpoint::parse("ferry://[::1]:9/a").unwrap(),
+            Endpoint::Remote {
+                addr: "[::1]:9".into(),
+                path: "a".into()
+            }
+        );
+        assert_eq!(
+            Endpoint::parse("ferry://[::1]/a").unwrap(),
+            Endpoint::Remote {
+                addr: "[::1]:7787".into(),
+                path: "a".into()
+            }
+        );
         assert!(Endpoint::parse("http://x/y").is_err());
         assert!(Endpoint::parse("ferry:///y").is_err());
     }

@@ -32,7 +32,9 @@ impl FaultProxy {
         let cuts2 = cuts.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(target).await else { continue };
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let (plan, total, cuts) = (plan.clone(), total.clone(), cuts2.clone());
@@ -57,7 +59,13 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn pump(client: TcpStream, server: TcpStream, plan: Arc<Mutex<Vec<u64>>>, total: Arc<AtomicU64>, cuts: Arc<AtomicU64>) -> std::io::Result<()> {
+async fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    plan: Arc<Mutex<Vec<u64>>>,
+    total: Arc<AtomicU64>,
+    cuts: Arc<AtomicU64>,
+) -> std::io::Result<()> {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let down = tokio::spawn(async move {
@@ -83,7 +91,10 @@ async fn pump(client: TcpStream, server: TcpStream, plan: Arc<Mutex<Vec<u64>>>, 
         if let Some(keep) = cut_at {
             sw.write_all(&buf[..keep.min(n)]).await?;
             cuts.fetch_add(1, Ordering::SeqCst);
-            warn!(at_byte = before + keep as u64, "fault injector: cutting the connection");
+            warn!(
+                at_byte = before + keep as u64,
+                "fault injector: cutting the connection"
+            );
             break Ok(());
         }
         sw.write_all(&buf[..n]).await?;

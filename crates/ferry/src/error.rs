@@ -34,7 +34,12 @@ pub enum Error {
     #[error("TLS: {0}")]
     Tls(String),
     #[error("server certificate fingerprint for {host} is {actual}, but {expected} was expected (known servers file: {file}); if the server's key really changed, remove that line")]
-    FingerprintMismatch { host: String, expected: String, actual: String, file: String },
+    FingerprintMismatch {
+        host: String,
+        expected: String,
+        actual: String,
+        file: String,
+    },
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("protocol: {0}")]
@@ -53,7 +58,10 @@ pub enum Error {
 
 impl Error {
     pub fn local(path: impl AsRef<std::path::Path>, source: io::Error) -> Self {
-        Error::LocalIo { path: path.as_ref().display().to_string(), source }
+        Error::LocalIo {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
     }
 
     /// Whether reconnecting and resuming can help.
@@ -71,7 +79,9 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Usage(_) | Error::NotFound(_) => ErrorClass::Usage,
-            Error::Connect { .. } | Error::Io { .. } | Error::Timeout(_) | Error::Tls(_) => ErrorClass::Unreachable,
+            Error::Connect { .. } | Error::Io { .. } | Error::Timeout(_) | Error::Tls(_) => {
+                ErrorClass::Unreachable
+            }
             Error::FingerprintMismatch { .. } => ErrorClass::Auth,
             Error::LocalIo { .. } | Error::Store(_) => ErrorClass::LocalIo,
             Error::SourceUnstable { .. } => ErrorClass::Integrity,
@@ -80,9 +90,9 @@ impl Error {
                 c => c,
             },
             Error::Proto(p) => match p {
-                ProtoError::IntegrityFailure { .. } | ProtoError::DigestMismatch { .. } | ProtoError::ChunkRejectedRepeatedly { .. } => {
-                    ErrorClass::Integrity
-                }
+                ProtoError::IntegrityFailure { .. }
+                | ProtoError::DigestMismatch { .. }
+                | ProtoError::ChunkRejectedRepeatedly { .. } => ErrorClass::Integrity,
                 ProtoError::SourceChanged { .. } => ErrorClass::Integrity,
                 ProtoError::Remote(f) => match f.code {
                     FailureCode::Unauthorized | FailureCode::PermissionDenied => ErrorClass::Auth,
@@ -111,6 +121,12 @@ macro_rules! store_from {
         }
     )*};
 }
-store_from!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+store_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -25,7 +25,11 @@ pub fn parent_of(p: &Path) -> PathBuf {
 /// Writes `body` to `path` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
     let dir = parent_of(path);
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("f"), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
+        std::process::id()
+    ));
     {
         let mut f = File::create(&tmp).map_err(|e| Error::local(&tmp, e))?;
         f.write_all(body).map_err(|e| Error::local(&tmp, e))?;
@@ -37,7 +41,10 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
 
 /// The `.part` name a file is received under until it is verified.
 pub fn part_path(final_path: &Path) -> PathBuf {
-    let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     parent_of(final_path).join(format!(".{name}.ferry.part"))
 }
 
@@ -48,12 +55,20 @@ pub fn is_part_name(name: &str) -> bool {
 
 /// Opens (creating if needed) a partial file for writing at offsets.
 pub fn open_part(path: &Path) -> Result<File> {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(|e| Error::local(path, e))
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::local(path, e))
 }
 
 /// mtime in nanoseconds since the epoch.
 pub fn mtime_ns(md: &std::fs::Metadata) -> i64 {
-    md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec())
+    md.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(md.mtime_nsec())
 }
 
 /// An identity of a file version: changes when its content may have changed
@@ -73,7 +88,8 @@ pub fn source_id(md: &std::fs::Metadata) -> Vec<u8> {
 /// Sets permission bits and mtime on an open file.
 pub fn apply_meta(f: &File, path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
     if mode != 0 {
-        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| Error::local(path, e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| Error::local(path, e))?;
     }
     if mtime_ns > 0 {
         let t = UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64);
@@ -85,7 +101,8 @@ pub fn apply_meta(f: &File, path: &Path, mode: u32, mtime_ns: i64) -> Result<()>
 /// Sets a directory's permission bits and mtime.
 pub fn apply_dir_meta(path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
     if mode != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| Error::local(path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| Error::local(path, e))?;
     }
     if mtime_ns > 0 {
         let f = File::open(path).map_err(|e| Error::local(path, e))?;
@@ -96,7 +113,13 @@ pub fn apply_dir_meta(path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
 }
 
 /// Finalises a verified partial file: fsync, metadata, atomic rename, dir fsync.
-pub fn finalize_part(part: &File, part_path: &Path, final_path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
+pub fn finalize_part(
+    part: &File,
+    part_path: &Path,
+    final_path: &Path,
+    mode: u32,
+    mtime_ns: i64,
+) -> Result<()> {
     apply_meta(part, part_path, mode, mtime_ns)?;
     part.sync_all().map_err(|e| Error::local(part_path, e))?;
     std::fs::rename(part_path, final_path).map_err(|e| Error::local(final_path, e))?;

@@ -24,8 +24,8 @@ pub enum PathError {
 }
 
 const DEVICE_NAMES: &[&str] = &[
-    "con", "prn", "aux", "nul", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8", "com9", "lpt1", "lpt2",
-    "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9",
+    "con", "prn", "aux", "nul", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8",
+    "com9", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9",
 ];
 
 /// Checks the shape of a relative path and returns its normal components.
@@ -69,12 +69,17 @@ pub fn resolve(root: &Path, p: &str) -> Result<PathBuf, PathError> {
             Ok(md) => {
                 let ft = md.file_type();
                 if ft.is_symlink() {
-                    let real = std::fs::canonicalize(&cur).map_err(|_| PathError::SymlinkEscape(p.into()))?;
+                    let real = std::fs::canonicalize(&cur)
+                        .map_err(|_| PathError::SymlinkEscape(p.into()))?;
                     if !real.starts_with(root) {
                         return Err(PathError::SymlinkEscape(p.into()));
                     }
                     cur = real;
-                } else if ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket() {
+                } else if ft.is_block_device()
+                    || ft.is_char_device()
+                    || ft.is_fifo()
+                    || ft.is_socket()
+                {
                     return Err(PathError::Device(p.into()));
                 }
             }
@@ -94,7 +99,17 @@ mod tests {
     fn refuses_hostile_paths() {
         let dir = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap();
-        for bad in ["/etc/passwd", "../x", "a/../../x", "a/../b", "nul", "COM1.txt", "a\0b", "a\\..\\b", "x/.y.ferry.part"] {
+        for bad in [
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/../b",
+            "nul",
+            "COM1.txt",
+            "a\0b",
+            "a\\..\\b",
+            "x/.y.ferry.part",
+        ] {
             assert!(resolve(&root, bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(resolve(&root, "a/b.txt").unwrap(), root.join("a/b.txt"));
@@ -110,8 +125,11 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
         std::fs::create_dir(root.join("real")).unwrap();
         std::os::unix::fs::symlink(root.join("real"), root.join("in")).unwrap();
-        assert_eq!(resolve(&root, "out/x"), Err(PathError::SymlinkEscape("out/x".into())));
+        assert_eq!(
+            resolve(&root, "out/x"),
+            Err(PathError::SymlinkEscape("out/x".into()))
+        );
         assert_eq!(resolve(&root, "in/x").unwrap(), root.join("real/x"));
-        assert!(matches!(resolve(&root, "null").ok(), Some(_)));
+        assert!(resolve(&root, "null").is_ok());
     }
 }

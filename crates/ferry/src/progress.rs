@@ -47,11 +47,20 @@ impl Progress {
     /// Takes back bytes counted as done for a file that must start over.
     pub fn undo_file(&self) {
         let n = self.current_done.swap(0, Relaxed);
-        self.bytes_done.fetch_sub(n.min(self.bytes_done.load(Relaxed)), Relaxed);
+        self.bytes_done
+            .fetch_sub(n.min(self.bytes_done.load(Relaxed)), Relaxed);
     }
 
     pub fn current(&self) -> (String, u64, u64) {
-        let name = self.current_name.lock().map(|n| n.clone()).unwrap_or_default();
-        (name, self.current_size.load(Relaxed), self.current_done.load(Relaxed))
+        let name = self
+            .current_name
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default();
+        (
+            name,
+            self.current_size.load(Relaxed),
+            self.current_done.load(Relaxed),
+        )
     }
 }

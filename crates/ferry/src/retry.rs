@@ -22,7 +22,13 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { initial: Duration::from_millis(250), multiplier: 2.0, max_delay: Duration::from_secs(30), max_attempts: 10, budget: None }
+        Self {
+            initial: Duration::from_millis(250),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(30),
+            max_attempts: 10,
+            budget: None,
+        }
     }
 }
 
@@ -36,7 +42,10 @@ impl RetryPolicy {
         if self.budget.is_some_and(|b| elapsed >= b) {
             return None;
         }
-        let exp = self.initial.as_secs_f64() * self.multiplier.powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self.initial.as_secs_f64()
+            * self
+                .multiplier
+                .powi(attempt.saturating_sub(1).min(64) as i32);
         let cap = exp.min(self.max_delay.as_secs_f64()).max(0.0);
         let d = Duration::from_secs_f64(rng.gen_range(0.0..=cap));
         Some(match self.budget {
@@ -58,7 +67,10 @@ mod tests {
         for attempt in 1..10 {
             let cap = (0.25 * 2f64.powi(attempt as i32 - 1)).min(30.0);
             for _ in 0..100 {
-                let d = p.delay(attempt, Duration::ZERO, &mut rng).unwrap().as_secs_f64();
+                let d = p
+                    .delay(attempt, Duration::ZERO, &mut rng)
+                    .unwrap()
+                    .as_secs_f64();
                 assert!(d <= cap + 1e-9, "attempt {attempt}: {d} > {cap}");
             }
         }
@@ -67,9 +79,16 @@ mod tests {
 
     #[test]
     fn budget_stops_and_clips() {
-        let p = RetryPolicy { budget: Some(Duration::from_secs(1)), max_attempts: 0, ..Default::default() };
+        let p = RetryPolicy {
+            budget: Some(Duration::from_secs(1)),
+            max_attempts: 0,
+            ..Default::default()
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         assert!(p.delay(1, Duration::from_secs(2), &mut rng).is_none());
-        assert!(p.delay(20, Duration::from_millis(900), &mut rng).unwrap() <= Duration::from_millis(100));
+        assert!(
+            p.delay(20, Duration::from_millis(900), &mut rng).unwrap()
+                <= Duration::from_millis(100)
+        );
     }
 }

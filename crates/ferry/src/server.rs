@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use ferry_proto::handshake::negotiate;
 use ferry_proto::message::{Entry, EntryKind, MAX_LIST_ENTRIES};
-use ferry_proto::{Failure, FailureCode, HashAlg, Message, ReceiverConfig, Sender, SenderConfig, TransferId};
+use ferry_proto::{
+    Failure, FailureCode, HashAlg, Message, ReceiverConfig, Sender, SenderConfig, TransferId,
+};
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -24,7 +26,9 @@ use crate::paths::{resolve, PathError};
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::tls::ServerIdentity;
-use crate::transfer::{drive_receiver, drive_sender, prepare_receive, prepare_send, FaultPlan};
+use crate::transfer::{
+    drive_receiver, drive_sender, prepare_receive, prepare_send, FaultPlan, PreparedSource,
+};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_IDLE: Duration = Duration::from_secs(300);
@@ -66,7 +70,12 @@ impl Server {
         let identity = ServerIdentity::load_or_create(&cfg.state_dir)?;
         let acceptor = TlsAcceptor::from(Arc::new(identity.server_config()?));
         let store = Arc::new(Store::open(&cfg.state_dir)?);
-        let listener = TcpListener::bind(cfg.listen).await.map_err(|e| Error::Connect { addr: cfg.listen.to_string(), source: e })?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| Error::Connect {
+                addr: cfg.listen.to_string(),
+                source: e,
+            })?;
         let shared = Arc::new(Shared {
             root,
             token_hash: cfg.token.as_deref().map(|t| *blake3::hash(t).as_bytes()),
@@ -75,11 +84,18 @@ impl Server {
             faults: cfg.faults,
             busy: Mutex::new(HashMap::new()),
         });
-        Ok(Self { listener, acceptor, shared, fingerprint: identity.fingerprint() })
+        Ok(Self {
+            listener,
+            acceptor,
+            shared,
+            fingerprint: identity.fingerprint(),
+        })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.listener.local_addr().map_err(|e| Error::local("listener", e))
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::local("listener", e))
     }
 
     pub fn fingerprint(&self) -> &str {
@@ -122,35 +138,64 @@ impl Server {
     }
 }
 
-async fn serve_conn(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, shared: Arc<Shared>) -> Result<()> {
+async fn serve_conn(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) -> Result<()> {
     let _ = tcp.set_nodelay(true);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| Error::Timeout("TLS handshake".into()))?
         .map_err(|e| Error::Tls(e.to_string()))?;
     let mut conn = Conn::new(Box::new(tls), peer.to_string());
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.rd.expect()).await.map_err(|_| Error::Timeout("hello".into()))??;
-    let Message::Hello { versions, caps, token, agent } = hello else {
-        conn.send(&Message::Failure(Failure::new(FailureCode::Protocol, "expected Hello"))).await?;
-        return Err(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved("first frame was not Hello".into())));
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.rd.expect())
+        .await
+        .map_err(|_| Error::Timeout("hello".into()))??;
+    let Message::Hello {
+        versions,
+        caps,
+        token,
+        agent,
+    } = hello
+    else {
+        conn.send(&Message::Failure(Failure::new(
+            FailureCode::Protocol,
+            "expected Hello",
+        )))
+        .await?;
+        return Err(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved(
+            "first frame was not Hello".into(),
+        )));
     };
     let negotiated = match negotiate(&versions, &caps) {
         Ok(n) => n,
         Err(f) => {
             conn.send(&Message::Failure(f.clone())).await?;
-            return Err(Error::Proto(ferry_proto::ProtoError::Incompatible(f.message)));
+            return Err(Error::Proto(ferry_proto::ProtoError::Incompatible(
+                f.message,
+            )));
         }
     };
     if let Some(expected) = &shared.token_hash {
         let got = blake3::hash(&token);
         if !bool::from(got.as_bytes().ct_eq(expected)) {
-            conn.send(&Message::Failure(Failure::new(FailureCode::Unauthorized, "authentication failed: wrong or missing token"))).await?;
+            conn.send(&Message::Failure(Failure::new(
+                FailureCode::Unauthorized,
+                "authentication failed: wrong or missing token",
+            )))
+            .await?;
             warn!(agent = %agent, "authentication failed");
             return Ok(());
         }
     }
-    conn.send(&Message::Welcome { version: negotiated.version, caps: negotiated.caps.clone(), server: format!("ferry/{}", env!("CARGO_PKG_VERSION")) })
-        .await?;
+    conn.send(&Message::Welcome {
+        version: negotiated.version,
+        caps: negotiated.caps.clone(),
+        server: format!("ferry/{}", env!("CARGO_PKG_VERSION")),
+    })
+    .await?;
     info!(agent = %agent, version = ?negotiated.version, "client authenticated");
     loop {
         let req = match tokio::time::timeout(REQUEST_IDLE, conn.rd.next()).await {
@@ -196,7 +241,9 @@ fn failure_for(e: &Error) -> Failure {
         Error::Proto(ferry_proto::ProtoError::SourceChanged { .. }) => FailureCode::SourceChanged,
         Error::Proto(_) => FailureCode::Integrity,
         Error::LocalIo { source, .. } if source.raw_os_error() == Some(28) => FailureCode::NoSpace,
-        Error::LocalIo { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => FailureCode::PermissionDenied,
+        Error::LocalIo { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            FailureCode::PermissionDenied
+        }
         Error::LocalIo { .. } => FailureCode::Io,
         Error::Usage(_) => FailureCode::BadRequest,
         Error::NotFound(_) => FailureCode::NotFound,
@@ -213,7 +260,11 @@ fn entry_for(path: String, md: &std::fs::Metadata) -> Entry {
     use std::os::unix::fs::MetadataExt;
     Entry {
         path,
-        kind: if md.is_dir() { EntryKind::Dir } else { EntryKind::File },
+        kind: if md.is_dir() {
+            EntryKind::Dir
+        } else {
+            EntryKind::File
+        },
         size: if md.is_dir() { 0 } else { md.len() },
         mtime_ns: fsutil::mtime_ns(md),
         mode: md.mode() & 0o7777,
@@ -230,7 +281,9 @@ struct BusyGuard<'a> {
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         if let Ok(mut s) = self.set.lock() {
-            if s.get(&self.path).is_some_and(|(_, n)| Arc::ptr_eq(n, &self.stop)) {
+            if s.get(&self.path)
+                .is_some_and(|(_, n)| Arc::ptr_eq(n, &self.stop))
+            {
                 s.remove(&self.path);
             }
         }
@@ -239,7 +292,11 @@ impl Drop for BusyGuard<'_> {
 
 /// Claims `path` for transfer `id`. The same transfer reconnecting (its old
 /// connection not yet noticed dead) takes over; another transfer gets `Busy`.
-async fn claim<'a>(shared: &'a Shared, path: &Path, id: TransferId) -> std::result::Result<BusyGuard<'a>, RequestError> {
+async fn claim<'a>(
+    shared: &'a Shared,
+    path: &Path,
+    id: TransferId,
+) -> std::result::Result<BusyGuard<'a>, RequestError> {
     let poisoned = || RequestError::Reply(Failure::new(FailureCode::Internal, "lock poisoned"));
     for _ in 0..100 {
         {
@@ -248,14 +305,21 @@ async fn claim<'a>(shared: &'a Shared, path: &Path, id: TransferId) -> std::resu
                 None => {
                     let stop = Arc::new(Notify::new());
                     s.insert(path.to_path_buf(), (id, stop.clone()));
-                    return Ok(BusyGuard { set: &shared.busy, path: path.to_path_buf(), stop });
+                    return Ok(BusyGuard {
+                        set: &shared.busy,
+                        path: path.to_path_buf(),
+                        stop,
+                    });
                 }
                 Some((holder, stop)) if *holder == id => {
                     info!(transfer = %id, "same transfer reconnected; stopping its old connection");
                     stop.notify_one();
                 }
                 Some(_) => {
-                    let mut f = Failure::new(FailureCode::Busy, format!("{} is being written by another transfer", path.display()));
+                    let mut f = Failure::new(
+                        FailureCode::Busy,
+                        format!("{} is being written by another transfer", path.display()),
+                    );
                     f.retry_after_ms = Some(1000);
                     return Err(RequestError::Reply(f));
                 }
@@ -263,53 +327,88 @@ async fn claim<'a>(shared: &'a Shared, path: &Path, id: TransferId) -> std::resu
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut f = Failure::new(FailureCode::Busy, format!("{} is still held by an earlier connection", path.display()));
+    let mut f = Failure::new(
+        FailureCode::Busy,
+        format!("{} is still held by an earlier connection", path.display()),
+    );
     f.retry_after_ms = Some(1000);
     Err(RequestError::Reply(f))
 }
 
-async fn handle_request(conn: &mut Conn, req: Message, shared: &Arc<Shared>) -> std::result::Result<(), RequestError> {
+async fn handle_request(
+    conn: &mut Conn,
+    req: Message,
+    shared: &Arc<Shared>,
+) -> std::result::Result<(), RequestError> {
     let root = &shared.root;
     match req {
         Message::Stat { path } => {
             let full = resolve(root, &path).map_err(path_failure)?;
             let entry = match std::fs::metadata(&full) {
                 Ok(md) if md.is_file() || md.is_dir() => entry_for(path, &md),
-                _ => Entry { path, kind: EntryKind::Missing, size: 0, mtime_ns: 0, mode: 0 },
+                _ => Entry {
+                    path,
+                    kind: EntryKind::Missing,
+                    size: 0,
+                    mtime_ns: 0,
+                    mode: 0,
+                },
             };
             conn.send(&Message::StatReply { entry }).await?;
         }
         Message::List { path } => {
             let full = resolve(root, &path).map_err(path_failure)?;
-            let entries = list_tree(root, &full).map_err(|e| RequestError::Reply(Failure::new(FailureCode::NotFound, e.to_string())))?;
-            let pages: Vec<&[Entry]> = if entries.is_empty() { vec![&[]] } else { entries.chunks(MAX_LIST_ENTRIES).collect() };
+            let entries = list_tree(root, &full).map_err(|e| {
+                RequestError::Reply(Failure::new(FailureCode::NotFound, e.to_string()))
+            })?;
+            let pages: Vec<&[Entry]> = if entries.is_empty() {
+                vec![&[]]
+            } else {
+                entries.chunks(MAX_LIST_ENTRIES).collect()
+            };
             let n = pages.len();
             for (i, page) in pages.into_iter().enumerate() {
-                conn.wr.send(&Message::ListReply { entries: page.to_vec(), more: i + 1 < n }).await?;
+                conn.wr
+                    .send(&Message::ListReply {
+                        entries: page.to_vec(),
+                        more: i + 1 < n,
+                    })
+                    .await?;
             }
             conn.wr.flush().await?;
         }
-        Message::Mkdir { path, mode, mtime_ns } => {
+        Message::Mkdir {
+            path,
+            mode,
+            mtime_ns,
+        } => {
             let full = resolve(root, &path).map_err(path_failure)?;
-            std::fs::create_dir_all(&full).map_err(|e| RequestError::Reply(failure_for(&Error::local(&path, e))))?;
-            fsutil::apply_dir_meta(&full, mode, mtime_ns).map_err(|e| RequestError::Reply(failure_for(&e)))?;
+            std::fs::create_dir_all(&full)
+                .map_err(|e| RequestError::Reply(failure_for(&Error::local(&path, e))))?;
+            fsutil::apply_dir_meta(&full, mode, mtime_ns)
+                .map_err(|e| RequestError::Reply(failure_for(&e)))?;
             conn.send(&Message::Ok).await?;
         }
         Message::PutOpen { id, path, meta } => {
             let full = resolve(root, &path).map_err(path_failure)?;
             if full == *root || full.is_dir() {
-                return Err(RequestError::Reply(Failure::new(FailureCode::BadRequest, format!("{path:?} is a directory"))));
+                return Err(RequestError::Reply(Failure::new(
+                    FailureCode::BadRequest,
+                    format!("{path:?} is a directory"),
+                )));
             }
             let guard = claim(shared, &full, id).await?;
             let parent = fsutil::parent_of(&full);
-            std::fs::create_dir_all(&parent).map_err(|e| RequestError::Reply(failure_for(&Error::local(&parent, e))))?;
+            std::fs::create_dir_all(&parent)
+                .map_err(|e| RequestError::Reply(failure_for(&Error::local(&parent, e))))?;
             // Re-check after creating parents: a symlink may have appeared.
             resolve(root, &path).map_err(path_failure)?;
-            let (mut rx, dest) = match prepare_receive(&shared.store, &full, id, &meta, shared.receiver.clone()) {
-                Ok(x) => x,
-                Err(e @ Error::Proto(_)) => return Err(RequestError::Reply(failure_for(&e))),
-                Err(e) => return Err(RequestError::Reply(failure_for(&e))),
-            };
+            let (mut rx, dest) =
+                match prepare_receive(&shared.store, &full, id, &meta, shared.receiver.clone()) {
+                    Ok(x) => x,
+                    Err(e @ Error::Proto(_)) => return Err(RequestError::Reply(failure_for(&e))),
+                    Err(e) => return Err(RequestError::Reply(failure_for(&e))),
+                };
             let span = tracing::info_span!("put", transfer = %id, path = %path);
             let progress = Progress::default();
             let r = tokio::select! {
@@ -326,26 +425,40 @@ async fn handle_request(conn: &mut Conn, req: Message, shared: &Arc<Shared>) -> 
         Message::GetOpen { id, path, algs } => {
             let full = resolve(root, &path).map_err(path_failure)?;
             if !full.is_file() {
-                return Err(RequestError::Reply(Failure::new(FailureCode::NotFound, format!("{path:?} is not a file on the server"))));
+                return Err(RequestError::Reply(Failure::new(
+                    FailureCode::NotFound,
+                    format!("{path:?} is not a file on the server"),
+                )));
             }
-            let alg = algs.iter().filter_map(|a| HashAlg::from_name(a)).next().unwrap_or(HashAlg::Blake3);
-            let (src, meta, known) = prepare_send(&shared.store, &full, alg).map_err(|e| RequestError::Reply(failure_for(&e)))?;
-            let layout = ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size)
-                .ok_or_else(|| RequestError::Reply(Failure::new(FailureCode::BadRequest, "file too large")))?;
+            let alg = algs
+                .iter()
+                .filter_map(|a| HashAlg::from_name(a))
+                .next()
+                .unwrap_or(HashAlg::Blake3);
+            let PreparedSource { src, meta, known } = prepare_send(&shared.store, &full, alg)
+                .map_err(|e| RequestError::Reply(failure_for(&e)))?;
+            let layout =
+                ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size).ok_or_else(|| {
+                    RequestError::Reply(Failure::new(FailureCode::BadRequest, "file too large"))
+                })?;
             conn.send(&Message::GetMeta { id, meta }).await?;
             let mut tx = Sender::new(id, layout, alg, SenderConfig::default(), known);
             let span = tracing::info_span!("get", transfer = %id, path = %path);
             let progress = Progress::default();
-            let digest = drive_sender(conn, &mut tx, &src, &shared.store, &progress, None).instrument(span).await?;
+            let digest = drive_sender(conn, &mut tx, &src, &shared.store, &progress, None)
+                .instrument(span)
+                .await?;
             info!(transfer = %id, path = %path, digest = %digest, "download complete");
         }
         Message::Ping { nonce } => conn.send(&Message::Pong { nonce }).await?,
         Message::Pong { .. } => {}
         other => {
-            return Err(RequestError::Fatal(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved(format!(
-                "unexpected {} between requests",
-                other.name()
-            )))))
+            return Err(RequestError::Fatal(Error::Proto(
+                ferry_proto::ProtoError::PeerMisbehaved(format!(
+                    "unexpected {} between requests",
+                    other.name()
+                )),
+            )))
         }
     }
     Ok(())
@@ -364,12 +477,20 @@ fn list_tree(root: &Path, dir: &Path) -> std::io::Result<Vec<Entry>> {
         let mut items: Vec<_> = std::fs::read_dir(&d)?.flatten().collect();
         items.sort_by_key(|e| e.file_name());
         for e in items {
-            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
             if fsutil::is_part_name(&name) {
                 continue;
             }
-            let Ok(md) = std::fs::symlink_metadata(e.path()) else { continue };
-            let rel_path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let rel_path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             if md.is_dir() {
                 out.push(entry_for(rel_path.clone(), &md));
                 stack.push((e.path(), rel_path));

@@ -39,13 +39,18 @@ pub struct StatusDir {
 
 impl StatusDir {
     pub fn new(state_dir: &Path) -> Self {
-        Self { dir: state_dir.join("transfers") }
+        Self {
+            dir: state_dir.join("transfers"),
+        }
     }
 
     pub fn put(&self, rec: &TransferRecord) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::local(&self.dir, e))?;
         let mut rec = rec.clone();
-        rec.updated_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        rec.updated_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         rec.pid = std::process::id();
         let body = serde_json::to_vec_pretty(&rec).map_err(|e| Error::Store(e.to_string()))?;
         write_atomic(&self.dir.join(format!("{}.json", rec.id)), &body)
@@ -71,6 +76,11 @@ impl StatusDir {
 
     /// The unfinished record for this (direction, local, remote), if any.
     pub fn find(&self, direction: &str, local: &str, remote: &str) -> Option<TransferRecord> {
-        self.list().into_iter().find(|r| r.direction == direction && r.local == local && r.remote == remote && r.state != "complete")
+        self.list().into_iter().find(|r| {
+            r.direction == direction
+                && r.local == local
+                && r.remote == remote
+                && r.state != "complete"
+        })
     }
 }

@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 const PARTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("partials");
-const PARTIAL_CHUNKS: TableDefinition<(&str, u32), &[u8; 32]> = TableDefinition::new("partial_chunks");
-const SOURCE_HASHES: TableDefinition<(&[u8; 16], u32), &[u8; 32]> = TableDefinition::new("source_hashes");
+const PARTIAL_CHUNKS: TableDefinition<(&str, u32), &[u8; 32]> =
+    TableDefinition::new("partial_chunks");
+const SOURCE_HASHES: TableDefinition<(&[u8; 16], u32), &[u8; 32]> =
+    TableDefinition::new("source_hashes");
 
 /// What the receiver knows about a partial (or just finalised) file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -36,6 +38,9 @@ pub struct PartialRecord {
     /// Set once the file is in place under its final name.
     pub finalized: bool,
 }
+
+/// Chunk index and content hash, as the journal keeps them.
+pub type HeldChunks = Vec<(u32, ChunkHash)>;
 
 /// Opens the database, waiting a little if another ferry process holds it.
 fn open_with_wait(path: &Path) -> Result<Database> {
@@ -84,10 +89,12 @@ impl Store {
 
     // ---- receiver side ----
 
-    pub fn partial(&self, dest: &str) -> Result<Option<(PartialRecord, Vec<(u32, ChunkHash)>)>> {
+    pub fn partial(&self, dest: &str) -> Result<Option<(PartialRecord, HeldChunks)>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(PARTIALS)?;
-        let Some(v) = t.get(dest)? else { return Ok(None) };
+        let Some(v) = t.get(dest)? else {
+            return Ok(None);
+        };
         let rec: PartialRecord = match serde_json::from_slice(v.value()) {
             Ok(r) => r,
             Err(_) => return Ok(None),
@@ -144,10 +151,15 @@ impl Store {
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(PARTIALS)?;
-            let rec = t.get(dest)?.and_then(|v| serde_json::from_slice::<PartialRecord>(v.value()).ok());
+            let rec = t
+                .get(dest)?
+                .and_then(|v| serde_json::from_slice::<PartialRecord>(v.value()).ok());
             if let Some(mut rec) = rec {
                 rec.finalized = true;
-                t.insert(dest, serde_json::to_vec(&rec).unwrap_or_default().as_slice())?;
+                t.insert(
+                    dest,
+                    serde_json::to_vec(&rec).unwrap_or_default().as_slice(),
+                )?;
             }
         }
         tx.commit()?;
@@ -168,7 +180,7 @@ impl Store {
 
     // ---- sender side ----
 
-    pub fn source_hashes(&self, key: &[u8; 16]) -> Result<Vec<(u32, ChunkHash)>> {
+    pub fn source_hashes(&self, key: &[u8; 16]) -> Result<HeldChunks> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(SOURCE_HASHES)?;
         let mut out = Vec::new();
@@ -225,7 +237,8 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             s.start_partial("/a", &rec).unwrap();
-            s.commit_chunks("/a", &[(0, ChunkHash([1; 32])), (2, ChunkHash([2; 32]))]).unwrap();
+            s.commit_chunks("/a", &[(0, ChunkHash([1; 32])), (2, ChunkHash([2; 32]))])
+                .unwrap();
             s.commit_chunks("/b", &[(0, ChunkHash([3; 32]))]).unwrap();
             s.forget_chunks("/a", [2].into_iter()).unwrap();
         }
@@ -238,8 +251,12 @@ mod tests {
         s.remove_partial("/a").unwrap();
         assert!(s.partial("/a").unwrap().is_none());
         let key = [5u8; 16];
-        s.add_source_hashes(&key, &[(1, ChunkHash([9; 32]))]).unwrap();
-        assert_eq!(s.source_hashes(&key).unwrap(), vec![(1, ChunkHash([9; 32]))]);
+        s.add_source_hashes(&key, &[(1, ChunkHash([9; 32]))])
+            .unwrap();
+        assert_eq!(
+            s.source_hashes(&key).unwrap(),
+            vec![(1, ChunkHash([9; 32]))]
+        );
         s.drop_source_hashes(&key).unwrap();
         assert!(s.source_hashes(&key).unwrap().is_empty());
     }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{aws_lc_rs, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{
+    aws_lc_rs, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
@@ -28,7 +30,11 @@ pub fn fingerprint(cert: &[u8]) -> String {
 
 /// Normalises a user-given fingerprint (case, optional prefix, colons).
 pub fn normalize_fingerprint(s: &str) -> String {
-    let body = s.trim().strip_prefix("SHA256:").or_else(|| s.trim().strip_prefix("sha256:")).unwrap_or(s.trim());
+    let body = s
+        .trim()
+        .strip_prefix("SHA256:")
+        .or_else(|| s.trim().strip_prefix("sha256:"))
+        .unwrap_or(s.trim());
     format!("SHA256:{}", body.replace(':', "").to_ascii_lowercase())
 }
 
@@ -44,16 +50,23 @@ impl ServerIdentity {
         let cert_path = dir.join("server.crt.der");
         let key_path = dir.join("server.key.der");
         if let (Ok(c), Ok(k)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
-            return Ok(Self { cert: CertificateDer::from(c), key: PrivatePkcs8KeyDer::from(k) });
+            return Ok(Self {
+                cert: CertificateDer::from(c),
+                key: PrivatePkcs8KeyDer::from(k),
+            });
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::local(dir, e))?;
-        let ck = rcgen::generate_simple_self_signed(vec!["ferry".to_string()]).map_err(|e| Error::Tls(e.to_string()))?;
+        let ck = rcgen::generate_simple_self_signed(vec!["ferry".to_string()])
+            .map_err(|e| Error::Tls(e.to_string()))?;
         let cert = ck.cert.der().to_vec();
         let key = ck.key_pair.serialize_der();
         write_atomic(&key_path, &key)?;
         restrict(&key_path);
         write_atomic(&cert_path, &cert)?;
-        Ok(Self { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) })
+        Ok(Self {
+            cert: CertificateDer::from(cert),
+            key: PrivatePkcs8KeyDer::from(key),
+        })
     }
 
     pub fn fingerprint(&self) -> String {
@@ -65,7 +78,10 @@ impl ServerIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| Error::Tls(e.to_string()))?
             .with_no_client_auth()
-            .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))
+            .with_single_cert(
+                vec![self.cert.clone()],
+                PrivateKeyDer::Pkcs8(self.key.clone_key()),
+            )
             .map_err(|e| Error::Tls(e.to_string()))
     }
 }
@@ -92,7 +108,10 @@ impl KnownServers {
 
     pub fn lookup(&self, host: &str) -> Option<String> {
         let text = std::fs::read_to_string(&self.path).ok()?;
-        text.lines().filter_map(|l| l.split_once(' ')).find(|(h, _)| *h == host).map(|(_, f)| f.trim().to_string())
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(h, _)| *h == host)
+            .map(|(_, f)| f.trim().to_string())
     }
 
     pub fn record(&self, host: &str, fp: &str) -> Result<()> {
@@ -131,7 +150,9 @@ impl ServerCertVerifier for PinVerifier {
             *s = Some(fp.clone());
         }
         match &self.expected {
-            Some(e) if *e != fp => Err(rustls::Error::General(format!("server fingerprint {fp} does not match the pinned {e}"))),
+            Some(e) if *e != fp => Err(rustls::Error::General(format!(
+                "server fingerprint {fp} does not match the pinned {e}"
+            ))),
             _ => Ok(ServerCertVerified::assertion()),
         }
     }
@@ -142,7 +163,9 @@ impl ServerCertVerifier for PinVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used by ferry".into()))
+        Err(rustls::Error::General(
+            "TLS 1.2 is not used by ferry".into(),
+        ))
     }
 
     fn verify_tls13_signature(
@@ -159,17 +182,24 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
+/// Tells, after a handshake, which fingerprint the server presented.
+pub type SeenFingerprint = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// A client TLS configuration pinned to `expected` (or trust-on-first-use when `None`).
 /// The returned handle tells which fingerprint the server presented.
-pub fn client_config(expected: Option<String>) -> Result<(rustls::ClientConfig, Arc<dyn Fn() -> Option<String> + Send + Sync>)> {
+pub fn client_config(expected: Option<String>) -> Result<(rustls::ClientConfig, SeenFingerprint)> {
     let p = provider();
-    let verifier = Arc::new(PinVerifier { expected, seen: Mutex::new(None), algs: p.signature_verification_algorithms });
+    let verifier = Arc::new(PinVerifier {
+        expected,
+        seen: Mutex::new(None),
+        algs: p.signature_verification_algorithms,
+    });
     let cfg = rustls::ClientConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
-    let seen: Arc<dyn Fn() -> Option<String> + Send + Sync> = Arc::new(move || verifier.seen.lock().ok().and_then(|s| s.clone()));
+    let seen: SeenFingerprint = Arc::new(move || verifier.seen.lock().ok().and_then(|s| s.clone()));
     Ok((cfg, seen))
 }

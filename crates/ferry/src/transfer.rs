@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::hash::verify_chunk;
-use ferry_proto::{ChunkHash, DataVerdict, HashAlg, Message, ProtoError, Receiver, ReceiverEvent, Sender, SenderEvent, Transmit};
+use ferry_proto::{
+    ChunkHash, DataVerdict, HashAlg, Message, ProtoError, Receiver, ReceiverEvent, Sender,
+    SenderEvent, Transmit,
+};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -18,7 +21,7 @@ use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::Progress;
-use crate::store::Store;
+use crate::store::{HeldChunks, Store};
 
 /// Silence from the peer for this long tears the connection down.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,7 +37,9 @@ pub struct FaultPlan {
 
 impl FaultPlan {
     fn take_corruption(&self) -> bool {
-        self.corrupt_chunks.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+        self.corrupt_chunks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 }
 
@@ -49,7 +54,11 @@ pub struct Throttle {
 impl Throttle {
     /// `rate` in bytes per second; `None` for 0.
     pub fn new(rate: u64) -> Option<Self> {
-        (rate > 0).then(|| Self { rate, start: Instant::now(), bytes: 0 })
+        (rate > 0).then(|| Self {
+            rate,
+            start: Instant::now(),
+            bytes: 0,
+        })
     }
 
     async fn consume(&mut self, n: u64) {
@@ -120,7 +129,11 @@ pub async fn drive_sender(
                 SenderEvent::Acked { chunks, bytes } => {
                     debug!(transfer = %tid, ranges = ?chunks, "acked");
                     progress.done(bytes);
-                    acked_hashes.extend(chunks.iter().filter_map(|i| tx.source_hash(i).map(|h| (i, h))));
+                    acked_hashes.extend(
+                        chunks
+                            .iter()
+                            .filter_map(|i| tx.source_hash(i).map(|h| (i, h))),
+                    );
                 }
                 SenderEvent::Rejected { index } => {
                     warn!(transfer = %tid, chunk = index, "receiver rejected a chunk; sending it again");
@@ -149,7 +162,9 @@ pub async fn drive_sender(
                 src.read_chunk(offset, len, &mut buf)?;
                 let content = src.alg.hash(&buf);
                 let tag = tx.chunk_read(index, content).map_err(|e| match e {
-                    ProtoError::SourceChanged { .. } => Error::Proto(ProtoError::SourceChanged { chunk: index }),
+                    ProtoError::SourceChanged { .. } => {
+                        Error::Proto(ProtoError::SourceChanged { chunk: index })
+                    }
                     e => Error::Proto(e),
                 })?;
                 conn.wr.send_data(index, offset, &tag, &buf).await?;
@@ -194,7 +209,13 @@ fn sender_handle(tx: &mut Sender, m: Message, src: &SourceFile, buf: &mut Vec<u8
 }
 
 fn closed(peer: &str) -> Error {
-    Error::Io { addr: peer.to_string(), source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed by peer") }
+    Error::Io {
+        addr: peer.to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed by peer",
+        ),
+    }
 }
 
 /// The file being received.
@@ -226,7 +247,7 @@ pub async fn drive_receiver(
 ) -> Result<Received> {
     let tid = rx.id();
     let alg = rx.alg();
-    let mut checkpoint: Option<tokio::task::JoinHandle<Result<Vec<(u32, ChunkHash)>>>> = None;
+    let mut checkpoint: Option<tokio::task::JoinHandle<Result<HeldChunks>>> = None;
     let mut last_heard = Instant::now();
     let mut last_write = Instant::now();
     loop {
@@ -268,7 +289,10 @@ pub async fn drive_receiver(
                         set.iter()
                             .map(|i| {
                                 buf.resize(layout.len(i) as usize, 0);
-                                let h = file.read_exact_at(&mut buf, layout.offset(i)).ok().map(|_| alg.hash(&buf));
+                                let h = file
+                                    .read_exact_at(&mut buf, layout.offset(i))
+                                    .ok()
+                                    .map(|_| alg.hash(&buf));
                                 (i, h)
                             })
                             .collect::<Vec<_>>()
@@ -279,7 +303,10 @@ pub async fn drive_receiver(
                             _ = tokio::time::sleep(KEEPALIVE) => conn.send(&Message::Ping { nonce: 1 }).await?,
                         }
                     };
-                    let bad = results.iter().filter(|(i, h)| h.is_none() || rx.held_hash(*i) != *h).count();
+                    let bad = results
+                        .iter()
+                        .filter(|(i, h)| h.is_none() || rx.held_hash(*i) != *h)
+                        .count();
                     if bad > 0 {
                         warn!(transfer = %tid, damaged = bad, "partial file was damaged while nothing ran; those chunks will be sent again");
                     }
@@ -287,7 +314,13 @@ pub async fn drive_receiver(
                 }
                 ReceiverEvent::Finalize { digest } => {
                     let file = dest.file.clone();
-                    let (part, fin, key, mode, mtime) = (dest.part_path.clone(), dest.final_path.clone(), dest.key.clone(), dest.mode, dest.mtime_ns);
+                    let (part, fin, key, mode, mtime) = (
+                        dest.part_path.clone(),
+                        dest.final_path.clone(),
+                        dest.key.clone(),
+                        dest.mode,
+                        dest.mtime_ns,
+                    );
                     let store2 = store.clone();
                     tokio::task::spawn_blocking(move || {
                         fsutil::finalize_part(&file, &part, &fin, mode, mtime)?;
@@ -303,7 +336,10 @@ pub async fn drive_receiver(
                         conn.wr.send(&m).await?;
                     }
                     conn.wr.flush().await?;
-                    return Ok(Received { digest, bytes_received: rx.received_bytes() });
+                    return Ok(Received {
+                        digest,
+                        bytes_received: rx.received_bytes(),
+                    });
                 }
             }
         }
@@ -385,7 +421,9 @@ pub async fn drive_receiver(
     }
 }
 
-async fn join_opt<T>(h: Option<&mut tokio::task::JoinHandle<T>>) -> std::result::Result<T, tokio::task::JoinError> {
+async fn join_opt<T>(
+    h: Option<&mut tokio::task::JoinHandle<T>>,
+) -> std::result::Result<T, tokio::task::JoinError> {
     match h {
         Some(h) => h.await,
         None => std::future::pending().await,
@@ -399,18 +437,35 @@ async fn sleep_opt(t: Option<Instant>) {
     }
 }
 
+/// A source opened for sending.
+pub struct PreparedSource {
+    pub src: SourceFile,
+    /// What the peer is told about it.
+    pub meta: ferry_proto::message::FileMeta,
+    /// Chunk hashes remembered from earlier runs of this version.
+    pub known: HeldChunks,
+}
+
 /// Opens a source file for sending: its metadata for the peer, and any chunk
 /// hashes remembered from earlier runs for this exact version of it.
-pub fn prepare_send(store: &Store, path: &std::path::Path, alg: HashAlg) -> Result<(SourceFile, ferry_proto::message::FileMeta, Vec<(u32, ChunkHash)>)> {
+pub fn prepare_send(store: &Store, path: &std::path::Path, alg: HashAlg) -> Result<PreparedSource> {
     use std::os::unix::fs::MetadataExt;
     let file = File::open(path).map_err(|e| Error::local(path, e))?;
     let md = file.metadata().map_err(|e| Error::local(path, e))?;
     if !md.is_file() {
-        return Err(Error::Usage(format!("{} is not a regular file", path.display())));
+        return Err(Error::Usage(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
     }
     let source_id = fsutil::source_id(&md);
     let layout = ferry_proto::ChunkLayout::for_size(md.len());
-    let key = fsutil::source_key(&path.to_string_lossy(), &source_id, layout.chunk_size(), alg.name());
+    let key = fsutil::source_key(
+        &path.to_string_lossy(),
+        &source_id,
+        layout.chunk_size(),
+        alg.name(),
+    );
     let known = store.source_hashes(&key)?;
     let meta = ferry_proto::message::FileMeta {
         size: md.len(),
@@ -420,7 +475,17 @@ pub fn prepare_send(store: &Store, path: &std::path::Path, alg: HashAlg) -> Resu
         alg: alg.name().to_string(),
         source_id: bytes::Bytes::from(source_id.clone()),
     };
-    Ok((SourceFile { file: Arc::new(file), path: path.to_path_buf(), source_id, key, alg }, meta, known))
+    Ok(PreparedSource {
+        src: SourceFile {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            source_id,
+            key,
+            alg,
+        },
+        meta,
+        known,
+    })
 }
 
 /// Prepares to receive `meta` into `final_path`: resumes the partial file if
@@ -433,10 +498,18 @@ pub fn prepare_receive(
     cfg: ferry_proto::ReceiverConfig,
 ) -> Result<(Receiver, DestFile)> {
     use crate::store::PartialRecord;
-    let layout = ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size)
-        .ok_or_else(|| Error::Proto(ProtoError::PeerMisbehaved(format!("unacceptable chunk size {} for {} bytes", meta.chunk_size, meta.size))))?;
-    let alg = HashAlg::from_name(&meta.alg)
-        .ok_or_else(|| Error::Proto(ProtoError::Incompatible(format!("unknown hash algorithm {:?}", meta.alg))))?;
+    let layout = ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size).ok_or_else(|| {
+        Error::Proto(ProtoError::PeerMisbehaved(format!(
+            "unacceptable chunk size {} for {} bytes",
+            meta.chunk_size, meta.size
+        )))
+    })?;
+    let alg = HashAlg::from_name(&meta.alg).ok_or_else(|| {
+        Error::Proto(ProtoError::Incompatible(format!(
+            "unknown hash algorithm {:?}",
+            meta.alg
+        )))
+    })?;
     let key = final_path.to_string_lossy().into_owned();
     let part_path = fsutil::part_path(final_path);
     let source_hex = fsutil::hex(&meta.source_id);
@@ -450,7 +523,12 @@ pub fn prepare_receive(
         source_id: source_hex.clone(),
         finalized: false,
     };
-    let same_source = |r: &PartialRecord| r.source_id == source_hex && r.size == meta.size && r.chunk_size == meta.chunk_size && r.alg == meta.alg;
+    let same_source = |r: &PartialRecord| {
+        r.source_id == source_hex
+            && r.size == meta.size
+            && r.chunk_size == meta.chunk_size
+            && r.alg == meta.alg
+    };
     if let Some((old, chunks)) = store.partial(&key)? {
         if same_source(&old) && old.finalized {
             // Finalised earlier; the sender did not hear. Confirm without touching data.
@@ -458,18 +536,42 @@ pub fn prepare_receive(
                 if md.len() == meta.size && chunks.len() as u32 == layout.count() {
                     let file = File::open(final_path).map_err(|e| Error::local(final_path, e))?;
                     let rx = Receiver::already_final(id, layout, alg, cfg, chunks);
-                    let dest = DestFile { final_path: final_path.to_path_buf(), part_path, file: Arc::new(file), key, mode: meta.mode, mtime_ns: meta.mtime_ns };
+                    let dest = DestFile {
+                        final_path: final_path.to_path_buf(),
+                        part_path,
+                        file: Arc::new(file),
+                        key,
+                        mode: meta.mode,
+                        mtime_ns: meta.mtime_ns,
+                    };
                     return Ok((rx, dest));
                 }
             }
         } else if same_source(&old) {
-            if let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&part_path) {
-                let len = file.metadata().map_err(|e| Error::local(&part_path, e))?.len();
+            if let Ok(file) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&part_path)
+            {
+                let len = file
+                    .metadata()
+                    .map_err(|e| Error::local(&part_path, e))?
+                    .len();
                 // A partial shorter than a chunk's end lost that chunk (truncation).
-                let held: Vec<_> = chunks.into_iter().filter(|(i, _)| layout.offset(*i) + u64::from(layout.len(*i)) <= len).collect();
+                let held: Vec<_> = chunks
+                    .into_iter()
+                    .filter(|(i, _)| layout.offset(*i) + u64::from(layout.len(*i)) <= len)
+                    .collect();
                 info!(transfer = %id, path = %final_path.display(), held = held.len(), "resuming partial file");
                 let rx = Receiver::new(id, layout, alg, cfg, held);
-                let dest = DestFile { final_path: final_path.to_path_buf(), part_path, file: Arc::new(file), key, mode: meta.mode, mtime_ns: meta.mtime_ns };
+                let dest = DestFile {
+                    final_path: final_path.to_path_buf(),
+                    part_path,
+                    file: Arc::new(file),
+                    key,
+                    mode: meta.mode,
+                    mtime_ns: meta.mtime_ns,
+                };
                 return Ok((rx, dest));
             }
         } else {
@@ -479,9 +581,17 @@ pub fn prepare_receive(
     store.start_partial(&key, &rec)?;
     let file = fsutil::open_part(&part_path)?;
     file.set_len(0).map_err(|e| Error::local(&part_path, e))?;
-    file.set_len(meta.size).map_err(|e| Error::local(&part_path, e))?;
+    file.set_len(meta.size)
+        .map_err(|e| Error::local(&part_path, e))?;
     fsutil::fsync_dir(&fsutil::parent_of(&part_path))?;
     let rx = Receiver::new(id, layout, alg, cfg, Vec::new());
-    let dest = DestFile { final_path: final_path.to_path_buf(), part_path, file: Arc::new(file), key, mode: meta.mode, mtime_ns: meta.mtime_ns };
+    let dest = DestFile {
+        final_path: final_path.to_path_buf(),
+        part_path,
+        file: Arc::new(file),
+        key,
+        mode: meta.mode,
+        mtime_ns: meta.mtime_ns,
+    };
     Ok((rx, dest))
 }

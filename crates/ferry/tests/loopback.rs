@@ -64,7 +64,14 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        TestServer { addr, root: std::fs::canonicalize(root).unwrap(), state, stop: Some(tx), task, faults }
+        TestServer {
+            addr,
+            root: std::fs::canonicalize(root).unwrap(),
+            state,
+            stop: Some(tx),
+            task,
+            faults,
+        }
     }
 
     async fn stop(mut self) {
@@ -91,7 +98,13 @@ fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
             via,
             bwlimit: 0,
         },
-        retry: RetryPolicy { initial: Duration::from_millis(10), multiplier: 2.0, max_delay: Duration::from_millis(100), max_attempts: 30, budget: None },
+        retry: RetryPolicy {
+            initial: Duration::from_millis(10),
+            multiplier: 2.0,
+            max_delay: Duration::from_millis(100),
+            max_attempts: 30,
+            budget: None,
+        },
         alg: HashAlg::Blake3,
     }
 }
@@ -113,7 +126,11 @@ async fn cp(srcs: &[String], dst: &str, opts: &CopyOptions) -> Result<CopySummar
 fn no_partials(dir: &Path) {
     for e in walk(dir) {
         let name = e.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(!name.ends_with(".ferry.part"), "left a partial: {}", e.display());
+        assert!(
+            !name.ends_with(".ferry.part"),
+            "left a partial: {}",
+            e.display()
+        );
     }
 }
 
@@ -141,9 +158,20 @@ async fn upload_and_download_interesting_sizes_keep_content_mode_and_mtime() {
         let data = random_file(&src, size, k as u64);
         std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
         let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000 + k as u64);
-        std::fs::File::options().write(true).open(&src).unwrap().set_modified(mtime).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&src)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
 
-        let s = cp(&[src.display().to_string()], &srv.url(&format!("up/f{k}")), &opts).await.unwrap();
+        let s = cp(
+            &[src.display().to_string()],
+            &srv.url(&format!("up/f{k}")),
+            &opts,
+        )
+        .await
+        .unwrap();
         assert_eq!(s.bytes_total, size);
         assert_eq!(s.bytes_sent, size, "each byte sent exactly once");
         let up = srv.root.join(format!("up/f{k}"));
@@ -153,7 +181,13 @@ async fn upload_and_download_interesting_sizes_keep_content_mode_and_mtime() {
         assert_eq!(md.modified().unwrap(), mtime);
 
         let back = dir.path().join(format!("down/f{k}"));
-        let s2 = cp(&[srv.url(&format!("up/f{k}"))], &back.display().to_string(), &opts).await.unwrap();
+        let s2 = cp(
+            &[srv.url(&format!("up/f{k}"))],
+            &back.display().to_string(),
+            &opts,
+        )
+        .await
+        .unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), data);
         assert_eq!(s2.digest, s.digest, "both directions agree on the digest");
         assert_eq!(std::fs::metadata(&back).unwrap().modified().unwrap(), mtime);
@@ -173,24 +207,41 @@ async fn recursive_tree_up_and_down_with_cp_semantics() {
     let b = random_file(&tree.join("sub/deeper/b.bin"), 3 * CHUNK, 2);
     std::fs::create_dir_all(tree.join("empty")).unwrap();
     // Destination does not exist: it becomes the copy of the tree.
-    cp(&[tree.display().to_string()], &srv.url("copy1"), &opts).await.unwrap();
+    cp(&[tree.display().to_string()], &srv.url("copy1"), &opts)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(srv.root.join("copy1/a.bin")).unwrap(), a);
-    assert_eq!(std::fs::read(srv.root.join("copy1/sub/deeper/b.bin")).unwrap(), b);
+    assert_eq!(
+        std::fs::read(srv.root.join("copy1/sub/deeper/b.bin")).unwrap(),
+        b
+    );
     assert!(srv.root.join("copy1/empty").is_dir());
     // Destination exists: the tree goes inside it.
-    cp(&[tree.display().to_string()], &srv.url("copy1"), &opts).await.unwrap();
+    cp(&[tree.display().to_string()], &srv.url("copy1"), &opts)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(srv.root.join("copy1/tree/a.bin")).unwrap(), a);
     // Trailing slash: inside, created if missing.
-    cp(&[tree.join("a.bin").display().to_string()], &srv.url("newdir/"), &opts).await.unwrap();
+    cp(
+        &[tree.join("a.bin").display().to_string()],
+        &srv.url("newdir/"),
+        &opts,
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read(srv.root.join("newdir/a.bin")).unwrap(), a);
     // Without -r a directory is refused.
     let mut no_r = opts.clone();
     no_r.recursive = false;
-    let e = cp(&[tree.display().to_string()], &srv.url("x"), &no_r).await.unwrap_err();
+    let e = cp(&[tree.display().to_string()], &srv.url("x"), &no_r)
+        .await
+        .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Usage);
     // Download the tree.
     let down = dir.path().join("down");
-    cp(&[srv.url("copy1")], &down.display().to_string(), &opts).await.unwrap();
+    cp(&[srv.url("copy1")], &down.display().to_string(), &opts)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(down.join("sub/deeper/b.bin")).unwrap(), b);
     assert!(down.join("empty").is_dir());
     srv.stop().await;
@@ -204,16 +255,29 @@ async fn cuts_and_corruption_are_survived_with_little_resent() {
     let size = 48 * 1024 * 1024;
     let src = dir.path().join("big.bin");
     let data = random_file(&src, size, 9);
-    let proxy = FaultProxy::start(srv.addr, vec![size / 5, size / 2, size * 4 / 5]).await.unwrap();
+    let proxy = FaultProxy::start(srv.addr, vec![size / 5, size / 2, size * 4 / 5])
+        .await
+        .unwrap();
     let opts = client_opts(dir.path(), Some(proxy.addr().to_string()));
-    let s = cp(&[src.display().to_string()], &srv.url("big.bin"), &opts).await.unwrap();
+    let s = cp(&[src.display().to_string()], &srv.url("big.bin"), &opts)
+        .await
+        .unwrap();
     assert_eq!(proxy.cuts.load(Ordering::SeqCst), 3);
-    assert_eq!(srv.faults.corrupt_chunks.load(Ordering::SeqCst), 0, "both corruptions were injected");
+    assert_eq!(
+        srv.faults.corrupt_chunks.load(Ordering::SeqCst),
+        0,
+        "both corruptions were injected"
+    );
     assert!(s.retries >= 3);
     assert_eq!(std::fs::read(srv.root.join("big.bin")).unwrap(), data);
     // Per cut, at most the unacknowledged window goes again; plus the corrupt chunks.
     let bound = size + 3 * 40 * 1024 * 1024 + 2 * CHUNK;
-    assert!(s.bytes_sent <= bound, "sent {} for {} bytes", s.bytes_sent, size);
+    assert!(
+        s.bytes_sent <= bound,
+        "sent {} for {} bytes",
+        s.bytes_sent,
+        size
+    );
     assert!(s.bytes_resumed > 0);
     srv.stop().await;
 }
@@ -224,11 +288,16 @@ async fn interrupted_upload(dir: &Path, srv: &TestServer, src: &Path, name: &str
     let proxy = FaultProxy::start(srv.addr, vec![cut_at]).await.unwrap();
     let mut opts = client_opts(dir, Some(proxy.addr().to_string()));
     opts.retry.max_attempts = 1;
-    let e = cp(&[src.display().to_string()], &srv.url(name), &opts).await.unwrap_err();
+    let e = cp(&[src.display().to_string()], &srv.url(name), &opts)
+        .await
+        .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
     // The server notices the cut and checkpoints what it has.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!srv.root.join(name).exists(), "no final file before verification");
+    assert!(
+        !srv.root.join(name).exists(),
+        "no final file before verification"
+    );
 }
 
 #[tokio::test]
@@ -239,9 +308,23 @@ async fn resume_after_interruption_sends_only_the_rest() {
     let src = dir.path().join("r.bin");
     let data = random_file(&src, size, 3);
     interrupted_upload(dir.path(), &srv, &src, "r.bin", size * 3 / 4).await;
-    let s = cp(&[src.display().to_string()], &srv.url("r.bin"), &client_opts(dir.path(), None)).await.unwrap();
-    assert!(s.bytes_resumed >= size / 4, "resumed only {}", s.bytes_resumed);
-    assert_eq!(s.bytes_sent + s.bytes_resumed, size, "nothing verified is sent twice");
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url("r.bin"),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
+    assert!(
+        s.bytes_resumed >= size / 4,
+        "resumed only {}",
+        s.bytes_resumed
+    );
+    assert_eq!(
+        s.bytes_sent + s.bytes_resumed,
+        size,
+        "nothing verified is sent twice"
+    );
     assert_eq!(std::fs::read(srv.root.join("r.bin")).unwrap(), data);
     srv.stop().await;
 }
@@ -260,10 +343,21 @@ async fn damaged_partial_is_repaired_chunk_by_chunk() {
     bytes[100] ^= 0xff;
     bytes[(5 * CHUNK + 17) as usize] ^= 0x01;
     std::fs::write(&part, &bytes).unwrap();
-    let s = cp(&[src.display().to_string()], &srv.url("d.bin"), &client_opts(dir.path(), None)).await.unwrap();
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url("d.bin"),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read(srv.root.join("d.bin")).unwrap(), data);
     // Only the missing tail and the two damaged chunks travel.
-    assert_eq!(s.bytes_sent, size - s.bytes_resumed + 2 * CHUNK, "resumed {}", s.bytes_resumed);
+    assert_eq!(
+        s.bytes_sent,
+        size - s.bytes_resumed + 2 * CHUNK,
+        "resumed {}",
+        s.bytes_resumed
+    );
     srv.stop().await;
 }
 
@@ -276,8 +370,19 @@ async fn truncated_partial_is_detected() {
     let data = random_file(&src, size, 5);
     interrupted_upload(dir.path(), &srv, &src, "t.bin", size * 3 / 4).await;
     let part = srv.root.join(".t.bin.ferry.part");
-    std::fs::File::options().write(true).open(&part).unwrap().set_len(CHUNK + 5).unwrap();
-    cp(&[src.display().to_string()], &srv.url("t.bin"), &client_opts(dir.path(), None)).await.unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&part)
+        .unwrap()
+        .set_len(CHUNK + 5)
+        .unwrap();
+    cp(
+        &[src.display().to_string()],
+        &srv.url("t.bin"),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read(srv.root.join("t.bin")).unwrap(), data);
     srv.stop().await;
 }
@@ -293,9 +398,23 @@ async fn source_changed_between_runs_restarts_cleanly() {
     // Same size, new content, mtime put back: the ctime still tells.
     let old_mtime = std::fs::metadata(&src).unwrap().modified().unwrap();
     let new = random_file(&src, size, 7);
-    std::fs::File::options().write(true).open(&src).unwrap().set_modified(old_mtime).unwrap();
-    let s = cp(&[src.display().to_string()], &srv.url("c.bin"), &client_opts(dir.path(), None)).await.unwrap();
-    assert_eq!(s.bytes_resumed, 0, "nothing of the old version may be reused");
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(old_mtime)
+        .unwrap();
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url("c.bin"),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.bytes_resumed, 0,
+        "nothing of the old version may be reused"
+    );
     assert_eq!(std::fs::read(srv.root.join("c.bin")).unwrap(), new);
     srv.stop().await;
 }
@@ -313,7 +432,13 @@ async fn download_resumes_after_interruption() {
     let mut opts = client_opts(dir.path(), Some(proxy.addr().to_string()));
     opts.retry.max_attempts = 1;
     let _ = cp(&[srv.url("dl.bin")], &local.display().to_string(), &opts).await;
-    let s = cp(&[srv.url("dl.bin")], &local.display().to_string(), &client_opts(dir.path(), None)).await.unwrap();
+    let s = cp(
+        &[srv.url("dl.bin")],
+        &local.display().to_string(),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read(&local).unwrap(), data);
     assert_eq!(s.bytes_sent + s.bytes_resumed, size);
     no_partials(dir.path());
@@ -326,10 +451,16 @@ async fn wrong_token_is_refused_as_auth() {
     let srv = TestServer::start(dir.path()).await;
     let mut cfg = client_opts(dir.path(), None).client;
     cfg.token = Some(b"nope".to_vec());
-    let e = Session::connect(&srv.addr.to_string(), &cfg).await.err().unwrap();
+    let e = Session::connect(&srv.addr.to_string(), &cfg)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(e.class(), ErrorClass::Auth, "{e}");
     cfg.token = None;
-    let e = Session::connect(&srv.addr.to_string(), &cfg).await.err().unwrap();
+    let e = Session::connect(&srv.addr.to_string(), &cfg)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(e.class(), ErrorClass::Auth, "{e}");
     srv.stop().await;
 }
@@ -347,12 +478,17 @@ async fn changed_server_key_is_refused_and_given_fingerprint_is_enforced() {
     srv.stop().await;
     let other = TempDir::new().unwrap();
     let srv2 = TestServer::start_at(other.path(), addr).await;
-    let e = Session::connect(&addr.to_string(), &cfg).await.err().unwrap();
+    let e = Session::connect(&addr.to_string(), &cfg)
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(e, Error::FingerprintMismatch { .. }), "{e}");
     assert!(!e.is_retryable());
     assert_eq!(e.class(), ErrorClass::Auth);
     // An explicit fingerprint overrides the file.
-    let real = ferry::tls::ServerIdentity::load_or_create(&srv2.state).unwrap().fingerprint();
+    let real = ferry::tls::ServerIdentity::load_or_create(&srv2.state)
+        .unwrap()
+        .fingerprint();
     let mut cfg2 = cfg.clone();
     cfg2.fingerprint = Some(real.to_uppercase().replace("SHA256:", "sha256:"));
     Session::connect(&addr.to_string(), &cfg2).await.unwrap();
@@ -368,17 +504,37 @@ async fn paths_outside_the_root_are_refused_and_server_stays_up() {
     let opts = client_opts(dir.path(), None);
     let src = dir.path().join("p.bin");
     random_file(&src, 10, 1);
-    let mut s = Session::connect(&srv.addr.to_string(), &opts.client).await.unwrap();
+    let mut s = Session::connect(&srv.addr.to_string(), &opts.client)
+        .await
+        .unwrap();
     for bad in ["../x", "a/../../x", "escape/x", "/etc/x", "nul"] {
-        let e = s.stat(bad).await.err().unwrap_or_else(|| panic!("{bad} accepted"));
+        let e = s
+            .stat(bad)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"));
         assert_eq!(e.class(), ErrorClass::Auth, "{bad}: {e}");
     }
     // The same connection still works.
-    assert_eq!(s.stat("").await.unwrap().kind, ferry_proto::message::EntryKind::Dir);
-    let e = cp(&[src.display().to_string()], &srv.url("escape/p.bin"), &opts).await.unwrap_err();
+    assert_eq!(
+        s.stat("").await.unwrap().kind,
+        ferry_proto::message::EntryKind::Dir
+    );
+    let e = cp(
+        &[src.display().to_string()],
+        &srv.url("escape/p.bin"),
+        &opts,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Auth);
-    assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing written outside the root");
-    cp(&[src.display().to_string()], &srv.url("ok.bin"), &opts).await.unwrap();
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "nothing written outside the root"
+    );
+    cp(&[src.display().to_string()], &srv.url("ok.bin"), &opts)
+        .await
+        .unwrap();
     srv.stop().await;
 }
 
@@ -389,21 +545,30 @@ async fn garbage_and_hostile_frames_close_only_that_connection() {
     let opts = client_opts(dir.path(), None);
     // Not TLS at all.
     let mut raw = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    raw.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage").await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage")
+        .await
+        .unwrap();
     // TLS, then hostile frames after a good hello.
     for evil in [
-        vec![0xff, 0xff, 0xff, 0xff, 25],      // 4 GiB frame
-        vec![0, 0, 0, 0],                      // empty frame
-        vec![0, 0, 0, 3, 0x70, 1, 2],          // unknown required type
+        vec![0xff, 0xff, 0xff, 0xff, 25],                // 4 GiB frame
+        vec![0, 0, 0, 0],                                // empty frame
+        vec![0, 0, 0, 3, 0x70, 1, 2],                    // unknown required type
         vec![0, 0, 0, 6, 10, 1, 0xff, 0xff, 0xff, 0xff], // field runs past end
     ] {
-        let mut s = Session::connect(&srv.addr.to_string(), &opts.client).await.unwrap();
+        let mut s = Session::connect(&srv.addr.to_string(), &opts.client)
+            .await
+            .unwrap();
         s.raw_write(&evil).await.unwrap();
-        assert!(s.stat("").await.is_err(), "connection must be closed after {evil:?}");
+        assert!(
+            s.stat("").await.is_err(),
+            "connection must be closed after {evil:?}"
+        );
     }
     let src = dir.path().join("g.bin");
     let data = random_file(&src, 5000, 2);
-    cp(&[src.display().to_string()], &srv.url("g.bin"), &opts).await.unwrap();
+    cp(&[src.display().to_string()], &srv.url("g.bin"), &opts)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(srv.root.join("g.bin")).unwrap(), data);
     srv.stop().await;
 }
@@ -425,7 +590,9 @@ async fn a_second_writer_to_the_same_file_is_told_busy() {
     let other = TempDir::new().unwrap();
     let mut second = client_opts(other.path(), None);
     second.retry.max_attempts = 1;
-    let e = cp(&[src.display().to_string()], &srv.url("b.bin"), &second).await.unwrap_err();
+    let e = cp(&[src.display().to_string()], &srv.url("b.bin"), &second)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("being written"), "{e}");
     first.await.unwrap().unwrap();
     assert_eq!(std::fs::read(srv.root.join("b.bin")).unwrap(), data);

@@ -1,0 +1,408 @@
+//! Real-process tests of the `ferry` binary: servers and clients are started,
+//! killed with SIGKILL mid-transfer, restarted, and the results compared byte
+//! for byte.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+struct Env {
+    dir: TempDir,
+    port: u16,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = TempDir::new().unwrap();
+        std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
+        Env {
+            dir,
+            port: free_port(),
+        }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ferry://127.0.0.1:{}/{}", self.port, path)
+    }
+
+    /// Starts `ferry serve` and waits until it listens.
+    fn server(&self) -> Child {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--root"])
+            .arg(self.p("root"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--state-dir",
+            ])
+            .arg(self.p("server-state"))
+            .arg("--token-file")
+            .arg(self.p("token"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("server did not start");
+        child
+    }
+
+    fn cp(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("cp")
+            .arg("--state-dir")
+            .arg(self.p("client-state"))
+            .arg("--token-file")
+            .arg(self.p("token"));
+        c.args([
+            "--no-progress",
+            "--retry-initial",
+            "20",
+            "--retry-max-delay",
+            "300",
+        ]);
+        c.args(args);
+        c
+    }
+}
+
+fn json_summary(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no output; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"))
+}
+
+fn kill9(child: &mut Child) {
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+fn wait_for_part(dir: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".ferry.part"))
+            })
+            .unwrap_or(false)
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no partial file appeared in {}", dir.display());
+}
+
+#[test]
+fn sigkill_of_the_client_at_several_points_then_resume() {
+    let env = Env::new();
+    let mut server = env.server();
+    let size = 48 << 20;
+    let data = random_file(&env.p("src.bin"), size, 1);
+    let src = env.p("src.bin").display().to_string();
+    for delay_ms in [300u64, 500, 500] {
+        let mut child = env
+            .cp(&["--bwlimit", "24M", &src, &env.url("dst.bin")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_part(&env.p("root"), Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        kill9(&mut child);
+        assert!(
+            !env.p("root/dst.bin").exists(),
+            "final name must not appear before verification"
+        );
+        // ferry status shows the unfinished transfer.
+        let st = Command::new(BIN)
+            .args(["status", "--state-dir"])
+            .arg(env.p("client-state"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&st.stdout);
+        assert!(
+            text.contains("interrupted") && text.contains("dst.bin"),
+            "status: {text}"
+        );
+    }
+    let out = env
+        .cp(&["--json", &src, &env.url("dst.bin")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_summary(&out);
+    let (sent, resumed) = (
+        j["bytes_sent"].as_u64().unwrap(),
+        j["bytes_resumed"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        sent + resumed,
+        size as u64,
+        "nothing verified is sent again: {j}"
+    );
+    assert!(
+        resumed >= (size as u64) / 4,
+        "three kills after ~1.3 s in all at 24 MiB/s must leave > 1/4 verified: {j}"
+    );
+    for k in ["files", "bytes_total", "retries", "duration_s", "digest"] {
+        assert!(j.get(k).is_some(), "JSON lacks {k}");
+    }
+    assert_eq!(std::fs::read(env.p("root/dst.bin")).unwrap(), data);
+    let st = Command::new(BIN)
+        .args(["status", "--state-dir"])
+        .arg(env.p("client-state"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&st.stdout).contains("no unfinished transfers"));
+    kill9(&mut server);
+}
+
+#[test]
+fn sigkill_of_the_server_twice_during_one_copy() {
+    let env = Env::new();
+    let mut server = env.server();
+    let size = 48 << 20;
+    let data = random_file(&env.p("src.bin"), size, 2);
+    let src = env.p("src.bin").display().to_string();
+    let client = env
+        .cp(&[
+            "--json",
+            "--bwlimit",
+            "24M",
+            "--retry-max-attempts",
+            "0",
+            &src,
+            &env.url("up/dst.bin"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for delay_ms in [500u64, 700] {
+        wait_for_part(&env.p("root/up"), Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        kill9(&mut server);
+        assert!(!env.p("root/up/dst.bin").exists());
+        std::thread::sleep(Duration::from_millis(400));
+        server = env.server();
+    }
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_summary(&out);
+    assert!(j["retries"].as_u64().unwrap() >= 2, "{j}");
+    let sent = j["bytes_sent"].as_u64().unwrap();
+    // Each server crash may lose what was not yet checkpointed and in flight.
+    assert!(
+        sent <= size as u64 + 2 * (40 << 20),
+        "re-sent too much: {j}"
+    );
+    assert_eq!(std::fs::read(env.p("root/up/dst.bin")).unwrap(), data);
+    kill9(&mut server);
+}
+
+#[test]
+fn sigkill_of_a_download_then_resume() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.p("root")).unwrap();
+    let size = 32 << 20;
+    let data = random_file(&env.p("root/remote.bin"), size, 3);
+    let mut server = env.server();
+    let dst = env.p("local.bin").display().to_string();
+    let mut child = env
+        .cp(&["--bwlimit", "16M", &env.url("remote.bin"), &dst])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_part(env.dir.path(), Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1200));
+    kill9(&mut child);
+    assert!(!env.p("local.bin").exists());
+    let out = env
+        .cp(&["--json", &env.url("remote.bin"), &dst])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_summary(&out);
+    assert!(j["bytes_resumed"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(
+        j["bytes_sent"].as_u64().unwrap() + j["bytes_resumed"].as_u64().unwrap(),
+        size as u64
+    );
+    assert_eq!(std::fs::read(env.p("local.bin")).unwrap(), data);
+    kill9(&mut server);
+}
+
+#[test]
+fn exit_codes_distinguish_failures() {
+    let env = Env::new();
+    random_file(&env.p("f"), 10, 4);
+    let f = env.p("f").display().to_string();
+    // Usage.
+    let out = env.cp(&[&f]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = env.cp(&[&f, "/tmp/x"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "local to local is a usage error"
+    );
+    // Unreachable after retries.
+    let out = env
+        .cp(&["--retry-max-attempts", "2", &f, &env.url("f")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap_or("")
+            .starts_with("ferry: error:"),
+        "{stderr}"
+    );
+    // Auth.
+    let mut server = env.server();
+    let out = Command::new(BIN)
+        .args(["cp", "--no-progress", "--state-dir"])
+        .arg(env.p("client-state"))
+        .env("FERRY_TOKEN", "wrong")
+        .args([&f, &env.url("f")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Local I/O: a missing source.
+    let out = env
+        .cp(&[&env.p("missing").display().to_string(), &env.url("f")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And a good copy with the token from the environment.
+    let out = Command::new(BIN)
+        .args(["cp", "--no-progress", "--state-dir"])
+        .arg(env.p("client-state"))
+        .env("FERRY_TOKEN", "s3cret")
+        .args([&f, &env.url("f")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kill9(&mut server);
+}
+
+#[test]
+fn demo_runs_and_verifies() {
+    let out = Command::new(BIN)
+        .args(["demo", "--size-mib", "24", "--seed", "7"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("verified: the received file is byte-identical"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("re-sent"), "{stdout}");
+}
+
+#[test]
+fn json_logs_carry_transfer_ids() {
+    let env = Env::new();
+    let mut server = env.server();
+    random_file(&env.p("f"), 3 << 20, 5);
+    let out = env
+        .cp(&[
+            "-v",
+            "--log-format",
+            "json",
+            &env.p("f").display().to_string(),
+            &env.url("f"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("\"transfer\""))
+        .unwrap_or_else(|| panic!("no transfer id in logs: {stderr}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["transfer"].as_str().unwrap().len(), 32);
+    kill9(&mut server);
+}
