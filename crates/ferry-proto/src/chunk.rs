@@ -13,8 +13,9 @@ pub const MIN_CHUNK: u32 = 256 * 1024;
 pub const MAX_CHUNK: u32 = 8 * 1024 * 1024;
 /// Aim for at most this many chunks per file.
 pub const TARGET_CHUNKS: u64 = 2048;
-/// Largest chunk count a peer may announce (bounds every per-chunk table).
-pub const MAX_CHUNKS: u64 = 1 << 24;
+/// Largest chunk count a peer may announce (bounds every per-chunk table to
+/// ~33 MiB; with 8 MiB chunks that is files up to 8 TiB).
+pub const MAX_CHUNKS: u64 = 1 << 20;
 
 /// Picks the chunk size for a file of `size` bytes.
 pub fn choose_chunk_size(size: u64) -> u32 {

@@ -964,11 +964,16 @@ impl FrameDecoder {
     /// How many bytes the next frame needs in total, if its header is buffered;
     /// lets a driver reserve exactly once for a large frame.
     pub fn needed(buf: &[u8]) -> Option<usize> {
-        if buf.len() < 4 {
+        if buf.len() < 5 {
             return None;
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        Some(4 + len.min(MAX_FRAME) as usize)
+        let cap = if buf[4] == kind::DATA {
+            MAX_FRAME
+        } else {
+            MAX_CONTROL_FRAME + 1
+        };
+        Some(4 + len.min(cap) as usize)
     }
 
     /// Takes one message off the front of `buf`. `Ok(None)` means more bytes

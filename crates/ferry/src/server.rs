@@ -32,6 +32,8 @@ use crate::transfer::{
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_IDLE: Duration = Duration::from_secs(300);
+/// Connections served at once; more are refused (each may buffer up to a frame).
+const MAX_CONNECTIONS: usize = 256;
 
 /// How a server is set up.
 #[derive(Debug, Clone)]
@@ -61,6 +63,7 @@ pub struct Server {
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     fingerprint: String,
+    conn_limit: Arc<tokio::sync::Semaphore>,
 }
 
 impl Server {
@@ -89,6 +92,7 @@ impl Server {
             acceptor,
             shared,
             fingerprint: identity.fingerprint(),
+            conn_limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         })
     }
 
@@ -106,12 +110,22 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         let mut next_conn: u64 = 0;
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
-                    info!("server shutting down");
+                    info!(connections = conns.len(), "server shutting down");
+                    drop(self.listener);
+                    // Let connections finish what they are doing, briefly; a
+                    // transfer cut here resumes later from its last checkpoint.
+                    let drain = async { while conns.join_next().await.is_some() {} };
+                    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+                        conns.abort_all();
+                        while conns.join_next().await.is_some() {}
+                    }
                     return Ok(());
                 }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 r = self.listener.accept() => {
                     let (tcp, peer) = match r {
                         Ok(x) => x,
@@ -121,11 +135,17 @@ impl Server {
                             continue;
                         }
                     };
+                    let Ok(permit) = self.conn_limit.clone().try_acquire_owned() else {
+                        warn!(peer = %peer, "too many connections; refusing one");
+                        drop(tcp);
+                        continue;
+                    };
                     next_conn += 1;
                     let span = tracing::info_span!("conn", id = next_conn, peer = %peer);
                     let acceptor = self.acceptor.clone();
                     let shared = self.shared.clone();
-                    tokio::spawn(async move {
+                    conns.spawn(async move {
+                        let _permit = permit;
                         match serve_conn(tcp, peer, acceptor, shared).await {
                             Ok(()) => tracing::debug!("connection closed"),
                             Err(e) if e.is_retryable() => info!(error = %e, "connection lost"),

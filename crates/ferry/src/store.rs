@@ -147,6 +147,17 @@ impl Store {
         Ok(())
     }
 
+    /// Rewrites the record of `dest`, keeping its chunks.
+    pub fn update_partial(&self, dest: &str, rec: &PartialRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(PARTIALS)?;
+            t.insert(dest, serde_json::to_vec(rec).unwrap_or_default().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn mark_finalized(&self, dest: &str) -> Result<()> {
         let tx = self.db.begin_write()?;
         {

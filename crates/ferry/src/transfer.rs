@@ -459,7 +459,14 @@ pub fn prepare_send(store: &Store, path: &std::path::Path, alg: HashAlg) -> Resu
         )));
     }
     let source_id = fsutil::source_id(&md);
-    let layout = ferry_proto::ChunkLayout::for_size(md.len());
+    let chosen = ferry_proto::ChunkLayout::for_size(md.len());
+    let layout = ferry_proto::ChunkLayout::new(md.len(), chosen.chunk_size()).ok_or_else(|| {
+        Error::Usage(format!(
+            "{} is too large ({} bytes)",
+            path.display(),
+            md.len()
+        ))
+    })?;
     let key = fsutil::source_key(
         &path.to_string_lossy(),
         &source_id,
@@ -547,6 +554,23 @@ pub fn prepare_receive(
                     return Ok((rx, dest));
                 }
             }
+        } else if same_source(&old) && !part_path.exists() && chunks.len() as u32 == layout.count()
+        {
+            // Killed between the rename and the journal saying so: prove the file in place.
+            if let Some(rx) =
+                confirm_in_place(store, &key, final_path, id, layout, alg, &cfg, &chunks)?
+            {
+                let file = File::open(final_path).map_err(|e| Error::local(final_path, e))?;
+                let dest = DestFile {
+                    final_path: final_path.to_path_buf(),
+                    part_path,
+                    file: Arc::new(file),
+                    key,
+                    mode: meta.mode,
+                    mtime_ns: meta.mtime_ns,
+                };
+                return Ok((rx, dest));
+            }
         } else if same_source(&old) {
             if let Ok(file) = std::fs::OpenOptions::new()
                 .read(true)
@@ -594,4 +618,42 @@ pub fn prepare_receive(
         mtime_ns: meta.mtime_ns,
     };
     Ok((rx, dest))
+}
+
+/// The final file exists but the journal never learnt it was finalised (a crash
+/// between rename and commit): re-hash it against the journal, and if every
+/// chunk matches, record it and answer as an already finished transfer.
+#[allow(clippy::too_many_arguments)]
+fn confirm_in_place(
+    store: &Store,
+    key: &str,
+    final_path: &std::path::Path,
+    id: ferry_proto::TransferId,
+    layout: ferry_proto::ChunkLayout,
+    alg: HashAlg,
+    cfg: &ferry_proto::ReceiverConfig,
+    chunks: &HeldChunks,
+) -> Result<Option<Receiver>> {
+    let Ok(file) = File::open(final_path) else {
+        return Ok(None);
+    };
+    if file.metadata().map(|m| m.len()).unwrap_or(0) != layout.size() {
+        return Ok(None);
+    }
+    let mut buf = Vec::new();
+    for (i, h) in chunks {
+        buf.resize(layout.len(*i) as usize, 0);
+        if file.read_exact_at(&mut buf, layout.offset(*i)).is_err() || alg.hash(&buf) != *h {
+            return Ok(None);
+        }
+    }
+    store.mark_finalized(key)?;
+    info!(transfer = %id, path = %final_path.display(), "file was already in place and verifies");
+    Ok(Some(Receiver::already_final(
+        id,
+        layout,
+        alg,
+        cfg.clone(),
+        chunks.iter().copied(),
+    )))
 }

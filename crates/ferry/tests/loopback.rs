@@ -598,3 +598,61 @@ async fn a_second_writer_to_the_same_file_is_told_busy() {
     assert_eq!(std::fs::read(srv.root.join("b.bin")).unwrap(), data);
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn crash_between_rename_and_journal_is_confirmed_without_resending() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let size = 6 * CHUNK + 3;
+    let src = dir.path().join("k.bin");
+    let data = random_file(&src, size, 12);
+    let opts = client_opts(dir.path(), None);
+    cp(&[src.display().to_string()], &srv.url("k.bin"), &opts)
+        .await
+        .unwrap();
+    let (root, state) = (srv.root.clone(), srv.state.clone());
+    srv.stop().await;
+    // As if killed after the rename but before the journal recorded it.
+    {
+        let store = ferry::store::Store::open(&state).unwrap();
+        let key = root.join("k.bin").display().to_string();
+        let (mut rec, chunks) = store.partial(&key).unwrap().unwrap();
+        assert!(rec.finalized);
+        assert_eq!(chunks.len(), 7);
+        rec.finalized = false;
+        store.update_partial(&key, &rec).unwrap();
+    }
+    let srv = TestServer::start(dir.path()).await;
+    let s = cp(&[src.display().to_string()], &srv.url("k.bin"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.bytes_sent, 0,
+        "the file in place verifies: nothing to send"
+    );
+    assert_eq!(s.bytes_resumed, size);
+    assert_eq!(std::fs::read(srv.root.join("k.bin")).unwrap(), data);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn source_changing_during_the_transfer_never_produces_a_mix() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let size = 12 * 1024 * 1024;
+    let src = dir.path().join("m.bin");
+    random_file(&src, size, 13);
+    let mut opts = client_opts(dir.path(), None);
+    opts.client.bwlimit = 8 * 1024 * 1024;
+    let job = tokio::spawn({
+        let (s, u, o) = (src.display().to_string(), srv.url("m.bin"), opts.clone());
+        async move { cp(&[s], &u, &o).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Rewrite the source in place while it is being sent.
+    let new = random_file(&src, size, 14);
+    let s = job.await.unwrap().unwrap();
+    assert!(s.retries >= 1, "the change must have been noticed");
+    assert_eq!(std::fs::read(srv.root.join("m.bin")).unwrap(), new);
+    srv.stop().await;
+}
