@@ -147,7 +147,7 @@ pub async fn copy(
         .map(|s| Endpoint::parse(s))
         .collect::<Result<_>>()?;
     let dst_ep = Endpoint::parse(dst)?;
-    let store = Arc::new(Store::open(&opts.state_dir)?);
+    let store = Arc::new(Store::open_shared(&opts.state_dir)?);
     let status = StatusDir::new(&opts.state_dir);
     let mut runner = Runner {
         opts,
@@ -628,7 +628,7 @@ impl Runner<'_> {
     async fn download(&mut self, addr: &str, files: Vec<FileJob>, dirs: Vec<DirJob>) -> Result<()> {
         self.count(&files);
         for d in &dirs {
-            std::fs::create_dir_all(&d.local).map_err(|e| Error::local(&d.local, e))?;
+            fsutil::create_dirs_durable(&d.local).map_err(|e| Error::local(&d.local, e))?;
         }
         for f in &files {
             self.download_one(addr, f).await?;
@@ -642,7 +642,7 @@ impl Runner<'_> {
     async fn download_one(&mut self, addr: &str, job: &FileJob) -> Result<()> {
         let remote_display = format!("ferry://{addr}/{}", job.remote);
         let parent = fsutil::parent_of(&job.local);
-        std::fs::create_dir_all(&parent).map_err(|e| Error::local(&parent, e))?;
+        fsutil::create_dirs_durable(&parent).map_err(|e| Error::local(&parent, e))?;
         let parent = std::fs::canonicalize(&parent).map_err(|e| Error::local(&parent, e))?;
         let name = job
             .local

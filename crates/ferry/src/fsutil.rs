@@ -14,6 +14,33 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
     d.sync_all().map_err(|e| Error::local(dir, e))
 }
 
+/// `mkdir -p` that makes each new directory durable: after creating one,
+/// its parent is fsynced, so a crash cannot lose a directory that holds
+/// a file we already reported as in place.
+pub fn create_dirs_durable(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut cur = dir.to_path_buf();
+    while !cur.exists() {
+        missing.push(cur.clone());
+        match cur.parent() {
+            Some(p) if !p.as_os_str().is_empty() => cur = p.to_path_buf(),
+            _ => break,
+        }
+    }
+    for d in missing.iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+            Err(e) => return Err(e),
+        }
+        File::open(parent_of(d))?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Parent directory of `p` ("." for a bare name).
 pub fn parent_of(p: &Path) -> PathBuf {
     match p.parent() {

@@ -403,7 +403,7 @@ async fn handle_request(
             mtime_ns,
         } => {
             let full = resolve(root, &path).map_err(path_failure)?;
-            std::fs::create_dir_all(&full)
+            fsutil::create_dirs_durable(&full)
                 .map_err(|e| RequestError::Reply(failure_for(&Error::local(&path, e))))?;
             fsutil::apply_dir_meta(&full, mode, mtime_ns)
                 .map_err(|e| RequestError::Reply(failure_for(&e)))?;
@@ -419,7 +419,7 @@ async fn handle_request(
             }
             let guard = claim(shared, &full, id).await?;
             let parent = fsutil::parent_of(&full);
-            std::fs::create_dir_all(&parent)
+            fsutil::create_dirs_durable(&parent)
                 .map_err(|e| RequestError::Reply(failure_for(&Error::local(&parent, e))))?;
             // Re-check after creating parents: a symlink may have appeared.
             resolve(root, &path).map_err(path_failure)?;

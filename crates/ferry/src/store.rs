@@ -75,6 +75,35 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| Error::local(dir, e))?;
         let path = dir.join("state.redb");
         let db = open_with_wait(&path)?;
+        Self::init(db, path)
+    }
+
+    /// Opens `DIR/state.redb`, or, while another process holds it, the first
+    /// free `DIR/state-N.redb`: concurrent `ferry cp` runs then work side by
+    /// side (a run that lands on another file re-reads source chunks to prove
+    /// a resume instead of using remembered hashes).
+    pub fn open_shared(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::local(dir, e))?;
+        for n in 0..16 {
+            let name = if n == 0 {
+                "state.redb".to_string()
+            } else {
+                format!("state-{n}.redb")
+            };
+            let path = dir.join(name);
+            match Database::builder().create(&path) {
+                Ok(db) => return Self::init(db, path),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => continue,
+                Err(e) => return Err(Error::Store(format!("{}: {e}", path.display()))),
+            }
+        }
+        Err(Error::Store(format!(
+            "{}: too many ferry processes share this state directory",
+            dir.display()
+        )))
+    }
+
+    fn init(db: Database, path: PathBuf) -> Result<Self> {
         let tx = db.begin_write()?;
         tx.open_table(PARTIALS)?;
         tx.open_table(PARTIAL_CHUNKS)?;
@@ -231,6 +260,17 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_open_falls_back_while_the_main_file_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open_shared(dir.path()).unwrap();
+        let b = Store::open_shared(dir.path()).unwrap();
+        assert_ne!(a.path(), b.path());
+        drop(a);
+        let c = Store::open_shared(dir.path()).unwrap();
+        assert!(c.path().ends_with("state.redb"));
+    }
 
     #[test]
     fn partial_lifecycle_survives_reopen() {

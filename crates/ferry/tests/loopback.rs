@@ -656,3 +656,34 @@ async fn source_changing_during_the_transfer_never_produces_a_mix() {
     assert_eq!(std::fs::read(srv.root.join("m.bin")).unwrap(), new);
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn unknown_major_version_is_refused_with_a_clear_error() {
+    use ferry_proto::message::Version;
+    use ferry_proto::{FailureCode, Message};
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let (cfg, _) = ferry::tls::client_config(None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("ferry").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut conn = ferry::conn::Conn::new(Box::new(tls), "test".into());
+    let hello = Message::Hello {
+        versions: vec![Version { major: 9, minor: 0 }],
+        caps: vec!["hash:blake3".into(), "teleport:v2".into()],
+        token: bytes::Bytes::from_static(TOKEN),
+        agent: "future".into(),
+    };
+    conn.send(&hello).await.unwrap();
+    match conn.rd.expect().await.unwrap() {
+        Message::Failure(f) => {
+            assert_eq!(f.code, FailureCode::VersionRefused);
+            assert!(f.message.contains("9.0"), "{}", f.message);
+        }
+        m => panic!("expected a refusal, got {m:?}"),
+    }
+    srv.stop().await;
+}
