@@ -68,6 +68,7 @@ pub async fn run(
         token: Some(token.clone()),
         receiver: Default::default(),
         faults: Some(faults.clone()),
+        timeouts: Default::default(),
     })
     .await?;
     let addr = server.local_addr()?;
@@ -102,6 +103,7 @@ pub async fn run(
             connect_timeout: Duration::from_secs(10),
             via: Some(proxy.addr().to_string()),
             bwlimit: 0,
+            timeouts: Default::default(),
         },
         retry: RetryPolicy {
             initial: Duration::from_millis(100),

@@ -73,6 +73,9 @@ enum Cmd {
         /// Accept clients without a token (for tests on a trusted host only).
         #[arg(long)]
         no_auth: bool,
+        /// Tear a connection down after this many seconds without hearing from it.
+        #[arg(long, default_value_t = 30.0)]
+        stall_timeout: f64,
     },
     /// Copy files and trees; SRC and DST are local paths or ferry://HOST[:PORT]/PATH.
     Cp {
@@ -105,6 +108,9 @@ enum Cmd {
         /// Give up after this many seconds without progress (default: no limit).
         #[arg(long)]
         retry_budget: Option<u64>,
+        /// Reconnect after this many seconds in which nothing is heard or a write cannot move.
+        #[arg(long, default_value_t = 30.0)]
+        stall_timeout: f64,
         /// Limit each transfer's payload rate, e.g. 10M, 512K (bytes per second).
         #[arg(long, value_parser = parse_rate, default_value = "0")]
         bwlimit: u64,
@@ -237,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             token_file,
             state_dir,
             no_auth,
+            stall_timeout,
         } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir().join("server"));
@@ -256,6 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
                 receiver: receiver_config_from_env(),
                 faults: None,
+                timeouts: timeouts(stall_timeout)?,
             };
             let server = ferry::server::Server::bind(cfg).await?;
             println!("ferry server listening on {}", server.local_addr()?);
@@ -286,6 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_progress,
             via,
             bwlimit,
+            stall_timeout,
             mut paths,
         } => {
             let dst = paths
@@ -305,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     connect_timeout: Duration::from_secs(10),
                     via,
                     bwlimit,
+                    timeouts: timeouts(stall_timeout)?,
                 },
                 retry: RetryPolicy {
                     initial: Duration::from_millis(retry_initial),
@@ -385,4 +395,16 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok((n * mult as f64) as u64)
+}
+
+fn timeouts(stall_secs: f64) -> anyhow::Result<ferry::conn::Timeouts> {
+    if !(0.2..=86_400.0).contains(&stall_secs) {
+        return Err(UsageError(format!(
+            "--stall-timeout {stall_secs} is out of range (0.2 to 86400 seconds)"
+        ))
+        .into());
+    }
+    Ok(ferry::conn::Timeouts::with_stall(Duration::from_secs_f64(
+        stall_secs,
+    )))
 }

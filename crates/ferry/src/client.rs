@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::info;
 
-use crate::conn::{BoxStream, Conn};
+use crate::conn::{BoxStream, Conn, Timeouts};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::store::Store;
@@ -35,6 +35,8 @@ pub struct ClientConfig {
     pub via: Option<String>,
     /// Payload bytes per second per transfer; 0 for no limit.
     pub bwlimit: u64,
+    /// Stall watchdog and keepalive.
+    pub timeouts: Timeouts,
 }
 
 /// An authenticated connection to a server.
@@ -110,6 +112,7 @@ impl Session {
         }
         let stream: BoxStream = Box::new(tls);
         let mut conn = Conn::new(stream, addr.to_string());
+        conn.set_timeouts(cfg.timeouts);
         conn.send(&client_hello(
             cfg.token.as_deref().unwrap_or(b""),
             &format!("ferry/{}", env!("CARGO_PKG_VERSION")),

@@ -101,10 +101,40 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
     }
 }
 
+/// How long silence or a blocked write may last before a connection is
+/// declared stalled and torn down (the transfer then resumes on a new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Nothing heard from the peer, or a write that cannot move, for this long.
+    pub stall: std::time::Duration,
+    /// Send a keepalive after this long without writing.
+    pub keepalive: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            stall: std::time::Duration::from_secs(30),
+            keepalive: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Keepalives at a third of the stall limit, so a live peer is never taken for dead.
+    pub fn with_stall(stall: std::time::Duration) -> Self {
+        Self {
+            stall,
+            keepalive: (stall / 3).max(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Writes messages.
 pub struct FramedWrite<W> {
     inner: W,
     peer: String,
+    stall: std::time::Duration,
     /// Bytes written to the stream so far.
     pub bytes_out: u64,
 }
@@ -114,6 +144,7 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
         Self {
             inner,
             peer,
+            stall: Timeouts::default().stall,
             bytes_out: 0,
         }
     }
@@ -125,9 +156,26 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
         }
     }
 
+    async fn put(&mut self, b: &[u8]) -> Result<(), Error> {
+        // Pieces small enough that even a slow link moves one well within the limit.
+        for piece in b.chunks(64 * 1024) {
+            match tokio::time::timeout(self.stall, self.inner.write_all(piece)).await {
+                Ok(r) => r.map_err(|e| self.err(e))?,
+                Err(_) => {
+                    return Err(Error::Timeout(format!(
+                        "writing to {} made no progress for {:.1}s",
+                        self.peer,
+                        self.stall.as_secs_f64()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn send(&mut self, m: &Message) -> Result<(), Error> {
         let b = m.encode();
-        self.inner.write_all(&b).await.map_err(|e| self.err(e))?;
+        self.put(&b).await?;
         self.bytes_out += b.len() as u64;
         Ok(())
     }
@@ -141,11 +189,8 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
         payload: &[u8],
     ) -> Result<(), Error> {
         let head = encode_data_header(index, offset, tag, payload.len());
-        self.inner.write_all(&head).await.map_err(|e| self.err(e))?;
-        self.inner
-            .write_all(payload)
-            .await
-            .map_err(|e| self.err(e))?;
+        self.put(&head).await?;
+        self.put(payload).await?;
         self.bytes_out += (head.len() + payload.len()) as u64;
         Ok(())
     }
@@ -158,7 +203,14 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
     }
 
     pub async fn flush(&mut self) -> Result<(), Error> {
-        self.inner.flush().await.map_err(|e| self.err(e))
+        match tokio::time::timeout(self.stall, self.inner.flush()).await {
+            Ok(r) => r.map_err(|e| self.err(e)),
+            Err(_) => Err(Error::Timeout(format!(
+                "flushing to {} made no progress for {:.1}s",
+                self.peer,
+                self.stall.as_secs_f64()
+            ))),
+        }
     }
 
     pub async fn shutdown(&mut self) {
@@ -171,6 +223,7 @@ pub struct Conn {
     pub rd: FramedRead<tokio::io::ReadHalf<BoxStream>>,
     pub wr: FramedWrite<tokio::io::WriteHalf<BoxStream>>,
     pub peer: String,
+    pub timeouts: Timeouts,
 }
 
 impl Conn {
@@ -180,7 +233,13 @@ impl Conn {
             rd: FramedRead::new(r, peer.clone()),
             wr: FramedWrite::new(w, peer.clone()),
             peer,
+            timeouts: Timeouts::default(),
         }
+    }
+
+    pub fn set_timeouts(&mut self, t: Timeouts) {
+        self.timeouts = t;
+        self.wr.stall = t.stall;
     }
 
     /// Sends and flushes one message.

@@ -21,7 +21,22 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts on 127.0.0.1 with cut points given as cumulative client→server
     /// byte counts (across all connections), in any order.
-    pub async fn start(target: SocketAddr, mut cut_points: Vec<u64>) -> std::io::Result<Self> {
+    pub async fn start(target: SocketAddr, cut_points: Vec<u64>) -> std::io::Result<Self> {
+        Self::start_with(target, cut_points, false).await
+    }
+
+    /// Like [`FaultProxy::start`], but at each point the connection goes dark
+    /// instead of closing: nothing more is forwarded either way and the sockets
+    /// stay open, as on a link that silently drops everything.
+    pub async fn start_blackholing(target: SocketAddr, points: Vec<u64>) -> std::io::Result<Self> {
+        Self::start_with(target, points, true).await
+    }
+
+    async fn start_with(
+        target: SocketAddr,
+        mut cut_points: Vec<u64>,
+        hold: bool,
+    ) -> std::io::Result<Self> {
         cut_points.sort_unstable();
         cut_points.reverse();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -39,7 +54,7 @@ impl FaultProxy {
                 let _ = server.set_nodelay(true);
                 let (plan, total, cuts) = (plan.clone(), total.clone(), cuts2.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = pump(client, server, plan, total, cuts).await {
+                    if let Err(e) = pump(client, server, plan, total, cuts, hold).await {
                         debug!(error = %e, "proxy connection ended");
                     }
                 });
@@ -65,6 +80,7 @@ async fn pump(
     plan: Arc<Mutex<Vec<u64>>>,
     total: Arc<AtomicU64>,
     cuts: Arc<AtomicU64>,
+    hold: bool,
 ) -> std::io::Result<()> {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
@@ -91,6 +107,16 @@ async fn pump(
         if let Some(keep) = cut_at {
             sw.write_all(&buf[..keep.min(n)]).await?;
             cuts.fetch_add(1, Ordering::SeqCst);
+            if hold {
+                warn!(
+                    at_byte = before + keep as u64,
+                    "fault injector: the link goes dark"
+                );
+                down.abort();
+                // Keep both sockets open and silent until the proxy goes away.
+                let _keep = (cr, sw);
+                std::future::pending::<()>().await;
+            }
             warn!(
                 at_byte = before + keep as u64,
                 "fault injector: cutting the connection"

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn, Instrument};
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Timeouts};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::paths::{resolve, PathError};
@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub token: Option<Vec<u8>>,
     pub receiver: ReceiverConfig,
     pub faults: Option<Arc<FaultPlan>>,
+    /// Stall watchdog and keepalive for every connection.
+    pub timeouts: Timeouts,
 }
 
 struct Shared {
@@ -53,6 +55,7 @@ struct Shared {
     store: Arc<Store>,
     receiver: ReceiverConfig,
     faults: Option<Arc<FaultPlan>>,
+    timeouts: Timeouts,
     /// Destinations being written now: one writer each, with a way to stop it.
     busy: Mutex<HashMap<PathBuf, (TransferId, Arc<Notify>)>>,
 }
@@ -85,6 +88,7 @@ impl Server {
             store,
             receiver: cfg.receiver,
             faults: cfg.faults,
+            timeouts: cfg.timeouts,
             busy: Mutex::new(HashMap::new()),
         });
         Ok(Self {
@@ -170,6 +174,7 @@ async fn serve_conn(
         .map_err(|_| Error::Timeout("TLS handshake".into()))?
         .map_err(|e| Error::Tls(e.to_string()))?;
     let mut conn = Conn::new(Box::new(tls), peer.to_string());
+    conn.set_timeouts(shared.timeouts);
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.rd.expect())
         .await
         .map_err(|_| Error::Timeout("hello".into()))??;

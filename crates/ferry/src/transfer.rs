@@ -23,11 +23,6 @@ use crate::fsutil;
 use crate::progress::Progress;
 use crate::store::{HeldChunks, Store};
 
-/// Silence from the peer for this long tears the connection down.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Send a keepalive after this long without writing.
-pub const KEEPALIVE: Duration = Duration::from_secs(10);
-
 /// Deliberate faults, for the demo and for tests.
 #[derive(Debug, Default)]
 pub struct FaultPlan {
@@ -114,8 +109,10 @@ pub async fn drive_sender(
     let tid = tx.id();
     let mut buf = Vec::new();
     let mut last_write = Instant::now();
+    let mut last_heard = Instant::now();
     loop {
         while let Some(m) = conn.rd.try_next().await? {
+            last_heard = Instant::now();
             sender_handle(tx, m, src, &mut buf)?;
         }
         let mut acked_hashes = Vec::new();
@@ -177,15 +174,19 @@ pub async fn drive_sender(
             }
             None => {
                 conn.wr.flush().await?;
-                let wait = KEEPALIVE.saturating_sub(last_write.elapsed());
+                let wait = conn.timeouts.keepalive.saturating_sub(last_write.elapsed());
                 tokio::select! {
                     r = conn.rd.next() => {
                         let m = r?.ok_or_else(|| closed(&conn.peer))?;
+                        last_heard = Instant::now();
                         sender_handle(tx, m, src, &mut buf)?;
                     }
-                    _ = tokio::time::sleep(wait) => {
-                        if last_write.elapsed() >= IDLE_TIMEOUT {
-                            return Err(Error::Timeout(format!("no progress from {} for {}s", conn.peer, IDLE_TIMEOUT.as_secs())));
+                    _ = tokio::time::sleep(wait.min(conn.timeouts.stall.saturating_sub(last_heard.elapsed()))) => {
+                        if last_heard.elapsed() >= conn.timeouts.stall {
+                            return Err(Error::Timeout(format!("nothing heard from {} for {}s", conn.peer, conn.timeouts.stall.as_secs_f64())));
+                        }
+                        if last_write.elapsed() < conn.timeouts.keepalive {
+                            continue;
                         }
                         conn.send(&Message::Ping { nonce: 0 }).await?;
                         last_write = Instant::now();
@@ -300,7 +301,7 @@ pub async fn drive_receiver(
                     let results = loop {
                         tokio::select! {
                             r = &mut job => break r.map_err(|e| Error::Store(e.to_string()))?,
-                            _ = tokio::time::sleep(KEEPALIVE) => conn.send(&Message::Ping { nonce: 1 }).await?,
+                            _ = tokio::time::sleep(conn.timeouts.keepalive) => conn.send(&Message::Ping { nonce: 1 }).await?,
                         }
                     };
                     let bad = results
@@ -408,11 +409,11 @@ pub async fn drive_receiver(
             _ = sleep_opt(timer), if timer.is_some() => {
                 rx.handle_timeout(Instant::now().into_std());
             }
-            _ = tokio::time::sleep(KEEPALIVE) => {
-                if last_heard.elapsed() >= IDLE_TIMEOUT {
-                    return Err(Error::Timeout(format!("no data from {} for {}s", conn.peer, IDLE_TIMEOUT.as_secs())));
+            _ = tokio::time::sleep(conn.timeouts.keepalive) => {
+                if last_heard.elapsed() >= conn.timeouts.stall {
+                    return Err(Error::Timeout(format!("no data from {} for {}s", conn.peer, conn.timeouts.stall.as_secs_f64())));
                 }
-                if last_write.elapsed() >= KEEPALIVE {
+                if last_write.elapsed() >= conn.timeouts.keepalive {
                     conn.send(&Message::Ping { nonce: 2 }).await?;
                     last_write = Instant::now();
                 }

@@ -51,6 +51,7 @@ impl TestServer {
             token: Some(TOKEN.to_vec()),
             receiver: Default::default(),
             faults: Some(faults.clone()),
+            timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(2)),
         })
         .await
         .unwrap();
@@ -97,6 +98,7 @@ fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
             connect_timeout: Duration::from_secs(5),
             via,
             bwlimit: 0,
+            timeouts: Default::default(),
         },
         retry: RetryPolicy {
             initial: Duration::from_millis(10),
@@ -685,5 +687,32 @@ async fn unknown_major_version_is_refused_with_a_clear_error() {
         }
         m => panic!("expected a refusal, got {m:?}"),
     }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_that_goes_dark_is_detected_by_the_stall_watchdog() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let size = 24 * 1024 * 1024;
+    let src = dir.path().join("s.bin");
+    let data = random_file(&src, size, 15);
+    let proxy = FaultProxy::start_blackholing(srv.addr, vec![size / 3, size * 2 / 3])
+        .await
+        .unwrap();
+    let mut opts = client_opts(dir.path(), Some(proxy.addr().to_string()));
+    opts.client.timeouts = ferry::conn::Timeouts::with_stall(Duration::from_millis(1500));
+    let t = std::time::Instant::now();
+    let s = cp(&[src.display().to_string()], &srv.url("s.bin"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(proxy.cuts.load(Ordering::SeqCst), 2);
+    assert!(s.retries >= 2, "{s:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(std::fs::read(srv.root.join("s.bin")).unwrap(), data);
     srv.stop().await;
 }
