@@ -246,9 +246,28 @@ pub fn print_status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
             r.state = "interrupted".into();
         }
     }
+    let peers = ferry::status::PeerStatus::new(state_dir).list();
     if json {
-        println!("{}", serde_json::to_string(&recs)?);
+        println!(
+            "{}",
+            serde_json::json!({ "transfers": recs, "peers": peers })
+        );
         return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for p in &peers {
+        match (p.breaker.as_str(), p.retry_at_unix) {
+            ("closed", _) => {}
+            ("open", Some(t)) if t > now => println!(
+                "peer {}: circuit breaker open, next attempt in {}s",
+                p.addr,
+                t - now
+            ),
+            (state, _) => println!("peer {}: circuit breaker {state}", p.addr),
+        }
     }
     if recs.is_empty() {
         println!("no unfinished transfers");

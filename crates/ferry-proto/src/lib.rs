@@ -10,9 +10,11 @@
 //! * [`ranges`]: sets of chunk indices ([`RangeSet`]), the currency of resume.
 //! * [`hash`]: content hashes, position-bound chunk tags, the whole-file digest.
 //! * [`sender`] and [`receiver`]: the two state machines of one file transfer.
+//! * [`retry`] and [`breaker`]: when to try again, and when to stop trying a peer for a while.
 //! * [`error`]: errors, grouped by who is at fault, each saying whether a retry can help.
 #![forbid(unsafe_code)]
 
+pub mod breaker;
 pub mod chunk;
 pub mod error;
 pub mod handshake;
@@ -20,6 +22,7 @@ pub mod hash;
 pub mod message;
 pub mod ranges;
 pub mod receiver;
+pub mod retry;
 pub mod sender;
 mod wire;
 

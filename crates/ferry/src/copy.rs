@@ -14,10 +14,12 @@ use crate::client::{ClientConfig, Session};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::Progress;
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryDecision, RetryPolicy};
+use crate::status::PeerStatus;
 use crate::status::{StatusDir, TransferRecord};
 use crate::store::Store;
 use crate::transfer::prepare_send;
+use ferry_proto::breaker::{BreakerConfig, CircuitBreaker};
 
 /// One side of a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +159,8 @@ pub async fn copy(
         progress: progress.clone(),
         rng: rand::rngs::StdRng::from_entropy(),
         digests: Vec::new(),
+        breakers: std::collections::HashMap::new(),
+        peers: PeerStatus::new(&opts.state_dir),
     };
     let dst_is_dir_hint = dst.ends_with('/') || srcs.len() > 1;
     match (&srcs[0], &dst_ep) {
@@ -387,6 +391,8 @@ struct Runner<'a> {
     progress: Arc<Progress>,
     rng: rand::rngs::StdRng,
     digests: Vec<(String, ChunkHash)>,
+    breakers: std::collections::HashMap<String, CircuitBreaker>,
+    peers: PeerStatus,
 }
 
 type BoxFut<'s, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 's>>;
@@ -411,9 +417,7 @@ impl Runner<'_> {
         let start = Instant::now();
         loop {
             let r = async {
-                if self.session.is_none() {
-                    self.session = Some(Session::connect(addr, &self.opts.client).await?);
-                }
+                self.ensure_session(addr).await?;
                 let s = self
                     .session
                     .as_mut()
@@ -432,21 +436,74 @@ impl Runner<'_> {
         }
     }
 
+    /// Connects if needed, respecting the peer's circuit breaker: while it is
+    /// open no connection is attempted at all.
+    async fn ensure_session(&mut self, addr: &str) -> Result<()> {
+        if self.session.is_some() {
+            return Ok(());
+        }
+        let breaker = self
+            .breakers
+            .entry(addr.to_string())
+            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
+        loop {
+            match breaker.allow(tokio::time::Instant::now().into_std()) {
+                Ok(()) => break,
+                Err(until) => {
+                    let wait =
+                        until.saturating_duration_since(tokio::time::Instant::now().into_std());
+                    info!(
+                        peer = addr,
+                        wait_ms = wait.as_millis() as u64,
+                        "circuit breaker open: not connecting until the cool-down ends"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let r = Session::connect(addr, &self.opts.client).await;
+        let now = tokio::time::Instant::now().into_std();
+        let breaker = self
+            .breakers
+            .entry(addr.to_string())
+            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
+        match &r {
+            Ok(_) => breaker.on_success(now),
+            Err(e) if e.is_retryable() => breaker.on_failure(now),
+            Err(_) => {}
+        }
+        while let Some((from, to)) = breaker.poll_transition() {
+            warn!(
+                peer = addr,
+                from = from.name(),
+                to = to.name(),
+                "circuit breaker"
+            );
+            self.peers.put(addr, to);
+        }
+        self.session = Some(r?);
+        Ok(())
+    }
+
     /// Sleeps before the next attempt, or gives up with the error.
     async fn backoff(&mut self, e: Error, attempt: u32, start: Instant) -> Result<()> {
         if !e.is_retryable() {
             return Err(e);
         }
-        let Some(delay) = self
-            .opts
-            .retry
-            .delay(attempt, start.elapsed(), &mut self.rng)
-        else {
-            return Err(Error::RetriesExhausted {
-                attempts: attempt,
-                last: Box::new(e),
-            });
-        };
+        let delay =
+            match self
+                .opts
+                .retry
+                .decide(attempt, start.elapsed(), e.retry_after(), &mut self.rng)
+            {
+                RetryDecision::After(d) => d,
+                RetryDecision::GiveUp => {
+                    return Err(Error::RetriesExhausted {
+                        attempts: attempt,
+                        last: Box::new(e),
+                    })
+                }
+            };
         Progress::add(&self.progress.retries, 1);
         warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "retrying");
         tokio::time::sleep(delay).await;
@@ -595,12 +652,7 @@ impl Runner<'_> {
         rec: &mut TransferRecord,
         f: impl for<'s> FnOnce(&'s mut Session) -> BoxFut<'s, T>,
     ) -> Result<T> {
-        if self.session.is_none() {
-            match Session::connect(addr, &self.opts.client).await {
-                Ok(s) => self.session = Some(s),
-                Err(e) => return Err(e),
-            }
-        }
+        self.ensure_session(addr).await?;
         let r = {
             let session = self
                 .session

@@ -76,6 +76,17 @@ impl Error {
         }
     }
 
+    /// The peer's "try again no sooner than" hint, if it gave one.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Proto(ProtoError::Remote(f)) => {
+                f.retry_after_ms.map(std::time::Duration::from_millis)
+            }
+            Error::RetriesExhausted { last, .. } => last.retry_after(),
+            _ => None,
+        }
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Usage(_) | Error::NotFound(_) => ErrorClass::Usage,

@@ -12,7 +12,6 @@
 //! * [`status`]: records of unfinished transfers for `ferry status`.
 //! * [`paths`]: confining peer-supplied paths to the server root.
 //! * [`fsutil`]: durable writes, atomic renames, file identity.
-//! * [`retry`]: backoff with jitter.
 //! * [`progress`]: counters a UI polls.
 //! * [`demo`]: the self-contained showcase behind `ferry demo`.
 #![forbid(unsafe_code)]
@@ -25,7 +24,6 @@ pub mod error;
 pub mod fsutil;
 pub mod paths;
 pub mod progress;
-pub mod retry;
 pub mod server;
 pub mod status;
 pub mod store;
@@ -33,3 +31,4 @@ pub mod tls;
 pub mod transfer;
 
 pub use error::{Error, ErrorClass, Result};
+pub use ferry_proto::retry;

@@ -84,3 +84,82 @@ impl StatusDir {
         })
     }
 }
+
+/// The circuit-breaker state of each peer, as last seen by a transfer, one
+/// small JSON file per peer under `STATE_DIR/peers/`.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    dir: PathBuf,
+}
+
+/// One peer's breaker, for `ferry status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerRecord {
+    pub addr: String,
+    /// "closed", "open" or "half-open".
+    pub breaker: String,
+    /// For an open breaker: when the next attempt may be made (unix seconds).
+    pub retry_at_unix: Option<u64>,
+    pub updated_unix: u64,
+}
+
+impl PeerStatus {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.join("peers"),
+        }
+    }
+
+    fn file(&self, addr: &str) -> PathBuf {
+        let safe: String = addr
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{safe}.json"))
+    }
+
+    /// Records a state change (best effort: status display only).
+    pub fn put(&self, addr: &str, state: ferry_proto::breaker::BreakerState) {
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let retry_at_unix = match state {
+            ferry_proto::breaker::BreakerState::Open { until } => {
+                #[allow(clippy::disallowed_methods)]
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                Some(now_unix + left.as_secs() + 1)
+            }
+            _ => None,
+        };
+        let rec = PeerRecord {
+            addr: addr.to_string(),
+            breaker: state.name().to_string(),
+            retry_at_unix,
+            updated_unix: now_unix,
+        };
+        if std::fs::create_dir_all(&self.dir).is_ok() {
+            if let Ok(body) = serde_json::to_vec_pretty(&rec) {
+                let _ = write_atomic(&self.file(addr), &body);
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<PeerRecord> {
+        let mut out: Vec<PeerRecord> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        out.sort_by(|a, b| a.addr.cmp(&b.addr));
+        out
+    }
+}

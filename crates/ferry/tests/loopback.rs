@@ -716,3 +716,41 @@ async fn a_link_that_goes_dark_is_detected_by_the_stall_watchdog() {
     assert_eq!(std::fs::read(srv.root.join("s.bin")).unwrap(), data);
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn breaker_opens_while_the_server_is_down_and_the_copy_finishes_when_it_returns() {
+    let dir = TempDir::new().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let src = dir.path().join("late.bin");
+    let data = random_file(&src, 3 * CHUNK, 16);
+    let mut opts = client_opts(dir.path(), None);
+    opts.retry.max_attempts = 0;
+    let job = tokio::spawn({
+        let (s, o) = (src.display().to_string(), opts.clone());
+        async move { cp(&[s], &format!("ferry://{addr}/late.bin"), &o).await }
+    });
+    let peers = ferry::status::PeerStatus::new(&opts.state_dir);
+    let mut saw_open = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if peers.list().iter().any(|p| p.breaker == "open") {
+            saw_open = true;
+            break;
+        }
+    }
+    assert!(
+        saw_open,
+        "the breaker must open after repeated connection failures"
+    );
+    let srv = TestServer::start_at(dir.path(), addr).await;
+    let s = job.await.unwrap().unwrap();
+    assert!(s.retries >= 5);
+    assert_eq!(std::fs::read(srv.root.join("late.bin")).unwrap(), data);
+    assert_eq!(peers.list()[0].breaker, "closed");
+    srv.stop().await;
+}

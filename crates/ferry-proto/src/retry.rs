@@ -1,5 +1,6 @@
 //! When to try again: exponential backoff with full jitter, capped in
-//! attempts and total time.
+//! attempts and total time. Pure: the caller passes elapsed time and a seeded
+//! RNG, so every schedule is reproducible under test.
 //!
 //! Full jitter (a uniform draw in `0..=min(ceiling, initial·multiplier^n)`)
 //! spreads reconnecting clients apart best when many lose the same server at
@@ -20,6 +21,18 @@ pub struct RetryPolicy {
     pub budget: Option<Duration>,
 }
 
+/// Longest "retry after" hint from a peer that is obeyed.
+pub const MAX_HINT: Duration = Duration::from_secs(300);
+
+/// What a failed attempt leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryDecision {
+    /// Wait this long, then try again.
+    After(Duration),
+    /// The policy is exhausted (attempts or budget).
+    GiveUp,
+}
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
@@ -33,6 +46,28 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Decides after failed attempt number `attempt` (from 1), honouring the
+    /// peer's "retry after" hint when it asks for more patience than the schedule.
+    pub fn decide(
+        &self,
+        attempt: u32,
+        elapsed: Duration,
+        hint: Option<Duration>,
+        rng: &mut impl Rng,
+    ) -> RetryDecision {
+        match self.delay(attempt, elapsed, rng) {
+            None => RetryDecision::GiveUp,
+            Some(d) => {
+                // A hint is honoured up to 5 minutes: a peer cannot park us forever.
+                let d = hint.map_or(d, |h| d.max(h.min(MAX_HINT)));
+                match self.budget {
+                    Some(b) if elapsed + d > b => RetryDecision::After(b.saturating_sub(elapsed)),
+                    _ => RetryDecision::After(d),
+                }
+            }
+        }
+    }
+
     /// The wait before attempt `attempt + 1` (attempts count from 1), or
     /// `None` when the policy says stop.
     pub fn delay(&self, attempt: u32, elapsed: Duration, rng: &mut impl Rng) -> Option<Duration> {
@@ -75,6 +110,52 @@ mod tests {
             }
         }
         assert!(p.delay(10, Duration::ZERO, &mut rng).is_none());
+    }
+
+    #[test]
+    fn jitter_is_spread_over_the_whole_range() {
+        // Full jitter: draws for one attempt fill [0, cap] roughly uniformly.
+        let p = RetryPolicy::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let cap = 0.25 * 2f64.powi(3);
+        let mut buckets = [0u32; 4];
+        for _ in 0..4000 {
+            let d = p.delay(4, Duration::ZERO, &mut rng).unwrap().as_secs_f64();
+            buckets[((d / cap * 4.0) as usize).min(3)] += 1;
+        }
+        for b in buckets {
+            assert!((800..1200).contains(&b), "{buckets:?}");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_schedule() {
+        let p = RetryPolicy::default();
+        let a: Vec<_> = (1..8)
+            .map(|i| p.delay(i, Duration::ZERO, &mut rand::rngs::StdRng::seed_from_u64(9)))
+            .collect();
+        let b: Vec<_> = (1..8)
+            .map(|i| p.delay(i, Duration::ZERO, &mut rand::rngs::StdRng::seed_from_u64(9)))
+            .collect();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn server_hint_is_honoured_within_reason() {
+        let p = RetryPolicy::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        assert_eq!(
+            p.decide(1, Duration::ZERO, Some(Duration::from_secs(5)), &mut rng),
+            RetryDecision::After(Duration::from_secs(5))
+        );
+        assert_eq!(
+            p.decide(1, Duration::ZERO, Some(Duration::from_secs(9999)), &mut rng),
+            RetryDecision::After(Duration::from_secs(300))
+        );
+        assert_eq!(
+            p.decide(10, Duration::ZERO, None, &mut rng),
+            RetryDecision::GiveUp
+        );
     }
 
     #[test]
