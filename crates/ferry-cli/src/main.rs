@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use ferry::copy::{copy, CopyOptions};
+use ferry::copy::{copy, CopyOptions, CopySummary};
 use ferry::progress::Progress;
+use ferry::queue::{now_unix, Queue, QueueEntry};
 use ferry::retry::RetryPolicy;
 use ferry::tls::KnownServers;
 use ferry::{Error, ErrorClass};
@@ -47,6 +48,80 @@ struct Cli {
     quiet: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How a client connects and retries (shared by cp, resume and agent).
+#[derive(clap::Args, Clone)]
+struct ClientArgs {
+    /// Client state: journal, known servers, transfer records, queue.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// File holding the server's token (or set FERRY_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Expected server fingerprint (SHA256:…); otherwise pinned on first use.
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// Attempts without progress before giving up and queueing (0 = unlimited).
+    #[arg(long, default_value_t = 10)]
+    retry_max_attempts: u32,
+    /// First retry delay, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    retry_initial: u64,
+    /// Longest retry delay, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    retry_max_delay: u64,
+    /// Give up (and queue) after this many seconds without progress (default: no limit).
+    #[arg(long)]
+    retry_budget: Option<f64>,
+    /// Reconnect after this many seconds in which nothing is heard or a write cannot move.
+    #[arg(long, default_value_t = 30.0)]
+    stall_timeout: f64,
+    /// Limit each transfer's payload rate, e.g. 10M, 512K (bytes per second).
+    #[arg(long, value_parser = parse_rate, default_value = "0")]
+    bwlimit: u64,
+    /// No progress bars or periodic lines.
+    #[arg(long)]
+    no_progress: bool,
+    /// Connect through this address (a proxy) instead of the server's.
+    #[arg(long, hide = true)]
+    via: Option<String>,
+}
+
+impl ClientArgs {
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(default_state_dir)
+    }
+
+    fn options(&self, recursive: bool, alg: HashAlg) -> anyhow::Result<CopyOptions> {
+        let state_dir = self.state_dir();
+        if let Some(b) = self.retry_budget {
+            if !(0.0..=1e9).contains(&b) {
+                return Err(UsageError(format!("--retry-budget {b} is out of range")).into());
+            }
+        }
+        Ok(CopyOptions {
+            recursive,
+            state_dir: state_dir.clone(),
+            client: ferry::client::ClientConfig {
+                token: read_token(self.token_file.as_deref())?,
+                fingerprint: self.fingerprint.clone(),
+                known_servers: KnownServers::new(state_dir.join("known_servers")),
+                connect_timeout: Duration::from_secs(10),
+                via: self.via.clone(),
+                bwlimit: self.bwlimit,
+                timeouts: timeouts(self.stall_timeout)?,
+            },
+            retry: RetryPolicy {
+                initial: Duration::from_millis(self.retry_initial),
+                multiplier: 2.0,
+                max_delay: Duration::from_millis(self.retry_max_delay.max(self.retry_initial)),
+                max_attempts: self.retry_max_attempts,
+                budget: self.retry_budget.map(Duration::from_secs_f64),
+            },
+            alg,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -85,44 +160,36 @@ enum Cmd {
         /// Print a JSON summary as the last line of stdout.
         #[arg(long)]
         json: bool,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// File holding the server's token (or set FERRY_TOKEN).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        /// Expected server fingerprint (SHA256:…); otherwise pinned on first use.
-        #[arg(long)]
-        fingerprint: Option<String>,
         /// Hash algorithm for new transfers.
         #[arg(long, default_value = "blake3")]
         hash: String,
-        /// Attempts without progress before giving up (0 = unlimited).
-        #[arg(long, default_value_t = 10)]
-        retry_max_attempts: u32,
-        /// First retry delay, in milliseconds.
-        #[arg(long, default_value_t = 250)]
-        retry_initial: u64,
-        /// Longest retry delay, in milliseconds.
-        #[arg(long, default_value_t = 30_000)]
-        retry_max_delay: u64,
-        /// Give up after this many seconds without progress (default: no limit).
-        #[arg(long)]
-        retry_budget: Option<u64>,
-        /// Reconnect after this many seconds in which nothing is heard or a write cannot move.
-        #[arg(long, default_value_t = 30.0)]
-        stall_timeout: f64,
-        /// Limit each transfer's payload rate, e.g. 10M, 512K (bytes per second).
-        #[arg(long, value_parser = parse_rate, default_value = "0")]
-        bwlimit: u64,
-        /// No progress bars or periodic lines.
-        #[arg(long)]
-        no_progress: bool,
-        /// Connect through this address (a proxy) instead of the server's.
-        #[arg(long, hide = true)]
-        via: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
         /// Sources, then the destination.
         #[arg(required = true, num_args = 2..)]
         paths: Vec<String>,
+    },
+    /// Finish copies left queued by an earlier `ferry cp` (see `ferry status`).
+    Resume {
+        /// Queue entry ids to resume.
+        ids: Vec<String>,
+        /// Resume every queued copy.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Drain the queue in the background: retry queued copies with backoff until
+    /// their peers are back; survives restarts (the queue is on disk).
+    Agent {
+        /// Seconds between passes over the queue.
+        #[arg(long, default_value_t = 5.0)]
+        poll: f64,
+        /// Exit once the queue is empty instead of waiting for new entries.
+        #[arg(long)]
+        exit_when_empty: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Show the transfers this machine started and has not finished.
     Status {
@@ -231,7 +298,14 @@ impl std::fmt::Display for UsageError {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let default_level = match (&cli.cmd, cli.verbose, cli.quiet) {
         (_, _, true) => "error",
-        (_, 0, _) if matches!(cli.cmd, Cmd::Cp { .. } | Cmd::Status { .. }) => "warn",
+        (_, 0, _)
+            if matches!(
+                cli.cmd,
+                Cmd::Cp { .. } | Cmd::Status { .. } | Cmd::Resume { .. }
+            ) =>
+        {
+            "warn"
+        }
         (_, 0, _) => "info",
         (_, 1, _) => "info",
         _ => "debug",
@@ -283,70 +357,78 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cp {
             recursive,
             json,
-            state_dir,
-            token_file,
-            fingerprint,
             hash,
-            retry_max_attempts,
-            retry_initial,
-            retry_max_delay,
-            retry_budget,
-            no_progress,
-            via,
-            bwlimit,
-            stall_timeout,
+            client,
             mut paths,
         } => {
             let dst = paths
                 .pop()
                 .ok_or_else(|| UsageError("missing destination".into()))?;
-            let state_dir = state_dir.unwrap_or_else(default_state_dir);
             let alg = HashAlg::from_name(&hash).ok_or_else(|| {
                 UsageError(format!("unknown hash {hash:?}: use blake3 or sha256"))
             })?;
-            let opts = CopyOptions {
-                recursive,
-                state_dir: state_dir.clone(),
-                client: ferry::client::ClientConfig {
-                    token: read_token(token_file.as_deref())?,
-                    fingerprint,
-                    known_servers: KnownServers::new(state_dir.join("known_servers")),
-                    connect_timeout: Duration::from_secs(10),
-                    via,
-                    bwlimit,
-                    timeouts: timeouts(stall_timeout)?,
-                },
-                retry: RetryPolicy {
-                    initial: Duration::from_millis(retry_initial),
-                    multiplier: 2.0,
-                    max_delay: Duration::from_millis(retry_max_delay.max(retry_initial)),
-                    max_attempts: retry_max_attempts,
-                    budget: retry_budget.map(Duration::from_secs),
-                },
-                alg,
-            };
-            let progress = Arc::new(Progress::default());
-            let display = if no_progress {
-                None
-            } else {
-                Some(ui::ProgressDisplay::start(progress.clone()))
-            };
-            ui::init_logging(
-                cli.log_format == LogFormat::Json,
-                default_level,
-                display.as_ref().and_then(|d| d.multi()),
-            );
-            let r = copy(&paths, &dst, &opts, progress.clone()).await;
-            if let Some(d) = display {
-                d.finish().await;
-            }
-            let summary = r?;
+            let opts = client.options(recursive, alg)?;
+            // Local paths are kept absolute, so `ferry resume` works from anywhere.
+            let paths: Vec<String> = paths.iter().map(|p| absolutize(p)).collect();
+            let dst = absolutize(&dst);
+            let queue = Queue::new(&opts.state_dir);
+            let entry = queue.entry_for(&paths, &dst, recursive, alg.name());
+            let display = (!client.no_progress).then(ProgressSlot::new);
+            let multi = display.as_ref().and_then(|d| d.multi());
+            ui::init_logging(cli.log_format == LogFormat::Json, default_level, multi);
+            let summary = run_entry(&queue, entry, &opts, display).await?;
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else if !cli.quiet {
                 println!("{}", ui::summary_line(&summary));
             }
             Ok(())
+        }
+        Cmd::Resume { ids, all, client } => {
+            ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
+            let queue = Queue::new(&client.state_dir());
+            let entries: Vec<QueueEntry> = if all {
+                queue.list()
+            } else if ids.is_empty() {
+                return Err(UsageError("name queue entries to resume, or --all".into()).into());
+            } else {
+                ids.iter()
+                    .map(|id| {
+                        queue.get(id).ok_or_else(|| {
+                            UsageError(format!("no queued copy {id:?} (see ferry status)"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            };
+            if entries.is_empty() {
+                println!("nothing queued");
+                return Ok(());
+            }
+            let mut failed = None;
+            for e in entries {
+                let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
+                let opts = client.options(e.recursive, alg)?;
+                let id = e.id.clone();
+                match run_entry(&queue, e, &opts, None).await {
+                    Ok(s) => println!("completed {id}: {}", ui::summary_line(&s)),
+                    Err(err) => {
+                        eprintln!("ferry: {id}: {err:#}");
+                        failed = Some(err);
+                    }
+                }
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+        Cmd::Agent {
+            poll,
+            exit_when_empty,
+            client,
+        } => {
+            ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
+            agent(&client, poll, exit_when_empty).await
         }
         Cmd::Status { state_dir, json } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
@@ -407,4 +489,179 @@ fn timeouts(stall_secs: f64) -> anyhow::Result<ferry::conn::Timeouts> {
     Ok(ferry::conn::Timeouts::with_stall(Duration::from_secs_f64(
         stall_secs,
     )))
+}
+
+/// Holds the progress display of one run, if any.
+struct ProgressSlot {
+    progress: Arc<Progress>,
+    display: ui::ProgressDisplay,
+}
+
+impl ProgressSlot {
+    fn new() -> Self {
+        let progress = Arc::new(Progress::default());
+        Self {
+            display: ui::ProgressDisplay::start(progress.clone()),
+            progress,
+        }
+    }
+
+    fn multi(&self) -> Option<indicatif::MultiProgress> {
+        self.display.multi()
+    }
+}
+
+/// Whether a failure means "try later" (queue it) rather than "this cannot work".
+fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::RetriesExhausted { last, .. } => last.is_retryable(),
+        e => e.is_retryable(),
+    }
+}
+
+/// Runs one copy as a queue entry: the entry stays queued if the copy gives
+/// up for a reason that time can fix, and goes away when it completes or
+/// cannot ever work.
+async fn run_entry(
+    queue: &Queue,
+    mut entry: QueueEntry,
+    opts: &CopyOptions,
+    display: Option<ProgressSlot>,
+) -> anyhow::Result<CopySummary> {
+    if Queue::is_running_elsewhere(&entry) {
+        return Err(UsageError(format!(
+            "this copy is already running (pid {}, queue entry {})",
+            entry.pid, entry.id
+        ))
+        .into());
+    }
+    entry.state = "running".into();
+    entry.pid = std::process::id();
+    entry.attempts += 1;
+    queue.put(&entry)?;
+    let progress = display
+        .as_ref()
+        .map(|d| d.progress.clone())
+        .unwrap_or_default();
+    let r = copy(&entry.srcs, &entry.dst, opts, progress).await;
+    if let Some(d) = display {
+        d.display.finish().await;
+    }
+    match r {
+        Ok(s) => {
+            queue.remove(&entry.id);
+            Ok(s)
+        }
+        Err(e) if is_transient(&e) => {
+            entry.state = "queued".into();
+            entry.last_error = Some(e.to_string());
+            entry.next_attempt_unix = now_unix() + backoff_secs(entry.attempts);
+            queue.put(&entry)?;
+            eprintln!(
+                "ferry: could not finish now; queued as {} (`ferry resume {}` or `ferry agent` will complete it)",
+                entry.id, entry.id
+            );
+            Err(e.into())
+        }
+        Err(e) => {
+            queue.remove(&entry.id);
+            Err(e.into())
+        }
+    }
+}
+
+/// Seconds before the agent retries an entry after its `attempts`-th failure.
+fn backoff_secs(attempts: u32) -> u64 {
+    (5u64 << attempts.min(6)).min(300)
+}
+
+/// The long-running drainer behind `ferry agent`.
+async fn agent(client: &ClientArgs, poll: f64, exit_when_empty: bool) -> anyhow::Result<()> {
+    if !(0.05..=3600.0).contains(&poll) {
+        return Err(UsageError("--poll must be between 0.05 and 3600 seconds".into()).into());
+    }
+    let queue = Queue::new(&client.state_dir());
+    println!(
+        "ferry agent: draining {} ({} queued)",
+        client.state_dir().join("queue").display(),
+        queue.list().len()
+    );
+    let mut completed: Vec<String> = Vec::new();
+    let mut reported_empty = false;
+    // A freshly started agent tries everything at once; later passes honour backoff.
+    let mut first_pass = true;
+    loop {
+        let entries = queue.list();
+        if entries.is_empty() {
+            if !reported_empty {
+                println!(
+                    "reconciliation: {} completed, nothing missing",
+                    completed.len()
+                );
+                for c in &completed {
+                    println!("  completed {c}");
+                }
+                reported_empty = true;
+            }
+            if exit_when_empty {
+                return Ok(());
+            }
+        }
+        for e in entries {
+            if Queue::is_running_elsewhere(&e) || (!first_pass && e.next_attempt_unix > now_unix())
+            {
+                continue;
+            }
+            reported_empty = false;
+            let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
+            let opts = client.options(e.recursive, alg)?;
+            let what = format!("{} ({} -> {})", e.id, e.srcs.join(" "), e.dst);
+            match run_entry(&queue, e, &opts, None).await {
+                Ok(s) => {
+                    println!("completed {what}: {}", ui::summary_line(&s));
+                    completed.push(what);
+                }
+                Err(err) => {
+                    let still = queue.list().into_iter().find(|q| what.starts_with(&q.id));
+                    match still {
+                        Some(q) => println!(
+                            "still missing {what}: {err:#}; next attempt in {}s",
+                            q.next_attempt_unix.saturating_sub(now_unix())
+                        ),
+                        None => println!("failed for good {what}: {err:#}"),
+                    }
+                }
+            }
+        }
+        first_pass = false;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs_f64(poll)) => {}
+            _ = tokio::signal::ctrl_c() => {
+                let left = queue.list();
+                println!("reconciliation: {} completed, {} still queued", completed.len(), left.len());
+                for q in left {
+                    println!("  queued {} ({} -> {}): {}", q.id, q.srcs.join(" "), q.dst, q.last_error.unwrap_or_default());
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// An absolute form of a local path argument (URLs are left alone); a
+/// trailing `/` is kept since it means "into this directory".
+fn absolutize(p: &str) -> String {
+    if p.contains("://") {
+        return p.to_string();
+    }
+    match std::path::absolute(p) {
+        Ok(a) => {
+            let mut s = a.display().to_string();
+            if p.ends_with('/') && !s.ends_with('/') {
+                s.push('/');
+            }
+            s
+        }
+        Err(_) => p.to_string(),
+    }
 }

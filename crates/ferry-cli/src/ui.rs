@@ -269,8 +269,28 @@ pub fn print_status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
             (state, _) => println!("peer {}: circuit breaker {state}", p.addr),
         }
     }
+    let queued = ferry::queue::Queue::new(state_dir).list();
+    for q in &queued {
+        let state = if ferry::queue::Queue::is_running_elsewhere(q) {
+            "running"
+        } else {
+            "queued"
+        };
+        println!(
+            "{} {state:<11} copy {} -> {} (attempts {})",
+            q.id,
+            q.srcs.join(" "),
+            q.dst,
+            q.attempts
+        );
+        if let Some(e) = &q.last_error {
+            println!("    last error: {e}");
+        }
+    }
     if recs.is_empty() {
-        println!("no unfinished transfers");
+        if queued.is_empty() {
+            println!("no unfinished transfers");
+        }
         return Ok(());
     }
     for r in recs {

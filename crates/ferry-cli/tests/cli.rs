@@ -406,3 +406,69 @@ fn json_logs_carry_transfer_ids() {
     assert_eq!(v["transfer"].as_str().unwrap().len(), 32);
     kill9(&mut server);
 }
+
+#[test]
+fn unreachable_copy_is_queued_and_the_agent_finishes_it_when_the_server_returns() {
+    let env = Env::new();
+    let data = random_file(&env.p("q.bin"), 5 << 20, 6);
+    let src = env.p("q.bin").display().to_string();
+    // Server down: cp gives up quickly and leaves the copy queued.
+    let out = env
+        .cp(&["--retry-max-attempts", "2", &src, &env.url("q/q.bin")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("queued as"), "{stderr}");
+    let st = Command::new(BIN)
+        .args(["status", "--state-dir"])
+        .arg(env.p("client-state"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&st.stdout).contains("queued"),
+        "{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
+    // Re-running the same cp joins the same entry rather than adding one.
+    let _ = env
+        .cp(&["--retry-max-attempts", "1", &src, &env.url("q/q.bin")])
+        .output()
+        .unwrap();
+    let queue_dir = env.p("client-state/queue");
+    assert_eq!(std::fs::read_dir(&queue_dir).unwrap().count(), 1);
+    // The agent starts while the server is still down, then the server comes up.
+    let agent = Command::new(BIN)
+        .args([
+            "agent",
+            "--poll",
+            "0.2",
+            "--exit-when-empty",
+            "--retry-max-attempts",
+            "0",
+            "--retry-initial",
+            "50",
+            "--retry-max-delay",
+            "500",
+            "--state-dir",
+        ])
+        .arg(env.p("client-state"))
+        .arg("--token-file")
+        .arg(env.p("token"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut server = env.server();
+    let out = agent.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("completed") && stdout.contains("reconciliation"),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read(env.p("root/q/q.bin")).unwrap(), data);
+    assert_eq!(std::fs::read_dir(&queue_dir).unwrap().count(), 0);
+    kill9(&mut server);
+}

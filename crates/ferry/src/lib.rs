@@ -9,6 +9,7 @@
 //! * [`conn`]: framed message I/O over any byte stream.
 //! * [`tls`]: certificates, fingerprints, the known-servers file.
 //! * [`store`]: the redb journal of partial files and source hashes.
+//! * [`queue`]: the durable outbox of copies that could not finish yet.
 //! * [`status`]: records of unfinished transfers for `ferry status`.
 //! * [`paths`]: confining peer-supplied paths to the server root.
 //! * [`fsutil`]: durable writes, atomic renames, file identity.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod fsutil;
 pub mod paths;
 pub mod progress;
+pub mod queue;
 pub mod server;
 pub mod status;
 pub mod store;
