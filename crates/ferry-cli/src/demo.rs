@@ -69,6 +69,7 @@ pub async fn run(
         receiver: Default::default(),
         faults: Some(faults.clone()),
         timeouts: Default::default(),
+        min_free_bytes: 0,
     })
     .await?;
     let addr = server.local_addr()?;

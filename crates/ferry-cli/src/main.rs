@@ -151,6 +151,9 @@ enum Cmd {
         /// Tear a connection down after this many seconds without hearing from it.
         #[arg(long, default_value_t = 30.0)]
         stall_timeout: f64,
+        /// Refuse new uploads (retry later) that would leave less free disk than this, e.g. 2G.
+        #[arg(long, value_parser = parse_rate, default_value = "1G")]
+        min_free: u64,
     },
     /// Copy files and trees; SRC and DST are local paths or ferry://HOST[:PORT]/PATH.
     Cp {
@@ -318,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             no_auth,
             stall_timeout,
+            min_free,
         } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir().join("server"));
@@ -338,6 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 receiver: receiver_config_from_env(),
                 faults: None,
                 timeouts: timeouts(stall_timeout)?,
+                min_free_bytes: min_free,
             };
             let server = ferry::server::Server::bind(cfg).await?;
             println!("ferry server listening on {}", server.local_addr()?);

@@ -71,6 +71,8 @@ pub enum FailureCode {
     VersionRefused,
     Internal,
     Protocol,
+    /// The receiver's disk is nearly full: no new uploads for now (retry later).
+    InsufficientStorage,
     /// A code this version does not know.
     Other(u64),
 }
@@ -90,6 +92,7 @@ impl FailureCode {
             FailureCode::VersionRefused => 10,
             FailureCode::Internal => 11,
             FailureCode::Protocol => 12,
+            FailureCode::InsufficientStorage => 13,
             FailureCode::Other(v) => v,
         }
     }
@@ -108,6 +111,7 @@ impl FailureCode {
             10 => FailureCode::VersionRefused,
             11 => FailureCode::Internal,
             12 => FailureCode::Protocol,
+            13 => FailureCode::InsufficientStorage,
             v => FailureCode::Other(v),
         }
     }
@@ -121,6 +125,7 @@ impl FailureCode {
                 | FailureCode::Internal
                 | FailureCode::SourceChanged
                 | FailureCode::Protocol
+                | FailureCode::InsufficientStorage
         )
     }
 }

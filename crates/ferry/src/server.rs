@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub faults: Option<Arc<FaultPlan>>,
     /// Stall watchdog and keepalive for every connection.
     pub timeouts: Timeouts,
+    /// Refuse new uploads that would leave less free space than this; resumes
+    /// and downloads go on.
+    pub min_free_bytes: u64,
 }
 
 struct Shared {
@@ -56,6 +59,7 @@ struct Shared {
     receiver: ReceiverConfig,
     faults: Option<Arc<FaultPlan>>,
     timeouts: Timeouts,
+    min_free_bytes: u64,
     /// Destinations being written now: one writer each, with a way to stop it.
     busy: Mutex<HashMap<PathBuf, (TransferId, Arc<Notify>)>>,
 }
@@ -89,6 +93,7 @@ impl Server {
             receiver: cfg.receiver,
             faults: cfg.faults,
             timeouts: cfg.timeouts,
+            min_free_bytes: cfg.min_free_bytes,
             busy: Mutex::new(HashMap::new()),
         });
         Ok(Self {
@@ -428,6 +433,7 @@ async fn handle_request(
                 .map_err(|e| RequestError::Reply(failure_for(&Error::local(&parent, e))))?;
             // Re-check after creating parents: a symlink may have appeared.
             resolve(root, &path).map_err(path_failure)?;
+            admit_upload(shared, &full, &parent, &meta)?;
             let (mut rx, dest) =
                 match prepare_receive(&shared.store, &full, id, &meta, shared.receiver.clone()) {
                     Ok(x) => x,
@@ -485,6 +491,32 @@ async fn handle_request(
                 )),
             )))
         }
+    }
+    Ok(())
+}
+
+/// Graceful degradation: when the disk is nearly full, a new upload is told to
+/// come back later, while the resume of a partial already here goes on (its
+/// space is mostly taken already) and downloads are unaffected. Nothing that
+/// is verified is ever removed to make room.
+fn admit_upload(shared: &Shared, full: &Path, parent: &Path, meta: &ferry_proto::message::FileMeta) -> std::result::Result<(), RequestError> {
+    let key = full.to_string_lossy();
+    let source_hex = fsutil::hex(&meta.source_id);
+    if let Ok(Some((rec, _))) = shared.store.partial(&key) {
+        if rec.source_id == source_hex && rec.size == meta.size {
+            return Ok(());
+        }
+    }
+    let Ok(st) = rustix::fs::statvfs(parent) else { return Ok(()) };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let needed = meta.size.saturating_add(shared.min_free_bytes);
+    if free < needed {
+        let mut f = Failure::new(
+            FailureCode::InsufficientStorage,
+            format!("server disk is nearly full ({free} bytes free, {needed} needed with the reserve); try again later"),
+        );
+        f.retry_after_ms = Some(60_000);
+        return Err(RequestError::Reply(f));
     }
     Ok(())
 }

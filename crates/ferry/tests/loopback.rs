@@ -41,6 +41,10 @@ impl TestServer {
     }
 
     async fn start_at(dir: &Path, listen: SocketAddr) -> TestServer {
+        Self::start_full(dir, listen, 0).await
+    }
+
+    async fn start_full(dir: &Path, listen: SocketAddr, min_free_bytes: u64) -> TestServer {
         let faults = Arc::new(FaultPlan::default());
         let root = dir.join("root");
         let state = dir.join("server-state");
@@ -52,6 +56,7 @@ impl TestServer {
             receiver: Default::default(),
             faults: Some(faults.clone()),
             timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(2)),
+            min_free_bytes,
         })
         .await
         .unwrap();
@@ -752,5 +757,35 @@ async fn breaker_opens_while_the_server_is_down_and_the_copy_finishes_when_it_re
     assert!(s.retries >= 5);
     assert_eq!(std::fs::read(srv.root.join("late.bin")).unwrap(), data);
     assert_eq!(peers.list()[0].breaker, "closed");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn nearly_full_disk_refuses_new_uploads_but_serves_resumes_and_downloads() {
+    let dir = TempDir::new().unwrap();
+    let size = 20 * 1024 * 1024;
+    let src = dir.path().join("n.bin");
+    let data = random_file(&src, size, 17);
+    // A partial exists from before the disk filled up.
+    let srv = TestServer::start(dir.path()).await;
+    interrupted_upload(dir.path(), &srv, &src, "n.bin", size / 2).await;
+    random_file(&srv.root.join("served.bin"), 1000, 18);
+    let addr = srv.addr;
+    srv.stop().await;
+    // Same server, now with a reserve no disk can satisfy.
+    let srv = TestServer::start_full(dir.path(), addr, u64::MAX / 4).await;
+    let mut opts = client_opts(dir.path(), None);
+    opts.retry.max_attempts = 1;
+    let other = dir.path().join("other.bin");
+    random_file(&other, 1000, 19);
+    let e = cp(&[other.display().to_string()], &srv.url("other.bin"), &opts).await.unwrap_err();
+    assert!(e.is_retryable() || matches!(e, Error::RetriesExhausted { .. }), "{e}");
+    assert!(e.to_string().contains("nearly full"), "{e}");
+    assert!(e.retry_after().is_some(), "the server says when to come back");
+    // The resume goes on, and downloads still work.
+    cp(&[src.display().to_string()], &srv.url("n.bin"), &opts).await.unwrap();
+    assert_eq!(std::fs::read(srv.root.join("n.bin")).unwrap(), data);
+    let back = dir.path().join("served.bin");
+    cp(&[srv.url("served.bin")], &back.display().to_string(), &opts).await.unwrap();
     srv.stop().await;
 }
