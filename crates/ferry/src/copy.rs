@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Time through tokio's clock, so paused-time tests drive retries and cool-downs.
+use tokio::time::Instant;
 
 use ferry_proto::message::{Entry, EntryKind};
 use ferry_proto::{ChunkHash, HashAlg, TransferId};
@@ -161,6 +164,7 @@ pub async fn copy(
         digests: Vec::new(),
         breakers: std::collections::HashMap::new(),
         peers: PeerStatus::new(&opts.state_dir),
+        deadline: None,
     };
     let dst_is_dir_hint = dst.ends_with('/') || srcs.len() > 1;
     match (&srcs[0], &dst_ep) {
@@ -393,6 +397,8 @@ struct Runner<'a> {
     digests: Vec<(String, ChunkHash)>,
     breakers: std::collections::HashMap<String, CircuitBreaker>,
     peers: PeerStatus,
+    /// End of the retry budget of the current operation, if there is one.
+    deadline: Option<Instant>,
 }
 
 type BoxFut<'s, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 's>>;
@@ -415,6 +421,7 @@ impl Runner<'_> {
     ) -> Result<T> {
         let mut attempt = 0u32;
         let start = Instant::now();
+        self.deadline = self.opts.retry.budget.map(|b| start + b);
         loop {
             let r = async {
                 self.ensure_session(addr).await?;
@@ -447,11 +454,18 @@ impl Runner<'_> {
             .entry(addr.to_string())
             .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
         loop {
-            match breaker.allow(tokio::time::Instant::now().into_std()) {
+            match breaker.allow(Instant::now().into_std()) {
                 Ok(()) => break,
                 Err(until) => {
-                    let wait =
-                        until.saturating_duration_since(tokio::time::Instant::now().into_std());
+                    if let Some(d) = self.deadline {
+                        if Instant::from_std(until) > d {
+                            tokio::time::sleep_until(d).await;
+                            return Err(Error::Timeout(format!(
+                                "{addr}: circuit breaker stays open past the retry budget"
+                            )));
+                        }
+                    }
+                    let wait = until.saturating_duration_since(Instant::now().into_std());
                     info!(
                         peer = addr,
                         wait_ms = wait.as_millis() as u64,
@@ -462,7 +476,7 @@ impl Runner<'_> {
             }
         }
         let r = Session::connect(addr, &self.opts.client).await;
-        let now = tokio::time::Instant::now().into_std();
+        let now = Instant::now().into_std();
         let breaker = self
             .breakers
             .entry(addr.to_string())
@@ -549,6 +563,7 @@ impl Runner<'_> {
         let mut attempt = 0u32;
         let mut restarts = 0u32;
         let mut start = Instant::now();
+        self.deadline = self.opts.retry.budget.map(|b| start + b);
         let mut last_source: Option<Vec<u8>> = None;
         loop {
             self.progress.undo_file();
@@ -636,6 +651,7 @@ impl Runner<'_> {
                         // Progress is not failure: start the count again.
                         attempt = 0;
                         start = Instant::now();
+                        self.deadline = self.opts.retry.budget.map(|b| start + b);
                     }
                     attempt += 1;
                     self.backoff(e, attempt, start).await?;
@@ -708,6 +724,7 @@ impl Runner<'_> {
         self.progress.start_file(&remote_display, job.size);
         let mut attempt = 0u32;
         let mut start = Instant::now();
+        self.deadline = self.opts.retry.budget.map(|b| start + b);
         loop {
             self.progress.undo_file();
             let id = match self.status.find("download", &local_key, &remote_display) {
@@ -766,6 +783,7 @@ impl Runner<'_> {
                     if progressed {
                         attempt = 0;
                         start = Instant::now();
+                        self.deadline = self.opts.retry.budget.map(|b| start + b);
                     }
                     attempt += 1;
                     self.backoff(e, attempt, start).await?;

@@ -110,7 +110,9 @@ impl Error {
                     FailureCode::BadRequest | FailureCode::NotFound => ErrorClass::Usage,
                     FailureCode::Integrity => ErrorClass::Integrity,
                     FailureCode::NoSpace | FailureCode::Io => ErrorClass::LocalIo,
-                    FailureCode::Busy | FailureCode::Internal | FailureCode::InsufficientStorage => ErrorClass::Unreachable,
+                    FailureCode::Busy
+                    | FailureCode::Internal
+                    | FailureCode::InsufficientStorage => ErrorClass::Unreachable,
                     _ => ErrorClass::Protocol,
                 },
                 _ => ErrorClass::Protocol,

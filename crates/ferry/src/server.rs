@@ -499,7 +499,12 @@ async fn handle_request(
 /// come back later, while the resume of a partial already here goes on (its
 /// space is mostly taken already) and downloads are unaffected. Nothing that
 /// is verified is ever removed to make room.
-fn admit_upload(shared: &Shared, full: &Path, parent: &Path, meta: &ferry_proto::message::FileMeta) -> std::result::Result<(), RequestError> {
+fn admit_upload(
+    shared: &Shared,
+    full: &Path,
+    parent: &Path,
+    meta: &ferry_proto::message::FileMeta,
+) -> std::result::Result<(), RequestError> {
     let key = full.to_string_lossy();
     let source_hex = fsutil::hex(&meta.source_id);
     if let Ok(Some((rec, _))) = shared.store.partial(&key) {
@@ -507,7 +512,9 @@ fn admit_upload(shared: &Shared, full: &Path, parent: &Path, meta: &ferry_proto:
             return Ok(());
         }
     }
-    let Ok(st) = rustix::fs::statvfs(parent) else { return Ok(()) };
+    let Ok(st) = rustix::fs::statvfs(parent) else {
+        return Ok(());
+    };
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     let needed = meta.size.saturating_add(shared.min_free_bytes);
     if free < needed {

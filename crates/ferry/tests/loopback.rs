@@ -778,14 +778,26 @@ async fn nearly_full_disk_refuses_new_uploads_but_serves_resumes_and_downloads()
     opts.retry.max_attempts = 1;
     let other = dir.path().join("other.bin");
     random_file(&other, 1000, 19);
-    let e = cp(&[other.display().to_string()], &srv.url("other.bin"), &opts).await.unwrap_err();
-    assert!(e.is_retryable() || matches!(e, Error::RetriesExhausted { .. }), "{e}");
+    let e = cp(&[other.display().to_string()], &srv.url("other.bin"), &opts)
+        .await
+        .unwrap_err();
+    assert!(
+        e.is_retryable() || matches!(e, Error::RetriesExhausted { .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("nearly full"), "{e}");
-    assert!(e.retry_after().is_some(), "the server says when to come back");
+    assert!(
+        e.retry_after().is_some(),
+        "the server says when to come back"
+    );
     // The resume goes on, and downloads still work.
-    cp(&[src.display().to_string()], &srv.url("n.bin"), &opts).await.unwrap();
+    cp(&[src.display().to_string()], &srv.url("n.bin"), &opts)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(srv.root.join("n.bin")).unwrap(), data);
     let back = dir.path().join("served.bin");
-    cp(&[srv.url("served.bin")], &back.display().to_string(), &opts).await.unwrap();
+    cp(&[srv.url("served.bin")], &back.display().to_string(), &opts)
+        .await
+        .unwrap();
     srv.stop().await;
 }
