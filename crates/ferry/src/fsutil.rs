@@ -115,7 +115,7 @@ pub fn source_id(md: &std::fs::Metadata) -> Vec<u8> {
 /// Sets permission bits and mtime on an open file.
 pub fn apply_meta(f: &File, path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
     if mode != 0 {
-        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
             .map_err(|e| Error::local(path, e))?;
     }
     if mtime_ns > 0 {
@@ -128,7 +128,7 @@ pub fn apply_meta(f: &File, path: &Path, mode: u32, mtime_ns: i64) -> Result<()>
 /// Sets a directory's permission bits and mtime.
 pub fn apply_dir_meta(path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
     if mode != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
             .map_err(|e| Error::local(path, e))?;
     }
     if mtime_ns > 0 {
