@@ -388,7 +388,7 @@ async fn handle_request(
         }
         Message::List { path } => {
             let full = resolve(root, &path).map_err(path_failure)?;
-            let entries = list_tree(root, &full).map_err(|e| {
+            let entries = list_tree(&full).map_err(|e| {
                 RequestError::Reply(Failure::new(FailureCode::NotFound, e.to_string()))
             })?;
             let pages: Vec<&[Entry]> = if entries.is_empty() {
@@ -530,7 +530,7 @@ fn admit_upload(
 
 /// Lists files and directories under `dir` (or `dir` itself if a file), with
 /// paths relative to `dir`. Symlinks, special files and partials are skipped.
-fn list_tree(root: &Path, dir: &Path) -> std::io::Result<Vec<Entry>> {
+fn list_tree(dir: &Path) -> std::io::Result<Vec<Entry>> {
     let md = std::fs::metadata(dir)?;
     if md.is_file() {
         return Ok(vec![entry_for(String::new(), &md)]);
@@ -560,9 +560,6 @@ fn list_tree(root: &Path, dir: &Path) -> std::io::Result<Vec<Entry>> {
                 stack.push((e.path(), rel_path));
             } else if md.is_file() {
                 out.push(entry_for(rel_path, &md));
-            }
-            if !e.path().starts_with(root) {
-                continue;
             }
         }
     }
