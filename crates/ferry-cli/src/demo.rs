@@ -105,6 +105,7 @@ pub async fn run(
             via: Some(proxy.addr().to_string()),
             bwlimit: 0,
             timeouts: Default::default(),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
         },
         retry: RetryPolicy {
             initial: Duration::from_millis(100),

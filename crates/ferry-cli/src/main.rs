@@ -111,6 +111,7 @@ impl ClientArgs {
                 via: self.via.clone(),
                 bwlimit: self.bwlimit,
                 timeouts: timeouts(self.stall_timeout)?,
+                dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
             },
             retry: RetryPolicy {
                 initial: Duration::from_millis(self.retry_initial),

@@ -10,17 +10,15 @@ use ferry_proto::{
     ChunkHash, ChunkLayout, HashAlg, Message, ProtoError, ReceiverConfig, Sender, SenderConfig,
     TransferId,
 };
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tracing::info;
 
-use crate::conn::{BoxStream, Conn, Timeouts};
+use crate::conn::{Conn, Timeouts};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::tls::{client_config, normalize_fingerprint, KnownServers};
 use crate::transfer::{drive_receiver, drive_sender, prepare_receive, PreparedSource, Throttle};
+use crate::transport::{server_name, tcp::TcpDialer, DialTarget, Dialer};
 
 /// How a client connects.
 #[derive(Debug, Clone)]
@@ -37,6 +35,25 @@ pub struct ClientConfig {
     pub bwlimit: u64,
     /// Stall watchdog and keepalive.
     pub timeouts: Timeouts,
+    /// What carries the connection (TCP+TLS unless told otherwise).
+    pub dialer: Arc<dyn Dialer>,
+}
+
+impl ClientConfig {
+    /// Defaults: no token, pins from `known_servers`, TCP+TLS, 10 s connect
+    /// timeout, no bandwidth limit, the default stall watchdog.
+    pub fn new(known_servers: KnownServers) -> Self {
+        Self {
+            token: None,
+            fingerprint: None,
+            known_servers,
+            connect_timeout: Duration::from_secs(10),
+            via: None,
+            bwlimit: 0,
+            timeouts: Timeouts::default(),
+            dialer: Arc::new(TcpDialer),
+        }
+    }
 }
 
 /// An authenticated connection to a server.
@@ -66,51 +83,42 @@ impl Session {
             .or_else(|| cfg.known_servers.lookup(addr));
         let (tls_cfg, seen) = client_config(expected.clone())?;
         let dial = cfg.via.as_deref().unwrap_or(addr);
-        let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(dial))
-            .await
-            .map_err(|_| Error::Connect {
-                addr: addr.to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-            })?
-            .map_err(|e| Error::Connect {
-                addr: addr.to_string(),
-                source: e,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let host = addr
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or(addr)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let name = ServerName::try_from(host.to_string())
-            .unwrap_or_else(|_| ServerName::try_from("ferry").expect("static name is valid"));
-        let connector = TlsConnector::from(Arc::new(tls_cfg));
-        let tls =
-            match tokio::time::timeout(cfg.connect_timeout, connector.connect(name, tcp)).await {
-                Err(_) => return Err(Error::Timeout(format!("TLS handshake with {addr}"))),
-                Ok(Err(e)) => {
-                    if let (Some(exp), Some(got)) = (&expected, seen()) {
-                        if *exp != got {
-                            return Err(Error::FingerprintMismatch {
-                                host: addr.to_string(),
-                                expected: exp.clone(),
-                                actual: got,
-                                file: cfg.known_servers.path().display().to_string(),
-                            });
-                        }
+        let target = DialTarget {
+            addr: dial,
+            server_name: server_name(addr),
+            tls: Arc::new(tls_cfg),
+            timeout: cfg.connect_timeout,
+        };
+        let stream = match cfg.dialer.dial(target).await {
+            Ok(s) => s,
+            Err(Error::Connect { source, .. }) => {
+                return Err(Error::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })
+            }
+            Err(Error::Tls(e)) => {
+                if let (Some(exp), Some(got)) = (&expected, seen()) {
+                    if *exp != got {
+                        return Err(Error::FingerprintMismatch {
+                            host: addr.to_string(),
+                            expected: exp.clone(),
+                            actual: got,
+                            file: cfg.known_servers.path().display().to_string(),
+                        });
                     }
-                    return Err(Error::Tls(format!("{addr}: {e}")));
                 }
-                Ok(Ok(t)) => t,
-            };
+                return Err(Error::Tls(format!("{addr}: {e}")));
+            }
+            Err(Error::Timeout(what)) => return Err(Error::Timeout(format!("{what} with {addr}"))),
+            Err(e) => return Err(e),
+        };
         if expected.is_none() {
             if let Some(fp) = seen() {
                 cfg.known_servers.record(addr, &fp)?;
                 info!(server = addr, fingerprint = %fp, file = %cfg.known_servers.path().display(), "pinned new server fingerprint");
             }
         }
-        let stream: BoxStream = Box::new(tls);
         let mut conn = Conn::new(stream, addr.to_string());
         conn.set_timeouts(cfg.timeouts);
         conn.send(&client_hello(

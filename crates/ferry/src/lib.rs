@@ -6,6 +6,7 @@
 //! * [`client`]: connects (TLS, pinning, token) and issues requests.
 //! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it with retries.
 //! * [`transfer`]: the drivers that run a `Sender` or `Receiver` over a connection.
+//! * [`transport`]: what carries a session: dialers and listeners (TCP+TLS).
 //! * [`conn`]: framed message I/O over any byte stream.
 //! * [`tls`]: certificates, fingerprints, the known-servers file.
 //! * [`store`]: the redb journal of partial files and source hashes.
@@ -31,6 +32,7 @@ pub mod status;
 pub mod store;
 pub mod tls;
 pub mod transfer;
+pub mod transport;
 
 pub use error::{Error, ErrorClass, Result};
 pub use ferry_proto::retry;

@@ -14,9 +14,7 @@ use ferry_proto::{
     Failure, FailureCode, HashAlg, Message, ReceiverConfig, Sender, SenderConfig, TransferId,
 };
 use subtle::ConstantTimeEq;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn, Instrument};
 
 use crate::conn::{Conn, Timeouts};
@@ -29,6 +27,7 @@ use crate::tls::ServerIdentity;
 use crate::transfer::{
     drive_receiver, drive_sender, prepare_receive, prepare_send, FaultPlan, PreparedSource,
 };
+use crate::transport::{tcp::TcpTlsListener, Incoming, Listener};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_IDLE: Duration = Duration::from_secs(300);
@@ -66,26 +65,31 @@ struct Shared {
 
 /// A bound server, ready to run.
 pub struct Server {
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
+    listeners: Vec<Box<dyn Listener>>,
+    tls: Arc<rustls::ServerConfig>,
     shared: Arc<Shared>,
     fingerprint: String,
     conn_limit: Arc<tokio::sync::Semaphore>,
 }
 
 impl Server {
+    /// Sets up a server listening on `cfg.listen` over TCP+TLS.
     pub async fn bind(cfg: ServerConfig) -> Result<Self> {
+        let listen = cfg.listen;
+        let mut server = Self::new(cfg)?;
+        let tcp = TcpTlsListener::bind(listen, server.tls_config()).await?;
+        server.add_listener(Box::new(tcp));
+        Ok(server)
+    }
+
+    /// Sets up a server with no listener yet: identity, journal, root.
+    /// Add transports with [`Server::add_listener`].
+    pub fn new(cfg: ServerConfig) -> Result<Self> {
         std::fs::create_dir_all(&cfg.root).map_err(|e| Error::local(&cfg.root, e))?;
         let root = std::fs::canonicalize(&cfg.root).map_err(|e| Error::local(&cfg.root, e))?;
         let identity = ServerIdentity::load_or_create(&cfg.state_dir)?;
-        let acceptor = TlsAcceptor::from(Arc::new(identity.server_config()?));
+        let tls = Arc::new(identity.server_config()?);
         let store = Arc::new(Store::open(&cfg.state_dir)?);
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|e| Error::Connect {
-                addr: cfg.listen.to_string(),
-                source: e,
-            })?;
         let shared = Arc::new(Shared {
             root,
             token_hash: cfg.token.as_deref().map(|t| *blake3::hash(t).as_bytes()),
@@ -97,16 +101,29 @@ impl Server {
             busy: Mutex::new(HashMap::new()),
         });
         Ok(Self {
-            listener,
-            acceptor,
+            listeners: Vec::new(),
+            tls,
             shared,
             fingerprint: identity.fingerprint(),
             conn_limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         })
     }
 
+    /// The server's TLS settings (certificate and key), for building listeners.
+    pub fn tls_config(&self) -> Arc<rustls::ServerConfig> {
+        self.tls.clone()
+    }
+
+    /// Serves on one more transport as well.
+    pub fn add_listener(&mut self, l: Box<dyn Listener>) {
+        self.listeners.push(l);
+    }
+
+    /// The address of the first listener.
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.listener
+        self.listeners
+            .first()
+            .ok_or_else(|| Error::Usage("server has no listener".into()))?
             .local_addr()
             .map_err(|e| Error::local("listener", e))
     }
@@ -118,13 +135,41 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
+        if self.listeners.is_empty() {
+            return Err(Error::Usage("server has no listener".into()));
+        }
+        // One accept loop per transport, all feeding this loop.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Incoming, String, &'static str)>(16);
+        let mut accepts = tokio::task::JoinSet::new();
+        for mut l in self.listeners {
+            let tx = tx.clone();
+            accepts.spawn(async move {
+                let name = l.name();
+                loop {
+                    match l.accept().await {
+                        Ok((inc, peer)) => {
+                            if tx.send((inc, peer, name)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(transport = name, error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        drop(tx);
         let mut next_conn: u64 = 0;
         let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
                     info!(connections = conns.len(), "server shutting down");
-                    drop(self.listener);
+                    accepts.abort_all();
+                    while accepts.join_next().await.is_some() {}
+                    drop(rx);
                     // Let connections finish what they are doing, briefly; a
                     // transfer cut here resumes later from its last checkpoint.
                     let drain = async { while conns.join_next().await.is_some() {} };
@@ -135,27 +180,21 @@ impl Server {
                     return Ok(());
                 }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                r = self.listener.accept() => {
-                    let (tcp, peer) = match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
+                r = rx.recv() => {
+                    let Some((incoming, peer, transport)) = r else {
+                        return Err(Error::Usage("all listeners stopped".into()));
                     };
                     let Ok(permit) = self.conn_limit.clone().try_acquire_owned() else {
                         warn!(peer = %peer, "too many connections; refusing one");
-                        drop(tcp);
+                        drop(incoming);
                         continue;
                     };
                     next_conn += 1;
-                    let span = tracing::info_span!("conn", id = next_conn, peer = %peer);
-                    let acceptor = self.acceptor.clone();
+                    let span = tracing::info_span!("conn", id = next_conn, peer = %peer, transport);
                     let shared = self.shared.clone();
                     conns.spawn(async move {
                         let _permit = permit;
-                        match serve_conn(tcp, peer, acceptor, shared).await {
+                        match serve_conn(incoming, peer, shared).await {
                             Ok(()) => tracing::debug!("connection closed"),
                             Err(e) if e.is_retryable() => info!(error = %e, "connection lost"),
                             Err(e) => warn!(error = %e, "connection ended with an error"),
@@ -167,18 +206,11 @@ impl Server {
     }
 }
 
-async fn serve_conn(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-) -> Result<()> {
-    let _ = tcp.set_nodelay(true);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Result<()> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
         .await
-        .map_err(|_| Error::Timeout("TLS handshake".into()))?
-        .map_err(|e| Error::Tls(e.to_string()))?;
-    let mut conn = Conn::new(Box::new(tls), peer.to_string());
+        .map_err(|_| Error::Timeout("TLS handshake".into()))??;
+    let mut conn = Conn::new(stream, peer);
     conn.set_timeouts(shared.timeouts);
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.rd.expect())
         .await

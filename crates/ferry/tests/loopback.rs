@@ -104,6 +104,7 @@ fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
             via,
             bwlimit: 0,
             timeouts: Default::default(),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
         },
         retry: RetryPolicy {
             initial: Duration::from_millis(10),

@@ -33,6 +33,7 @@ async fn backoff_and_breaker_cooldowns_pace_the_attempts() {
             via: None,
             bwlimit: 0,
             timeouts: Default::default(),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
         },
         retry: RetryPolicy {
             initial: Duration::from_millis(100),
@@ -88,6 +89,7 @@ async fn retry_budget_bounds_the_total_time() {
             via: None,
             bwlimit: 0,
             timeouts: Default::default(),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
         },
         retry: RetryPolicy::default(),
         alg: HashAlg::Blake3,

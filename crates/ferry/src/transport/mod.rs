@@ -1,0 +1,100 @@
+//! Transports: what carries a session's bytes.
+//!
+//! The protocol runs over any reliable, ordered byte stream ([`BoxStream`]).
+//! A transport is a pair of small traits: a [`Dialer`] on the client side and a
+//! [`Listener`] on the server side. Both produce streams that are already
+//! secured (TLS, or QUIC's own TLS), so everything above them (hello, requests,
+//! transfers, resume) is the same whatever carries it.
+//!
+//! * [`tcp`]: TCP + TLS 1.3, the default.
+//!
+//! Tests plug in their own transports (a simulated network, an in-memory
+//! duplex) through the same traits, using [`tls_connect`] and [`tls_accept`]
+//! over their streams.
+
+pub mod tcp;
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::conn::{BoxStream, Stream};
+use crate::error::{Error, Result};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A connection that was accepted but whose transport handshake (TLS, ...) has
+/// still to run. The server runs it in the connection's own task, under its
+/// handshake timeout, so a slow peer never holds up the accept loop.
+pub type Incoming = BoxFuture<'static, Result<BoxStream>>;
+
+/// The server side of a transport.
+pub trait Listener: Send + 'static {
+    /// Waits for the next connection; returns it with a printable peer address.
+    fn accept(&mut self) -> BoxFuture<'_, std::io::Result<(Incoming, String)>>;
+    fn local_addr(&self) -> std::io::Result<SocketAddr>;
+    /// A short name for logs ("tcp", "quic", ...).
+    fn name(&self) -> &'static str;
+}
+
+/// Where and how to dial.
+pub struct DialTarget<'a> {
+    /// The address to connect to (the server's, or a proxy's in front of it).
+    pub addr: &'a str,
+    /// The name the server is verified under (pinning ignores it).
+    pub server_name: ServerName<'static>,
+    /// TLS client settings, with the pinning verifier.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Bound on the connect and on the transport handshake, each.
+    pub timeout: Duration,
+}
+
+/// The client side of a transport.
+pub trait Dialer: Send + Sync + fmt::Debug {
+    /// Connects and secures a stream. Errors: [`Error::Connect`] when the peer
+    /// cannot be reached, [`Error::Tls`] when the handshake fails (the caller
+    /// then checks whether the pin was the reason), [`Error::Timeout`].
+    fn dial<'a>(&'a self, target: DialTarget<'a>) -> BoxFuture<'a, Result<BoxStream>>;
+}
+
+/// Runs the TLS client handshake over any stream.
+pub async fn tls_connect<S: Stream>(
+    stream: S,
+    target_tls: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    timeout: Duration,
+) -> Result<BoxStream> {
+    let connector = TlsConnector::from(target_tls);
+    match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
+        Err(_) => Err(Error::Timeout("TLS handshake".into())),
+        Ok(Err(e)) => Err(Error::Tls(e.to_string())),
+        Ok(Ok(t)) => Ok(Box::new(t)),
+    }
+}
+
+/// Runs the TLS server handshake over any stream (the caller bounds the time).
+pub async fn tls_accept<S: Stream>(stream: S, acceptor: TlsAcceptor) -> Result<BoxStream> {
+    let tls = acceptor
+        .accept(stream)
+        .await
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    Ok(Box::new(tls))
+}
+
+/// The name a server is verified under, from `HOST:PORT`.
+pub fn server_name(addr: &str) -> ServerName<'static> {
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::DnsName("ferry".try_into().expect("static name is valid")))
+}
