@@ -115,6 +115,7 @@ pub async fn run(
             budget: None,
         },
         alg: HashAlg::Blake3,
+        seed: None,
     };
     let progress = Arc::new(Progress::default());
     let display = ui::ProgressDisplay::start(progress.clone());

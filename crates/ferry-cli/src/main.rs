@@ -121,6 +121,7 @@ impl ClientArgs {
                 budget: self.retry_budget.map(Duration::from_secs_f64),
             },
             alg,
+            seed: None,
         })
     }
 }

@@ -28,7 +28,7 @@ impl Default for BreakerConfig {
             failure_rate: 0.5,
             min_samples: 10,
             cooldown: Duration::from_secs(5),
-            max_cooldown: Duration::from_secs(120),
+            max_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -219,7 +219,7 @@ mod tests {
         assert_eq!(
             b.state(),
             BreakerState::Open {
-                until: t + Duration::from_secs(120)
+                until: t + Duration::from_secs(30)
             },
             "capped"
         );

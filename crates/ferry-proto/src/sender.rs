@@ -351,6 +351,11 @@ impl Sender {
         ))
     }
 
+    /// Bytes sent but not yet acknowledged as durable.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight_bytes
+    }
+
     /// Whether the window is full (the driver may wait for acks).
     pub fn window_full(&self) -> bool {
         self.phase == Phase::Sending

@@ -109,6 +109,10 @@ pub struct Timeouts {
     pub stall: std::time::Duration,
     /// Send a keepalive after this long without writing.
     pub keepalive: std::time::Duration,
+    /// A sender with data outstanding that sees no chunk acknowledged for this
+    /// long, while the connection itself is alive (keepalives answered), tears
+    /// it down and resumes on a new one: the receiver is stuck, not the link.
+    pub ack: std::time::Duration,
 }
 
 impl Default for Timeouts {
@@ -116,6 +120,7 @@ impl Default for Timeouts {
         Self {
             stall: std::time::Duration::from_secs(30),
             keepalive: std::time::Duration::from_secs(10),
+            ack: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -126,6 +131,7 @@ impl Timeouts {
         Self {
             stall,
             keepalive: (stall / 3).max(std::time::Duration::from_millis(100)),
+            ack: stall * 2,
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::status::PeerStatus;
 use crate::status::{StatusDir, TransferRecord};
 use crate::store::Store;
 use crate::transfer::prepare_send;
-use ferry_proto::breaker::{BreakerConfig, CircuitBreaker};
+use ferry_proto::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 
 /// One side of a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +86,9 @@ pub struct CopyOptions {
     pub client: ClientConfig,
     pub retry: RetryPolicy,
     pub alg: HashAlg,
+    /// Seed of the retry jitter; `None` draws one from the OS. Tests and
+    /// simulations fix it so a run can be replayed.
+    pub seed: Option<u64>,
 }
 
 /// What a copy did, for `--json` and the closing line.
@@ -160,7 +163,10 @@ pub async fn copy(
         status,
         session: None,
         progress: progress.clone(),
-        rng: rand::rngs::StdRng::from_entropy(),
+        rng: match opts.seed {
+            Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
+            None => rand::rngs::StdRng::from_entropy(),
+        },
         digests: Vec::new(),
         breakers: std::collections::HashMap::new(),
         peers: PeerStatus::new(&opts.state_dir),
@@ -475,6 +481,7 @@ impl Runner<'_> {
                 }
             }
         }
+        Progress::add(&self.progress.connects, 1);
         let r = Session::connect(addr, &self.opts.client).await;
         let now = Instant::now().into_std();
         let breaker = self
@@ -493,6 +500,11 @@ impl Runner<'_> {
                 to = to.name(),
                 "circuit breaker"
             );
+            match to {
+                BreakerState::Open { .. } => Progress::add(&self.progress.breaker_opens, 1),
+                BreakerState::Closed => Progress::add(&self.progress.breaker_closes, 1),
+                BreakerState::HalfOpen => {}
+            }
             self.peers.put(addr, to);
         }
         self.session = Some(r?);

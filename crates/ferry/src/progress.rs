@@ -16,6 +16,11 @@ pub struct Progress {
     /// Bytes skipped because the other end already held them verified.
     pub bytes_resumed: AtomicU64,
     pub retries: AtomicU64,
+    /// Connection attempts made (successful or not).
+    pub connects: AtomicU64,
+    /// Times a peer's circuit breaker opened, and closed again.
+    pub breaker_opens: AtomicU64,
+    pub breaker_closes: AtomicU64,
     pub current_name: Mutex<String>,
     pub current_size: AtomicU64,
     pub current_done: AtomicU64,

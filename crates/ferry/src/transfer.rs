@@ -28,11 +28,20 @@ use crate::store::{HeldChunks, Store};
 pub struct FaultPlan {
     /// How many incoming chunks to corrupt (one bit flipped) before verification.
     pub corrupt_chunks: AtomicU32,
+    /// How many checkpoints to withhold forever (the receiver stays connected
+    /// and answers keepalives but never acknowledges): a stuck receiver.
+    pub withhold_checkpoints: AtomicU32,
 }
 
 impl FaultPlan {
     fn take_corruption(&self) -> bool {
         self.corrupt_chunks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn take_withhold(&self) -> bool {
+        self.withhold_checkpoints
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
     }
@@ -110,6 +119,8 @@ pub async fn drive_sender(
     let mut buf = Vec::new();
     let mut last_write = Instant::now();
     let mut last_heard = Instant::now();
+    // Last time the transfer moved: a chunk sent or acknowledged.
+    let mut last_progress = Instant::now();
     loop {
         while let Some(m) = conn.rd.try_next().await? {
             last_heard = Instant::now();
@@ -124,6 +135,7 @@ pub async fn drive_sender(
                     progress.done(bytes);
                 }
                 SenderEvent::Acked { chunks, bytes } => {
+                    last_progress = Instant::now();
                     debug!(transfer = %tid, ranges = ?chunks, "acked");
                     progress.done(bytes);
                     acked_hashes.extend(
@@ -165,6 +177,7 @@ pub async fn drive_sender(
                     e => Error::Proto(e),
                 })?;
                 conn.wr.send_data(index, offset, &tag, &buf).await?;
+                last_progress = Instant::now();
                 Progress::add(&progress.bytes_sent, u64::from(len));
                 if let Some(t) = throttle.as_mut() {
                     conn.wr.flush().await?;
@@ -174,16 +187,29 @@ pub async fn drive_sender(
             }
             None => {
                 conn.wr.flush().await?;
-                let wait = conn.timeouts.keepalive.saturating_sub(last_write.elapsed());
+                let wait = conn
+                    .timeouts
+                    .keepalive
+                    .saturating_sub(last_write.elapsed())
+                    .min(conn.timeouts.stall.saturating_sub(last_heard.elapsed()))
+                    .min(if tx.in_flight_bytes() > 0 {
+                        conn.timeouts.ack.saturating_sub(last_progress.elapsed())
+                    } else {
+                        conn.timeouts.keepalive
+                    });
                 tokio::select! {
                     r = conn.rd.next() => {
                         let m = r?.ok_or_else(|| closed(&conn.peer))?;
                         last_heard = Instant::now();
                         sender_handle(tx, m, src, &mut buf)?;
                     }
-                    _ = tokio::time::sleep(wait.min(conn.timeouts.stall.saturating_sub(last_heard.elapsed()))) => {
+                    _ = tokio::time::sleep(wait) => {
                         if last_heard.elapsed() >= conn.timeouts.stall {
                             return Err(Error::Timeout(format!("nothing heard from {} for {}s", conn.peer, conn.timeouts.stall.as_secs_f64())));
+                        }
+                        if tx.in_flight_bytes() > 0 && last_progress.elapsed() >= conn.timeouts.ack {
+                            warn!(transfer = %tid, acked = ?tx.acked(), "no chunk acknowledged although the connection is alive; reconnecting");
+                            return Err(Error::Timeout(format!("no chunk acknowledged by {} for {}s", conn.peer, conn.timeouts.ack.as_secs_f64())));
                         }
                         if last_write.elapsed() < conn.timeouts.keepalive {
                             continue;
@@ -265,6 +291,9 @@ pub async fn drive_receiver(
         while let Some(ev) = rx.poll_event() {
             handled = true;
             match ev {
+                ReceiverEvent::Checkpoint(list) if faults.is_some_and(|f| f.take_withhold()) => {
+                    warn!(transfer = %tid, chunks = list.len(), "fault injector: withholding this checkpoint (no acknowledgement will follow)");
+                }
                 ReceiverEvent::Checkpoint(list) => {
                     let file = dest.file.clone();
                     let store = store.clone();

@@ -114,6 +114,7 @@ fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
             budget: None,
         },
         alg: HashAlg::Blake3,
+        seed: None,
     }
 }
 

@@ -43,6 +43,7 @@ async fn backoff_and_breaker_cooldowns_pace_the_attempts() {
             budget: None,
         },
         alg: HashAlg::Blake3,
+        seed: None,
     };
     let t0 = tokio::time::Instant::now();
     let e = copy(
@@ -93,6 +94,7 @@ async fn retry_budget_bounds_the_total_time() {
         },
         retry: RetryPolicy::default(),
         alg: HashAlg::Blake3,
+        seed: None,
     };
     opts.retry.max_attempts = 0;
     opts.retry.budget = Some(Duration::from_secs(42));
