@@ -20,6 +20,7 @@ pub fn local_caps() -> Vec<String> {
         "hash:sha256".into(),
         "resume:v1".into(),
         "tree:v1".into(),
+        "batch:v1".into(),
     ]
 }
 

@@ -199,9 +199,41 @@ pub fn file_digest<'a>(
     h.finalize()
 }
 
+/// The whole-file digest of a file that fits in one chunk, computed from its
+/// content: the same value [`file_digest`] gives when it is sent in chunks.
+pub fn small_file_digest(alg: HashAlg, data: &[u8]) -> ChunkHash {
+    let layout = crate::chunk::ChunkLayout::for_size(data.len() as u64);
+    let content = alg.hash(data);
+    let hashes: &[ChunkHash] = if layout.count() == 0 {
+        &[]
+    } else {
+        std::slice::from_ref(&content)
+    };
+    file_digest(alg, layout.size(), layout.chunk_size(), hashes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_file_digest_matches_the_chunked_digest() {
+        for alg in [HashAlg::Blake3, HashAlg::Sha256] {
+            for data in [&b""[..], b"x", &[7u8; 256 * 1024][..]] {
+                let layout = crate::chunk::ChunkLayout::for_size(data.len() as u64);
+                let hashes: Vec<ChunkHash> = (0..layout.count())
+                    .map(|i| {
+                        let (o, l) = (layout.offset(i) as usize, layout.len(i) as usize);
+                        alg.hash(&data[o..o + l])
+                    })
+                    .collect();
+                assert_eq!(
+                    small_file_digest(alg, data),
+                    file_digest(alg, layout.size(), layout.chunk_size(), &hashes)
+                );
+            }
+        }
+    }
 
     #[test]
     fn known_vectors() {

@@ -28,6 +28,10 @@ pub const MAX_OFFER_CHUNKS: u32 = 16 * 1024;
 pub const MAX_RANGES: usize = 64 * 1024;
 /// Most entries in one `ListReply` frame.
 pub const MAX_LIST_ENTRIES: usize = 1024;
+/// Files in one small-file batch.
+pub const MAX_BATCH_FILES: usize = 1024;
+/// Largest file sent whole inside a batch (one chunk of the smallest size).
+pub const MAX_BATCH_FILE: u64 = 256 * 1024;
 /// Longest free-text message.
 const MAX_TEXT: usize = 4096;
 /// Most versions or capabilities a hello may carry.
@@ -208,6 +212,24 @@ pub struct FileMeta {
     pub source_id: Bytes,
 }
 
+/// One small file announced in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFile {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    /// The whole-file digest (see `hash::small_file_digest`).
+    pub digest: ChunkHash,
+}
+
+/// Why one file of a batch was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFailure {
+    pub index: u32,
+    pub failure: Failure,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -306,6 +328,30 @@ pub enum Message {
     Complete {
         digest: ChunkHash,
     },
+    /// Client → server: store these small files (each sent whole in one
+    /// `BatchData`); the server answers `BatchNeed`.
+    BatchPut {
+        alg: String,
+        files: Vec<BatchFile>,
+    },
+    /// Server → client: the files of the batch it does not already hold
+    /// identically (by index); the others are in place already.
+    BatchNeed {
+        indexes: RangeSet,
+    },
+    /// Client → server: the content of file `index` of the current batch.
+    BatchData {
+        index: u32,
+        payload: Bytes,
+    },
+    /// Client → server: all data of the batch was sent; make it durable.
+    BatchCommit,
+    /// Server → client: the files now in place, verified and durable, and the
+    /// ones that failed, with why.
+    BatchResult {
+        done: RangeSet,
+        failures: Vec<BatchFailure>,
+    },
     /// Either side, keepalive.
     Ping {
         nonce: u64,
@@ -336,6 +382,11 @@ mod kind {
     pub const NEED: u8 = 28;
     pub const DONE: u8 = 29;
     pub const COMPLETE: u8 = 30;
+    pub const BATCH_PUT: u8 = 40;
+    pub const BATCH_NEED: u8 = 41;
+    pub const BATCH_DATA: u8 = 42;
+    pub const BATCH_COMMIT: u8 = 43;
+    pub const BATCH_RESULT: u8 = 44;
     pub const PING: u8 = 0x80;
     pub const PONG: u8 = 0x81;
 }
@@ -409,6 +460,61 @@ fn decode_entry(body: Bytes) -> Result<Entry, DecodeError> {
         size,
         mtime_ns: mtime,
         mode,
+    })
+}
+
+fn decode_batch_file(body: Bytes) -> Result<BatchFile, DecodeError> {
+    let mut r = FieldReader::new(body);
+    let (mut path, mut size, mut mtime, mut mode, mut digest) = (None, None, 0, 0, None);
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => path = Some(as_string(&v, MAX_PATH)?),
+            2 => size = Some(as_u64(&v)?),
+            3 => mtime = as_u64(&v)? as i64,
+            4 => mode = as_u32(&v)?,
+            5 => digest = Some(ChunkHash(as_array(&v)?)),
+            _ => {}
+        }
+    }
+    let missing = |field| DecodeError::MissingField {
+        message: "BatchFile",
+        field,
+    };
+    let size = size.ok_or(missing("size"))?;
+    if size > MAX_BATCH_FILE {
+        return Err(DecodeError::TooLarge {
+            what: "batch file",
+            len: size,
+            max: MAX_BATCH_FILE,
+        });
+    }
+    Ok(BatchFile {
+        path: path.ok_or(missing("path"))?,
+        size,
+        mtime_ns: mtime,
+        mode,
+        digest: digest.ok_or(missing("digest"))?,
+    })
+}
+
+fn decode_batch_failure(body: Bytes) -> Result<BatchFailure, DecodeError> {
+    let mut r = FieldReader::new(body);
+    let (mut index, mut f) = (None, Failure::new(FailureCode::Other(0), ""));
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => index = Some(as_u32(&v)?),
+            2 => f.code = FailureCode::from_u64(as_u64(&v)?),
+            3 => f.message = as_string(&v, MAX_TEXT)?,
+            4 => f.retry_after_ms = Some(as_u64(&v)?),
+            _ => {}
+        }
+    }
+    Ok(BatchFailure {
+        index: index.ok_or(DecodeError::MissingField {
+            message: "BatchFailure",
+            field: "index",
+        })?,
+        failure: f,
     })
 }
 
@@ -500,6 +606,11 @@ impl Message {
             Message::Need { .. } => "Need",
             Message::Done { .. } => "Done",
             Message::Complete { .. } => "Complete",
+            Message::BatchPut { .. } => "BatchPut",
+            Message::BatchNeed { .. } => "BatchNeed",
+            Message::BatchData { .. } => "BatchData",
+            Message::BatchCommit => "BatchCommit",
+            Message::BatchResult { .. } => "BatchResult",
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
         }
@@ -634,6 +745,42 @@ impl Message {
             Message::Complete { digest } => {
                 w.bytes(1, &digest.0);
                 kind::COMPLETE
+            }
+            Message::BatchPut { alg, files } => {
+                w.str(1, alg);
+                for f in files {
+                    let mut e = FieldWriter::new();
+                    e.str(1, &f.path)
+                        .u64(2, f.size)
+                        .u64(3, f.mtime_ns as u64)
+                        .u64(4, u64::from(f.mode))
+                        .bytes(5, &f.digest.0);
+                    w.nested(2, e);
+                }
+                kind::BATCH_PUT
+            }
+            Message::BatchNeed { indexes } => {
+                w.bytes(1, &encode_ranges(indexes));
+                kind::BATCH_NEED
+            }
+            Message::BatchData { index, payload } => {
+                w.u64(1, u64::from(*index)).bytes(2, payload);
+                kind::BATCH_DATA
+            }
+            Message::BatchCommit => kind::BATCH_COMMIT,
+            Message::BatchResult { done, failures } => {
+                w.bytes(1, &encode_ranges(done));
+                for f in failures {
+                    let mut e = FieldWriter::new();
+                    e.u64(1, u64::from(f.index))
+                        .u64(2, f.failure.code.to_u64())
+                        .str(3, &f.failure.message);
+                    if let Some(ms) = f.failure.retry_after_ms {
+                        e.u64(4, ms);
+                    }
+                    w.nested(2, e);
+                }
+                kind::BATCH_RESULT
             }
             Message::Ping { nonce } => {
                 w.u64(1, *nonce);
@@ -915,6 +1062,82 @@ impl Message {
                     Message::Complete { digest }
                 }
             }
+            kind::BATCH_PUT => {
+                let (mut alg, mut files) = (None, Vec::new());
+                while let Some((tag, v)) = r.next_field()? {
+                    match tag {
+                        1 => alg = Some(as_string(&v, 64)?),
+                        2 => {
+                            if files.len() >= MAX_BATCH_FILES {
+                                return Err(DecodeError::TooLarge {
+                                    what: "batch",
+                                    len: files.len() as u64 + 1,
+                                    max: MAX_BATCH_FILES as u64,
+                                });
+                            }
+                            files.push(decode_batch_file(v)?);
+                        }
+                        _ => {}
+                    }
+                }
+                Message::BatchPut {
+                    alg: alg.ok_or(missing("BatchPut", "alg"))?,
+                    files,
+                }
+            }
+            kind::BATCH_NEED => {
+                let mut indexes = RangeSet::new();
+                while let Some((tag, v)) = r.next_field()? {
+                    if tag == 1 {
+                        indexes = decode_ranges(&v)?;
+                    }
+                }
+                Message::BatchNeed { indexes }
+            }
+            kind::BATCH_DATA => {
+                let (mut index, mut payload) = (None, None);
+                while let Some((tag, v)) = r.next_field()? {
+                    match tag {
+                        1 => index = Some(as_u32(&v)?),
+                        2 => {
+                            if v.len() as u64 > MAX_BATCH_FILE {
+                                return Err(DecodeError::TooLarge {
+                                    what: "batch file",
+                                    len: v.len() as u64,
+                                    max: MAX_BATCH_FILE,
+                                });
+                            }
+                            payload = Some(v)
+                        }
+                        _ => {}
+                    }
+                }
+                Message::BatchData {
+                    index: index.ok_or(missing("BatchData", "index"))?,
+                    payload: payload.unwrap_or_default(),
+                }
+            }
+            kind::BATCH_COMMIT => Message::BatchCommit,
+            kind::BATCH_RESULT => {
+                let (mut done, mut failures) = (RangeSet::new(), Vec::new());
+                while let Some((tag, v)) = r.next_field()? {
+                    match tag {
+                        1 => done = decode_ranges(&v)?,
+                        2 => {
+                            if failures.len() >= MAX_BATCH_FILES {
+                                return Err(DecodeError::TooLarge {
+                                    what: "batch result",
+                                    len: failures.len() as u64 + 1,
+                                    max: MAX_BATCH_FILES as u64,
+                                });
+                            }
+                            failures.push(decode_batch_failure(v)?);
+                        }
+                        _ => {}
+                    }
+                }
+                Message::BatchResult { done, failures }
+            }
             kind::PING | kind::PONG => {
                 let mut nonce = 0;
                 while let Some((tag, v)) = r.next_field()? {
@@ -1099,6 +1322,31 @@ mod tests {
             },
             Message::Agreed {
                 ranges: RangeSet::from_ranges([0..2]),
+            },
+            Message::BatchPut {
+                alg: "blake3".into(),
+                files: vec![BatchFile {
+                    path: "d/a".into(),
+                    size: 4096,
+                    mtime_ns: 7,
+                    mode: 0o644,
+                    digest: ChunkHash([8; 32]),
+                }],
+            },
+            Message::BatchNeed {
+                indexes: RangeSet::from_ranges([0..3]),
+            },
+            Message::BatchData {
+                index: 2,
+                payload: Bytes::from_static(b"small"),
+            },
+            Message::BatchCommit,
+            Message::BatchResult {
+                done: RangeSet::from_ranges([0..1]),
+                failures: vec![BatchFailure {
+                    index: 1,
+                    failure: Failure::new(FailureCode::Integrity, "bad"),
+                }],
             },
             Message::Data {
                 index: 3,

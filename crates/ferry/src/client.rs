@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::handshake::{accept_welcome, client_hello};
-use ferry_proto::message::{Entry, FileMeta};
+use ferry_proto::message::{BatchFailure, BatchFile, Entry, FileMeta};
 use ferry_proto::{
-    ChunkHash, ChunkLayout, HashAlg, Message, ProtoError, ReceiverConfig, Sender, SenderConfig,
-    TransferId,
+    ChunkHash, ChunkLayout, HashAlg, Message, ProtoError, RangeSet, ReceiverConfig, Sender,
+    SenderConfig, TransferId,
 };
 use tracing::info;
 
@@ -61,6 +61,25 @@ pub struct Session {
     conn: Conn,
     pub addr: String,
     bwlimit: u64,
+    /// Capabilities both ends have.
+    caps: Vec<String>,
+}
+
+/// One small file for [`Session::put_batch`], read whole.
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    pub file: BatchFile,
+    pub data: bytes::Bytes,
+}
+
+/// What the server did with a batch.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOutcome {
+    /// Files now in place, verified and durable.
+    pub done: RangeSet,
+    /// The files whose content was sent (the others were already there).
+    pub sent: RangeSet,
+    pub failures: Vec<BatchFailure>,
 }
 
 fn remote(f: ferry_proto::Failure) -> Error {
@@ -126,20 +145,21 @@ impl Session {
             &format!("ferry/{}", env!("CARGO_PKG_VERSION")),
         ))
         .await?;
-        match tokio::time::timeout(cfg.connect_timeout, conn.rd.expect())
+        let caps = match tokio::time::timeout(cfg.connect_timeout, conn.rd.expect())
             .await
             .map_err(|_| Error::Timeout(format!("hello from {addr}")))??
         {
             Message::Welcome { version, caps, .. } => {
-                accept_welcome(version, &caps).map_err(remote)?;
+                accept_welcome(version, &caps).map_err(remote)?.caps
             }
             Message::Failure(f) => return Err(remote(f)),
             m => return Err(unexpected(&m)),
-        }
+        };
         Ok(Session {
             conn,
             addr: addr.to_string(),
             bwlimit: cfg.bwlimit,
+            caps,
         })
     }
 
@@ -204,6 +224,78 @@ impl Session {
         {
             Message::Ok => Ok(()),
             m => Err(unexpected(&m)),
+        }
+    }
+
+    /// Whether the server stores small files in batches.
+    pub fn supports_batch(&self) -> bool {
+        self.caps.iter().any(|c| c == "batch:v1")
+    }
+
+    /// Stores many small files at once (see [`crate::batch`]): announces them,
+    /// sends those the server does not already hold, and waits until they are
+    /// durable and in place.
+    pub async fn put_batch(&mut self, alg: HashAlg, items: &[BatchItem]) -> Result<BatchOutcome> {
+        let n = items.len() as u32;
+        self.conn
+            .send(&Message::BatchPut {
+                alg: alg.name().to_string(),
+                files: items.iter().map(|i| i.file.clone()).collect(),
+            })
+            .await?;
+        let need = loop {
+            match self.conn.rd.expect().await? {
+                Message::BatchNeed { indexes } => break indexes,
+                Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                Message::Pong { .. } => {}
+                Message::Failure(f) => return Err(remote(f)),
+                m => return Err(unexpected(&m)),
+            }
+        };
+        if need.iter().any(|i| i >= n) {
+            return Err(Error::Proto(ProtoError::PeerMisbehaved(
+                "server asked for a file beyond the batch".into(),
+            )));
+        }
+        let mut throttle = Throttle::new(self.bwlimit);
+        for i in need.iter() {
+            let item = &items[i as usize];
+            self.conn
+                .wr
+                .send(&Message::BatchData {
+                    index: i,
+                    payload: item.data.clone(),
+                })
+                .await?;
+            if let Some(t) = throttle.as_mut() {
+                self.conn.wr.flush().await?;
+                t.consume(item.data.len() as u64).await;
+            }
+        }
+        self.conn.send(&Message::BatchCommit).await?;
+        let wait = self.conn.timeouts.ack;
+        loop {
+            let m = tokio::time::timeout(wait, self.conn.rd.expect())
+                .await
+                .map_err(|_| Error::Timeout(format!("batch result from {}", self.addr)))??;
+            match m {
+                Message::BatchResult { done, failures } => {
+                    if done.iter().any(|i| i >= n) || failures.iter().any(|f| f.index >= n) {
+                        return Err(Error::Proto(ProtoError::PeerMisbehaved(
+                            "batch result names a file beyond the batch".into(),
+                        )));
+                    }
+                    return Ok(BatchOutcome {
+                        done,
+                        sent: need,
+                        failures,
+                    });
+                }
+                Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                Message::Pong { .. } => {}
+                Message::Failure(f) => return Err(remote(f)),
+                m => return Err(unexpected(&m)),
+            }
         }
     }
 

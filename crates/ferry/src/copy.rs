@@ -8,12 +8,12 @@ use std::time::Duration;
 // Time through tokio's clock, so paused-time tests drive retries and cool-downs.
 use tokio::time::Instant;
 
-use ferry_proto::message::{Entry, EntryKind};
+use ferry_proto::message::{BatchFile, Entry, EntryKind, MAX_BATCH_FILE, MAX_BATCH_FILES};
 use ferry_proto::{ChunkHash, HashAlg, TransferId};
 use rand::{Rng, SeedableRng};
 use tracing::{info, warn};
 
-use crate::client::{ClientConfig, Session};
+use crate::client::{BatchItem, ClientConfig, Session};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::Progress;
@@ -393,6 +393,60 @@ fn plan_download(
     }
 }
 
+/// Groups small files into batches bounded in count, bytes and announcement size.
+fn batch_groups<'j>(small: &[&'j FileJob]) -> Vec<Vec<&'j FileJob>> {
+    const MAX_BYTES: u64 = 8 * 1024 * 1024;
+    const MAX_ANNOUNCE: usize = 768 * 1024;
+    let mut out = Vec::new();
+    let mut cur: Vec<&FileJob> = Vec::new();
+    let (mut bytes, mut announce) = (0u64, 0usize);
+    for &f in small {
+        let a = f.remote.len() + 64;
+        if !cur.is_empty()
+            && (cur.len() >= MAX_BATCH_FILES
+                || bytes + f.size > MAX_BYTES
+                || announce + a > MAX_ANNOUNCE)
+        {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+            announce = 0;
+        }
+        bytes += f.size;
+        announce += a;
+        cur.push(f);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Reads a small file whole for a batch; `None` if it is no longer small or
+/// changed while being read (it then goes the ordinary way, which detects
+/// changes chunk by chunk).
+fn read_small(local: &Path, remote: &str, alg: HashAlg) -> Result<Option<BatchItem>> {
+    use std::os::unix::fs::MetadataExt;
+    let before = std::fs::metadata(local).map_err(|e| Error::local(local, e))?;
+    if !before.is_file() || before.len() > MAX_BATCH_FILE {
+        return Ok(None);
+    }
+    let data = std::fs::read(local).map_err(|e| Error::local(local, e))?;
+    let after = std::fs::metadata(local).map_err(|e| Error::local(local, e))?;
+    if fsutil::source_id(&before) != fsutil::source_id(&after) || data.len() as u64 != after.len() {
+        return Ok(None);
+    }
+    Ok(Some(BatchItem {
+        file: BatchFile {
+            path: remote.to_string(),
+            size: data.len() as u64,
+            mtime_ns: fsutil::mtime_ns(&after),
+            mode: after.mode() & 0o777,
+            digest: ferry_proto::hash::small_file_digest(alg, &data),
+        },
+        data: bytes::Bytes::from(data),
+    }))
+}
+
 struct Runner<'a> {
     opts: &'a CopyOptions,
     store: Arc<Store>,
@@ -544,7 +598,19 @@ impl Runner<'_> {
                 .await?;
             let _ = t;
         }
-        for f in &files {
+        let batching = self
+            .with_session(addr, |s| Box::pin(async move { Ok(s.supports_batch()) }))
+            .await?;
+        let (small, large): (Vec<&FileJob>, Vec<&FileJob>) = if batching {
+            files.iter().partition(|f| f.size <= MAX_BATCH_FILE)
+        } else {
+            (Vec::new(), files.iter().collect())
+        };
+        let mut fallback = Vec::new();
+        for group in batch_groups(&small) {
+            fallback.extend(self.upload_batch(addr, &group).await?);
+        }
+        for f in fallback.into_iter().chain(large) {
             self.upload_one(addr, f).await?;
         }
         // Directory metadata last, deepest first, since adding files changes mtimes.
@@ -554,6 +620,81 @@ impl Runner<'_> {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Sends one group of small files as a batch; returns the files that must
+    /// go the ordinary way instead (changed while read, refused in the batch).
+    async fn upload_batch<'j>(
+        &mut self,
+        addr: &str,
+        group: &[&'j FileJob],
+    ) -> Result<Vec<&'j FileJob>> {
+        let alg = self.opts.alg;
+        let paths: Vec<(PathBuf, String)> = group
+            .iter()
+            .map(|j| (j.local.clone(), j.remote.clone()))
+            .collect();
+        let read = tokio::task::spawn_blocking(move || {
+            paths
+                .into_iter()
+                .map(|(local, remote)| read_small(&local, &remote, alg))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?;
+        let mut items = Vec::new();
+        let mut jobs = Vec::new();
+        let mut fallback = Vec::new();
+        for (job, r) in group.iter().zip(read) {
+            match r? {
+                Some(item) => {
+                    items.push(item);
+                    jobs.push(*job);
+                }
+                None => fallback.push(*job),
+            }
+        }
+        if items.is_empty() {
+            return Ok(fallback);
+        }
+        self.progress.start_file(
+            &format!("{} small files", items.len()),
+            items.iter().map(|i| i.file.size).sum(),
+        );
+        let items = Arc::new(items);
+        let outcome = self
+            .with_session(addr, |s| {
+                let items = items.clone();
+                Box::pin(async move { s.put_batch(alg, &items).await })
+            })
+            .await?;
+        for f in &outcome.failures {
+            if let Some(job) = jobs.get(f.index as usize) {
+                warn!(path = %job.local.display(), code = ?f.failure.code, message = %f.failure.message, "not stored in the batch; sending it on its own");
+                fallback.push(*job);
+            }
+        }
+        for i in outcome.done.iter() {
+            let (Some(job), Some(item)) = (jobs.get(i as usize), items.get(i as usize)) else {
+                continue;
+            };
+            let size = item.file.size;
+            if outcome.sent.contains(i) {
+                Progress::add(&self.progress.bytes_sent, size);
+            } else {
+                Progress::add(&self.progress.bytes_resumed, size);
+            }
+            self.progress.done(size);
+            Progress::add(&self.progress.files_done, 1);
+            self.digests.push((job.remote.clone(), item.file.digest));
+        }
+        info!(
+            files = items.len(),
+            stored = outcome.done.count(),
+            sent = outcome.sent.count(),
+            "batch stored"
+        );
+        Ok(fallback)
     }
 
     fn count(&self, files: &[FileJob]) {

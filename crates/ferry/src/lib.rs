@@ -5,6 +5,7 @@
 //! * [`server`]: accepts TLS connections and serves requests under a root.
 //! * [`client`]: connects (TLS, pinning, token) and issues requests.
 //! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it with retries.
+//! * [`batch`]: small files stored many at a time, durable with one sync.
 //! * [`transfer`]: the drivers that run a `Sender` or `Receiver` over a connection.
 //! * [`transport`]: what carries a session: dialers and listeners (TCP+TLS).
 //! * [`conn`]: framed message I/O over any byte stream.
@@ -18,6 +19,7 @@
 //! * [`demo`]: the self-contained showcase behind `ferry demo`.
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod client;
 pub mod conn;
 pub mod copy;

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::handshake::negotiate;
-use ferry_proto::message::{Entry, EntryKind, MAX_LIST_ENTRIES};
+use ferry_proto::message::{BatchFailure, BatchFile, Entry, EntryKind, MAX_LIST_ENTRIES};
+use ferry_proto::RangeSet;
 use ferry_proto::{
     Failure, FailureCode, HashAlg, Message, ReceiverConfig, Sender, SenderConfig, TransferId,
 };
@@ -513,6 +514,7 @@ async fn handle_request(
                 .await?;
             info!(transfer = %id, path = %path, digest = %digest, "download complete");
         }
+        Message::BatchPut { alg, files } => serve_batch(conn, &alg, files, shared).await?,
         Message::Ping { nonce } => conn.send(&Message::Pong { nonce }).await?,
         Message::Pong { .. } => {}
         other => {
@@ -596,4 +598,304 @@ fn list_tree(dir: &Path) -> std::io::Result<Vec<Entry>> {
         }
     }
     Ok(out)
+}
+
+/// Paths claimed by a batch, released when it ends.
+struct BatchClaims<'a> {
+    set: &'a Mutex<HashMap<PathBuf, (TransferId, Arc<Notify>)>>,
+    stop: Arc<Notify>,
+    paths: Vec<PathBuf>,
+}
+
+impl Drop for BatchClaims<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            for p in &self.paths {
+                if s.get(p).is_some_and(|(_, n)| Arc::ptr_eq(n, &self.stop)) {
+                    s.remove(p);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one small-file batch (see [`crate::batch`]).
+async fn serve_batch(
+    conn: &mut Conn,
+    alg: &str,
+    files: Vec<BatchFile>,
+    shared: &Arc<Shared>,
+) -> std::result::Result<(), RequestError> {
+    let alg = HashAlg::from_name(alg).ok_or_else(|| {
+        RequestError::Reply(Failure::new(
+            FailureCode::BadRequest,
+            format!("unknown hash algorithm {alg:?}"),
+        ))
+    })?;
+    let n = files.len();
+    let mut failures: Vec<BatchFailure> = Vec::new();
+    let fail = |failures: &mut Vec<BatchFailure>, i: usize, f: Failure| {
+        failures.push(BatchFailure {
+            index: i as u32,
+            failure: f,
+        })
+    };
+    // Where each file goes, and who else may be writing it.
+    let mut claims = BatchClaims {
+        set: &shared.busy,
+        stop: Arc::new(Notify::new()),
+        paths: Vec::new(),
+    };
+    let batch_id = TransferId(rand::random());
+    let mut targets: Vec<Option<PathBuf>> = Vec::with_capacity(n);
+    for (i, f) in files.iter().enumerate() {
+        let full = match resolve(&shared.root, &f.path) {
+            Ok(p) if p != shared.root => p,
+            Ok(_) => {
+                fail(
+                    &mut failures,
+                    i,
+                    Failure::new(FailureCode::BadRequest, "the root is a directory"),
+                );
+                targets.push(None);
+                continue;
+            }
+            Err(e) => {
+                fail(
+                    &mut failures,
+                    i,
+                    Failure::new(FailureCode::PermissionDenied, e.to_string()),
+                );
+                targets.push(None);
+                continue;
+            }
+        };
+        let held = {
+            let mut s = shared.busy.lock().map_err(|_| {
+                RequestError::Reply(Failure::new(FailureCode::Internal, "lock poisoned"))
+            })?;
+            if s.contains_key(&full) || claims.paths.contains(&full) {
+                true
+            } else {
+                s.insert(full.clone(), (batch_id, claims.stop.clone()));
+                claims.paths.push(full.clone());
+                false
+            }
+        };
+        if held {
+            let mut f = Failure::new(
+                FailureCode::Busy,
+                format!("{} is being written by another transfer", f.path),
+            );
+            f.retry_after_ms = Some(1000);
+            fail(&mut failures, i, f);
+            targets.push(None);
+            continue;
+        }
+        targets.push(Some(full));
+    }
+    // Room for the batch (beyond the reserve)?
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    if let Ok(st) = rustix::fs::statvfs(&shared.root) {
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < total.saturating_add(shared.min_free_bytes) {
+            let mut f = Failure::new(
+                FailureCode::InsufficientStorage,
+                format!("server disk is nearly full ({free} bytes free); try again later"),
+            );
+            f.retry_after_ms = Some(60_000);
+            return Err(RequestError::Reply(f));
+        }
+    }
+    // Which files are already in place? (Blocking work, off the runtime.)
+    let root = shared.root.clone();
+    let check: Vec<(usize, PathBuf, BatchFile)> = targets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.clone().map(|p| (i, p, files[i].clone())))
+        .collect();
+    let checked = tokio::task::spawn_blocking(move || {
+        check
+            .into_iter()
+            .map(|(i, full, f)| {
+                let parent = fsutil::parent_of(&full);
+                let r = fsutil::create_dirs_durable(&parent)
+                    .map_err(|e| Error::local(&parent, e))
+                    .and_then(|()| {
+                        // Re-check after creating parents: a symlink may have appeared.
+                        crate::paths::resolve(&root, &f.path)
+                            .map_err(|e| Error::Usage(e.to_string()))?;
+                        if full.is_dir() {
+                            return Err(Error::Usage(format!("{:?} is a directory", f.path)));
+                        }
+                        crate::batch::already_there(&full, &f, alg)
+                    });
+                (i, r)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| RequestError::Fatal(Error::Store(e.to_string())))?;
+    let mut need = RangeSet::new();
+    let mut done = RangeSet::new();
+    for (i, r) in checked {
+        match r {
+            Ok(true) => done.insert(i as u32),
+            Ok(false) => need.insert(i as u32),
+            Err(e) => {
+                targets[i] = None;
+                fail(&mut failures, i, failure_for(&e));
+            }
+        }
+    }
+    conn.send(&Message::BatchNeed {
+        indexes: need.clone(),
+    })
+    .await?;
+    // Receive the needed files, verify, write their parts.
+    let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut written_idx: Vec<u32> = Vec::new();
+    let mut got = RangeSet::new();
+    // Verified files waiting to be written, in one blocking call per few MiB.
+    let mut pending: Vec<(u32, PathBuf, BatchFile, bytes::Bytes)> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let r = async {
+        loop {
+            let m = tokio::time::timeout(conn.timeouts.stall, conn.rd.expect())
+                .await
+                .map_err(|_| Error::Timeout("batch data".into()))??;
+            match m {
+                Message::BatchData { index, payload } => {
+                    let i = index as usize;
+                    if !need.contains(index) || got.contains(index) {
+                        return Err(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved(
+                            format!("batch data for file {index}, which was not asked for"),
+                        )));
+                    }
+                    got.insert(index);
+                    let f = &files[i];
+                    let payload = match shared.faults.as_deref() {
+                        Some(fp) if !payload.is_empty() && fp.take_corruption() => {
+                            warn!(path = %f.path, "fault injector: flipping a bit of this batch file in flight");
+                            let mut p = payload.to_vec();
+                            p[0] ^= 0x01;
+                            bytes::Bytes::from(p)
+                        }
+                        _ => payload,
+                    };
+                    if payload.len() as u64 != f.size
+                        || ferry_proto::hash::small_file_digest(alg, &payload) != f.digest
+                    {
+                        warn!(path = %f.path, "batch file failed verification");
+                        fail(
+                            &mut failures,
+                            i,
+                            Failure::new(FailureCode::Integrity, "content does not match its digest"),
+                        );
+                        continue;
+                    }
+                    let Some(full) = targets[i].clone() else { continue };
+                    pending_bytes += payload.len();
+                    pending.push((index, full, f.clone(), payload));
+                    if pending_bytes >= 4 * 1024 * 1024 {
+                        pending_bytes = 0;
+                        write_pending(std::mem::take(&mut pending), &mut written, &mut written_idx, &mut failures).await?;
+                    }
+                }
+                Message::Ping { nonce } => conn.send(&Message::Pong { nonce }).await?,
+                Message::Pong { .. } => {}
+                Message::BatchCommit => {
+                    return write_pending(pending, &mut written, &mut written_idx, &mut failures).await;
+                }
+                other => {
+                    return Err(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved(
+                        format!("unexpected {} in a batch", other.name()),
+                    )))
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = r {
+        let w = std::mem::take(&mut written);
+        let _ = tokio::task::spawn_blocking(move || crate::batch::discard(&w)).await;
+        return Err(RequestError::Fatal(e));
+    }
+    if got != need {
+        let w = std::mem::take(&mut written);
+        let _ = tokio::task::spawn_blocking(move || crate::batch::discard(&w)).await;
+        return Err(RequestError::Fatal(Error::Proto(
+            ferry_proto::ProtoError::PeerMisbehaved("batch committed with files missing".into()),
+        )));
+    }
+    let root = shared.root.clone();
+    let store = shared.store.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        let results = crate::batch::commit(&root, &written);
+        // A stale chunked partial of the same destination no longer applies.
+        for ((_, fin), r) in written.iter().zip(&results) {
+            if r.is_ok() {
+                let key = fin.to_string_lossy();
+                if let Ok(Some(_)) = store.partial(&key) {
+                    let _ = store.remove_partial(&key);
+                }
+            }
+        }
+        results
+    })
+    .await
+    .map_err(|e| RequestError::Fatal(Error::Store(e.to_string())))?;
+    for (idx, r) in written_idx.iter().zip(results) {
+        match r {
+            Ok(()) => done.insert(*idx),
+            Err(e) => fail(&mut failures, *idx as usize, failure_for(&e)),
+        }
+    }
+    info!(
+        files = n,
+        stored = done.count(),
+        failed = failures.len(),
+        "batch committed"
+    );
+    drop(claims);
+    conn.send(&Message::BatchResult { done, failures }).await?;
+    Ok(())
+}
+
+/// Writes verified batch files to their parts, off the runtime.
+async fn write_pending(
+    pending: Vec<(u32, PathBuf, BatchFile, bytes::Bytes)>,
+    written: &mut Vec<(PathBuf, PathBuf)>,
+    written_idx: &mut Vec<u32>,
+    failures: &mut Vec<BatchFailure>,
+) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let results = tokio::task::spawn_blocking(move || {
+        pending
+            .into_iter()
+            .map(|(index, full, f, data)| {
+                (
+                    index,
+                    crate::batch::write_part(&full, &f, &data).map(|part| (part, full)),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| Error::Store(e.to_string()))?;
+    for (index, r) in results {
+        match r {
+            Ok(pair) => {
+                written.push(pair);
+                written_idx.push(index);
+            }
+            Err(e) => failures.push(BatchFailure {
+                index,
+                failure: failure_for(&e),
+            }),
+        }
+    }
+    Ok(())
 }

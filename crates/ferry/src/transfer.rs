@@ -34,7 +34,7 @@ pub struct FaultPlan {
 }
 
 impl FaultPlan {
-    fn take_corruption(&self) -> bool {
+    pub(crate) fn take_corruption(&self) -> bool {
         self.corrupt_chunks
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
@@ -65,7 +65,7 @@ impl Throttle {
         })
     }
 
-    async fn consume(&mut self, n: u64) {
+    pub async fn consume(&mut self, n: u64) {
         self.bytes += n;
         let due = self.start + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
         tokio::time::sleep_until(due).await;

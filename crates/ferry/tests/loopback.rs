@@ -17,7 +17,7 @@ use ferry::server::{Server, ServerConfig};
 use ferry::tls::KnownServers;
 use ferry::transfer::FaultPlan;
 use ferry::{Error, ErrorClass};
-use ferry_proto::HashAlg;
+use ferry_proto::{HashAlg, Message};
 use rand::{RngCore, SeedableRng};
 use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
@@ -801,5 +801,159 @@ async fn nearly_full_disk_refuses_new_uploads_but_serves_resumes_and_downloads()
     cp(&[srv.url("served.bin")], &back.display().to_string(), &opts)
         .await
         .unwrap();
+    srv.stop().await;
+}
+
+/// Many small files go in batches: all land verified with their metadata, a
+/// second run sends none of them again, a changed one is replaced, and a file
+/// corrupted in flight is refused by the batch and sent again on its own.
+#[tokio::test]
+async fn small_files_go_in_batches_idempotently() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let opts = client_opts(dir.path(), None);
+    let tree = dir.path().join("many");
+    let mut files = Vec::new();
+    for i in 0..1500u64 {
+        // Sizes include 0, 1, a whole chunk and the largest batch file.
+        let size = match i {
+            0 => 0,
+            1 => 1,
+            2 => CHUNK,
+            _ => 100 + (i * 37) % 9000,
+        };
+        let rel = format!("d{}/f{i:04}", i % 7);
+        let data = random_file(&tree.join(&rel), size, i);
+        std::fs::set_permissions(
+            tree.join(&rel),
+            std::fs::Permissions::from_mode(if i % 2 == 0 { 0o640 } else { 0o604 }),
+        )
+        .unwrap();
+        files.push((rel, data));
+    }
+    let big = random_file(&tree.join("big.bin"), 3 * CHUNK + 5, 99);
+    let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum::<u64>() + big.len() as u64;
+    srv.faults.corrupt_chunks.store(1, Ordering::SeqCst);
+    let s = cp(&[tree.display().to_string()], &srv.url("many"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(srv.faults.corrupt_chunks.load(Ordering::SeqCst), 0);
+    assert_eq!(s.files, 1501);
+    for (rel, data) in &files {
+        let p = srv.root.join("many").join(rel);
+        assert_eq!(&std::fs::read(&p).unwrap(), data, "{rel}");
+        let src_md = std::fs::metadata(tree.join(rel)).unwrap();
+        let md = std::fs::metadata(&p).unwrap();
+        assert_eq!(md.mode() & 0o777, src_md.mode() & 0o777, "{rel}");
+        assert_eq!(md.mtime(), src_md.mtime(), "{rel}");
+    }
+    assert_eq!(std::fs::read(srv.root.join("many/big.bin")).unwrap(), big);
+    let parts = walk(&srv.root)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".ferry.part"))
+        .count();
+    assert_eq!(parts, 0, "no partial files left behind");
+    // The corrupt one was sent twice; nothing else.
+    assert!(
+        s.bytes_sent >= total && s.bytes_sent <= total + 9000,
+        "sent {}",
+        s.bytes_sent
+    );
+    // Same copy again, into the same place: nothing is sent.
+    let again = cp(
+        &[tree.join("d3").display().to_string()],
+        &srv.url("many/"),
+        &opts,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.bytes_sent, 0, "already there: nothing sent again");
+    assert!(again.bytes_resumed > 0);
+    // A destination file changed at the same size is replaced.
+    let victim = srv.root.join("many/d3/f0003");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+    let fix = cp(
+        &[tree.join("d3").display().to_string()],
+        &srv.url("many/"),
+        &opts,
+    )
+    .await
+    .unwrap();
+    assert_eq!(fix.bytes_sent, files[3].1.len() as u64);
+    assert_eq!(std::fs::read(&victim).unwrap(), files[3].1);
+    srv.stop().await;
+}
+
+/// Hostile batches: a path that leaves the root or a digest that does not
+/// match fails that file only; data for a file that was not asked for closes
+/// the connection; the server stays up.
+#[tokio::test]
+async fn hostile_batches_are_refused_and_the_server_stays_up() {
+    use ferry::client::BatchItem;
+    use ferry_proto::message::BatchFile;
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let opts = client_opts(dir.path(), None);
+    let item = |path: &str, data: &'static [u8]| BatchItem {
+        file: BatchFile {
+            path: path.into(),
+            size: data.len() as u64,
+            mtime_ns: 0,
+            mode: 0o644,
+            digest: ferry_proto::hash::small_file_digest(HashAlg::Blake3, data),
+        },
+        data: bytes::Bytes::from_static(data),
+    };
+    let mut s = Session::connect(&srv.addr.to_string(), &opts.client)
+        .await
+        .unwrap();
+    assert!(s.supports_batch());
+    // An escaping path fails alone; the good file lands.
+    let out = s
+        .put_batch(
+            HashAlg::Blake3,
+            &[item("../escape", b"x"), item("ok.txt", b"fine")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.done.iter().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(out.failures.len(), 1);
+    assert_eq!(out.failures[0].index, 0);
+    assert!(!dir.path().join("escape").exists());
+    assert_eq!(std::fs::read(srv.root.join("ok.txt")).unwrap(), b"fine");
+    // A digest that does not match the content: refused, nothing written.
+    let mut bad = item("bad.txt", b"content");
+    bad.file.digest = ferry_proto::hash::small_file_digest(HashAlg::Blake3, b"other!!");
+    let out = s.put_batch(HashAlg::Blake3, &[bad]).await.unwrap();
+    assert!(out.done.is_empty());
+    assert_eq!(
+        out.failures[0].failure.code,
+        ferry_proto::FailureCode::Integrity
+    );
+    assert!(!srv.root.join("bad.txt").exists());
+    assert!(!srv.root.join(".bad.txt.ferry.part").exists());
+    // Data for a file the server did not ask for closes the connection.
+    let mut frame = Message::BatchPut {
+        alg: "blake3".into(),
+        files: vec![item("ok.txt", b"fine").file],
+    }
+    .encode()
+    .to_vec();
+    frame.extend_from_slice(
+        &Message::BatchData {
+            index: 5,
+            payload: bytes::Bytes::from_static(b"zzz"),
+        }
+        .encode(),
+    );
+    s.raw_write(&frame).await.unwrap();
+    assert!(s.stat("").await.is_err(), "connection must be closed");
+    // The server is still up.
+    let mut s2 = Session::connect(&srv.addr.to_string(), &opts.client)
+        .await
+        .unwrap();
+    s2.stat("ok.txt").await.unwrap();
     srv.stop().await;
 }

@@ -1,0 +1,147 @@
+//! Small files in batches: the filesystem side.
+//!
+//! Files that fit in one chunk (at most 256 KiB) are not worth a transfer of
+//! their own: each would cost several round trips, a journal entry and a few
+//! fsyncs. Instead the client announces up to 1024 of them at once
+//! (`BatchPut`, with each file's digest), the receiver answers which ones it
+//! does not already hold identically (`BatchNeed`), the client streams those
+//! whole (`BatchData`), and on `BatchCommit` the receiver makes them durable
+//! and visible together:
+//!
+//! 1. every file of the batch was written to its hidden `.NAME.ferry.part`,
+//!    verified against its digest first (a bad one is never written);
+//! 2. one `syncfs` makes all of their data durable (instead of one fsync per
+//!    file);
+//! 3. each part is renamed over its final name (atomic);
+//! 4. each directory that received a file is fsynced once.
+//!
+//! A crash anywhere leaves each file either absent, as it was, or complete
+//! and verified; re-running the copy re-announces the batch and only the files
+//! not yet in place are sent again. No journal entry is needed: the content
+//! itself, compared by digest, says what is already there.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use ferry_proto::hash::small_file_digest;
+use ferry_proto::message::BatchFile;
+use ferry_proto::HashAlg;
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+
+/// Whether `path` already holds exactly `f` (same size and digest). If so, its
+/// mode and mtime are brought in line, as a fresh copy would have them.
+pub fn already_there(path: &Path, f: &BatchFile, alg: HashAlg) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::local(path, e)),
+    };
+    if !md.is_file() || md.len() != f.size {
+        return Ok(false);
+    }
+    let data = std::fs::read(path).map_err(|e| Error::local(path, e))?;
+    if data.len() as u64 != f.size || small_file_digest(alg, &data) != f.digest {
+        return Ok(false);
+    }
+    let mode_ok = f.mode == 0 || md.mode() & 0o777 == f.mode & 0o777;
+    let mtime_ok = f.mtime_ns <= 0 || fsutil::mtime_ns(&md) == f.mtime_ns;
+    if !(mode_ok && mtime_ok) {
+        let file = File::options()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::local(path, e))?;
+        fsutil::apply_meta(&file, path, f.mode, f.mtime_ns)?;
+    }
+    Ok(true)
+}
+
+/// Writes one verified file of a batch to its `.part` (not yet durable).
+pub fn write_part(final_path: &Path, f: &BatchFile, data: &[u8]) -> Result<PathBuf> {
+    let part = fsutil::part_path(final_path);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&part)
+        .map_err(|e| Error::local(&part, e))?;
+    file.write_all(data).map_err(|e| Error::local(&part, e))?;
+    fsutil::apply_meta(&file, &part, f.mode, f.mtime_ns)?;
+    Ok(part)
+}
+
+/// Makes written parts durable and renames them into place; returns, for each
+/// `(part, final)` pair in order, whether it is now in place.
+pub fn commit(root: &Path, written: &[(PathBuf, PathBuf)]) -> Vec<Result<()>> {
+    if written.is_empty() {
+        return Vec::new();
+    }
+    // Durability order: every part's data, then the names.
+    if let Err(e) = sync_data(root, written) {
+        return written.iter().map(|_| Err(e.clone_io())).collect();
+    }
+    let mut dirs = BTreeSet::new();
+    let out: Vec<Result<()>> = written
+        .iter()
+        .map(|(part, fin)| {
+            std::fs::rename(part, fin).map_err(|e| Error::local(fin, e))?;
+            dirs.insert(fsutil::parent_of(fin));
+            Ok(())
+        })
+        .collect();
+    for d in dirs {
+        if let Err(e) = fsutil::fsync_dir(&d) {
+            // The renames happened but may not survive a crash: report them
+            // as failed so the client sends them again (idempotent).
+            tracing::warn!(dir = %d.display(), error = %e, "directory fsync failed");
+            return written.iter().map(|_| Err(e.clone_io())).collect();
+        }
+    }
+    out
+}
+
+/// One `syncfs` of the filesystem holding the root: far cheaper than an fsync
+/// per file when a batch holds hundreds of them.
+fn sync_data(root: &Path, written: &[(PathBuf, PathBuf)]) -> Result<()> {
+    let dir = File::open(root).map_err(|e| Error::local(root, e))?;
+    match rustix::fs::syncfs(&dir) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            // Fall back to one fsync per file.
+            for (part, _) in written {
+                let f = File::open(part).map_err(|e| Error::local(part, e))?;
+                f.sync_all().map_err(|e| Error::local(part, e))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Removes parts written for a batch that will not be committed.
+pub fn discard(written: &[(PathBuf, PathBuf)]) {
+    for (part, _) in written {
+        let _ = std::fs::remove_file(part);
+    }
+}
+
+trait CloneIo {
+    fn clone_io(&self) -> Error;
+}
+
+impl CloneIo for Error {
+    fn clone_io(&self) -> Error {
+        match self {
+            Error::LocalIo { path, source } => Error::LocalIo {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            other => Error::Store(other.to_string()),
+        }
+    }
+}
