@@ -674,7 +674,7 @@ async fn serve_batch(
             let mut s = shared.busy.lock().map_err(|_| {
                 RequestError::Reply(Failure::new(FailureCode::Internal, "lock poisoned"))
             })?;
-            if s.contains_key(&full) || claims.paths.contains(&full) {
+            if s.contains_key(&full) {
                 true
             } else {
                 s.insert(full.clone(), (batch_id, claims.stop.clone()));

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Many small files: N files of SIZE bytes (default 10,000 x 4 KiB in 100
+# directories) uploaded on loopback by ferry, rsync over ssh and scp -r, each
+# into a fresh destination, median of RUNS. ferry fsyncs what it reports as
+# stored (one syncfs per batch); rsync and scp do not fsync at all.
+# A benchmark, not a test: it prints figures and ratios and never fails on a timing.
+#
+# Usage: scripts/bench-small.sh        (root: starts a private sshd on 127.0.0.1:$SSH_PORT)
+# Env:   N (10000), SIZE (4096), RUNS (3), SSH_PORT (2231), FERRY_PORT (7792)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+N=${N:-10000} SIZE=${SIZE:-4096} RUNS=${RUNS:-3}
+SSH_PORT=${SSH_PORT:-2231} FERRY_PORT=${FERRY_PORT:-7792}
+W=$(mktemp -d /tmp/ferry-small.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+trap cleanup EXIT
+
+command -v sshd >/dev/null && command -v rsync >/dev/null || {
+  apt-get update -qq && apt-get install -y -qq openssh-server openssh-client rsync >/dev/null
+}
+cargo build --release -q
+BIN=$REPO/target/release/ferry
+
+echo "making $N files of $SIZE bytes" >&2
+python3 - "$W/src" "$N" "$SIZE" <<'PY'
+import os, sys
+root, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    d = os.path.join(root, "d%03d" % (i % 100))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "f%06d" % i), "wb") as f:
+        f.write(os.urandom(size))
+PY
+
+mkdir -p "$W/ssh" /run/sshd
+ssh-keygen -q -t ed25519 -N '' -f "$W/ssh/hostkey"
+ssh-keygen -q -t ed25519 -N '' -f "$W/ssh/clientkey"
+cp "$W/ssh/clientkey.pub" "$W/ssh/authorized_keys"
+cat >"$W/ssh/sshd_config" <<CFG
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $W/ssh/hostkey
+PidFile none
+AuthorizedKeysFile $W/ssh/authorized_keys
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+Subsystem sftp internal-sftp
+CFG
+/usr/sbin/sshd -D -f "$W/ssh/sshd_config" -E "$W/ssh/sshd.log" & PIDS+=($!)
+SSH="ssh -p $SSH_PORT -i $W/ssh/clientkey -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=error"
+
+mkdir -p "$W/dst"
+"$BIN" -q serve --root "$W/dst" --listen 127.0.0.1:$FERRY_PORT --state-dir "$W/state" --no-auth >/dev/null & PIDS+=($!)
+sleep 0.7
+
+now() { date +%s.%N; }
+run() { # tool run# -> seconds
+  local tool=$1 i=$2 d="$W/dst/$1-$2" t0 t1
+  sync
+  t0=$(now)
+  case $tool in
+    ferry) "$BIN" cp -q -r --no-progress --state-dir "$W/cstate" "$W/src" "ferry://127.0.0.1:$FERRY_PORT/$tool-$i" ;;
+    rsync-ssh) rsync -a -e "$SSH" "$W/src/" "root@127.0.0.1:$d/" ;;
+    scp) scp -q -r -P "$SSH_PORT" -i "$W/ssh/clientkey" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=error "$W/src" "root@127.0.0.1:$d" ;;
+  esac
+  t1=$(now)
+  local got; got=$(find "$d" -type f | wc -l)
+  [[ $got -eq $N ]] || { echo "$tool run $i: $got of $N files landed" >&2; echo FAIL; return; }
+  echo "$t1 - $t0" | bc
+}
+
+declare -A MED
+for tool in ferry rsync-ssh scp; do
+  ts=()
+  for i in $(seq 1 "$RUNS"); do ts+=("$(run "$tool" "$i")"); echo "  $tool run $i: ${ts[-1]} s" >&2; done
+  MED[$tool]=$(printf '%s\n' "${ts[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+done
+
+echo
+echo "$N files x $SIZE bytes, loopback upload, seconds (median of $RUNS); ratio = tool / ferry (higher: ferry faster)"
+for tool in ferry rsync-ssh scp; do
+  m=${MED[$tool]}
+  r=$(awk -v a="$m" -v b="${MED[ferry]}" 'BEGIN { if (a+0>0 && b+0>0) printf "%.2fx", a/b }')
+  printf "  %-10s %8.3f s  %8.0f files/s  %s\n" "$tool" "$m" "$(echo "$N / $m" | bc -l)" "$r"
+done
