@@ -6,13 +6,14 @@
 # A benchmark, not a test: it prints figures and ratios and never fails on a timing.
 #
 # Usage: scripts/bench-small.sh        (root: starts a private sshd on 127.0.0.1:$SSH_PORT)
-# Env:   N (10000), SIZE (4096), RUNS (3), SSH_PORT (2231), FERRY_PORT (7792)
+# Env:   N (10000), SIZE (4096), RUNS (3), SSH_PORT (2231), FERRY_PORT (7792),
+#        BASE (/tmp; /dev/shm takes the disk and ext4 inode allocation out of it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 N=${N:-10000} SIZE=${SIZE:-4096} RUNS=${RUNS:-3}
 SSH_PORT=${SSH_PORT:-2231} FERRY_PORT=${FERRY_PORT:-7792}
-W=$(mktemp -d /tmp/ferry-small.XXXXXX)
+W=$(mktemp -d "${BASE:-/tmp}/ferry-small.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
 trap cleanup EXIT

@@ -34,7 +34,8 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 
 /// Whether `path` already holds exactly `f` (same size and digest). If so, its
-/// mode and mtime are brought in line, as a fresh copy would have them.
+/// mode and mtime are brought in line, as a fresh copy would have them. A
+/// directory in the way is an error.
 pub fn already_there(path: &Path, f: &BatchFile, alg: HashAlg) -> Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let md = match std::fs::symlink_metadata(path) {
@@ -42,6 +43,9 @@ pub fn already_there(path: &Path, f: &BatchFile, alg: HashAlg) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::local(path, e)),
     };
+    if md.is_dir() {
+        return Err(Error::Usage(format!("{:?} is a directory", f.path)));
+    }
     if !md.is_file() || md.len() != f.size {
         return Ok(false);
     }

@@ -227,6 +227,44 @@ impl Session {
         }
     }
 
+    /// Creates many directories (and sets their mode and mtime), pipelined:
+    /// up to 256 requests are in flight, so a tree of thousands of
+    /// directories costs a few round trips, not thousands.
+    pub async fn mkdir_many(&mut self, dirs: &[(String, u32, i64)]) -> Result<()> {
+        const WINDOW: usize = 256;
+        let mut first_err = None;
+        for group in dirs.chunks(WINDOW) {
+            for (path, mode, mtime_ns) in group {
+                self.conn
+                    .wr
+                    .send(&Message::Mkdir {
+                        path: path.clone(),
+                        mode: *mode,
+                        mtime_ns: *mtime_ns,
+                    })
+                    .await?;
+            }
+            self.conn.wr.flush().await?;
+            let mut replies = 0;
+            while replies < group.len() {
+                match self.conn.rd.expect().await? {
+                    Message::Ok => replies += 1,
+                    Message::Failure(f) => {
+                        replies += 1;
+                        first_err.get_or_insert(remote(f));
+                    }
+                    Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                    Message::Pong { .. } => {}
+                    m => return Err(unexpected(&m)),
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the server stores small files in batches.
     pub fn supports_batch(&self) -> bool {
         self.caps.iter().any(|c| c == "batch:v1")

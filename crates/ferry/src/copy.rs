@@ -421,6 +421,23 @@ fn batch_groups<'j>(small: &[&'j FileJob]) -> Vec<Vec<&'j FileJob>> {
     out
 }
 
+/// Reads the files of one batch group on a blocking thread.
+fn read_group(
+    group: &[&FileJob],
+    alg: HashAlg,
+) -> tokio::task::JoinHandle<Vec<Result<Option<BatchItem>>>> {
+    let paths: Vec<(PathBuf, String)> = group
+        .iter()
+        .map(|j| (j.local.clone(), j.remote.clone()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        paths
+            .into_iter()
+            .map(|(local, remote)| read_small(&local, &remote, alg))
+            .collect()
+    })
+}
+
 /// Reads a small file whole for a batch; `None` if it is no longer small or
 /// changed while being read (it then goes the ordinary way, which detects
 /// changes chunk by chunk).
@@ -592,12 +609,17 @@ impl Runner<'_> {
 
     async fn upload(&mut self, addr: &str, files: Vec<FileJob>, dirs: Vec<DirJob>) -> Result<()> {
         self.count(&files);
-        for d in &dirs {
-            let (p, m, t) = (d.remote.clone(), d.mode, d.mtime_ns);
-            self.with_session(addr, |s| Box::pin(mkdir_owned(s, p.clone(), m | 0o700, 0)))
-                .await?;
-            let _ = t;
-        }
+        // Directories first, writable by us until their metadata is set at the end.
+        let create: Arc<Vec<(String, u32, i64)>> = Arc::new(
+            dirs.iter()
+                .map(|d| (d.remote.clone(), d.mode | 0o700, 0))
+                .collect(),
+        );
+        self.with_session(addr, |s| {
+            let create = create.clone();
+            Box::pin(async move { s.mkdir_many(&create).await })
+        })
+        .await?;
         let batching = self
             .with_session(addr, |s| Box::pin(async move { Ok(s.supports_batch()) }))
             .await?;
@@ -607,18 +629,32 @@ impl Runner<'_> {
             (Vec::new(), files.iter().collect())
         };
         let mut fallback = Vec::new();
-        for group in batch_groups(&small) {
-            fallback.extend(self.upload_batch(addr, &group).await?);
+        let groups = batch_groups(&small);
+        // Read (and hash) the next group while the current one is in flight.
+        let mut next = groups.first().map(|g| read_group(g, self.opts.alg));
+        for (k, group) in groups.iter().enumerate() {
+            let read = match next.take() {
+                Some(h) => h.await.map_err(|e| Error::Store(e.to_string()))?,
+                None => break,
+            };
+            next = groups.get(k + 1).map(|g| read_group(g, self.opts.alg));
+            fallback.extend(self.upload_batch(addr, group, read).await?);
         }
         for f in fallback.into_iter().chain(large) {
             self.upload_one(addr, f).await?;
         }
         // Directory metadata last, deepest first, since adding files changes mtimes.
-        for d in dirs.iter().rev() {
-            let (p, m, t) = (d.remote.clone(), d.mode, d.mtime_ns);
-            self.with_session(addr, |s| Box::pin(mkdir_owned(s, p.clone(), m, t)))
-                .await?;
-        }
+        let stamp: Arc<Vec<(String, u32, i64)>> = Arc::new(
+            dirs.iter()
+                .rev()
+                .map(|d| (d.remote.clone(), d.mode, d.mtime_ns))
+                .collect(),
+        );
+        self.with_session(addr, |s| {
+            let stamp = stamp.clone();
+            Box::pin(async move { s.mkdir_many(&stamp).await })
+        })
+        .await?;
         Ok(())
     }
 
@@ -628,20 +664,9 @@ impl Runner<'_> {
         &mut self,
         addr: &str,
         group: &[&'j FileJob],
+        read: Vec<Result<Option<BatchItem>>>,
     ) -> Result<Vec<&'j FileJob>> {
         let alg = self.opts.alg;
-        let paths: Vec<(PathBuf, String)> = group
-            .iter()
-            .map(|j| (j.local.clone(), j.remote.clone()))
-            .collect();
-        let read = tokio::task::spawn_blocking(move || {
-            paths
-                .into_iter()
-                .map(|(local, remote)| read_small(&local, &remote, alg))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| Error::Store(e.to_string()))?;
         let mut items = Vec::new();
         let mut jobs = Vec::new();
         let mut fallback = Vec::new();
@@ -944,10 +969,6 @@ impl Runner<'_> {
             }
         }
     }
-}
-
-async fn mkdir_owned(s: &mut Session, p: String, mode: u32, mtime: i64) -> Result<()> {
-    s.mkdir(&p, mode, mtime).await
 }
 
 fn random_id(rng: &mut rand::rngs::StdRng) -> TransferId {

@@ -64,31 +64,62 @@ pub fn resolve(root: &Path, p: &str) -> Result<PathBuf, PathError> {
     let parts = split_relative(p)?;
     let mut cur = root.to_path_buf();
     for part in parts {
-        cur.push(&part);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(md) => {
-                let ft = md.file_type();
-                if ft.is_symlink() {
-                    let real = std::fs::canonicalize(&cur)
-                        .map_err(|_| PathError::SymlinkEscape(p.into()))?;
-                    if !real.starts_with(root) {
-                        return Err(PathError::SymlinkEscape(p.into()));
-                    }
-                    cur = real;
-                } else if ft.is_block_device()
-                    || ft.is_char_device()
-                    || ft.is_fifo()
-                    || ft.is_socket()
-                {
-                    return Err(PathError::Device(p.into()));
-                }
-            }
-            Err(_) => {
-                // Does not exist (yet): the rest is created by us, under root.
-            }
-        }
+        step(root, &mut cur, &part, p)?;
     }
     Ok(cur)
+}
+
+/// [`resolve`] for many paths that share parents: each distinct parent is
+/// resolved once (the cache), then only the last component is checked.
+pub fn resolve_cached(
+    root: &Path,
+    p: &str,
+    cache: &mut std::collections::HashMap<String, PathBuf>,
+) -> Result<PathBuf, PathError> {
+    let parts = split_relative(p)?;
+    let Some((last, parents)) = parts.split_last() else {
+        return Ok(root.to_path_buf());
+    };
+    let key = parents.join("/");
+    let mut cur = match cache.get(&key) {
+        Some(c) => c.clone(),
+        None => {
+            let mut c = root.to_path_buf();
+            for part in parents {
+                step(root, &mut c, part, p)?;
+            }
+            cache.insert(key, c.clone());
+            c
+        }
+    };
+    step(root, &mut cur, last, p)?;
+    Ok(cur)
+}
+
+/// Appends one component, checking what is there: a symlink must resolve
+/// inside the root, a special file is refused.
+fn step(root: &Path, cur: &mut PathBuf, part: &str, p: &str) -> Result<(), PathError> {
+    cur.push(part);
+    match std::fs::symlink_metadata(&*cur) {
+        Ok(md) => {
+            let ft = md.file_type();
+            if ft.is_symlink() {
+                let real =
+                    std::fs::canonicalize(&*cur).map_err(|_| PathError::SymlinkEscape(p.into()))?;
+                if !real.starts_with(root) {
+                    return Err(PathError::SymlinkEscape(p.into()));
+                }
+                *cur = real;
+            } else if ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket()
+            {
+                return Err(PathError::Device(p.into()));
+            }
+        }
+        Err(_) => {
+            // Does not exist (yet): the rest is created by us, under root.
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -130,6 +161,25 @@ mod tests {
             Err(PathError::SymlinkEscape("out/x".into()))
         );
         assert_eq!(resolve(&root, "in/x").unwrap(), root.join("real/x"));
+        let mut cache = std::collections::HashMap::new();
+        for _ in 0..2 {
+            assert_eq!(
+                resolve_cached(&root, "out/x", &mut cache),
+                Err(PathError::SymlinkEscape("out/x".into()))
+            );
+            assert_eq!(
+                resolve_cached(&root, "in/x", &mut cache).unwrap(),
+                root.join("real/x")
+            );
+            assert_eq!(
+                resolve_cached(&root, "in/y", &mut cache).unwrap(),
+                root.join("real/y")
+            );
+            assert_eq!(
+                resolve_cached(&root, "out", &mut cache),
+                resolve(&root, "out")
+            );
+        }
         assert!(resolve(&root, "null").is_ok());
     }
 }

@@ -648,8 +648,10 @@ async fn serve_batch(
     };
     let batch_id = TransferId(rand::random());
     let mut targets: Vec<Option<PathBuf>> = Vec::with_capacity(n);
+    let mut resolved_parents = HashMap::new();
     for (i, f) in files.iter().enumerate() {
-        let full = match resolve(&shared.root, &f.path) {
+        let full = match crate::paths::resolve_cached(&shared.root, &f.path, &mut resolved_parents)
+        {
             Ok(p) if p != shared.root => p,
             Ok(_) => {
                 fail(
@@ -715,21 +717,25 @@ async fn serve_batch(
         .filter_map(|(i, t)| t.clone().map(|p| (i, p, files[i].clone())))
         .collect();
     let checked = tokio::task::spawn_blocking(move || {
+        // Parents made sure of in this batch (most files share a few).
+        let mut ensured: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
         check
             .into_iter()
             .map(|(i, full, f)| {
                 let parent = fsutil::parent_of(&full);
-                let r = fsutil::create_dirs_durable(&parent)
-                    .map_err(|e| Error::local(&parent, e))
-                    .and_then(|()| {
-                        // Re-check after creating parents: a symlink may have appeared.
-                        crate::paths::resolve(&root, &f.path)
-                            .map_err(|e| Error::Usage(e.to_string()))?;
-                        if full.is_dir() {
-                            return Err(Error::Usage(format!("{:?} is a directory", f.path)));
+                let r = (|| {
+                    if !ensured.contains(&parent) {
+                        if !parent.is_dir() {
+                            fsutil::create_dirs_durable(&parent)
+                                .map_err(|e| Error::local(&parent, e))?;
+                            // Re-check after creating parents: a symlink may have appeared.
+                            crate::paths::resolve(&root, &f.path)
+                                .map_err(|e| Error::Usage(e.to_string()))?;
                         }
-                        crate::batch::already_there(&full, &f, alg)
-                    });
+                        ensured.insert(parent.clone());
+                    }
+                    crate::batch::already_there(&full, &f, alg)
+                })();
                 (i, r)
             })
             .collect::<Vec<_>>()
@@ -759,6 +765,8 @@ async fn serve_batch(
     // Verified files waiting to be written, in one blocking call per few MiB.
     let mut pending: Vec<(u32, PathBuf, BatchFile, bytes::Bytes)> = Vec::new();
     let mut pending_bytes = 0usize;
+    // The previous group's writes run while the next group arrives.
+    let mut inflight: Option<WriteJob> = None;
     let r = async {
         loop {
             let m = tokio::time::timeout(conn.timeouts.stall, conn.rd.expect())
@@ -797,15 +805,22 @@ async fn serve_batch(
                     let Some(full) = targets[i].clone() else { continue };
                     pending_bytes += payload.len();
                     pending.push((index, full, f.clone(), payload));
-                    if pending_bytes >= 4 * 1024 * 1024 {
+                    if pending_bytes >= 512 * 1024 {
                         pending_bytes = 0;
-                        write_pending(std::mem::take(&mut pending), &mut written, &mut written_idx, &mut failures).await?;
+                        if let Some(job) = inflight.take() {
+                            absorb(job, &mut written, &mut written_idx, &mut failures).await?;
+                        }
+                        inflight = Some(spawn_writes(std::mem::take(&mut pending)));
                     }
                 }
                 Message::Ping { nonce } => conn.send(&Message::Pong { nonce }).await?,
                 Message::Pong { .. } => {}
                 Message::BatchCommit => {
-                    return write_pending(pending, &mut written, &mut written_idx, &mut failures).await;
+                    if let Some(job) = inflight.take() {
+                        absorb(job, &mut written, &mut written_idx, &mut failures).await?;
+                    }
+                    let job = spawn_writes(std::mem::take(&mut pending));
+                    return absorb(job, &mut written, &mut written_idx, &mut failures).await;
                 }
                 other => {
                     return Err(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved(
@@ -816,6 +831,10 @@ async fn serve_batch(
         }
     }
     .await;
+    if let Some(job) = inflight.take() {
+        // Whatever was still being written is discarded with the rest below.
+        let _ = absorb(job, &mut written, &mut written_idx, &mut failures).await;
+    }
     if let Err(e) = r {
         let w = std::mem::take(&mut written);
         let _ = tokio::task::spawn_blocking(move || crate::batch::discard(&w)).await;
@@ -862,17 +881,11 @@ async fn serve_batch(
     Ok(())
 }
 
-/// Writes verified batch files to their parts, off the runtime.
-async fn write_pending(
-    pending: Vec<(u32, PathBuf, BatchFile, bytes::Bytes)>,
-    written: &mut Vec<(PathBuf, PathBuf)>,
-    written_idx: &mut Vec<u32>,
-    failures: &mut Vec<BatchFailure>,
-) -> Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let results = tokio::task::spawn_blocking(move || {
+type WriteJob = tokio::task::JoinHandle<Vec<(u32, Result<(PathBuf, PathBuf)>)>>;
+
+/// Writes verified batch files to their parts on a blocking thread.
+fn spawn_writes(pending: Vec<(u32, PathBuf, BatchFile, bytes::Bytes)>) -> WriteJob {
+    tokio::task::spawn_blocking(move || {
         pending
             .into_iter()
             .map(|(index, full, f, data)| {
@@ -881,10 +894,18 @@ async fn write_pending(
                     crate::batch::write_part(&full, &f, &data).map(|part| (part, full)),
                 )
             })
-            .collect::<Vec<_>>()
+            .collect()
     })
-    .await
-    .map_err(|e| Error::Store(e.to_string()))?;
+}
+
+/// Waits for a group of writes and records what each did.
+async fn absorb(
+    job: WriteJob,
+    written: &mut Vec<(PathBuf, PathBuf)>,
+    written_idx: &mut Vec<u32>,
+    failures: &mut Vec<BatchFailure>,
+) -> Result<()> {
+    let results = job.await.map_err(|e| Error::Store(e.to_string()))?;
     for (index, r) in results {
         match r {
             Ok(pair) => {
