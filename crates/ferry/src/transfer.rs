@@ -122,7 +122,12 @@ pub async fn drive_sender(
     // Last time the transfer moved: a chunk sent or acknowledged.
     let mut last_progress = Instant::now();
     loop {
-        while let Some(m) = conn.rd.try_next().await? {
+        // Drain what has arrived, but not past the end of this transfer: the
+        // peer may already have sent its next request behind `Complete`.
+        while !tx.is_complete() {
+            let Some(m) = conn.rd.try_next().await? else {
+                break;
+            };
             last_heard = Instant::now();
             sender_handle(tx, m, src, &mut buf)?;
         }

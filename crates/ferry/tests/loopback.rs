@@ -957,3 +957,33 @@ async fn hostile_batches_are_refused_and_the_server_stays_up() {
     s2.stat("ok.txt").await.unwrap();
     srv.stop().await;
 }
+
+/// Downloading many files over one connection: each file's `Complete` is
+/// followed at once by the next request, and the server must not read the
+/// next request as part of the finished transfer (it used to, and every file
+/// cost a reconnect).
+#[tokio::test]
+async fn many_downloads_in_a_row_need_no_reconnect() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let opts = client_opts(dir.path(), None);
+    let mut files = Vec::new();
+    for i in 0..400u64 {
+        let rel = format!("t/d{}/f{i:03}", i % 5);
+        files.push((
+            rel.clone(),
+            random_file(&srv.root.join(&rel), 1 + i * 11, i),
+        ));
+    }
+    let down = dir.path().join("down");
+    let s = cp(&[srv.url("t")], &down.display().to_string(), &opts)
+        .await
+        .unwrap();
+    assert_eq!(s.files, 400);
+    assert_eq!(s.retries, 0, "a download reconnected");
+    for (rel, data) in &files {
+        let local = down.join(rel.trim_start_matches("t/"));
+        assert_eq!(&std::fs::read(&local).unwrap(), data, "{rel}");
+    }
+    srv.stop().await;
+}
