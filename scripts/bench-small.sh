@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Many small files: N files of SIZE bytes (default 10,000 x 4 KiB in 100
-# directories) uploaded on loopback by ferry, rsync over ssh and scp -r, each
-# into a fresh destination, median of RUNS. ferry fsyncs what it reports as
+# directories) uploaded and downloaded on loopback by ferry, rsync over ssh and
+# scp -r, each into a fresh destination, median of RUNS. ferry fsyncs what it reports as
 # stored (one syncfs per batch); rsync and scp do not fsync at all.
 # A benchmark, not a test: it prints figures and ratios and never fails on a timing.
 #
@@ -55,35 +55,48 @@ SSH="ssh -p $SSH_PORT -i $W/ssh/clientkey -o StrictHostKeyChecking=no -o UserKno
 
 mkdir -p "$W/dst"
 "$BIN" -q serve --root "$W/dst" --listen 127.0.0.1:$FERRY_PORT --state-dir "$W/state" --no-auth >/dev/null & PIDS+=($!)
+"$BIN" -q serve --root "$W" --listen 127.0.0.1:$((FERRY_PORT + 1)) --state-dir "$W/state2" --no-auth >/dev/null & PIDS+=($!)
+mkdir -p "$W/down"
 sleep 0.7
 
 now() { date +%s.%N; }
-run() { # tool run# -> seconds
-  local tool=$1 i=$2 d="$W/dst/$1-$2" t0 t1
+run() { # direction tool run# -> seconds
+  local dir=$1 tool=$2 i=$3 d t0 t1
   sync
   t0=$(now)
-  case $tool in
-    ferry) "$BIN" cp -q -r --no-progress --state-dir "$W/cstate" "$W/src" "ferry://127.0.0.1:$FERRY_PORT/$tool-$i" ;;
-    rsync-ssh) rsync -a -e "$SSH" "$W/src/" "root@127.0.0.1:$d/" ;;
-    scp) scp -q -r -P "$SSH_PORT" -i "$W/ssh/clientkey" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=error "$W/src" "root@127.0.0.1:$d" ;;
-  esac
+  if [[ $dir = up ]]; then
+    d="$W/dst/$tool-$i"
+    case $tool in
+      ferry) "$BIN" cp -q -r --no-progress --state-dir "$W/cstate" "$W/src" "ferry://127.0.0.1:$FERRY_PORT/$tool-$i" ;;
+      rsync-ssh) rsync -a -e "$SSH" "$W/src/" "root@127.0.0.1:$d/" ;;
+      scp) scp -q -r -P "$SSH_PORT" -i "$W/ssh/clientkey" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=error "$W/src" "root@127.0.0.1:$d" ;;
+    esac
+  else
+    d="$W/down/$tool-$i"
+    case $tool in
+      ferry) "$BIN" cp -q -r --no-progress --state-dir "$W/cstate" "ferry://127.0.0.1:$((FERRY_PORT + 1))/src" "$d" ;;
+      rsync-ssh) rsync -a -e "$SSH" "root@127.0.0.1:$W/src/" "$d/" ;;
+      scp) scp -q -r -P "$SSH_PORT" -i "$W/ssh/clientkey" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=error "root@127.0.0.1:$W/src" "$d" ;;
+    esac
+  fi
   t1=$(now)
   local got; got=$(find "$d" -type f | wc -l)
-  [[ $got -eq $N ]] || { echo "$tool run $i: $got of $N files landed" >&2; echo FAIL; return; }
+  [[ $got -eq $N ]] || { echo "$dir $tool run $i: $got of $N files landed" >&2; echo FAIL; return; }
   echo "$t1 - $t0" | bc
 }
 
-declare -A MED
-for tool in ferry rsync-ssh scp; do
-  ts=()
-  for i in $(seq 1 "$RUNS"); do ts+=("$(run "$tool" "$i")"); echo "  $tool run $i: ${ts[-1]} s" >&2; done
-  MED[$tool]=$(printf '%s\n' "${ts[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-done
-
-echo
-echo "$N files x $SIZE bytes, loopback upload, seconds (median of $RUNS); ratio = tool / ferry (higher: ferry faster)"
-for tool in ferry rsync-ssh scp; do
-  m=${MED[$tool]}
-  r=$(awk -v a="$m" -v b="${MED[ferry]}" 'BEGIN { if (a+0>0 && b+0>0) printf "%.2fx", a/b }')
-  printf "  %-10s %8.3f s  %8.0f files/s  %s\n" "$tool" "$m" "$(echo "$N / $m" | bc -l)" "$r"
+for dir in up down; do
+  declare -A MED=()
+  for tool in ferry rsync-ssh scp; do
+    ts=()
+    for i in $(seq 1 "$RUNS"); do ts+=("$(run "$dir" "$tool" "$i")"); echo "  $dir $tool run $i: ${ts[-1]} s" >&2; done
+    MED[$tool]=$(printf '%s\n' "${ts[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  done
+  echo
+  echo "$N files x $SIZE bytes, loopback $dir""load, seconds (median of $RUNS); ratio = tool / ferry (higher: ferry faster)"
+  for tool in ferry rsync-ssh scp; do
+    m=${MED[$tool]}
+    r=$(awk -v a="$m" -v b="${MED[ferry]}" 'BEGIN { if (a+0>0 && b+0>0) printf "%.2fx", a/b }')
+    printf "  %-10s %8.3f s  %8.0f files/s  %s\n" "$tool" "$m" "$(echo "$N / $m" | bc -l)" "$r"
+  done
 done

@@ -352,6 +352,21 @@ pub enum Message {
         done: RangeSet,
         failures: Vec<BatchFailure>,
     },
+    /// Client → server: send me these small files. Each entry carries what the
+    /// client already holds at that path (size and digest; an all-zero digest
+    /// for nothing), so identical files are not sent.
+    BatchGet {
+        alg: String,
+        files: Vec<BatchFile>,
+    },
+    /// Server → client, answering `BatchGet`: file `index` as the server has
+    /// it; `payload` is absent when the client's copy is already identical.
+    /// The answer ends with `BatchResult`.
+    BatchItem {
+        index: u32,
+        file: BatchFile,
+        payload: Option<Bytes>,
+    },
     /// Either side, keepalive.
     Ping {
         nonce: u64,
@@ -387,6 +402,8 @@ mod kind {
     pub const BATCH_DATA: u8 = 42;
     pub const BATCH_COMMIT: u8 = 43;
     pub const BATCH_RESULT: u8 = 44;
+    pub const BATCH_GET: u8 = 45;
+    pub const BATCH_ITEM: u8 = 46;
     pub const PING: u8 = 0x80;
     pub const PONG: u8 = 0x81;
 }
@@ -461,6 +478,16 @@ fn decode_entry(body: Bytes) -> Result<Entry, DecodeError> {
         mtime_ns: mtime,
         mode,
     })
+}
+
+fn encode_batch_file(f: &BatchFile) -> FieldWriter {
+    let mut e = FieldWriter::new();
+    e.str(1, &f.path)
+        .u64(2, f.size)
+        .u64(3, f.mtime_ns as u64)
+        .u64(4, u64::from(f.mode))
+        .bytes(5, &f.digest.0);
+    e
 }
 
 fn decode_batch_file(body: Bytes) -> Result<BatchFile, DecodeError> {
@@ -611,6 +638,8 @@ impl Message {
             Message::BatchData { .. } => "BatchData",
             Message::BatchCommit => "BatchCommit",
             Message::BatchResult { .. } => "BatchResult",
+            Message::BatchGet { .. } => "BatchGet",
+            Message::BatchItem { .. } => "BatchItem",
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
         }
@@ -746,18 +775,28 @@ impl Message {
                 w.bytes(1, &digest.0);
                 kind::COMPLETE
             }
-            Message::BatchPut { alg, files } => {
+            Message::BatchPut { alg, files } | Message::BatchGet { alg, files } => {
                 w.str(1, alg);
                 for f in files {
-                    let mut e = FieldWriter::new();
-                    e.str(1, &f.path)
-                        .u64(2, f.size)
-                        .u64(3, f.mtime_ns as u64)
-                        .u64(4, u64::from(f.mode))
-                        .bytes(5, &f.digest.0);
-                    w.nested(2, e);
+                    w.nested(2, encode_batch_file(f));
                 }
-                kind::BATCH_PUT
+                if matches!(self, Message::BatchPut { .. }) {
+                    kind::BATCH_PUT
+                } else {
+                    kind::BATCH_GET
+                }
+            }
+            Message::BatchItem {
+                index,
+                file,
+                payload,
+            } => {
+                w.u64(1, u64::from(*index))
+                    .nested(2, encode_batch_file(file));
+                if let Some(p) = payload {
+                    w.bytes(3, p);
+                }
+                kind::BATCH_ITEM
             }
             Message::BatchNeed { indexes } => {
                 w.bytes(1, &encode_ranges(indexes));
@@ -1062,7 +1101,7 @@ impl Message {
                     Message::Complete { digest }
                 }
             }
-            kind::BATCH_PUT => {
+            kind::BATCH_PUT | kind::BATCH_GET => {
                 let (mut alg, mut files) = (None, Vec::new());
                 while let Some((tag, v)) = r.next_field()? {
                     match tag {
@@ -1080,9 +1119,36 @@ impl Message {
                         _ => {}
                     }
                 }
-                Message::BatchPut {
-                    alg: alg.ok_or(missing("BatchPut", "alg"))?,
-                    files,
+                let alg = alg.ok_or(missing("BatchPut/BatchGet", "alg"))?;
+                if kind == kind::BATCH_PUT {
+                    Message::BatchPut { alg, files }
+                } else {
+                    Message::BatchGet { alg, files }
+                }
+            }
+            kind::BATCH_ITEM => {
+                let (mut index, mut file, mut payload) = (None, None, None);
+                while let Some((tag, v)) = r.next_field()? {
+                    match tag {
+                        1 => index = Some(as_u32(&v)?),
+                        2 => file = Some(decode_batch_file(v)?),
+                        3 => {
+                            if v.len() as u64 > MAX_BATCH_FILE {
+                                return Err(DecodeError::TooLarge {
+                                    what: "batch file",
+                                    len: v.len() as u64,
+                                    max: MAX_BATCH_FILE,
+                                });
+                            }
+                            payload = Some(v)
+                        }
+                        _ => {}
+                    }
+                }
+                Message::BatchItem {
+                    index: index.ok_or(missing("BatchItem", "index"))?,
+                    file: file.ok_or(missing("BatchItem", "file"))?,
+                    payload,
                 }
             }
             kind::BATCH_NEED => {
@@ -1335,6 +1401,38 @@ mod tests {
             },
             Message::BatchNeed {
                 indexes: RangeSet::from_ranges([0..3]),
+            },
+            Message::BatchGet {
+                alg: "sha256".into(),
+                files: vec![BatchFile {
+                    path: "x".into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    mode: 0,
+                    digest: ChunkHash([0; 32]),
+                }],
+            },
+            Message::BatchItem {
+                index: 0,
+                file: BatchFile {
+                    path: "x".into(),
+                    size: 3,
+                    mtime_ns: 9,
+                    mode: 0o600,
+                    digest: ChunkHash([1; 32]),
+                },
+                payload: Some(Bytes::from_static(b"abc")),
+            },
+            Message::BatchItem {
+                index: 1,
+                file: BatchFile {
+                    path: "y".into(),
+                    size: 3,
+                    mtime_ns: 9,
+                    mode: 0o600,
+                    digest: ChunkHash([1; 32]),
+                },
+                payload: None,
             },
             Message::BatchData {
                 index: 2,

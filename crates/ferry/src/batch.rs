@@ -149,3 +149,68 @@ impl CloneIo for Error {
         }
     }
 }
+
+/// The server's side of one `BatchGet` entry: the file as it is now, and its
+/// content unless the client's copy (`want.size`, `want.digest`) is identical.
+/// A file too large for a batch is an error (the client fetches it the
+/// ordinary way).
+pub fn read_for_get(
+    root: &Path,
+    want: &BatchFile,
+    alg: HashAlg,
+    cache: &mut std::collections::HashMap<String, PathBuf>,
+) -> Result<(BatchFile, Option<bytes::Bytes>)> {
+    use std::os::unix::fs::MetadataExt;
+    let full = crate::paths::resolve_cached(root, &want.path, cache)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let md = std::fs::metadata(&full).map_err(|e| Error::local(&full, e))?;
+    if !md.is_file() {
+        return Err(Error::NotFound(format!("{:?} is not a file", want.path)));
+    }
+    if md.len() > ferry_proto::message::MAX_BATCH_FILE {
+        return Err(Error::Usage(format!(
+            "{:?} is too large for a batch",
+            want.path
+        )));
+    }
+    let data = std::fs::read(&full).map_err(|e| Error::local(&full, e))?;
+    if data.len() as u64 > ferry_proto::message::MAX_BATCH_FILE {
+        return Err(Error::Usage(format!(
+            "{:?} grew too large for a batch",
+            want.path
+        )));
+    }
+    let digest = small_file_digest(alg, &data);
+    let file = BatchFile {
+        path: want.path.clone(),
+        size: data.len() as u64,
+        mtime_ns: fsutil::mtime_ns(&md),
+        mode: md.mode() & 0o777,
+        digest,
+    };
+    let same = want.size == file.size && want.digest == digest;
+    Ok((file, (!same).then(|| bytes::Bytes::from(data))))
+}
+
+/// The client's side of a `BatchGet` entry: what it holds at `local` (size and
+/// digest), or an all-zero digest when it holds nothing comparable.
+pub fn local_view(local: &Path, remote: &str, expect_size: u64, alg: HashAlg) -> BatchFile {
+    let none = BatchFile {
+        path: remote.to_string(),
+        size: 0,
+        mtime_ns: 0,
+        mode: 0,
+        digest: ferry_proto::ChunkHash([0; 32]),
+    };
+    match std::fs::symlink_metadata(local) {
+        Ok(md) if md.is_file() && md.len() == expect_size => match std::fs::read(local) {
+            Ok(data) => BatchFile {
+                size: data.len() as u64,
+                digest: small_file_digest(alg, &data),
+                ..none
+            },
+            Err(_) => none,
+        },
+        _ => none,
+    }
+}

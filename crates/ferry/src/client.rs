@@ -72,6 +72,15 @@ pub struct BatchItem {
     pub data: bytes::Bytes,
 }
 
+/// What a `BatchGet` brought: per requested file, the server's view and its
+/// verified content (`None` content: the local copy is already identical),
+/// or nothing when the file is in `failures`.
+#[derive(Debug, Clone, Default)]
+pub struct GetBatch {
+    pub items: Vec<Option<(BatchFile, Option<bytes::Bytes>)>>,
+    pub failures: Vec<BatchFailure>,
+}
+
 /// What the server did with a batch.
 #[derive(Debug, Clone, Default)]
 pub struct BatchOutcome {
@@ -328,6 +337,92 @@ impl Session {
                         sent: need,
                         failures,
                     });
+                }
+                Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                Message::Pong { .. } => {}
+                Message::Failure(f) => return Err(remote(f)),
+                m => return Err(unexpected(&m)),
+            }
+        }
+    }
+
+    /// Fetches many small files at once. `want` says, per file, what the
+    /// client already holds (see [`crate::batch::local_view`]); each returned
+    /// item is verified here: its payload matches its size and digest, or it
+    /// has no payload because the client's copy is identical. Files that
+    /// failed on the server, or whose item did not verify, are in `failures`.
+    pub async fn get_batch(&mut self, alg: HashAlg, want: &[BatchFile]) -> Result<GetBatch> {
+        let n = want.len();
+        self.conn
+            .send(&Message::BatchGet {
+                alg: alg.name().to_string(),
+                files: want.to_vec(),
+            })
+            .await?;
+        let mut items: Vec<Option<(BatchFile, Option<bytes::Bytes>)>> = vec![None; n];
+        let mut failures = Vec::new();
+        // A server may not send more than it was asked for, with some slack
+        // for files that grew.
+        let budget: u64 = want
+            .iter()
+            .map(|f| f.size)
+            .sum::<u64>()
+            .saturating_mul(2)
+            .saturating_add(n as u64 * ferry_proto::message::MAX_BATCH_FILE / 4)
+            .max(1 << 20);
+        let mut received = 0u64;
+        let misbehaved =
+            |what: &str| Error::Proto(ProtoError::PeerMisbehaved(format!("batch answer: {what}")));
+        loop {
+            let m = tokio::time::timeout(self.conn.timeouts.stall, self.conn.rd.expect())
+                .await
+                .map_err(|_| Error::Timeout(format!("batch from {}", self.addr)))??;
+            match m {
+                Message::BatchItem {
+                    index,
+                    file,
+                    payload,
+                } => {
+                    let i = index as usize;
+                    let Some(w) = want.get(i) else {
+                        return Err(misbehaved("a file beyond the request"));
+                    };
+                    if items[i].is_some() || file.path != w.path {
+                        return Err(misbehaved("a file twice, or under another name"));
+                    }
+                    match &payload {
+                        Some(p) => {
+                            received += p.len() as u64;
+                            if received > budget {
+                                return Err(misbehaved("far more data than asked for"));
+                            }
+                            if p.len() as u64 != file.size
+                                || ferry_proto::hash::small_file_digest(alg, p) != file.digest
+                            {
+                                failures.push(BatchFailure {
+                                    index,
+                                    failure: ferry_proto::Failure::new(
+                                        ferry_proto::FailureCode::Integrity,
+                                        "content does not match its digest",
+                                    ),
+                                });
+                                continue;
+                            }
+                        }
+                        None => {
+                            if file.digest != w.digest || file.size != w.size {
+                                return Err(misbehaved("no content for a file we do not hold"));
+                            }
+                        }
+                    }
+                    items[i] = Some((file, payload));
+                }
+                Message::BatchResult { failures: f, .. } => {
+                    if f.iter().any(|x| x.index as usize >= n) {
+                        return Err(misbehaved("a failure beyond the request"));
+                    }
+                    failures.extend(f);
+                    return Ok(GetBatch { items, failures });
                 }
                 Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
                 Message::Pong { .. } => {}

@@ -876,13 +876,145 @@ impl Runner<'_> {
         for d in &dirs {
             fsutil::create_dirs_durable(&d.local).map_err(|e| Error::local(&d.local, e))?;
         }
-        for f in &files {
+        let batching = self
+            .with_session(addr, |s| Box::pin(async move { Ok(s.supports_batch()) }))
+            .await?;
+        let (small, large): (Vec<&FileJob>, Vec<&FileJob>) = if batching {
+            files.iter().partition(|f| f.size <= MAX_BATCH_FILE)
+        } else {
+            (Vec::new(), files.iter().collect())
+        };
+        let mut fallback = Vec::new();
+        for group in batch_groups(&small) {
+            fallback.extend(self.download_batch(addr, &group).await?);
+        }
+        for f in fallback.into_iter().chain(large) {
             self.download_one(addr, f).await?;
         }
         for d in dirs.iter().rev() {
             fsutil::apply_dir_meta(&d.local, d.mode, d.mtime_ns)?;
         }
         Ok(())
+    }
+
+    /// Fetches one group of small files as a batch and makes them durable
+    /// together (see [`crate::batch`]); returns the files that must go the
+    /// ordinary way instead.
+    async fn download_batch<'j>(
+        &mut self,
+        addr: &str,
+        group: &[&'j FileJob],
+    ) -> Result<Vec<&'j FileJob>> {
+        let alg = self.opts.alg;
+        // What is here already, so identical files are not fetched again.
+        let locals: Vec<(PathBuf, String, u64)> = group
+            .iter()
+            .map(|j| (j.local.clone(), j.remote.clone(), j.size))
+            .collect();
+        let want = tokio::task::spawn_blocking(move || {
+            locals
+                .iter()
+                .map(|(l, r, size)| {
+                    if let Some(p) = l.parent() {
+                        let _ = fsutil::create_dirs_durable(p);
+                    }
+                    crate::batch::local_view(l, r, *size, alg)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?;
+        self.progress.start_file(
+            &format!("{} small files", group.len()),
+            group.iter().map(|j| j.size).sum(),
+        );
+        let want = Arc::new(want);
+        let got = self
+            .with_session(addr, |s| {
+                let want = want.clone();
+                Box::pin(async move { s.get_batch(alg, &want).await })
+            })
+            .await?;
+        let failed: std::collections::HashSet<u32> = got.failures.iter().map(|f| f.index).collect();
+        let mut fallback = Vec::new();
+        for f in &got.failures {
+            if let Some(job) = group.get(f.index as usize) {
+                warn!(path = %job.remote, code = ?f.failure.code, message = %f.failure.message, "not fetched in the batch; fetching it on its own");
+                fallback.push(*job);
+            }
+        }
+        // Write, sync, rename, all off the runtime.
+        let mut work = Vec::new();
+        for (i, item) in got.items.into_iter().enumerate() {
+            let Some((file, payload)) = item else {
+                if !failed.contains(&(i as u32)) {
+                    fallback.push(group[i]);
+                }
+                continue;
+            };
+            if failed.contains(&(i as u32)) {
+                continue;
+            }
+            work.push((i, group[i].local.clone(), file, payload));
+        }
+        let results = tokio::task::spawn_blocking(move || {
+            let mut written = Vec::new();
+            let mut written_at = Vec::new();
+            let mut out = Vec::new();
+            for (i, local, file, payload) in work {
+                match payload {
+                    Some(data) => match crate::batch::write_part(&local, &file, &data) {
+                        Ok(part) => {
+                            written.push((part, local));
+                            written_at.push((i, file, data.len() as u64));
+                        }
+                        Err(e) => out.push((i, file, 0, Err(e))),
+                    },
+                    None => {
+                        // Identical already: bring mode and mtime in line.
+                        let r = crate::batch::already_there(&local, &file, alg).and_then(|same| {
+                            if same {
+                                Ok(())
+                            } else {
+                                Err(Error::Store("local file changed".into()))
+                            }
+                        });
+                        out.push((i, file, 0, r));
+                    }
+                }
+            }
+            let sync_root = written
+                .first()
+                .map(|(p, _)| fsutil::parent_of(p))
+                .unwrap_or_default();
+            let committed = crate::batch::commit(&sync_root, &written);
+            for ((i, file, n), r) in written_at.into_iter().zip(committed) {
+                out.push((i, file, n, r));
+            }
+            out
+        })
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?;
+        let mut fetched = 0u64;
+        for (i, file, n, r) in results {
+            match r {
+                Ok(()) => {
+                    if n > 0 {
+                        Progress::add(&self.progress.bytes_sent, n);
+                        fetched += 1;
+                    } else {
+                        Progress::add(&self.progress.bytes_resumed, file.size);
+                    }
+                    self.progress.done(file.size);
+                    Progress::add(&self.progress.files_done, 1);
+                    self.digests.push((group[i].remote.clone(), file.digest));
+                }
+                Err(e) if matches!(e, Error::LocalIo { .. }) => return Err(e),
+                Err(_) => fallback.push(group[i]),
+            }
+        }
+        info!(files = group.len(), fetched, "batch fetched");
+        Ok(fallback)
     }
 
     async fn download_one(&mut self, addr: &str, job: &FileJob) -> Result<()> {

@@ -515,6 +515,7 @@ async fn handle_request(
             info!(transfer = %id, path = %path, digest = %digest, "download complete");
         }
         Message::BatchPut { alg, files } => serve_batch(conn, &alg, files, shared).await?,
+        Message::BatchGet { alg, files } => serve_batch_get(conn, &alg, files, shared).await?,
         Message::Ping { nonce } => conn.send(&Message::Pong { nonce }).await?,
         Message::Pong { .. } => {}
         other => {
@@ -918,5 +919,74 @@ async fn absorb(
             }),
         }
     }
+    Ok(())
+}
+
+/// Answers a `BatchGet`: reads the files a few hundred KiB at a time on a
+/// blocking thread and streams them, skipping those the client already holds.
+async fn serve_batch_get(
+    conn: &mut Conn,
+    alg: &str,
+    files: Vec<BatchFile>,
+    shared: &Arc<Shared>,
+) -> std::result::Result<(), RequestError> {
+    let alg = HashAlg::from_name(alg).ok_or_else(|| {
+        RequestError::Reply(Failure::new(
+            FailureCode::BadRequest,
+            format!("unknown hash algorithm {alg:?}"),
+        ))
+    })?;
+    let mut done = RangeSet::new();
+    let mut failures = Vec::new();
+    let mut cache = HashMap::new();
+    let mut start = 0usize;
+    while start < files.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < files.len() && (end == start || bytes < 512 * 1024) {
+            bytes += files[end].size.min(ferry_proto::message::MAX_BATCH_FILE);
+            end += 1;
+        }
+        let group: Vec<(u32, BatchFile)> =
+            (start..end).map(|i| (i as u32, files[i].clone())).collect();
+        let root = shared.root.clone();
+        let mut c = std::mem::take(&mut cache);
+        let (results, c) = tokio::task::spawn_blocking(move || {
+            let r: Vec<_> = group
+                .into_iter()
+                .map(|(i, f)| (i, crate::batch::read_for_get(&root, &f, alg, &mut c)))
+                .collect();
+            (r, c)
+        })
+        .await
+        .map_err(|e| RequestError::Fatal(Error::Store(e.to_string())))?;
+        cache = c;
+        for (index, r) in results {
+            match r {
+                Ok((file, payload)) => {
+                    conn.wr
+                        .send(&Message::BatchItem {
+                            index,
+                            file,
+                            payload,
+                        })
+                        .await?;
+                    done.insert(index);
+                }
+                Err(e) => failures.push(BatchFailure {
+                    index,
+                    failure: failure_for(&e),
+                }),
+            }
+        }
+        start = end;
+    }
+    info!(
+        files = files.len(),
+        served = done.count(),
+        failed = failures.len(),
+        "batch served"
+    );
+    conn.send(&Message::BatchResult { done, failures }).await?;
     Ok(())
 }
