@@ -7,8 +7,9 @@
 # ferry, the bytes re-sent. A benchmark, not a test: it never judges a timing.
 #
 # Usage: scripts/bench-wan.sh            (root; creates and deletes netns fbA, fbB)
-# Env:   SIZE_MIB (256), CAP_S (120: a slower transfer is stopped and scored
-#        bytes-landed / time), TOOLS ("ferry scp rsync-ssh"), CC (bbr|cubic, sender side)
+# Env:   CONDS (name:one_way_ms:loss_pct:outage_s ..., default 50 ms RTT with 0/1/5 % loss
+#        and a 20 s outage), SIZE_MIB (256), CAP_S (120: a slower transfer is stopped and scored
+#        bytes-landed / time), TOOLS ("ferry scp rsync-ssh"; iperf3 also works), SENDER_CC (bbr|cubic: the sending process's TCP congestion control)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -16,14 +17,14 @@ BENCH=${BENCH:-$REPO/../shared/bench}
 SIZE_MIB=${SIZE_MIB:-256}
 CAP_S=${CAP_S:-120}
 TOOLS=${TOOLS:-ferry scp rsync-ssh}
-CC=${CC:-bbr}
+SENDER_CC=${SENDER_CC:-bbr}
 A=fbA B=fbB IPA=10.78.0.1 IPB=10.78.0.2
 W=$(mktemp -d /tmp/ferry-wan.XXXXXX)
 BYTES=$((SIZE_MIB * 1024 * 1024))
 PIDS=() FWD=
 
-command -v sshd >/dev/null && command -v rsync >/dev/null || {
-  apt-get update -qq && apt-get install -y -qq openssh-server openssh-client rsync >/dev/null
+command -v sshd >/dev/null && command -v rsync >/dev/null && command -v iperf3 >/dev/null || {
+  apt-get update -qq && apt-get install -y -qq openssh-server openssh-client rsync iperf3 >/dev/null
 }
 cargo build --release -q
 BIN=$REPO/target/release/ferry
@@ -70,6 +71,9 @@ link_down() { kill "$FWD"; wait "$FWD" 2>/dev/null || true; FWD=; }
 start_servers() {
   ip netns exec $B /usr/sbin/sshd -D -f "$W/ssh/sshd_config" -E "$W/ssh/sshd.log" & PIDS+=($!)
   ip netns exec $B "$BIN" -q serve --root "$W/dst" --listen $IPB:7787 --state-dir "$W/fstate" --no-auth >/dev/null & PIDS+=($!)
+  if [[ " $TOOLS " == *" iperf3 "* ]]; then
+    ip netns exec $B iperf3 -s -B $IPB -p 5299 >/dev/null 2>&1 & PIDS+=($!)
+  fi
   sleep 0.7
 }
 stop_servers() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; PIDS=(); }
@@ -84,9 +88,10 @@ run() { # tool outage_s
                 --state-dir "$W/cstate" "$W/src.bin" "ferry://$IPB:7787/out.bin") ;;
     scp) cmd=(scp -q -F "$W/ssh/ssh_config" "$W/src.bin" "wan:$W/dst/out.bin") ;;
     rsync-ssh) cmd=(rsync -W --partial -e "ssh -F $W/ssh/ssh_config" "$W/src.bin" "wan:$W/dst/out.bin") ;;
+    iperf3) cmd=(iperf3 -c $IPB -p 5299 -n "$BYTES" -f m) ;;
   esac
   local s=$EPOCHREALTIME p down=0
-  ip netns exec $A env LD_PRELOAD="$W/setcc.so" PB_TCP_CC=$CC "${cmd[@]}" >"$W/out.json" 2>>"$W/errors.log" & p=$!
+  ip netns exec $A env LD_PRELOAD="$W/setcc.so" PB_TCP_CC=$SENDER_CC "${cmd[@]}" >"$W/out.json" 2>>"$W/errors.log" & p=$!
   while kill -0 "$p" 2>/dev/null; do
     local t; t=$(awk -v a="$s" -v b="$EPOCHREALTIME" 'BEGIN{print b-a}')
     if ((outage > 0 && down == 0)) && (($(landed) > BYTES / 2)); then
@@ -100,6 +105,7 @@ run() { # tool outage_s
   local e=$EPOCHREALTIME sz; sz=$(landed)
   local secs; secs=$(awk -v a="$s" -v b="$e" 'BEGIN{printf "%.1f", b-a}')
   local ok=no; cmp -s "$W/src.bin" "$W/dst/out.bin" && ok=yes
+  if [[ $tool == iperf3 ]]; then sz=0; grep -q "receiver" "$W/out.json" && { ok=n/a; sz=$BYTES; }; fi
   local extra="-"
   if [[ $tool == ferry && -s $W/out.json ]]; then
     extra=$(tail -1 "$W/out.json" | python3 -c 'import json,sys; j=json.load(sys.stdin); print("%.1f MiB (%.2f%%), %d retries" % ((j["bytes_sent"]-j["bytes_total"])/2**20, (j["bytes_sent"]-j["bytes_total"])*100/j["bytes_total"], j["retries"]))')
@@ -108,8 +114,8 @@ run() { # tool outage_s
     "$(awk -v b="$sz" -v t="$secs" 'BEGIN{printf "%.2f", b/t/1e6}')" "$ok" "$extra"
 }
 
-echo "# ${SIZE_MIB} MiB upload, sender CC=$CC, cap ${CAP_S}s; goodput = bytes landed / time"
-for cond in "rtt50:25:0:0" "rtt50-loss1:25:1:0" "rtt50-loss5:25:5:0" "rtt50-down20s:25:0:20"; do
+echo "# ${SIZE_MIB} MiB upload, sender CC=$SENDER_CC, cap ${CAP_S}s; goodput = bytes landed / time"
+for cond in ${CONDS:-rtt50:25:0:0 rtt50-loss1:25:1:0 rtt50-loss5:25:5:0 rtt50-down20s:25:0:20}; do
   IFS=: read -r name ow loss outage <<<"$cond"
   echo "== $name (one-way ${ow} ms, loss ${loss}% per direction, outage ${outage}s at 50%)"
   link_up "$ow" "$loss"; start_servers

@@ -1,7 +1,7 @@
 //! What the user sees: progress bars or plain lines, logs, summaries, status.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -225,14 +225,8 @@ pub fn server_token(state_dir: &Path) -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let raw: [u8; 24] = rand::random();
     let token = ferry::fsutil::hex(&raw);
-    ferry::fsutil::write_atomic(&path, format!("{token}\n").as_bytes())?;
-    restrict(&path);
+    ferry::fsutil::write_private(&path, format!("{token}\n").as_bytes())?;
     Ok(token.into_bytes())
-}
-
-fn restrict(p: &PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
 }
 
 fn pid_alive(pid: u32) -> bool {

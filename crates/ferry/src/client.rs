@@ -180,9 +180,18 @@ impl Session {
 
     async fn call(&mut self, m: &Message) -> Result<Message> {
         self.conn.send(m).await?;
-        match self.conn.rd.expect().await? {
-            Message::Failure(f) => Err(remote(f)),
-            m => Ok(m),
+        self.reply().await
+    }
+
+    /// The next reply, answering and skipping keepalives.
+    async fn reply(&mut self) -> Result<Message> {
+        loop {
+            match self.conn.rd.expect().await? {
+                Message::Failure(f) => return Err(remote(f)),
+                Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                Message::Pong { .. } => {}
+                m => return Ok(m),
+            }
         }
     }
 
@@ -215,10 +224,7 @@ impl Session {
                 }
                 m => return Err(unexpected(&m)),
             }
-            m = match self.conn.rd.expect().await? {
-                Message::Failure(f) => return Err(remote(f)),
-                m => m,
-            };
+            m = self.reply().await?;
         }
     }
 

@@ -51,6 +51,17 @@ pub fn parent_of(p: &Path) -> PathBuf {
 
 /// Writes `body` to `path` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
+    write_atomic_mode(path, body, 0o644)
+}
+
+/// [`write_atomic`] for secrets: the file is created with mode 0600, so it is
+/// never readable by others, not even for a moment.
+pub fn write_private(path: &Path, body: &[u8]) -> Result<()> {
+    write_atomic_mode(path, body, 0o600)
+}
+
+fn write_atomic_mode(path: &Path, body: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = parent_of(path);
     let tmp = dir.join(format!(
         ".{}.tmp{}",
@@ -58,7 +69,13 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
         std::process::id()
     ));
     {
-        let mut f = File::create(&tmp).map_err(|e| Error::local(&tmp, e))?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| Error::local(&tmp, e))?;
         f.write_all(body).map_err(|e| Error::local(&tmp, e))?;
         f.sync_all().map_err(|e| Error::local(&tmp, e))?;
     }

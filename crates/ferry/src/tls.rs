@@ -17,7 +17,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{hex, write_atomic};
+use crate::fsutil::{hex, write_atomic, write_private};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
@@ -49,19 +49,38 @@ impl ServerIdentity {
     pub fn load_or_create(dir: &Path) -> Result<Self> {
         let cert_path = dir.join("server.crt.der");
         let key_path = dir.join("server.key.der");
-        if let (Ok(c), Ok(k)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
-            return Ok(Self {
-                cert: CertificateDer::from(c),
-                key: PrivatePkcs8KeyDer::from(k),
-            });
+        match (std::fs::read(&cert_path), std::fs::read(&key_path)) {
+            (Ok(c), Ok(k)) => {
+                return Ok(Self {
+                    cert: CertificateDer::from(c),
+                    key: PrivatePkcs8KeyDer::from(k),
+                })
+            }
+            (Err(c), Err(k))
+                if c.kind() == std::io::ErrorKind::NotFound
+                    && k.kind() == std::io::ErrorKind::NotFound => {}
+            // One is there without the other, or unreadable: making a new
+            // pair would silently change the fingerprint clients pinned.
+            (c, k) => {
+                let (path, e) = match (c, k) {
+                    (Err(e), _) => (&cert_path, e),
+                    (_, Err(e)) => (&key_path, e),
+                    _ => unreachable!("both were read"),
+                };
+                return Err(Error::Tls(format!(
+                    "{}: {e}; the server's identity is incomplete. Restore it, or remove both \
+                     server.crt.der and server.key.der to make a new one (clients will then \
+                     see a new fingerprint)",
+                    path.display()
+                )));
+            }
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::local(dir, e))?;
         let ck = rcgen::generate_simple_self_signed(vec!["ferry".to_string()])
             .map_err(|e| Error::Tls(e.to_string()))?;
         let cert = ck.cert.der().to_vec();
         let key = ck.key_pair.serialize_der();
-        write_atomic(&key_path, &key)?;
-        restrict(&key_path);
+        write_private(&key_path, &key)?;
         write_atomic(&cert_path, &cert)?;
         Ok(Self {
             cert: CertificateDer::from(cert),
@@ -86,11 +105,6 @@ impl ServerIdentity {
     }
 }
 
-pub(crate) fn restrict(p: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
-}
-
 /// The known-servers file: one `host:port SHA256:hex` per line.
 #[derive(Debug, Clone)]
 pub struct KnownServers {
@@ -106,15 +120,49 @@ impl KnownServers {
         &self.path
     }
 
+    /// The canonical form of `host:port` used in the file: host names are
+    /// case-insensitive, IPv6 addresses are bracketed, the port is explicit
+    /// (7787 when missing).
+    pub fn canonical(addr: &str) -> String {
+        let addr = addr.trim();
+        let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+            match rest.split_once(']') {
+                Some((h, p)) => (h.to_string(), p.strip_prefix(':').unwrap_or("").to_string()),
+                None => (rest.to_string(), String::new()),
+            }
+        } else if addr.matches(':').count() > 1 {
+            // A bare IPv6 address without a port.
+            (addr.to_string(), String::new())
+        } else {
+            match addr.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.to_string()),
+                None => (addr.to_string(), String::new()),
+            }
+        };
+        let host = host.to_ascii_lowercase();
+        let port = if port.is_empty() {
+            "7787".to_string()
+        } else {
+            port
+        };
+        if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+
     pub fn lookup(&self, host: &str) -> Option<String> {
         let text = std::fs::read_to_string(&self.path).ok()?;
+        let want = Self::canonical(host);
         text.lines()
             .filter_map(|l| l.split_once(' '))
-            .find(|(h, _)| *h == host)
+            .find(|(h, _)| Self::canonical(h) == want)
             .map(|(_, f)| f.trim().to_string())
     }
 
     pub fn record(&self, host: &str, fp: &str) -> Result<()> {
+        let host = Self::canonical(host);
         let mut text = std::fs::read_to_string(&self.path).unwrap_or_default();
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
@@ -202,4 +250,49 @@ pub fn client_config(expected: Option<String>) -> Result<(rustls::ClientConfig, 
         .with_no_client_auth();
     let seen: SeenFingerprint = Arc::new(move || verifier.seen.lock().ok().and_then(|s| s.clone()));
     Ok((cfg, seen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn identity_is_kept_private_and_never_half_regenerated() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ServerIdentity::load_or_create(dir.path()).unwrap();
+        let key = dir.path().join("server.key.der");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the private key must be 0600");
+        // Loading again keeps the fingerprint.
+        let b = ServerIdentity::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        // Only the certificate lost: refuse rather than change identity.
+        std::fs::remove_file(dir.path().join("server.crt.der")).unwrap();
+        let e = ServerIdentity::load_or_create(dir.path()).err().unwrap();
+        assert!(e.to_string().contains("incomplete"), "{e}");
+        assert!(key.exists(), "the key must not be replaced");
+        // Both gone: a new identity is made.
+        std::fs::remove_file(&key).unwrap();
+        let c = ServerIdentity::load_or_create(dir.path()).unwrap();
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn known_servers_match_whatever_the_spelling() {
+        assert_eq!(
+            KnownServers::canonical("Example.COM:7787"),
+            "example.com:7787"
+        );
+        assert_eq!(KnownServers::canonical("example.com"), "example.com:7787");
+        assert_eq!(KnownServers::canonical("[::1]:9000"), "[::1]:9000");
+        assert_eq!(KnownServers::canonical("::1"), "[::1]:7787");
+        assert_eq!(KnownServers::canonical("[FE80::1]"), "[fe80::1]:7787");
+        let dir = tempfile::tempdir().unwrap();
+        let k = KnownServers::new(dir.path().join("known"));
+        k.record("Host.Example:7787", "SHA256:ab").unwrap();
+        assert_eq!(k.lookup("host.example:7787").as_deref(), Some("SHA256:ab"));
+        assert_eq!(k.lookup("HOST.example").as_deref(), Some("SHA256:ab"));
+        assert_eq!(k.lookup("host.example:7788"), None);
+    }
 }

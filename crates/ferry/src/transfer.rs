@@ -572,12 +572,28 @@ pub fn prepare_receive(
             && r.alg == meta.alg
     };
     if let Some((old, chunks)) = store.partial(&key)? {
-        if same_source(&old) && old.finalized {
-            // Finalised earlier; the sender did not hear. Confirm without touching data.
-            if let Ok(md) = std::fs::metadata(final_path) {
-                if md.len() == meta.size && chunks.len() as u32 == layout.count() {
+        if same_source(&old) && old.finalized && chunks.len() as u32 == layout.count() {
+            // Finalised earlier; the sender did not hear, or the same copy is
+            // run again. The file still carries the mtime we gave it and its
+            // size: trust it. Anything else (edited, touched, replaced):
+            // re-hash it against the journal before saying it is there.
+            let untouched = std::fs::metadata(final_path).is_ok_and(|md| {
+                md.is_file() && md.len() == meta.size && fsutil::mtime_ns(&md) == meta.mtime_ns
+            });
+            let rx = if untouched {
+                Some(Receiver::already_final(
+                    id,
+                    layout,
+                    alg,
+                    cfg.clone(),
+                    chunks.iter().copied(),
+                ))
+            } else {
+                confirm_in_place(store, &key, final_path, id, layout, alg, &cfg, &chunks)?
+            };
+            if let Some(rx) = rx {
+                {
                     let file = File::open(final_path).map_err(|e| Error::local(final_path, e))?;
-                    let rx = Receiver::already_final(id, layout, alg, cfg, chunks);
                     let dest = DestFile {
                         final_path: final_path.to_path_buf(),
                         part_path,
@@ -589,6 +605,7 @@ pub fn prepare_receive(
                     return Ok((rx, dest));
                 }
             }
+            info!(path = %final_path.display(), "the file in place no longer matches what was sent; sending it again");
         } else if same_source(&old) && !part_path.exists() && chunks.len() as u32 == layout.count()
         {
             // Killed between the rename and the journal saying so: prove the file in place.

@@ -1050,3 +1050,39 @@ async fn small_files_come_down_in_batches() {
     assert_eq!(std::fs::read(&victim).unwrap(), files[2].1);
     srv.stop().await;
 }
+
+/// A destination edited after a finished upload (same size, new mtime) is not
+/// taken as done when the same copy runs again: it is re-checked and re-sent.
+/// One left untouched is confirmed without sending anything.
+#[tokio::test]
+async fn edited_destination_is_sent_again_untouched_one_is_not() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let opts = client_opts(dir.path(), None);
+    let size = 5 * CHUNK + 3;
+    let src = dir.path().join("e.bin");
+    let data = random_file(&src, size, 5);
+    cp(&[src.display().to_string()], &srv.url("e.bin"), &opts)
+        .await
+        .unwrap();
+    // Untouched: nothing goes again.
+    let again = cp(&[src.display().to_string()], &srv.url("e.bin"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(again.bytes_sent, 0);
+    // Edited in place at the same size.
+    let dst = srv.root.join("e.bin");
+    let mut bytes = std::fs::read(&dst).unwrap();
+    bytes[(CHUNK + 10) as usize] ^= 0x55;
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&dst, &bytes).unwrap();
+    let fix = cp(&[src.display().to_string()], &srv.url("e.bin"), &opts)
+        .await
+        .unwrap();
+    assert!(
+        fix.bytes_sent > 0,
+        "an edited destination was taken as done"
+    );
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+    srv.stop().await;
+}
