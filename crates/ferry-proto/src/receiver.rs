@@ -405,8 +405,10 @@ impl Receiver {
                 .push_back(ReceiverEvent::Forget(RangeSet::full(self.layout.count())));
             self.out
                 .push_back(Message::Failure(crate::message::Failure::new(
-                    crate::message::FailureCode::Integrity,
-                    format!("whole-file digest mismatch: sender {expected}, receiver {digest}"),
+                    // Every chunk is forgotten, so a retry starts this file
+                    // clean: retryable, bounded by the sender's attempt cap.
+                    crate::message::FailureCode::SourceChanged,
+                    format!("whole-file digest mismatch: sender {expected}, receiver {digest}; starting the file over"),
                 )));
             return;
         }
