@@ -90,7 +90,7 @@ run() { # tool outage_s
     rsync-ssh) cmd=(rsync -W --partial -e "ssh -F $W/ssh/ssh_config" "$W/src.bin" "wan:$W/dst/out.bin") ;;
     iperf3) cmd=(iperf3 -c $IPB -p 5299 -n "$BYTES" -f m) ;;
   esac
-  local s=$EPOCHREALTIME p down=0
+  local s=$EPOCHREALTIME p down=0 capped=0
   ip netns exec $A env LD_PRELOAD="$W/setcc.so" PB_TCP_CC=$SENDER_CC "${cmd[@]}" >"$W/out.json" 2>>"$W/errors.log" & p=$!
   while kill -0 "$p" 2>/dev/null; do
     local t; t=$(awk -v a="$s" -v b="$EPOCHREALTIME" 'BEGIN{print b-a}')
@@ -98,14 +98,19 @@ run() { # tool outage_s
       ip -n $A link set fbtA down; down=1; sleep "$outage"; ip -n $A link set fbtA up
       ip -n $A addr add $IPA peer $IPB dev fbtA 2>/dev/null || true
     fi
-    if awk -v t="$t" -v c="$CAP_S" 'BEGIN{exit !(t>=c)}'; then kill "$p"; break; fi
+    if awk -v t="$t" -v c="$CAP_S" 'BEGIN{exit !(t>=c)}'; then kill "$p"; capped=1; break; fi
     sleep 0.05
   done
   wait "$p" 2>/dev/null || true
   local e=$EPOCHREALTIME sz; sz=$(landed)
   local secs; secs=$(awk -v a="$s" -v b="$e" 'BEGIN{printf "%.1f", b-a}')
   local ok=no; cmp -s "$W/src.bin" "$W/dst/out.bin" && ok=yes
-  if [[ $tool == iperf3 ]]; then sz=0; grep -q "receiver" "$W/out.json" && { ok=n/a; sz=$BYTES; }; fi
+  # iperf3 writes nothing to disk: count it whole if it finished, as a lower bound if capped.
+  if [[ $tool == iperf3 ]]; then
+    sz=0; ok=n/a
+    ((capped == 0)) && grep -q "receiver" "$W/out.json" && sz=$BYTES
+    ((capped == 1)) && sz=$(awk '/receiver/ { v=$5; u=$6 } END { m = (u=="GBytes") ? 1073741824 : (u=="MBytes") ? 1048576 : (u=="KBytes") ? 1024 : 1; printf "%d", v*m }' "$W/out.json")
+  fi
   local extra="-"
   if [[ $tool == ferry && -s $W/out.json ]]; then
     extra=$(tail -1 "$W/out.json" | python3 -c 'import json,sys; j=json.load(sys.stdin); print("%.1f MiB (%.2f%%), %d retries" % ((j["bytes_sent"]-j["bytes_total"])/2**20, (j["bytes_sent"]-j["bytes_total"])*100/j["bytes_total"], j["retries"]))')
