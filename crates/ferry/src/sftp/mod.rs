@@ -160,6 +160,10 @@ pub fn defaults() -> SftpOptions {
 pub struct SftpOptions {
     pub ssh: SshConfig,
     pub verify: Verify,
+    /// For tests: fail (as a crash would, without cleanup) once this many
+    /// ranges of an upload have been checkpointed.
+    #[doc(hidden)]
+    pub stop_after_ranges: Option<usize>,
 }
 
 pub(crate) fn sftp_err(
@@ -487,12 +491,13 @@ impl Runner<'_> {
             .start_file(&job.local.display().to_string(), job.size);
         let (store, progress, verify) =
             (self.store.clone(), self.progress.clone(), self.sftp.verify);
+        let stop = self.sftp.stop_after_ranges;
         let out = self
             .with_conn(&t, move |c| {
                 let (job, store, progress) = (job.clone(), store.clone(), progress.clone());
                 Box::pin(async move {
                     progress.undo_file();
-                    upload::upload(&c, &job, &store, &progress, verify).await
+                    upload::upload(&c, &job, &store, &progress, verify, stop).await
                 })
             })
             .await?;

@@ -282,6 +282,7 @@ pub async fn upload(
     store: &Store,
     progress: &Progress,
     verify: Verify,
+    stop_after_ranges: Option<usize>,
 ) -> Result<FileOutcome> {
     let host = job.remote.hostport();
     let remote = job.remote.path.clone();
@@ -383,11 +384,19 @@ pub async fn upload(
         digests.push(sidecar::hex32(&blake3::hash(&data)));
         Progress::add(&progress.bytes_sent, data.len() as u64);
         progress.done(data.len() as u64);
-        if digests.len() - rec.ranges.len() >= CHECKPOINT_RANGES {
+        let every = if stop_after_ranges.is_some() {
+            1
+        } else {
+            CHECKPOINT_RANGES
+        };
+        if digests.len() - rec.ranges.len() >= every {
             // Data flushed on the server before the record claims it.
             flush(c, &handle, &part, &host).await?;
             rec.ranges = digests.clone();
             sidecar::put(store, &key, &rec)?;
+            if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
+                return Err(Error::Usage("stopped for a test".into()));
+            }
         }
     }
     flush(c, &handle, &part, &host).await?;
