@@ -123,6 +123,7 @@ impl SshArgs {
                 no_agent: false,
             },
             verify,
+            stop_after_ranges: None,
         })
     }
 }
