@@ -179,7 +179,7 @@ pub async fn download(
             ));
         }
     }
-    let resume_at = ranges.len() as u64 * RANGE_SIZE;
+    let resume_at = (ranges.len() as u64 * RANGE_SIZE).min(size);
     part.set_len(resume_at)
         .map_err(|e| Error::local(&part_path, e))?;
     if resume_at > 0 {

@@ -328,9 +328,10 @@ pub async fn upload(
             ranges = rec.ranges[..good].to_vec();
         }
     }
-    let mut resume_at = ranges.len() as u64 * RANGE_SIZE;
+    // All ranges may be recorded already (a crash before the rename).
+    let mut resume_at = (ranges.len() as u64 * RANGE_SIZE).min(size);
     let mut handle = open_part(c, &part, &host, resume_at > 0).await?;
-    if resume_at > 0 {
+    if resume_at > 0 && resume_at < size {
         // Probe: can this server write at an offset into an existing file?
         let first = read_local_range(&f, &job.local, size, ranges.len() as u64)?;
         let probe_len = first.len().min(c.block as usize);
