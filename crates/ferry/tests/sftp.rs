@@ -499,3 +499,43 @@ async fn server_without_offset_writes_takes_the_fallback() {
     let caps = ferry::sftp::sidecar::host_caps(&store, &format!("127.0.0.1:{}", s.port)).unwrap();
     assert!(caps.no_offset_writes);
 }
+
+#[tokio::test]
+async fn download_resumes_and_rewrites_a_damaged_local_part() {
+    let Some(s) = start_sshd(false) else { return };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let remote = t.path().join("remote.bin");
+    let body = data(3 * RANGE + 1234, 5);
+    std::fs::write(&remote, &body).unwrap();
+    let local = t.path().join("local.bin");
+    let part = t.path().join(".local.bin.ferry.part");
+    let mut o = s.opts();
+    o.stop_after_ranges = Some(2);
+    let e = cp(&s.url(&remote), local.to_str().unwrap(), &state, &o)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("stopped for a test"), "{e}");
+    assert!(!local.exists());
+    assert!(std::fs::metadata(&part).unwrap().len() >= (2 * RANGE) as u64);
+    let sum = cp(&s.url(&remote), local.to_str().unwrap(), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, (2 * RANGE) as u64);
+    assert_eq!(sum.bytes_sent, (RANGE + 1234) as u64);
+    assert_eq!(std::fs::read(&local).unwrap(), body);
+    assert!(!part.exists());
+
+    // Damage in the last recorded range of the local part: walk back one range.
+    std::fs::remove_file(&local).unwrap();
+    let e = cp(&s.url(&remote), local.to_str().unwrap(), &state, &o)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("stopped for a test"), "{e}");
+    flip(&part, (RANGE + 99) as u64);
+    let sum = cp(&s.url(&remote), local.to_str().unwrap(), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, RANGE as u64);
+    assert_eq!(std::fs::read(&local).unwrap(), body);
+}

@@ -109,6 +109,7 @@ pub async fn download(
     store: &Store,
     progress: &Progress,
     verify: Verify,
+    stop_after_ranges: Option<usize>,
 ) -> Result<FileOutcome> {
     let host = job.remote.hostport();
     let remote = job.remote.path.clone();
@@ -226,11 +227,20 @@ pub async fn download(
         digests.push(sidecar::hex32(&blake3::hash(&data)));
         Progress::add(&progress.bytes_sent, want);
         progress.done(want);
-        if digests.len() - rec.ranges.len() >= CHECKPOINT_RANGES {
+        let every = if stop_after_ranges.is_some() {
+            1
+        } else {
+            CHECKPOINT_RANGES
+        };
+        if digests.len() - rec.ranges.len() >= every {
             // Data durable before the record claims it.
             part.sync_data().map_err(|e| Error::local(&part_path, e))?;
             rec.ranges = digests.clone();
             sidecar::put(store, &key, &rec)?;
+            if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
+                let _ = c.raw.close(h).await;
+                return Err(Error::Usage("stopped for a test".into()));
+            }
         }
     }
     let _ = c.raw.close(h).await;

@@ -161,7 +161,7 @@ pub struct SftpOptions {
     pub ssh: SshConfig,
     pub verify: Verify,
     /// For tests: fail (as a crash would, without cleanup) once this many
-    /// ranges of an upload have been checkpointed.
+    /// ranges of an upload or download have been checkpointed.
     #[doc(hidden)]
     pub stop_after_ranges: Option<usize>,
 }
@@ -512,6 +512,7 @@ impl Runner<'_> {
                 .map_err(|e| Error::local(&job.local, e));
         }
         self.progress.start_file(&t.url(&t.path), job.size);
+        let stop = self.sftp.stop_after_ranges;
         let (store, progress, verify) =
             (self.store.clone(), self.progress.clone(), self.sftp.verify);
         let out = self
@@ -519,7 +520,7 @@ impl Runner<'_> {
                 let (job, store, progress) = (job.clone(), store.clone(), progress.clone());
                 Box::pin(async move {
                     progress.undo_file();
-                    download::download(&c, &job, &store, &progress, verify).await
+                    download::download(&c, &job, &store, &progress, verify, stop).await
                 })
             })
             .await?;
