@@ -124,6 +124,34 @@ fn sigkill_mid_upload_then_resume_resends_little() {
             .env_remove("SSH_AUTH_SOCK");
         c
     };
+    // An unknown host key is refused with exit code 3 (auth) and nothing is written.
+    let out = Command::new(BIN)
+        .args([
+            "cp",
+            "--no-progress",
+            "--retry-max-attempts",
+            "1",
+            "--state-dir",
+        ])
+        .arg(d.join("state"))
+        .arg("-i")
+        .arg(d.join("clientkey"))
+        .arg("--known-hosts")
+        .arg(d.join("known_hosts"))
+        .arg(&src)
+        .arg(&url)
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--accept-new-host-key"));
+    assert!(!part.exists());
+
     let mut child = cp(false)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
