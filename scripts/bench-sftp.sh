@@ -42,9 +42,11 @@ SSHD_PID=$!
 trap 'kill "$SSHD_PID" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$PB_SSH_PORT) 2>/dev/null && break; sleep 0.05; done
 rm -rf "$PB_DIR/ferry-state"
-run() { "$FERRY_BIN" cp --no-progress --state-dir "$PB_DIR/ferry-state" -i "$SSHD_DIR/clientkey" \
-  --known-hosts "$PB_DIR/ferry-known-hosts" --accept-new-host-key "$@" "$SRC" "sftp://root@127.0.0.1:$PB_SSH_PORT/$DST"; }
-run >/dev/null 2>&1 &
+ARGS=(cp --no-progress --state-dir "$PB_DIR/ferry-state" -i "$SSHD_DIR/clientkey"
+  --known-hosts "$PB_DIR/ferry-known-hosts" --accept-new-host-key)
+URL="sftp://root@127.0.0.1:$PB_SSH_PORT/$DST"
+# Started directly (not through a function) so $! is ferry's own PID.
+"$FERRY_BIN" "${ARGS[@]}" "$SRC" "$URL" >/dev/null 2>&1 &
 FERRY_PID=$!
 HALF=$((PB_SIZE_MIB * 1024 * 1024 / 2))
 while kill -0 "$FERRY_PID" 2>/dev/null; do
@@ -55,6 +57,6 @@ done
 PART_AT_KILL=$(stat -c %s "$DST.part" 2>/dev/null || echo 0)
 kill -9 "$FERRY_PID" 2>/dev/null || true
 wait "$FERRY_PID" 2>/dev/null || true
-SUMMARY=$(run --json 2>/dev/null | tail -1)
+SUMMARY=$("$FERRY_BIN" "${ARGS[@]}" --json "$SRC" "$URL" 2>"$PB_DIR/resume.err" | tail -1) || { cat "$PB_DIR/resume.err" >&2; exit 1; }
 cmp "$SRC" "$DST"
 echo "resume: killed with .part at $PART_AT_KILL bytes; rerun: $SUMMARY"

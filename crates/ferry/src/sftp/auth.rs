@@ -163,7 +163,7 @@ pub async fn connect(t: &SftpTarget, cfg: &SshConfig) -> Result<Conn> {
         inactivity_timeout: Some(Duration::from_secs(120)),
         // Large windows so many SFTP requests can be in flight.
         window_size: 16 << 20,
-        maximum_packet_size: 64 << 10,
+        maximum_packet_size: 32 << 10,
         nodelay: true,
         ..Default::default()
     });
