@@ -84,6 +84,8 @@ pub enum Error {
     SftpStatus {
         op: &'static str,
         path: String,
+        /// The SFTP status code (2 no such file, 3 permission denied, 4 failure, 8 unsupported).
+        code: u32,
         msg: String,
     },
     /// Data on the SFTP server did not verify after it was written.
@@ -140,6 +142,8 @@ impl Error {
                 ErrorClass::Auth
             }
             Error::Ssh { .. } => ErrorClass::Unreachable,
+            Error::SftpStatus { code: 2, .. } => ErrorClass::Usage,
+            Error::SftpStatus { code: 3, .. } => ErrorClass::Auth,
             Error::SftpStatus { .. } => ErrorClass::Protocol,
             Error::SftpIntegrity { .. } => ErrorClass::Integrity,
             Error::RetriesExhausted { last, .. } => match last.class() {

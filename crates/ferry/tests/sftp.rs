@@ -97,7 +97,16 @@ while True:
     p.stdin.write(hdr + body); p.stdin.flush()
 "#;
 
-fn start_sshd(no_offset_writes: bool) -> Option<Sshd> {
+#[derive(PartialEq)]
+enum Mode {
+    Plain,
+    /// The wrapper below: a handle's first write must be at offset 0.
+    NoOffsetWrites,
+    /// sftp-server -P posix-rename: the extension is announced but refused.
+    NoPosixRename,
+}
+
+fn start_sshd(mode: Mode) -> Option<Sshd> {
     let Some(bin) = sshd_bin() else {
         eprintln!("sshd not installed; run scripts/test.sh (it installs openssh-server)");
         return None;
@@ -114,7 +123,9 @@ fn start_sshd(no_offset_writes: bool) -> Option<Sshd> {
         .local_addr()
         .unwrap()
         .port();
-    let subsystem = if no_offset_writes {
+    let subsystem = if mode == Mode::NoPosixRename {
+        format!("{} -P posix-rename", sftp_server())
+    } else if mode == Mode::NoOffsetWrites {
         let w = d.join("sftp-wrapper.py");
         std::fs::write(
             &w,
@@ -233,7 +244,9 @@ fn data(n: usize, seed: u8) -> Vec<u8> {
 
 #[tokio::test]
 async fn upload_and_download_interesting_sizes() {
-    let Some(s) = start_sshd(false) else { return };
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     std::fs::create_dir_all(t.path().join("remote")).unwrap();
@@ -263,7 +276,9 @@ async fn upload_and_download_interesting_sizes() {
 
 #[tokio::test]
 async fn recursive_upload_and_download() {
-    let Some(s) = start_sshd(false) else { return };
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let tree = t.path().join("tree");
@@ -312,7 +327,9 @@ async fn interrupted_upload(s: &Sshd, src: &Path, remote: &Path, state: &Path, r
 
 #[tokio::test]
 async fn resume_resends_only_the_rest() {
-    let Some(s) = start_sshd(false) else { return };
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let src = t.path().join("src");
@@ -341,7 +358,9 @@ async fn resume_resends_only_the_rest() {
 
 #[tokio::test]
 async fn changed_source_starts_fresh() {
-    let Some(s) = start_sshd(false) else { return };
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let src = t.path().join("src");
@@ -377,7 +396,9 @@ fn flip(path: &Path, at: u64) {
 
 #[tokio::test]
 async fn damaged_remote_partial_is_found_and_rewritten() {
-    let Some(s) = start_sshd(false) else { return };
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let src = t.path().join("src");
@@ -409,7 +430,9 @@ async fn damaged_remote_partial_is_found_and_rewritten() {
 
 #[tokio::test]
 async fn host_keys_unknown_and_changed_are_refused() {
-    let Some(s) = start_sshd(false) else { return };
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let src = t.path().join("src");
@@ -459,7 +482,9 @@ async fn host_keys_unknown_and_changed_are_refused() {
 
 #[tokio::test]
 async fn wrong_key_is_refused() {
-    let Some(s) = start_sshd(false) else { return };
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     std::fs::write(&src, b"x").unwrap();
@@ -480,7 +505,9 @@ async fn wrong_key_is_refused() {
 
 #[tokio::test]
 async fn server_without_offset_writes_takes_the_fallback() {
-    let Some(s) = start_sshd(true) else { return };
+    let Some(s) = start_sshd(Mode::NoOffsetWrites) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let src = t.path().join("src");
@@ -502,7 +529,9 @@ async fn server_without_offset_writes_takes_the_fallback() {
 
 #[tokio::test]
 async fn download_resumes_and_rewrites_a_damaged_local_part() {
-    let Some(s) = start_sshd(false) else { return };
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let remote = t.path().join("remote.bin");
@@ -538,4 +567,26 @@ async fn download_resumes_and_rewrites_a_damaged_local_part() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, RANGE as u64);
     assert_eq!(std::fs::read(&local).unwrap(), body);
+}
+
+#[tokio::test]
+async fn replaces_an_existing_file_without_posix_rename() {
+    let Some(s) = start_sshd(Mode::NoPosixRename) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::write(&src, b"new content").unwrap();
+    let remote = t.path().join("dst");
+    std::fs::write(&remote, b"old").unwrap();
+    cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("state"),
+        &s.opts(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&remote).unwrap(), b"new content");
+    assert!(!Path::new(&format!("{}.part", remote.display())).exists());
 }

@@ -135,6 +135,7 @@ pub async fn download(
     let size = a.size.ok_or_else(|| Error::SftpStatus {
         op: "stat",
         path: remote.clone(),
+        code: 4,
         msg: "server did not report a size".into(),
     })?;
     let mtime_ns = i64::from(a.mtime.unwrap_or(0)) * 1_000_000_000;

@@ -177,6 +177,7 @@ pub(crate) fn sftp_err(
         E::Status(s) => Error::SftpStatus {
             op,
             path: path.to_string(),
+            code: s.status_code as u32,
             msg: format!("{} ({})", s.error_message, s.status_code),
         },
         e => Error::Ssh {

@@ -176,8 +176,9 @@ fn sftp_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Renames `part` over `dst`: atomically with `posix-rename@openssh.com`,
-/// otherwise by removing `dst` first (plain SFTP rename refuses to replace).
-async fn rename_over(c: &Conn, part: &str, dst: &str, host: &str) -> Result<()> {
+/// otherwise (not offered, or refused) by removing `dst` first, since plain
+/// SFTP rename refuses to replace. Returns whether the rename was atomic.
+async fn rename_over(c: &Conn, part: &str, dst: &str, host: &str) -> Result<bool> {
     if c.has("posix-rename@openssh.com") {
         let mut data = Vec::new();
         sftp_string(&mut data, part);
@@ -187,26 +188,27 @@ async fn rename_over(c: &Conn, part: &str, dst: &str, host: &str) -> Result<()> 
             .extended("posix-rename@openssh.com", data)
             .await
             .map_err(|e| sftp_err("posix-rename", dst, host, e))?;
-        return match r {
-            Packet::Status(s) if s.status_code == StatusCode::Ok => Ok(()),
-            Packet::Status(s) => Err(Error::SftpStatus {
-                op: "posix-rename",
-                path: dst.into(),
-                msg: format!("{} ({})", s.error_message, s.status_code),
-            }),
-            _ => Err(Error::SftpStatus {
-                op: "posix-rename",
-                path: dst.into(),
-                msg: "unexpected reply".into(),
-            }),
-        };
+        match r {
+            Packet::Status(s) if s.status_code == StatusCode::Ok => return Ok(true),
+            Packet::Status(s) => {
+                warn!(%host, status = %s.status_code, "posix-rename refused; removing then renaming")
+            }
+            _ => {
+                return Err(Error::SftpStatus {
+                    op: "posix-rename",
+                    path: dst.into(),
+                    code: 4,
+                    msg: "unexpected reply".into(),
+                })
+            }
+        }
     }
     let _ = c.raw.remove(dst.to_string()).await;
     c.raw
         .rename(part.to_string(), dst.to_string())
         .await
         .map_err(|e| sftp_err("rename", dst, host, e))?;
-    Ok(())
+    Ok(false)
 }
 
 /// How many recorded ranges of the remote partial still verify.
@@ -414,7 +416,11 @@ pub async fn upload(
         });
     }
     verify_remote(c, &part, &host, &rec, size, verify).await?;
-    rename_over(c, &part, &remote, &host).await?;
+    if !rename_over(c, &part, &remote, &host).await? {
+        notes.push(format!(
+            "{host}: no atomic rename (posix-rename@openssh.com); {remote} was removed, then {part} renamed to it"
+        ));
+    }
     sidecar::remove(store, &key)?;
     let digest = super::hash_file(&job.local)?;
     Ok(FileOutcome {
