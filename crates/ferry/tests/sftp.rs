@@ -590,3 +590,46 @@ async fn replaces_an_existing_file_without_posix_rename() {
     assert_eq!(std::fs::read(&remote).unwrap(), b"new content");
     assert!(!Path::new(&format!("{}.part", remote.display())).exists());
 }
+
+#[tokio::test]
+async fn encrypted_key_needs_its_passphrase() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("enckey");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "pass word", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut ak = std::fs::read_to_string(s.dir.path().join("authorized_keys")).unwrap();
+    ak.push_str(&std::fs::read_to_string(t.path().join("enckey.pub")).unwrap());
+    std::fs::write(s.dir.path().join("authorized_keys"), ak).unwrap();
+    let src = t.path().join("src");
+    std::fs::write(&src, b"secret").unwrap();
+    let remote = t.path().join("dst");
+    let mut o = s.opts();
+    o.ssh.identities = vec![key];
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SshAuth { .. }), "{e}");
+    assert!(e.to_string().contains("FERRY_SSH_PASSPHRASE"), "{e}");
+    o.ssh.passphrase = Some("pass word".into());
+    cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&remote).unwrap(), b"secret");
+}
