@@ -381,10 +381,34 @@ pub async fn upload(
 
     let n = range_count(size);
     let mut digests = ranges;
-    for i in digests.len() as u64..n {
-        let data = read_local_range(&f, &job.local, size, i)?;
+    // Read and hash the next range on the blocking pool while this one is on the wire.
+    let prefetch = |i: u64| -> Result<tokio::task::JoinHandle<Result<(Vec<u8>, String)>>> {
+        let f = f.try_clone().map_err(|e| Error::local(&job.local, e))?;
+        let path = job.local.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            let data = read_local_range(&f, &path, size, i)?;
+            let d = sidecar::hex32(&blake3::hash(&data));
+            Ok((data, d))
+        }))
+    };
+    let first = digests.len() as u64;
+    let mut next = if first < n {
+        Some(prefetch(first)?)
+    } else {
+        None
+    };
+    for i in first..n {
+        let Some(job_handle) = next.take() else {
+            break;
+        };
+        let (data, digest) = job_handle
+            .await
+            .map_err(|e| Error::local(&job.local, std::io::Error::other(e.to_string())))??;
+        if i + 1 < n {
+            next = Some(prefetch(i + 1)?);
+        }
         write_remote(c, &handle, i * RANGE_SIZE, &data, &part, &host).await?;
-        digests.push(sidecar::hex32(&blake3::hash(&data)));
+        digests.push(digest);
         Progress::add(&progress.bytes_sent, data.len() as u64);
         progress.done(data.len() as u64);
         let every = if stop_after_ranges.is_some() {
