@@ -210,38 +210,59 @@ pub async fn download(
         .handle;
     let n = range_count(size);
     let mut digests = ranges;
-    for i in digests.len() as u64..n {
-        let want = range_len(size, i);
-        let data = read_remote(c, &h, i * RANGE_SIZE, want, &remote, &host).await?;
-        if data.len() as u64 != want {
-            let _ = c.raw.close(h).await;
-            return Err(Error::Ssh {
-                host: host.clone(),
-                msg: format!(
-                    "{remote}: file shrank during the download (range {i}: {} of {want} bytes)",
-                    data.len()
-                ),
-            });
-        }
-        part.write_all_at(&data, i * RANGE_SIZE)
-            .map_err(|e| Error::local(&part_path, e))?;
-        digests.push(sidecar::hex32(&blake3::hash(&data)));
-        Progress::add(&progress.bytes_sent, want);
-        progress.done(want);
-        let every = if stop_after_ranges.is_some() {
-            1
-        } else {
-            CHECKPOINT_RANGES
-        };
-        if digests.len() - rec.ranges.len() >= every {
-            // Data durable before the record claims it.
-            part.sync_data().map_err(|e| Error::local(&part_path, e))?;
-            rec.ranges = digests.clone();
-            sidecar::put(store, &key, &rec)?;
-            if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
+    // Range i is read from the server while range i-1 is written and hashed
+    // on the blocking pool; iteration i records range i-1.
+    let first = digests.len() as u64;
+    let mut pending: Option<tokio::task::JoinHandle<Result<(String, u64)>>> = None;
+    for i in first..=n {
+        let data = if i < n {
+            let want = range_len(size, i);
+            let data = read_remote(c, &h, i * RANGE_SIZE, want, &remote, &host).await?;
+            if data.len() as u64 != want {
                 let _ = c.raw.close(h).await;
-                return Err(Error::Usage("stopped for a test".into()));
+                return Err(Error::Ssh {
+                    host: host.clone(),
+                    msg: format!(
+                        "{remote}: file shrank during the download (range {i}: {} of {want} bytes)",
+                        data.len()
+                    ),
+                });
             }
+            Some(data)
+        } else {
+            None
+        };
+        if let Some(p) = pending.take() {
+            let (digest, len) = p
+                .await
+                .map_err(|e| Error::local(&part_path, std::io::Error::other(e.to_string())))??;
+            digests.push(digest);
+            Progress::add(&progress.bytes_sent, len);
+            progress.done(len);
+            let every = if stop_after_ranges.is_some() {
+                1
+            } else {
+                CHECKPOINT_RANGES
+            };
+            if digests.len() - rec.ranges.len() >= every {
+                // Data durable before the record claims it.
+                part.sync_data().map_err(|e| Error::local(&part_path, e))?;
+                rec.ranges = digests.clone();
+                sidecar::put(store, &key, &rec)?;
+                if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
+                    let _ = c.raw.close(h).await;
+                    return Err(Error::Usage("stopped for a test".into()));
+                }
+            }
+        }
+        if let Some(data) = data {
+            let f = part.try_clone().map_err(|e| Error::local(&part_path, e))?;
+            let pp = part_path.clone();
+            pending = Some(tokio::task::spawn_blocking(move || {
+                f.write_all_at(&data, i * RANGE_SIZE)
+                    .map_err(|e| Error::local(&pp, e))?;
+                Ok((sidecar::hex32(&blake3::hash(&data)), data.len() as u64))
+            }));
         }
     }
     let _ = c.raw.close(h).await;
