@@ -22,6 +22,9 @@ use crate::fsutil;
 use crate::progress::Progress;
 use crate::store::Store;
 
+/// A range being read and hashed: its bytes and hex BLAKE3.
+type Prefetch = tokio::task::JoinHandle<Result<(Vec<u8>, String)>>;
+
 /// Requests in flight per range (OpenSSH's sftp keeps 64).
 pub(crate) const WINDOW: usize = 64;
 /// Ranges written between two flushes + sidecar records.
@@ -382,7 +385,7 @@ pub async fn upload(
     let n = range_count(size);
     let mut digests = ranges;
     // Read and hash the next range on the blocking pool while this one is on the wire.
-    let prefetch = |i: u64| -> Result<tokio::task::JoinHandle<Result<(Vec<u8>, String)>>> {
+    let prefetch = |i: u64| -> Result<Prefetch> {
         let f = f.try_clone().map_err(|e| Error::local(&job.local, e))?;
         let path = job.local.clone();
         Ok(tokio::task::spawn_blocking(move || {
