@@ -88,6 +88,46 @@ struct ClientArgs {
     via: Option<String>,
 }
 
+/// SFTP endpoints (`sftp://[USER@]HOST[:PORT]/PATH`).
+#[derive(clap::Args, Clone)]
+struct SshArgs {
+    /// SSH private key to offer (repeatable); default ~/.ssh/id_{ed25519,ecdsa,rsa}, then ssh-agent.
+    /// An encrypted key's passphrase comes from FERRY_SSH_PASSPHRASE.
+    #[arg(short = 'i', long = "identity")]
+    identity: Vec<PathBuf>,
+    /// Known-hosts file for SSH host keys (default ~/.ssh/known_hosts).
+    #[arg(long)]
+    known_hosts: Option<PathBuf>,
+    /// Trust an SSH host key not yet in the known-hosts file, and record it.
+    /// A changed key is always refused.
+    #[arg(long)]
+    accept_new_host_key: bool,
+    /// SFTP verification: size, mtime, tail (default: source size+mtime+tail
+    /// digest on resume, last range read back) or full (every range read back).
+    #[arg(long, default_value = "tail")]
+    verify: String,
+}
+
+impl SshArgs {
+    fn options(&self) -> anyhow::Result<ferry::sftp::SftpOptions> {
+        let verify = self
+            .verify
+            .parse()
+            .map_err(|e: Error| UsageError(e.to_string()))?;
+        Ok(ferry::sftp::SftpOptions {
+            ssh: ferry::sftp::SshConfig {
+                identities: self.identity.clone(),
+                passphrase: std::env::var("FERRY_SSH_PASSPHRASE").ok(),
+                known_hosts: self.known_hosts.clone(),
+                accept_new_host_key: self.accept_new_host_key,
+                no_agent: false,
+            },
+            verify,
+            stop_after_ranges: None,
+        })
+    }
+}
+
 impl ClientArgs {
     fn state_dir(&self) -> PathBuf {
         self.state_dir.clone().unwrap_or_else(default_state_dir)
@@ -170,6 +210,8 @@ enum Cmd {
         hash: String,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        ssh: SshArgs,
         /// Sources, then the destination.
         #[arg(required = true, num_args = 2..)]
         paths: Vec<String>,
@@ -366,8 +408,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             hash,
             client,
+            ssh,
             mut paths,
         } => {
+            ferry::sftp::set_defaults(ssh.options()?);
             let dst = paths
                 .pop()
                 .ok_or_else(|| UsageError("missing destination".into()))?;

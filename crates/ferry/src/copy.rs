@@ -42,7 +42,7 @@ impl Endpoint {
         let Some(rest) = s.strip_prefix("ferry://") else {
             if s.contains("://") {
                 return Err(Error::Usage(format!(
-                    "{s}: unsupported URL scheme (ferry:// or a local path)"
+                    "{s}: unsupported URL scheme (ferry://, sftp:// or a local path)"
                 )));
             }
             return Ok(Endpoint::Local(PathBuf::from(s)));
@@ -149,6 +149,10 @@ pub async fn copy(
     let started = Instant::now();
     if srcs.is_empty() {
         return Err(Error::Usage("nothing to copy".into()));
+    }
+    if dst.starts_with("sftp://") || srcs.iter().any(|s| s.starts_with("sftp://")) {
+        let sftp = crate::sftp::defaults();
+        return crate::sftp::copy(srcs, dst, opts, &sftp, progress).await;
     }
     let srcs: Vec<Endpoint> = srcs
         .iter()

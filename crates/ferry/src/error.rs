@@ -54,6 +54,43 @@ pub enum Error {
     NotFound(String),
     #[error("gave up after {attempts} attempts: {last}")]
     RetriesExhausted { attempts: u32, last: Box<Error> },
+    /// SSH host key not in the known-hosts file (and `--accept-new-host-key` not given).
+    #[error("host key of {host} ({fingerprint}) is not in {file}; pass --accept-new-host-key to trust and record it")]
+    HostKeyUnknown {
+        host: String,
+        fingerprint: String,
+        file: String,
+    },
+    /// SSH host key differs from the recorded one: always refused.
+    #[error("HOST KEY OF {host} CHANGED: it is now {fingerprint}, but {file} line {line} records another key; refusing to connect (if the change is legitimate, remove that line)")]
+    HostKeyChanged {
+        host: String,
+        fingerprint: String,
+        file: String,
+        line: usize,
+    },
+    /// No offered key (or agent identity) was accepted by the SSH server.
+    #[error("{user}@{host}: authentication refused ({tried})")]
+    SshAuth {
+        user: String,
+        host: String,
+        tried: String,
+    },
+    /// The SSH transport failed (connection lost, timeout, protocol error).
+    #[error("ssh {host}: {msg}")]
+    Ssh { host: String, msg: String },
+    /// The SFTP server answered a request with an error status.
+    #[error("sftp {op} {path}: {msg}")]
+    SftpStatus {
+        op: &'static str,
+        path: String,
+        /// The SFTP status code (2 no such file, 3 permission denied, 4 failure, 8 unsupported).
+        code: u32,
+        msg: String,
+    },
+    /// Data on the SFTP server did not verify after it was written.
+    #[error("sftp {path}: verification failed: {detail}")]
+    SftpIntegrity { path: String, detail: String },
 }
 
 impl Error {
@@ -73,6 +110,11 @@ impl Error {
             Error::LocalIo { .. } | Error::Usage(_) | Error::FingerprintMismatch { .. } => false,
             Error::Store(_) | Error::SourceUnstable { .. } | Error::NotFound(_) => false,
             Error::RetriesExhausted { .. } => false,
+            Error::Ssh { .. } => true,
+            Error::HostKeyUnknown { .. } | Error::HostKeyChanged { .. } | Error::SshAuth { .. } => {
+                false
+            }
+            Error::SftpStatus { .. } | Error::SftpIntegrity { .. } => false,
         }
     }
 
@@ -96,6 +138,14 @@ impl Error {
             Error::FingerprintMismatch { .. } => ErrorClass::Auth,
             Error::LocalIo { .. } | Error::Store(_) => ErrorClass::LocalIo,
             Error::SourceUnstable { .. } => ErrorClass::Integrity,
+            Error::HostKeyUnknown { .. } | Error::HostKeyChanged { .. } | Error::SshAuth { .. } => {
+                ErrorClass::Auth
+            }
+            Error::Ssh { .. } => ErrorClass::Unreachable,
+            Error::SftpStatus { code: 2, .. } => ErrorClass::Usage,
+            Error::SftpStatus { code: 3, .. } => ErrorClass::Auth,
+            Error::SftpStatus { .. } => ErrorClass::Protocol,
+            Error::SftpIntegrity { .. } => ErrorClass::Integrity,
             Error::RetriesExhausted { last, .. } => match last.class() {
                 ErrorClass::Protocol => ErrorClass::Unreachable,
                 c => c,

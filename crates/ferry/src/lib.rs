@@ -16,6 +16,7 @@
 //! * [`paths`]: confining peer-supplied paths to the server root.
 //! * [`fsutil`]: durable writes, atomic renames, file identity.
 //! * [`progress`]: counters a UI polls.
+//! * [`sftp`]: `ferry cp` to and from SFTP servers (resumable, verified).
 //! * [`demo`]: the self-contained showcase behind `ferry demo`.
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod paths;
 pub mod progress;
 pub mod queue;
 pub mod server;
+pub mod sftp;
 pub mod status;
 pub mod store;
 pub mod tls;

@@ -116,6 +116,11 @@ impl Store {
         &self.path
     }
 
+    /// The database, for modules that keep their own tables (the SFTP sidecars).
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
     // ---- receiver side ----
 
     pub fn partial(&self, dest: &str) -> Result<Option<(PartialRecord, HeldChunks)>> {

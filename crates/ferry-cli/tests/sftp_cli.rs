@@ -1,0 +1,196 @@
+//! Real-process SFTP test: `ferry cp` to a real OpenSSH sshd (started here on
+//! a free loopback port with its own keys), killed with SIGKILL mid-upload,
+//! then run again: only the unverified rest is re-sent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+const MIB: u64 = 1 << 20;
+
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn start_sshd() -> Option<Sshd> {
+    let bin = PathBuf::from("/usr/sbin/sshd");
+    if !bin.exists() {
+        eprintln!("sshd not installed; run scripts/test.sh (it installs openssh-server)");
+        return None;
+    }
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    keygen(&d.join("hostkey"));
+    keygen(&d.join("clientkey"));
+    std::fs::copy(d.join("clientkey.pub"), d.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = [
+        "/usr/lib/openssh/sftp-server",
+        "/usr/libexec/openssh/sftp-server",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .unwrap_or("internal-sftp");
+    let cfg = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\nAuthorizedKeysFile {}\n\
+         PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+         UsePAM no\nStrictModes no\nUseDNS no\nSubsystem sftp {server}\nLogLevel ERROR\n",
+        d.join("hostkey").display(),
+        d.join("authorized_keys").display(),
+    );
+    std::fs::write(d.join("sshd_config"), cfg).unwrap();
+    let child = Command::new(bin)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Some(Sshd { child, port, dir })
+}
+
+fn json_summary(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "last line is not JSON ({e}): {last}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn sigkill_mid_upload_then_resume_resends_little() {
+    let Some(s) = start_sshd() else { return };
+    let d = s.dir.path();
+    let src = d.join("src.bin");
+    let size = 96 * MIB;
+    let mut body = vec![0u8; size as usize];
+    rand::rngs::StdRng::seed_from_u64(11).fill_bytes(&mut body);
+    std::fs::write(&src, &body).unwrap();
+    let dst = d.join("dst.bin");
+    let part = d.join("dst.bin.part");
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let url = format!("sftp://{user}@127.0.0.1:{}/{}", s.port, dst.display());
+    let cp = |json: bool| {
+        let mut c = Command::new(BIN);
+        c.arg("cp");
+        if json {
+            c.arg("--json");
+        }
+        c.arg("--no-progress")
+            .arg("--state-dir")
+            .arg(d.join("state"))
+            .arg("-i")
+            .arg(d.join("clientkey"))
+            .arg("--known-hosts")
+            .arg(d.join("known_hosts"))
+            .arg("--accept-new-host-key")
+            .arg(&src)
+            .arg(&url)
+            .env_remove("SSH_AUTH_SOCK");
+        c
+    };
+    // An unknown host key is refused with exit code 3 (auth) and nothing is written.
+    let out = Command::new(BIN)
+        .args([
+            "cp",
+            "--no-progress",
+            "--retry-max-attempts",
+            "1",
+            "--state-dir",
+        ])
+        .arg(d.join("state"))
+        .arg("-i")
+        .arg(d.join("clientkey"))
+        .arg("--known-hosts")
+        .arg(d.join("known_hosts"))
+        .arg(&src)
+        .arg(&url)
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--accept-new-host-key"));
+    assert!(!part.exists());
+
+    let mut child = cp(false)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once the part holds more than the first checkpoint (32 MiB).
+    let started = Instant::now();
+    loop {
+        let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        if have >= 40 * MIB {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "upload finished before it could be killed"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "upload stuck");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL, our own child
+    child.wait().unwrap();
+    assert!(!dst.exists(), "no final file after a kill");
+
+    let out = cp(true).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_summary(&out);
+    let sent = j["bytes_sent"].as_u64().unwrap();
+    let resumed = j["bytes_resumed"].as_u64().unwrap();
+    assert!(resumed >= 32 * MIB, "{j}");
+    assert_eq!(sent + resumed, size, "{j}");
+    assert!(!part.exists());
+    assert_eq!(std::fs::read(&dst).unwrap(), body);
+    assert_eq!(
+        j["digest"].as_str().unwrap(),
+        blake3::hash(&body).to_hex().as_str()
+    );
+    eprintln!("bytes re-sent after SIGKILL: {sent} of {size} ({resumed} resumed)");
+}

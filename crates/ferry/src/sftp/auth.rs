@@ -1,0 +1,315 @@
+//! SSH connection for SFTP: host-key checking against `known_hosts` (hashed
+//! entries and `[host]:port` forms), public-key authentication from key files
+//! (ed25519, RSA, ECDSA; encrypted ones with a passphrase) and ssh-agent,
+//! keepalives, and the `sftp` subsystem.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client;
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh_sftp::client::RawSftpSession;
+use tracing::{debug, info};
+
+use super::SftpTarget;
+use crate::error::{Error, Result};
+
+/// How to authenticate and which hosts to trust.
+#[derive(Debug, Clone, Default)]
+pub struct SshConfig {
+    /// Key files to offer (`-i`); empty means `~/.ssh/id_{ed25519,ecdsa,rsa}`.
+    pub identities: Vec<PathBuf>,
+    /// Passphrase for encrypted keys.
+    pub passphrase: Option<String>,
+    /// The known-hosts file (default `~/.ssh/known_hosts`).
+    pub known_hosts: Option<PathBuf>,
+    /// Trust and record a host key that is not in the file yet.
+    pub accept_new_host_key: bool,
+    /// Do not ask ssh-agent (tests use this for a deterministic key set).
+    pub no_agent: bool,
+}
+
+fn home() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from)
+}
+
+impl SshConfig {
+    fn known_hosts_path(&self) -> PathBuf {
+        self.known_hosts.clone().unwrap_or_else(|| {
+            home()
+                .unwrap_or_else(|| PathBuf::from("/"))
+                .join(".ssh/known_hosts")
+        })
+    }
+
+    fn identity_paths(&self) -> Vec<PathBuf> {
+        if !self.identities.is_empty() {
+            return self.identities.clone();
+        }
+        let Some(h) = home() else { return Vec::new() };
+        ["id_ed25519", "id_ecdsa", "id_rsa"]
+            .iter()
+            .map(|n| h.join(".ssh").join(n))
+            .filter(|p| p.exists())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Verdict {
+    Unknown { fingerprint: String },
+    Changed { fingerprint: String, line: usize },
+    Error(String),
+}
+
+struct Checker {
+    host: String,
+    port: u16,
+    file: PathBuf,
+    accept_new: bool,
+    verdict: Arc<Mutex<Option<Verdict>>>,
+}
+
+impl Checker {
+    fn set(&self, v: Verdict) {
+        if let Ok(mut g) = self.verdict.lock() {
+            *g = Some(v);
+        }
+    }
+}
+
+impl client::Handler for Checker {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> std::result::Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            self.set(Verdict::Error("host certificates are not supported".into()));
+            return Ok(false);
+        };
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        match russh::keys::check_known_hosts_path(&self.host, self.port, key, &self.file) {
+            Ok(true) => Ok(true),
+            Ok(false) if self.accept_new => {
+                if let Some(dir) = self.file.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                match russh::keys::known_hosts::learn_known_hosts_path(
+                    &self.host, self.port, key, &self.file,
+                ) {
+                    Ok(()) => {
+                        info!(host = %self.host, %fingerprint, file = %self.file.display(), "recorded new host key");
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        self.set(Verdict::Error(format!(
+                            "cannot record host key in {}: {e}",
+                            self.file.display()
+                        )));
+                        Ok(false)
+                    }
+                }
+            }
+            Ok(false) => {
+                self.set(Verdict::Unknown { fingerprint });
+                Ok(false)
+            }
+            Err(russh::keys::Error::KeyChanged { line }) => {
+                self.set(Verdict::Changed { fingerprint, line });
+                Ok(false)
+            }
+            Err(e) => {
+                self.set(Verdict::Error(format!(
+                    "known hosts {}: {e}",
+                    self.file.display()
+                )));
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// A connected SFTP session.
+pub struct Conn {
+    pub raw: Arc<RawSftpSession>,
+    /// Extensions the server announced (`posix-rename@openssh.com`, `fsync@openssh.com`, ...).
+    pub extensions: std::collections::HashMap<String, String>,
+    /// Largest write and read request to send.
+    pub block: u32,
+    _handle: client::Handle<Checker>,
+}
+
+impl Conn {
+    pub fn has(&self, ext: &str) -> bool {
+        self.extensions.contains_key(ext)
+    }
+}
+
+fn ssh_err(t: &SftpTarget, e: impl std::fmt::Display) -> Error {
+    Error::Ssh {
+        host: t.hostport(),
+        msg: e.to_string(),
+    }
+}
+
+/// Connects, checks the host key, authenticates and opens the sftp subsystem.
+pub async fn connect(t: &SftpTarget, cfg: &SshConfig) -> Result<Conn> {
+    let config = Arc::new(client::Config {
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        inactivity_timeout: Some(Duration::from_secs(120)),
+        // Large windows so many SFTP requests can be in flight.
+        window_size: 16 << 20,
+        maximum_packet_size: 32 << 10,
+        nodelay: true,
+        ..Default::default()
+    });
+    let verdict = Arc::new(Mutex::new(None));
+    let file = cfg.known_hosts_path();
+    let checker = Checker {
+        host: t.host.clone(),
+        port: t.port,
+        file: file.clone(),
+        accept_new: cfg.accept_new_host_key,
+        verdict: verdict.clone(),
+    };
+    let addr = (t.host.as_str(), t.port);
+    let connecting = client::connect(config, addr, checker);
+    let mut handle = match tokio::time::timeout(Duration::from_secs(20), connecting).await {
+        Err(_) => return Err(ssh_err(t, "connect timed out")),
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let v = verdict.lock().ok().and_then(|g| g.clone());
+            return Err(match v {
+                Some(Verdict::Unknown { fingerprint }) => Error::HostKeyUnknown {
+                    host: t.hostport(),
+                    fingerprint,
+                    file: file.display().to_string(),
+                },
+                Some(Verdict::Changed { fingerprint, line }) => Error::HostKeyChanged {
+                    host: t.hostport(),
+                    fingerprint,
+                    file: file.display().to_string(),
+                    line,
+                },
+                Some(Verdict::Error(m)) => Error::SshAuth {
+                    user: t.user.clone(),
+                    host: t.hostport(),
+                    tried: m,
+                },
+                None => match e {
+                    russh::Error::IO(io) => Error::Connect {
+                        addr: t.hostport(),
+                        source: io,
+                    },
+                    e => ssh_err(t, e),
+                },
+            });
+        }
+    };
+    authenticate(&mut handle, t, cfg).await?;
+    let channel = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| ssh_err(t, e))?;
+    channel
+        .request_subsystem(true, "sftp")
+        .await
+        .map_err(|e| ssh_err(t, e))?;
+    let mut raw = RawSftpSession::new(channel.into_stream());
+    raw.set_timeout(60);
+    let version = raw.init().await.map_err(|e| ssh_err(t, e))?;
+    let mut block: u32 = 32 << 10;
+    if version.extensions.contains_key("limits@openssh.com") {
+        if let Ok(l) = raw.limits().await {
+            // OpenSSH allows 255 KiB; stay within what the server states and 256 KiB.
+            let w = l.max_write_len.min(l.max_read_len).min(256 << 10);
+            if w >= 4096 {
+                block = w as u32;
+            }
+            raw.set_limits(l.into());
+        }
+    }
+    debug!(extensions = ?version.extensions, block, "sftp session");
+    Ok(Conn {
+        raw: Arc::new(raw),
+        extensions: version.extensions,
+        block,
+        _handle: handle,
+    })
+}
+
+async fn authenticate(
+    handle: &mut client::Handle<Checker>,
+    t: &SftpTarget,
+    cfg: &SshConfig,
+) -> Result<()> {
+    let mut tried = Vec::new();
+    let rsa_hash = handle
+        .best_supported_rsa_hash()
+        .await
+        .ok()
+        .flatten()
+        .flatten();
+    for path in cfg.identity_paths() {
+        let key = match russh::keys::load_secret_key(&path, cfg.passphrase.as_deref()) {
+            Ok(k) => k,
+            Err(russh::keys::Error::KeyIsEncrypted) => {
+                tried.push(format!(
+                    "{}: encrypted, set FERRY_SSH_PASSPHRASE",
+                    path.display()
+                ));
+                continue;
+            }
+            Err(e) => {
+                if !cfg.identities.is_empty() {
+                    return Err(Error::Usage(format!("{}: {e}", path.display())));
+                }
+                tried.push(format!("{}: {e}", path.display()));
+                continue;
+            }
+        };
+        let k = PrivateKeyWithHashAlg::new(Arc::new(key), rsa_hash);
+        let r = handle
+            .authenticate_publickey(&t.user, k)
+            .await
+            .map_err(|e| ssh_err(t, e))?;
+        if r.success() {
+            return Ok(());
+        }
+        tried.push(format!("{} refused", path.display()));
+    }
+    if !cfg.no_agent && std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        if let Ok(mut agent) = russh::keys::agent::client::AgentClient::connect_env().await {
+            let ids = agent.request_identities().await.unwrap_or_default();
+            for id in ids {
+                let russh::keys::agent::AgentIdentity::PublicKey { key, .. } = id else {
+                    continue;
+                };
+                let hash = if key.algorithm().is_rsa() {
+                    rsa_hash
+                } else {
+                    None
+                };
+                match handle
+                    .authenticate_publickey_with(&t.user, key, hash, &mut agent)
+                    .await
+                {
+                    Ok(r) if r.success() => return Ok(()),
+                    _ => tried.push("an agent key refused".into()),
+                }
+            }
+        }
+    }
+    if tried.is_empty() {
+        tried.push("no keys: use -i or ~/.ssh/id_*".into());
+    }
+    Err(Error::SshAuth {
+        user: t.user.clone(),
+        host: t.hostport(),
+        tried: tried.join("; "),
+    })
+}

@@ -1,0 +1,307 @@
+//! Downloads: data goes to the local `.NAME.ferry.part`, range by range
+//! (many read requests in flight); each range is fsynced before the sidecar
+//! records its digest. A resume needs the remote file unchanged (size and
+//! mtime), proves the local prefix against the recorded digests (last range,
+//! or all with `--verify full`), and the finished part is renamed
+//! atomically, then the directory fsynced.
+
+use std::os::unix::fs::FileExt;
+
+use russh_sftp::protocol::{FileAttributes, OpenFlags};
+use tracing::{info, warn};
+
+use super::auth::Conn;
+use super::sidecar::{self, Sidecar, RANGE_SIZE};
+use super::upload::{range_count, range_len, read_remote};
+use super::{is_no_such_file, sftp_err, FileOutcome, Job, SftpTarget, Verify};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::progress::Progress;
+use crate::store::Store;
+
+const CHECKPOINT_RANGES: usize = 4;
+/// Bound on a remote tree listing.
+const MAX_ENTRIES: usize = 1_000_000;
+
+pub fn base_name(p: &str) -> String {
+    p.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Files under the target: `("", size)` for a file; relative paths for a
+/// tree (directories as `(rel, u64::MAX)`, parents before children).
+pub async fn list(c: &Conn, t: &SftpTarget, recursive: bool) -> Result<Vec<(String, u64)>> {
+    let host = t.hostport();
+    let a = c.raw.stat(t.path.clone()).await.map_err(|e| {
+        if is_no_such_file(&e) {
+            Error::NotFound(format!("{}: no such file or directory", t.url(&t.path)))
+        } else {
+            sftp_err("stat", &t.path, &host, e)
+        }
+    })?;
+    if !a.attrs.is_dir() {
+        return Ok(vec![(String::new(), a.attrs.size.unwrap_or(0))]);
+    }
+    if !recursive {
+        return Err(Error::Usage(format!(
+            "{} is a directory (use -r)",
+            t.url(&t.path)
+        )));
+    }
+    let mut out = vec![(String::new(), u64::MAX)];
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = if rel.is_empty() {
+            t.path.clone()
+        } else {
+            format!("{}/{rel}", t.path.trim_end_matches('/'))
+        };
+        let h = c
+            .raw
+            .opendir(dir.clone())
+            .await
+            .map_err(|e| sftp_err("opendir", &dir, &host, e))?
+            .handle;
+        let mut names = Vec::new();
+        loop {
+            match c.raw.readdir(h.clone()).await {
+                Ok(n) => names.extend(n.files),
+                Err(russh_sftp::client::error::Error::Status(s))
+                    if s.status_code == russh_sftp::protocol::StatusCode::Eof =>
+                {
+                    break
+                }
+                Err(e) => return Err(sftp_err("readdir", &dir, &host, e)),
+            }
+            if names.len() + out.len() > MAX_ENTRIES {
+                return Err(Error::Usage(format!("{dir}: too many entries")));
+            }
+        }
+        let _ = c.raw.close(h).await;
+        names.sort_by(|a, b| a.filename.cmp(&b.filename));
+        for n in names {
+            if n.filename == "." || n.filename == ".." || n.filename.contains('/') {
+                continue;
+            }
+            let r = if rel.is_empty() {
+                n.filename.clone()
+            } else {
+                format!("{rel}/{}", n.filename)
+            };
+            if n.attrs.is_dir() {
+                out.push((r.clone(), u64::MAX));
+                stack.push(r);
+            } else if n.attrs.is_regular() {
+                out.push((r, n.attrs.size.unwrap_or(0)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Downloads one file; see the module documentation.
+pub async fn download(
+    c: &Conn,
+    job: &Job,
+    store: &Store,
+    progress: &Progress,
+    verify: Verify,
+    stop_after_ranges: Option<usize>,
+) -> Result<FileOutcome> {
+    let host = job.remote.hostport();
+    let remote = job.remote.path.clone();
+    let parent = fsutil::parent_of(&job.local);
+    fsutil::create_dirs_durable(&parent).map_err(|e| Error::local(&parent, e))?;
+    let parent = std::fs::canonicalize(&parent).map_err(|e| Error::local(&parent, e))?;
+    let name = job
+        .local
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("{}: not a file name", job.local.display())))?;
+    let local = parent.join(name);
+    if local.is_dir() {
+        return Err(Error::Usage(format!("{} is a directory", local.display())));
+    }
+    let part_path = fsutil::part_path(&local);
+    let key = sidecar::download_key(&local.display().to_string(), &job.remote.url(&remote));
+    let a = c
+        .raw
+        .stat(remote.clone())
+        .await
+        .map_err(|e| sftp_err("stat", &remote, &host, e))?
+        .attrs;
+    let size = a.size.ok_or_else(|| Error::SftpStatus {
+        op: "stat",
+        path: remote.clone(),
+        code: 4,
+        msg: "server did not report a size".into(),
+    })?;
+    let mtime_ns = i64::from(a.mtime.unwrap_or(0)) * 1_000_000_000;
+    let mode = a.permissions.unwrap_or(0o644) & 0o777;
+    let mut notes = Vec::new();
+
+    let part = fsutil::open_part(&part_path)?;
+    let mut ranges: Vec<String> = Vec::new();
+    if let Some(rec) = sidecar::get(store, &key)? {
+        if rec.size == size && rec.mtime_ns == mtime_ns && rec.range_size == RANGE_SIZE {
+            let have = part
+                .metadata()
+                .map_err(|e| Error::local(&part_path, e))?
+                .len();
+            let covered = (0..range_count(size))
+                .take_while(|&i| i * RANGE_SIZE + range_len(size, i) <= have)
+                .count();
+            let k = rec.ranges.len().min(covered);
+            let check = |i: usize| -> Result<bool> {
+                let mut buf = vec![0u8; range_len(size, i as u64) as usize];
+                part.read_exact_at(&mut buf, i as u64 * RANGE_SIZE)
+                    .map_err(|e| Error::local(&part_path, e))?;
+                Ok(sidecar::hex32(&blake3::hash(&buf)) == rec.ranges[i])
+            };
+            let mut good = k;
+            if verify == Verify::Full {
+                if let Some(bad) = (0..k).find(|&i| !check(i).unwrap_or(false)) {
+                    good = bad;
+                }
+            } else {
+                while good > 0 && !check(good - 1)? {
+                    good -= 1;
+                }
+            }
+            if good < rec.ranges.len() {
+                warn!(part = %part_path.display(), good, "local partial damaged or short; rewriting from there");
+            }
+            ranges = rec.ranges[..good].to_vec();
+        } else {
+            notes.push(format!(
+                "{}: remote file changed since the interrupted download; starting over",
+                job.remote.url(&remote)
+            ));
+        }
+    }
+    let resume_at = (ranges.len() as u64 * RANGE_SIZE).min(size);
+    part.set_len(resume_at)
+        .map_err(|e| Error::local(&part_path, e))?;
+    if resume_at > 0 {
+        info!(part = %part_path.display(), resume_at, "resuming download");
+        notes.push(format!(
+            "{}: resumed at byte {resume_at} of {size}",
+            local.display()
+        ));
+        Progress::add(&progress.bytes_resumed, resume_at);
+        progress.done(resume_at);
+    }
+    let mut rec = Sidecar {
+        size,
+        mtime_ns,
+        tail: String::new(),
+        range_size: RANGE_SIZE,
+        ranges: ranges.clone(),
+    };
+    sidecar::put(store, &key, &rec)?;
+
+    let h = c
+        .raw
+        .open(remote.clone(), OpenFlags::READ, FileAttributes::default())
+        .await
+        .map_err(|e| sftp_err("open", &remote, &host, e))?
+        .handle;
+    let n = range_count(size);
+    let mut digests = ranges;
+    // Range i is read from the server while range i-1 is written and hashed
+    // on the blocking pool; iteration i records range i-1.
+    let first = digests.len() as u64;
+    let mut pending: Option<tokio::task::JoinHandle<Result<(String, u64)>>> = None;
+    for i in first..=n {
+        let data = if i < n {
+            let want = range_len(size, i);
+            let data = read_remote(c, &h, i * RANGE_SIZE, want, &remote, &host).await?;
+            if data.len() as u64 != want {
+                let _ = c.raw.close(h).await;
+                return Err(Error::Ssh {
+                    host: host.clone(),
+                    msg: format!(
+                        "{remote}: file shrank during the download (range {i}: {} of {want} bytes)",
+                        data.len()
+                    ),
+                });
+            }
+            Some(data)
+        } else {
+            None
+        };
+        if let Some(p) = pending.take() {
+            let (digest, len) = p
+                .await
+                .map_err(|e| Error::local(&part_path, std::io::Error::other(e.to_string())))??;
+            digests.push(digest);
+            Progress::add(&progress.bytes_sent, len);
+            progress.done(len);
+            let every = if stop_after_ranges.is_some() {
+                1
+            } else {
+                CHECKPOINT_RANGES
+            };
+            if digests.len() - rec.ranges.len() >= every {
+                // Data durable before the record claims it.
+                part.sync_data().map_err(|e| Error::local(&part_path, e))?;
+                rec.ranges = digests.clone();
+                sidecar::put(store, &key, &rec)?;
+                if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
+                    let _ = c.raw.close(h).await;
+                    return Err(Error::Usage("stopped for a test".into()));
+                }
+            }
+        }
+        if let Some(data) = data {
+            let f = part.try_clone().map_err(|e| Error::local(&part_path, e))?;
+            let pp = part_path.clone();
+            pending = Some(tokio::task::spawn_blocking(move || {
+                f.write_all_at(&data, i * RANGE_SIZE)
+                    .map_err(|e| Error::local(&pp, e))?;
+                Ok((sidecar::hex32(&blake3::hash(&data)), data.len() as u64))
+            }));
+        }
+    }
+    let _ = c.raw.close(h).await;
+    part.sync_data().map_err(|e| Error::local(&part_path, e))?;
+    rec.ranges = digests.clone();
+    sidecar::put(store, &key, &rec)?;
+
+    // Verify the part on disk: size always, ranges re-read per --verify.
+    let len = part
+        .metadata()
+        .map_err(|e| Error::local(&part_path, e))?
+        .len();
+    if len != size {
+        return Err(Error::SftpIntegrity {
+            path: part_path.display().to_string(),
+            detail: format!("local part is {len} bytes, expected {size}"),
+        });
+    }
+    let from = match verify {
+        Verify::Full => 0,
+        Verify::Tail => n.saturating_sub(1),
+        _ => n,
+    };
+    for i in from..n {
+        let mut buf = vec![0u8; range_len(size, i) as usize];
+        part.read_exact_at(&mut buf, i * RANGE_SIZE)
+            .map_err(|e| Error::local(&part_path, e))?;
+        if rec.ranges.get(i as usize) != Some(&sidecar::hex32(&blake3::hash(&buf))) {
+            return Err(Error::SftpIntegrity {
+                path: part_path.display().to_string(),
+                detail: format!("range {i} on disk differs from what was received"),
+            });
+        }
+    }
+    fsutil::finalize_part(&part, &part_path, &local, mode, mtime_ns)?;
+    sidecar::remove(store, &key)?;
+    let digest = super::hash_file(&local)?;
+    Ok(FileOutcome {
+        digest: Some(digest),
+        notes,
+    })
+}

@@ -1,0 +1,574 @@
+//! `ferry cp` to and from SFTP servers (OpenSSH and others): resumable,
+//! verified uploads and downloads.
+//!
+//! * [`auth`]: SSH connection, host keys, keys and agent.
+//! * [`sidecar`]: the local record of unfinished transfers (in the state store).
+//! * [`upload`]: `PATH.part` on the server, proven prefix, checkpointed ranges, rename.
+//! * [`download`]: local `.NAME.ferry.part`, checkpointed ranges, atomic rename.
+//!
+//! Resume design: a file is cut into fixed ranges ([`sidecar::RANGE_SIZE`]);
+//! once a range is written and flushed on the receiving side its BLAKE3
+//! digest is recorded. A resume first checks the source against the record
+//! (size, mtime, tail digest per [`Verify`]), then reads back the last
+//! recorded range of the partial (all of them with `--verify full`) and walks
+//! back to the last range that still verifies; writing restarts there.
+
+pub mod auth;
+pub mod download;
+pub mod sidecar;
+pub mod upload;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::copy::{CopyOptions, CopySummary};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::retry::RetryDecision;
+use crate::store::Store;
+
+pub use auth::SshConfig;
+
+/// How strictly a resume and a finished transfer are verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Verify {
+    /// Only the size of the source is compared on resume; the finished file's size is checked.
+    Size,
+    /// Size and modification time.
+    Mtime,
+    /// Size, mtime and a BLAKE3 digest of the source's last 64 KiB; the last
+    /// recorded range of the partial is read back before appending, and the
+    /// last range of the finished file before the rename. The default: the
+    /// strongest check that costs no more than a few MiB of reading.
+    #[default]
+    Tail,
+    /// As `tail`, plus every recorded range is read back on resume and the
+    /// whole finished file is read back and compared before the rename.
+    Full,
+}
+
+impl std::str::FromStr for Verify {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "size" => Verify::Size,
+            "mtime" => Verify::Mtime,
+            "tail" => Verify::Tail,
+            "full" => Verify::Full,
+            _ => {
+                return Err(Error::Usage(format!(
+                    "--verify {s}: expected size, mtime, tail or full"
+                )))
+            }
+        })
+    }
+}
+
+/// `sftp://[USER@]HOST[:PORT]/PATH`. The path is taken as given: relative to
+/// the login directory, or absolute with a second slash (`sftp://h//tmp/x`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftpTarget {
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl SftpTarget {
+    pub fn parse(s: &str) -> Result<SftpTarget> {
+        let rest = s
+            .strip_prefix("sftp://")
+            .ok_or_else(|| Error::Usage(format!("{s}: not an sftp:// URL")))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let (user, hostport) = match authority.rfind('@') {
+            Some(i) => (authority[..i].to_string(), &authority[i + 1..]),
+            None => (
+                std::env::var("USER").unwrap_or_else(|_| "root".into()),
+                authority,
+            ),
+        };
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            let (h, after) = h
+                .split_once(']')
+                .ok_or_else(|| Error::Usage(format!("{s}: bad [host]")))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().ok(),
+                None if after.is_empty() => Some(22),
+                None => None,
+            };
+            (h.to_string(), port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().ok()),
+                None => (hostport.to_string(), Some(22)),
+            }
+        };
+        let port = port.ok_or_else(|| Error::Usage(format!("{s}: bad port")))?;
+        if host.is_empty() || user.is_empty() {
+            return Err(Error::Usage(format!("{s}: missing host or user")));
+        }
+        Ok(SftpTarget {
+            user,
+            host,
+            port,
+            path: path.to_string(),
+        })
+    }
+
+    pub fn hostport(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("sftp://{}@{}/{}", self.user, self.hostport(), path)
+    }
+
+    fn with_path(&self, path: String) -> SftpTarget {
+        SftpTarget {
+            path,
+            ..self.clone()
+        }
+    }
+}
+
+static DEFAULTS: std::sync::OnceLock<SftpOptions> = std::sync::OnceLock::new();
+
+/// Sets the SFTP options [`crate::copy::copy`] uses for `sftp://` endpoints
+/// (the binary calls this once, from its flags). Later calls are ignored.
+pub fn set_defaults(o: SftpOptions) {
+    let _ = DEFAULTS.set(o);
+}
+
+/// The options set by [`set_defaults`], or the defaults.
+pub fn defaults() -> SftpOptions {
+    DEFAULTS.get().cloned().unwrap_or_default()
+}
+
+/// Options of an SFTP copy beyond the common [`CopyOptions`].
+#[derive(Debug, Clone, Default)]
+pub struct SftpOptions {
+    pub ssh: SshConfig,
+    pub verify: Verify,
+    /// For tests: fail (as a crash would, without cleanup) once this many
+    /// ranges of an upload or download have been checkpointed.
+    #[doc(hidden)]
+    pub stop_after_ranges: Option<usize>,
+}
+
+pub(crate) fn sftp_err(
+    op: &'static str,
+    path: &str,
+    host: &str,
+    e: russh_sftp::client::error::Error,
+) -> Error {
+    use russh_sftp::client::error::Error as E;
+    match e {
+        E::Status(s) => Error::SftpStatus {
+            op,
+            path: path.to_string(),
+            code: s.status_code as u32,
+            msg: format!("{} ({})", s.error_message, s.status_code),
+        },
+        e => Error::Ssh {
+            host: host.to_string(),
+            msg: format!("{op} {path}: {e}"),
+        },
+    }
+}
+
+pub(crate) fn is_no_such_file(e: &russh_sftp::client::error::Error) -> bool {
+    matches!(e, russh_sftp::client::error::Error::Status(s)
+        if s.status_code == russh_sftp::protocol::StatusCode::NoSuchFile)
+}
+
+/// What happened to one file, for the summary and the output.
+#[derive(Debug, Default)]
+pub struct FileOutcome {
+    pub digest: Option<blake3::Hash>,
+    pub notes: Vec<String>,
+}
+
+/// Runs a copy where one side is `sftp://`.
+pub async fn copy(
+    srcs: &[String],
+    dst: &str,
+    opts: &CopyOptions,
+    sftp: &SftpOptions,
+    progress: Arc<Progress>,
+) -> Result<CopySummary> {
+    let started = Instant::now();
+    let store = Arc::new(Store::open_shared(&opts.state_dir)?);
+    let upload = dst.starts_with("sftp://");
+    let mut runner = Runner {
+        opts,
+        sftp,
+        store,
+        conn: None,
+        progress: progress.clone(),
+        rng: rand::SeedableRng::from_entropy(),
+        digests: Vec::new(),
+        notes: Vec::new(),
+    };
+    if upload {
+        if srcs.iter().any(|s| s.contains("://")) {
+            return Err(Error::Usage(
+                "with an sftp:// destination all sources must be local".into(),
+            ));
+        }
+        let t = SftpTarget::parse(dst)?;
+        let into_dir = dst.ends_with('/') || srcs.len() > 1 || t.path.is_empty() || {
+            let t2 = t.clone();
+            runner
+                .with_conn(&t, move |c| {
+                    let t2 = t2.clone();
+                    Box::pin(async move { upload::is_remote_dir(&c, &t2).await })
+                })
+                .await?
+        };
+        let mut jobs = Vec::new();
+        for s in srcs {
+            plan_upload(Path::new(s), &t, into_dir, opts.recursive, &mut jobs)?;
+        }
+        runner.count(&jobs);
+        for j in jobs {
+            runner.upload_one(j).await?;
+        }
+    } else {
+        let dst_path = PathBuf::from(dst);
+        let dst_is_dir = dst.ends_with('/') || srcs.len() > 1 || dst_path.is_dir();
+        let mut jobs = Vec::new();
+        for s in srcs {
+            let t = SftpTarget::parse(s)?;
+            let t2 = t.clone();
+            let recursive = opts.recursive;
+            let found = runner
+                .with_conn(&t, move |c| {
+                    let t2 = t2.clone();
+                    Box::pin(async move { download::list(&c, &t2, recursive).await })
+                })
+                .await?;
+            let base = download::base_name(&t.path);
+            let target = if dst_is_dir {
+                dst_path.join(&base)
+            } else {
+                dst_path.clone()
+            };
+            for (rel, size) in found {
+                if crate::paths::split_relative(&rel).is_err() && !rel.is_empty() {
+                    warn!(path = %rel, "server listed an unsafe path; skipped");
+                    continue;
+                }
+                let local = if rel.is_empty() {
+                    target.clone()
+                } else {
+                    target.join(&rel)
+                };
+                let remote = if rel.is_empty() {
+                    t.path.clone()
+                } else {
+                    format!("{}/{rel}", t.path.trim_end_matches('/'))
+                };
+                jobs.push(Job {
+                    local,
+                    remote: t.with_path(remote),
+                    size,
+                });
+            }
+        }
+        runner.count(&jobs);
+        for j in jobs {
+            runner.download_one(j).await?;
+        }
+    }
+    let digest = if runner.digests.len() == 1 {
+        runner.digests[0].1.to_hex().to_string()
+    } else {
+        let mut h = blake3::Hasher::new();
+        for (p, d) in &runner.digests {
+            h.update(p.as_bytes());
+            h.update(&[0]);
+            h.update(d.as_bytes());
+        }
+        h.finalize().to_hex().to_string()
+    };
+    Ok(CopySummary {
+        files: runner.digests.len() as u64,
+        bytes_total: Progress::get(&progress.bytes_total),
+        bytes_sent: Progress::get(&progress.bytes_sent),
+        bytes_resumed: Progress::get(&progress.bytes_resumed),
+        retries: Progress::get(&progress.retries),
+        duration_s: started.elapsed().as_secs_f64(),
+        digest,
+        alg: "blake3".into(),
+    })
+}
+
+/// One file to move.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub local: PathBuf,
+    pub remote: SftpTarget,
+    pub size: u64,
+}
+
+fn plan_upload(
+    src: &Path,
+    dst: &SftpTarget,
+    into_dir: bool,
+    recursive: bool,
+    jobs: &mut Vec<Job>,
+) -> Result<()> {
+    let md = std::fs::metadata(src).map_err(|e| Error::local(src, e))?;
+    let name = src
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let join = |base: &str, n: &str| {
+        let base = base.trim_end_matches('/');
+        if base.is_empty() {
+            n.to_string()
+        } else {
+            format!("{base}/{n}")
+        }
+    };
+    let target = if into_dir {
+        join(&dst.path, &name)
+    } else {
+        dst.path.trim_end_matches('/').to_string()
+    };
+    if md.is_file() {
+        jobs.push(Job {
+            local: src.to_path_buf(),
+            remote: dst.with_path(target),
+            size: md.len(),
+        });
+        return Ok(());
+    }
+    if !md.is_dir() {
+        return Err(Error::Usage(format!(
+            "{} is not a regular file or directory",
+            src.display()
+        )));
+    }
+    if !recursive {
+        return Err(Error::Usage(format!(
+            "{} is a directory (use -r)",
+            src.display()
+        )));
+    }
+    let mut stack = vec![(src.to_path_buf(), target)];
+    while let Some((dir, remote)) = stack.pop() {
+        let mut items: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::local(&dir, e))?
+            .flatten()
+            .collect();
+        items.sort_by_key(|e| e.file_name());
+        // An empty Job marks a directory to create (size u64::MAX).
+        jobs.push(Job {
+            local: dir.clone(),
+            remote: dst.with_path(remote.clone()),
+            size: u64::MAX,
+        });
+        for e in items {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let p = e.path();
+            let Ok(md) = std::fs::metadata(&p) else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push((p, join(&remote, &n)));
+            } else if md.is_file() {
+                jobs.push(Job {
+                    local: p,
+                    remote: dst.with_path(join(&remote, &n)),
+                    size: md.len(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
+
+struct Runner<'a> {
+    opts: &'a CopyOptions,
+    sftp: &'a SftpOptions,
+    store: Arc<Store>,
+    conn: Option<Arc<auth::Conn>>,
+    progress: Arc<Progress>,
+    rng: rand::rngs::StdRng,
+    digests: Vec<(String, blake3::Hash)>,
+    notes: Vec<String>,
+}
+
+impl Runner<'_> {
+    fn count(&self, jobs: &[Job]) {
+        let files: Vec<_> = jobs.iter().filter(|j| j.size != u64::MAX).collect();
+        Progress::add(&self.progress.files_total, files.len() as u64);
+        Progress::add(
+            &self.progress.bytes_total,
+            files.iter().map(|j| j.size).sum(),
+        );
+    }
+
+    /// Runs `f` on a connection, reconnecting and retrying retryable failures
+    /// under the copy's retry policy (progress resets the attempt count).
+    async fn with_conn<T>(
+        &mut self,
+        t: &SftpTarget,
+        mut f: impl FnMut(Arc<auth::Conn>) -> BoxFut<T>,
+    ) -> Result<T> {
+        let mut attempt = 0u32;
+        let mut start = Instant::now();
+        loop {
+            let before = Progress::get(&self.progress.bytes_done);
+            let r = async {
+                let c = match &self.conn {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = Arc::new(auth::connect(t, &self.sftp.ssh).await?);
+                        self.conn = Some(c.clone());
+                        c
+                    }
+                };
+                f(c).await
+            }
+            .await;
+            let e = match r {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if !e.is_retryable() {
+                return Err(e);
+            }
+            self.conn = None;
+            if Progress::get(&self.progress.bytes_done) > before {
+                attempt = 0;
+                start = Instant::now();
+            }
+            attempt += 1;
+            let delay = match self
+                .opts
+                .retry
+                .decide(attempt, start.elapsed(), None, &mut self.rng)
+            {
+                RetryDecision::After(d) => d,
+                RetryDecision::GiveUp => {
+                    return Err(Error::RetriesExhausted {
+                        attempts: attempt,
+                        last: Box::new(e),
+                    })
+                }
+            };
+            Progress::add(&self.progress.retries, 1);
+            warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "sftp: retrying");
+            tokio::time::sleep(delay.min(Duration::from_secs(60))).await;
+        }
+    }
+
+    async fn upload_one(&mut self, job: Job) -> Result<()> {
+        let t = job.remote.clone();
+        if job.size == u64::MAX {
+            return self
+                .with_conn(&t, move |c| {
+                    let p = job.remote.clone();
+                    Box::pin(async move { upload::mkdir(&c, &p).await })
+                })
+                .await;
+        }
+        self.progress
+            .start_file(&job.local.display().to_string(), job.size);
+        let (store, progress, verify) =
+            (self.store.clone(), self.progress.clone(), self.sftp.verify);
+        let stop = self.sftp.stop_after_ranges;
+        let out = self
+            .with_conn(&t, move |c| {
+                let (job, store, progress) = (job.clone(), store.clone(), progress.clone());
+                Box::pin(async move {
+                    progress.undo_file();
+                    upload::upload(&c, &job, &store, &progress, verify, stop).await
+                })
+            })
+            .await?;
+        self.finish(&t.path, out);
+        Ok(())
+    }
+
+    async fn download_one(&mut self, job: Job) -> Result<()> {
+        let t = job.remote.clone();
+        if job.size == u64::MAX {
+            return crate::fsutil::create_dirs_durable(&job.local)
+                .map_err(|e| Error::local(&job.local, e));
+        }
+        self.progress.start_file(&t.url(&t.path), job.size);
+        let stop = self.sftp.stop_after_ranges;
+        let (store, progress, verify) =
+            (self.store.clone(), self.progress.clone(), self.sftp.verify);
+        let out = self
+            .with_conn(&t, move |c| {
+                let (job, store, progress) = (job.clone(), store.clone(), progress.clone());
+                Box::pin(async move {
+                    progress.undo_file();
+                    download::download(&c, &job, &store, &progress, verify, stop).await
+                })
+            })
+            .await?;
+        self.finish(&t.path, out);
+        Ok(())
+    }
+
+    fn finish(&mut self, path: &str, out: FileOutcome) {
+        Progress::add(&self.progress.files_done, 1);
+        for n in out.notes {
+            // What happened (resumed, restarted, fell back) is for the user to see.
+            warn!("{n}");
+            self.notes.push(n);
+        }
+        if let Some(d) = out.digest {
+            self.digests.push((path.to_string(), d));
+        }
+    }
+}
+
+/// BLAKE3 of a whole local file.
+pub(crate) fn hash_file(path: &Path) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let f = std::fs::File::open(path).map_err(|e| Error::local(path, e))?;
+    h.update_reader(f).map_err(|e| Error::local(path, e))?;
+    Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_targets() {
+        let t = SftpTarget::parse("sftp://bob@h:2222/a/b").unwrap();
+        assert_eq!(
+            (t.user.as_str(), t.host.as_str(), t.port, t.path.as_str()),
+            ("bob", "h", 2222, "a/b")
+        );
+        let t = SftpTarget::parse("sftp://bob@h//tmp/x").unwrap();
+        assert_eq!((t.port, t.path.as_str()), (22, "/tmp/x"));
+        let t = SftpTarget::parse("sftp://bob@[::1]:22/x").unwrap();
+        assert_eq!(t.host, "::1");
+        assert_eq!(t.hostport(), "[::1]:22");
+        assert!(SftpTarget::parse("sftp://bob@h:xx/x").is_err());
+        assert!(SftpTarget::parse("sftp:///x").is_err());
+        assert_eq!("full".parse::<Verify>().unwrap(), Verify::Full);
+        assert!("nope".parse::<Verify>().is_err());
+    }
+}

@@ -1,0 +1,637 @@
+//! SFTP against a real OpenSSH `sshd` that each test starts on a free
+//! loopback port with its own config, host key and authorized_keys.
+//! (`scripts/test.sh` installs openssh-server when `sshd` is missing.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::copy::{CopyOptions, CopySummary};
+use ferry::progress::Progress;
+use ferry::sftp::{SftpOptions, SshConfig, Verify};
+use ferry::Error;
+
+const MIB: usize = 1 << 20;
+const RANGE: usize = 8 * MIB;
+
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        // Our own child, by PID.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+}
+
+fn sshd_bin() -> Option<PathBuf> {
+    ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn sftp_server() -> String {
+    for p in [
+        "/usr/lib/openssh/sftp-server",
+        "/usr/libexec/openssh/sftp-server",
+        "/usr/libexec/sftp-server",
+    ] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "internal-sftp".into()
+}
+
+/// Python wrapper around sftp-server that refuses a handle's first write
+/// unless it is at offset 0: an object-storage gateway that cannot write
+/// into an existing object.
+const NO_OFFSET_WRAPPER: &str = r#"#!/usr/bin/env python3
+import os, struct, subprocess, sys, threading
+p = subprocess.Popen([SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+inp, out, lock = sys.stdin.buffer, sys.stdout.buffer, threading.Lock()
+def pump():
+    while True:
+        d = p.stdout.read1(65536)
+        if not d: break
+        with lock:
+            out.write(d); out.flush()
+    os._exit(0)
+threading.Thread(target=pump, daemon=True).start()
+def readn(n):
+    b = b''
+    while len(b) < n:
+        c = inp.read(n - len(b))
+        if not c: os._exit(0)
+        b += c
+    return b
+seen = set()
+while True:
+    hdr = readn(4); body = readn(struct.unpack('>I', hdr)[0])
+    if body[0] == 6:
+        rid = body[1:5]; hl = struct.unpack('>I', body[5:9])[0]; h = body[9:9 + hl]
+        off = struct.unpack('>Q', body[9 + hl:17 + hl])[0]
+        if h not in seen:
+            seen.add(h)
+            if off != 0:
+                msg = b'offset writes not supported'
+                st = bytes([101]) + rid + struct.pack('>I', 8) + struct.pack('>I', len(msg)) + msg + struct.pack('>I', 0)
+                with lock:
+                    out.write(struct.pack('>I', len(st)) + st); out.flush()
+                continue
+    p.stdin.write(hdr + body); p.stdin.flush()
+"#;
+
+#[derive(PartialEq)]
+enum Mode {
+    Plain,
+    /// The wrapper below: a handle's first write must be at offset 0.
+    NoOffsetWrites,
+    /// sftp-server -P posix-rename: the extension is announced but refused.
+    NoPosixRename,
+}
+
+fn start_sshd(mode: Mode) -> Option<Sshd> {
+    let Some(bin) = sshd_bin() else {
+        eprintln!("sshd not installed; run scripts/test.sh (it installs openssh-server)");
+        return None;
+    };
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    keygen(&d.join("hostkey"));
+    keygen(&d.join("clientkey"));
+    keygen(&d.join("otherkey"));
+    std::fs::copy(d.join("clientkey.pub"), d.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let subsystem = if mode == Mode::NoPosixRename {
+        format!("{} -P posix-rename", sftp_server())
+    } else if mode == Mode::NoOffsetWrites {
+        let w = d.join("sftp-wrapper.py");
+        std::fs::write(
+            &w,
+            NO_OFFSET_WRAPPER.replace("SERVER", &format!("{:?}", sftp_server())),
+        )
+        .unwrap();
+        std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        w.display().to_string()
+    } else {
+        sftp_server()
+    };
+    let cfg = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile none\nAuthorizedKeysFile {ak}\n\
+         PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+         UsePAM no\nStrictModes no\nUseDNS no\nSubsystem sftp {subsystem}\nLogLevel ERROR\n",
+        hk = d.join("hostkey").display(),
+        ak = d.join("authorized_keys").display(),
+    );
+    std::fs::write(d.join("sshd_config"), cfg).unwrap();
+    let child = Command::new(bin)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sshd");
+    // Readiness: wait until the port accepts (bounded).
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let host_pub = std::fs::read_to_string(d.join("hostkey.pub")).unwrap();
+    let mut parts = host_pub.split_whitespace();
+    let (alg, key) = (parts.next().unwrap(), parts.next().unwrap());
+    std::fs::write(
+        d.join("known_hosts"),
+        format!("[127.0.0.1]:{port} {alg} {key}\n"),
+    )
+    .unwrap();
+    Some(Sshd { child, port, dir })
+}
+
+impl Sshd {
+    fn url(&self, path: &Path) -> String {
+        format!(
+            "sftp://{}@127.0.0.1:{}/{}",
+            user(),
+            self.port,
+            path.display()
+        )
+    }
+    fn ssh(&self) -> SshConfig {
+        SshConfig {
+            identities: vec![self.dir.path().join("clientkey")],
+            passphrase: None,
+            known_hosts: Some(self.dir.path().join("known_hosts")),
+            accept_new_host_key: false,
+            no_agent: true,
+        }
+    }
+    fn opts(&self) -> SftpOptions {
+        SftpOptions {
+            ssh: self.ssh(),
+            verify: Verify::Tail,
+            stop_after_ranges: None,
+        }
+    }
+}
+
+fn user() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "root".into())
+}
+
+fn copy_opts(state: &Path) -> CopyOptions {
+    CopyOptions {
+        recursive: true,
+        state_dir: state.to_path_buf(),
+        client: ferry::client::ClientConfig {
+            token: None,
+            fingerprint: None,
+            known_servers: ferry::tls::KnownServers::new(state.join("known_servers")),
+            connect_timeout: Duration::from_secs(5),
+            via: None,
+            bwlimit: 0,
+            timeouts: Default::default(),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
+        },
+        retry: ferry::retry::RetryPolicy {
+            initial: Duration::from_millis(10),
+            multiplier: 2.0,
+            max_delay: Duration::from_millis(50),
+            max_attempts: 2,
+            budget: None,
+        },
+        alg: ferry_proto::HashAlg::Blake3,
+        seed: None,
+    }
+}
+
+async fn cp(src: &str, dst: &str, state: &Path, o: &SftpOptions) -> Result<CopySummary, Error> {
+    ferry::sftp::copy(
+        &[src.to_string()],
+        dst,
+        &copy_opts(state),
+        o,
+        Arc::new(Progress::default()),
+    )
+    .await
+}
+
+fn data(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+#[tokio::test]
+async fn upload_and_download_interesting_sizes() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    std::fs::create_dir_all(t.path().join("remote")).unwrap();
+    for (i, n) in [0, 1, RANGE - 1, RANGE, RANGE + 1, 3 * RANGE + 12345]
+        .into_iter()
+        .enumerate()
+    {
+        let src = t.path().join(format!("src{i}"));
+        let body = data(n, i as u8);
+        std::fs::write(&src, &body).unwrap();
+        let remote = t.path().join("remote").join(format!("f{i}"));
+        let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+            .await
+            .unwrap();
+        assert_eq!(sum.bytes_sent, n as u64);
+        assert_eq!(std::fs::read(&remote).unwrap(), body, "upload size {n}");
+        assert!(!Path::new(&format!("{}.part", remote.display())).exists());
+        let back = t.path().join(format!("back{i}"));
+        let sum2 = cp(&s.url(&remote), back.to_str().unwrap(), &state, &s.opts())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), body, "download size {n}");
+        assert_eq!(sum.digest, sum2.digest);
+        assert_eq!(sum.digest, blake3::hash(&body).to_hex().to_string());
+    }
+}
+
+#[tokio::test]
+async fn recursive_upload_and_download() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let tree = t.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    std::fs::write(tree.join("top"), b"top").unwrap();
+    std::fs::write(tree.join("a/b/deep"), data(100_000, 3)).unwrap();
+    let remote = t.path().join("remote");
+    std::fs::create_dir_all(&remote).unwrap();
+    cp(tree.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(remote.join("tree/top")).unwrap(), b"top");
+    assert_eq!(
+        std::fs::read(remote.join("tree/a/b/deep")).unwrap(),
+        data(100_000, 3)
+    );
+    let back = t.path().join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    cp(
+        &s.url(&remote.join("tree")),
+        back.to_str().unwrap(),
+        &state,
+        &s.opts(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read(back.join("tree/a/b/deep")).unwrap(),
+        data(100_000, 3)
+    );
+}
+
+/// Uploads `body` but stops (as a crash would) after `ranges` checkpoints.
+async fn interrupted_upload(s: &Sshd, src: &Path, remote: &Path, state: &Path, ranges: usize) {
+    let mut o = s.opts();
+    o.stop_after_ranges = Some(ranges);
+    let e = cp(src.to_str().unwrap(), &s.url(remote), state, &o)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("stopped for a test"), "{e}");
+    assert!(!remote.exists());
+    let part = PathBuf::from(format!("{}.part", remote.display()));
+    let size = std::fs::metadata(src).unwrap().len();
+    assert!(std::fs::metadata(&part).unwrap().len() >= ((ranges * RANGE) as u64).min(size));
+}
+
+#[tokio::test]
+async fn resume_resends_only_the_rest() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let src = t.path().join("src");
+    let body = data(2 * RANGE + 5 * MIB, 7);
+    std::fs::write(&src, &body).unwrap();
+    let remote = t.path().join("dst");
+    interrupted_upload(&s, &src, &remote, &state, 2).await;
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, (2 * RANGE) as u64);
+    assert_eq!(sum.bytes_sent, (5 * MIB) as u64);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+
+    // A crash after the last range was recorded but before the rename:
+    // nothing is re-sent, the part is verified and renamed.
+    std::fs::remove_file(&remote).unwrap();
+    interrupted_upload(&s, &src, &remote, &state, 3).await;
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, body.len() as u64);
+    assert_eq!(sum.bytes_sent, 0);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+}
+
+#[tokio::test]
+async fn changed_source_starts_fresh() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let src = t.path().join("src");
+    std::fs::write(&src, data(2 * RANGE + 100, 1)).unwrap();
+    let remote = t.path().join("dst");
+    interrupted_upload(&s, &src, &remote, &state, 2).await;
+    // Same size, different tail, different mtime.
+    let mut body = data(2 * RANGE + 100, 1);
+    let n = body.len();
+    body[n - 1] ^= 0xff;
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&src, &body).unwrap();
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, 0);
+    assert_eq!(sum.bytes_sent, n as u64);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+}
+
+fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, at).unwrap();
+}
+
+#[tokio::test]
+async fn damaged_remote_partial_is_found_and_rewritten() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let src = t.path().join("src");
+    let body = data(3 * RANGE + 77, 9);
+    std::fs::write(&src, &body).unwrap();
+    let remote = t.path().join("dst");
+    interrupted_upload(&s, &src, &remote, &state, 2).await;
+    // Damage the last recorded range (range 1): resume walks back to range 1.
+    let part = PathBuf::from(format!("{}.part", remote.display()));
+    flip(&part, (RANGE + 4096) as u64);
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, RANGE as u64);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+
+    // With --verify full, damage in the first range is found as well.
+    std::fs::remove_file(&remote).unwrap();
+    interrupted_upload(&s, &src, &remote, &state, 2).await;
+    flip(&part, 10);
+    let mut o = s.opts();
+    o.verify = Verify::Full;
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &o)
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, 0);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+}
+
+#[tokio::test]
+async fn host_keys_unknown_and_changed_are_refused() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let src = t.path().join("src");
+    std::fs::write(&src, b"x").unwrap();
+    let remote = t.path().join("dst");
+    let kh = t.path().join("kh");
+    let mut o = s.opts();
+    o.ssh.known_hosts = Some(kh.clone());
+    let e = cp(src.to_str().unwrap(), &s.url(&remote), &state, &o)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::HostKeyUnknown { .. }), "{e}");
+    assert_eq!(e.class(), ferry::ErrorClass::Auth);
+    assert!(!remote.exists());
+    // Accepting records it; the next run passes without the flag.
+    o.ssh.accept_new_host_key = true;
+    cp(src.to_str().unwrap(), &s.url(&remote), &state, &o)
+        .await
+        .unwrap();
+    assert!(std::fs::read_to_string(&kh)
+        .unwrap()
+        .contains(&format!("{}", s.port)));
+    o.ssh.accept_new_host_key = false;
+    cp(src.to_str().unwrap(), &s.url(&remote), &state, &o)
+        .await
+        .unwrap();
+    // A changed key is refused even with --accept-new-host-key.
+    let other = std::fs::read_to_string(s.dir.path().join("otherkey.pub")).unwrap();
+    let mut p = other.split_whitespace();
+    std::fs::write(
+        &kh,
+        format!(
+            "[127.0.0.1]:{} {} {}\n",
+            s.port,
+            p.next().unwrap(),
+            p.next().unwrap()
+        ),
+    )
+    .unwrap();
+    o.ssh.accept_new_host_key = true;
+    let e = cp(src.to_str().unwrap(), &s.url(&remote), &state, &o)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::HostKeyChanged { line: 1, .. }), "{e}");
+    assert!(e.to_string().contains("CHANGED"));
+}
+
+#[tokio::test]
+async fn wrong_key_is_refused() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::write(&src, b"x").unwrap();
+    let mut o = s.opts();
+    o.ssh.identities = vec![s.dir.path().join("otherkey")];
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&t.path().join("dst")),
+        &t.path().join("state"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SshAuth { .. }), "{e}");
+    assert!(!e.is_retryable());
+    assert_eq!(e.class(), ferry::ErrorClass::Auth);
+}
+
+#[tokio::test]
+async fn server_without_offset_writes_takes_the_fallback() {
+    let Some(s) = start_sshd(Mode::NoOffsetWrites) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let src = t.path().join("src");
+    let body = data(2 * RANGE + 3, 4);
+    std::fs::write(&src, &body).unwrap();
+    let remote = t.path().join("dst");
+    interrupted_upload(&s, &src, &remote, &state, 1).await;
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    // The probe at offset 8 MiB was refused: the whole file went again.
+    assert_eq!(sum.bytes_resumed, 0);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+    // ...and the host is remembered.
+    let store = ferry::store::Store::open(&state).unwrap();
+    let caps = ferry::sftp::sidecar::host_caps(&store, &format!("127.0.0.1:{}", s.port)).unwrap();
+    assert!(caps.no_offset_writes);
+}
+
+#[tokio::test]
+async fn download_resumes_and_rewrites_a_damaged_local_part() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let remote = t.path().join("remote.bin");
+    let body = data(3 * RANGE + 1234, 5);
+    std::fs::write(&remote, &body).unwrap();
+    let local = t.path().join("local.bin");
+    let part = t.path().join(".local.bin.ferry.part");
+    let mut o = s.opts();
+    o.stop_after_ranges = Some(2);
+    let e = cp(&s.url(&remote), local.to_str().unwrap(), &state, &o)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("stopped for a test"), "{e}");
+    assert!(!local.exists());
+    assert!(std::fs::metadata(&part).unwrap().len() >= (2 * RANGE) as u64);
+    let sum = cp(&s.url(&remote), local.to_str().unwrap(), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, (2 * RANGE) as u64);
+    assert_eq!(sum.bytes_sent, (RANGE + 1234) as u64);
+    assert_eq!(std::fs::read(&local).unwrap(), body);
+    assert!(!part.exists());
+
+    // Damage in the last recorded range of the local part: walk back one range.
+    std::fs::remove_file(&local).unwrap();
+    let e = cp(&s.url(&remote), local.to_str().unwrap(), &state, &o)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("stopped for a test"), "{e}");
+    flip(&part, (RANGE + 99) as u64);
+    let sum = cp(&s.url(&remote), local.to_str().unwrap(), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, RANGE as u64);
+    assert_eq!(std::fs::read(&local).unwrap(), body);
+}
+
+#[tokio::test]
+async fn replaces_an_existing_file_without_posix_rename() {
+    let Some(s) = start_sshd(Mode::NoPosixRename) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::write(&src, b"new content").unwrap();
+    let remote = t.path().join("dst");
+    std::fs::write(&remote, b"old").unwrap();
+    cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("state"),
+        &s.opts(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&remote).unwrap(), b"new content");
+    assert!(!Path::new(&format!("{}.part", remote.display())).exists());
+}
+
+#[tokio::test]
+async fn encrypted_key_needs_its_passphrase() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("enckey");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "pass word", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut ak = std::fs::read_to_string(s.dir.path().join("authorized_keys")).unwrap();
+    ak.push_str(&std::fs::read_to_string(t.path().join("enckey.pub")).unwrap());
+    std::fs::write(s.dir.path().join("authorized_keys"), ak).unwrap();
+    let src = t.path().join("src");
+    std::fs::write(&src, b"secret").unwrap();
+    let remote = t.path().join("dst");
+    let mut o = s.opts();
+    o.ssh.identities = vec![key];
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SshAuth { .. }), "{e}");
+    assert!(e.to_string().contains("FERRY_SSH_PASSPHRASE"), "{e}");
+    o.ssh.passphrase = Some("pass word".into());
+    cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&remote).unwrap(), b"secret");
+}
