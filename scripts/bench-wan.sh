@@ -21,6 +21,8 @@
 #        IPERF_S (10: iperf3 runs for a fixed time)  FERRY_ARGS (extra `ferry cp` options)
 #        RESTART (1: an outage run that fails is rerun once by hand, rsync with
 #        --append-verify, scp from scratch)  LOG_DIR (/tmp/ferry-wan-logs: per-run stderr)
+#        CONDS_RES, CONDS_CC (space-separated name:one_way_ms:loss_pct[:outage_s] lists)
+#        CLIENT_PRELOAD (extra LD_PRELOAD libraries for the client processes, for experiments)
 #
 # Columns: time = wall clock incl. process start and handshakes; goodput = file bytes
 # landed / time (MB = 10^6 B); wire = bytes the client's tun device transmitted
@@ -45,6 +47,9 @@ IPERF_S=${IPERF_S:-10}
 FERRY_ARGS=${FERRY_ARGS:-}
 RESTART=${RESTART:-1}
 LOG_DIR=${LOG_DIR:-/tmp/ferry-wan-logs}
+CLIENT_PRELOAD=${CLIENT_PRELOAD:-}
+CONDS_RES=${CONDS_RES:-rtt50-loss0:25:0:0 rtt50-loss1:25:1:0 rtt50-loss5:25:5:0 rtt50-down${OUTAGE_S}s:25:0:$OUTAGE_S}
+CONDS_CC=${CONDS_CC:-rtt50-loss0:25:0 rtt50-loss1:25:1 rtt50-loss2:25:2}
 # Names and addresses are configurable: other benchmarks on this host may use fbA/fbB.
 A=${NS_A:-wanA} B=${NS_B:-wanB} IPA=${IP_A:-10.79.0.1} IPB=${IP_B:-10.79.0.2}
 TA=${A}t TB=${B}t
@@ -121,16 +126,26 @@ link_down() {
   FWD=
   log "    forwarder: $(tr '\n' ' ' <"$W/fwd.err")"
 }
-# An outage is a blackhole in both directions: routes and addresses stay, every
-# packet vanishes (a tbf at 1 byte/s with a 1-byte queue; this kernel has no netem,
-# prio or matchall drop), as when a WAN path dies somewhere in the middle.
+# An outage is a blackhole in both directions somewhere in the middle of the path:
+# each end silently discards whatever arrives from the tun device (a policy rule
+# "iif TUN blackhole" placed before the local table; ICMP errors die the same way).
+# Dropping on the sender's own egress qdisc is *not* equivalent: TCP sees a local
+# drop, retries every 0.5 s without RTO backoff and even aborts a connection after
+# 15 such probes (~8 s, ETIMEDOUT); this kernel has no netem or tc drop action.
+rules_init() { # move the local table's rule from pref 0 to pref 100, in both netns
+  local n
+  for n in $A $B; do
+    ip -n "$n" rule add pref 100 lookup local
+    ip -n "$n" rule del pref 0
+  done
+}
 blackhole() {
-  ip netns exec $A tc qdisc replace dev $TA root tbf rate 8bit burst 1600 limit 1
-  ip netns exec $B tc qdisc replace dev $TB root tbf rate 8bit burst 1600 limit 1
+  ip -n $A rule add pref 10 iif $TA blackhole
+  ip -n $B rule add pref 10 iif $TB blackhole
 }
 restore() {
-  ip netns exec $A tc qdisc del dev $TA root 2>/dev/null || true
-  ip netns exec $B tc qdisc del dev $TB root 2>/dev/null || true
+  ip -n $A rule del pref 10 2>/dev/null || true
+  ip -n $B rule del pref 10 2>/dev/null || true
 }
 
 start_servers() {
@@ -181,7 +196,7 @@ run() { # tool cc outage_s label
   rt0=$(retrans)
   CCS_SEEN=
   while :; do
-    ip netns exec $A env LD_PRELOAD="$W/setcc.so" PB_TCP_CC="$cc" "${cmd[@]}" >"$W/out" 2>>"$errf" &
+    ip netns exec $A env LD_PRELOAD="$W/setcc.so${CLIENT_PRELOAD:+ $CLIENT_PRELOAD}" PB_TCP_CC="$cc" "${cmd[@]}" >"$W/out" 2>>"$errf" &
     p=$!
     while kill -0 "$p" 2>/dev/null; do
       if [[ -z $CCS_SEEN ]] && ge "$(elapsed "$s")" 0.3; then CCS_SEEN=$(cc_seen); fi
@@ -265,12 +280,13 @@ cell() { # label cond cc tool outage
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2 }'; }
 
+rules_init
 T0=$EPOCHREALTIME
 log "# $(date -u +%FT%TZ) $(nproc) cpus, load $(cut -d' ' -f1-3 /proc/loadavg); ${SIZE_MIB} MiB upload $A -> $B; cap ${CAP_S}s; RUNS=$RUNS"
 log "# tcp_wmem $(sysctl -n net.ipv4.tcp_wmem | tr '\t' ' ') / tcp_rmem $(sysctl -n net.ipv4.tcp_rmem | tr '\t' ' ') (client netns: $(ip netns exec $A sysctl -n net.ipv4.tcp_wmem | tr '\t' ' '))"
 if [[ $MODE == resilience || $MODE == all ]]; then
   log "== resilience (issue 3): sender CC $CC"
-  for cond in "rtt50-loss0:25:0:0" "rtt50-loss1:25:1:0" "rtt50-loss5:25:5:0" "rtt50-down${OUTAGE_S}s:25:0:$OUTAGE_S"; do
+  for cond in $CONDS_RES; do
     IFS=: read -r name ow loss outage <<<"$cond"
     log "== $name (one-way ${ow} ms, loss ${loss}% per direction, outage ${outage}s at 50%)"
     link_up "$ow" "$loss"
@@ -282,7 +298,7 @@ if [[ $MODE == resilience || $MODE == all ]]; then
 fi
 if [[ $MODE == cc || $MODE == all ]]; then
   log "== congestion control (issue 5): CCs $CCS"
-  for cond in "rtt50-loss0:25:0" "rtt50-loss1:25:1" "rtt50-loss2:25:2"; do
+  for cond in $CONDS_CC; do
     IFS=: read -r name ow loss <<<"$cond"
     log "== $name (one-way ${ow} ms, loss ${loss}% per direction)"
     link_up "$ow" "$loss"
