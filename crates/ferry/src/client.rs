@@ -76,7 +76,7 @@ impl Session {
                 addr: addr.to_string(),
                 source: e,
             })?;
-        let _ = tcp.set_nodelay(true);
+        crate::sockopt::tune(&tcp);
         let host = addr
             .rsplit_once(':')
             .map(|(h, _)| h)

@@ -7,6 +7,7 @@
 //! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it with retries.
 //! * [`transfer`]: the drivers that run a `Sender` or `Receiver` over a connection.
 //! * [`conn`]: framed message I/O over any byte stream.
+//! * [`sockopt`]: the options set on every TCP connection.
 //! * [`tls`]: certificates, fingerprints, the known-servers file.
 //! * [`store`]: the redb journal of partial files and source hashes.
 //! * [`queue`]: the durable outbox of copies that could not finish yet.
@@ -27,6 +28,7 @@ pub mod paths;
 pub mod progress;
 pub mod queue;
 pub mod server;
+pub mod sockopt;
 pub mod status;
 pub mod store;
 pub mod tls;

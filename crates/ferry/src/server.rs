@@ -173,7 +173,7 @@ async fn serve_conn(
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 ) -> Result<()> {
-    let _ = tcp.set_nodelay(true);
+    crate::sockopt::tune(&tcp);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| Error::Timeout("TLS handshake".into()))?
