@@ -73,9 +73,10 @@ for n in $A $B; do
 done
 W=$(mktemp -d /tmp/ferry-wan.XXXXXX)
 mkdir -p "$LOG_DIR"
-PIDS=() FWD=
+PIDS=() FWD= CLIENT=
 cleanup() {
   local p
+  if [[ -n $CLIENT ]]; then kill "$CLIENT" 2>/dev/null || true; fi
   if [[ -n $FWD ]]; then kill "$FWD" 2>/dev/null || true; fi
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.3
@@ -198,6 +199,7 @@ run() { # tool cc outage_s label
   while :; do
     ip netns exec $A env LD_PRELOAD="$W/setcc.so${CLIENT_PRELOAD:+ $CLIENT_PRELOAD}" PB_TCP_CC="$cc" "${cmd[@]}" >"$W/out" 2>>"$errf" &
     p=$!
+    CLIENT=$p
     while kill -0 "$p" 2>/dev/null; do
       if [[ -z $CCS_SEEN ]] && ge "$(elapsed "$s")" 0.3; then CCS_SEEN=$(cc_seen); fi
       if ((outage > 0 && phase == 0)) && (($(landed) > BYTES / 2)); then
@@ -216,6 +218,7 @@ run() { # tool cc outage_s label
     done
     rc=0
     wait "$p" 2>/dev/null || rc=$?
+    CLIENT=
     ((capped)) && break
     # the outage ended the transfer: restart it once by hand, as a user would
     if ((rc != 0 && outage > 0 && RESTART && restarts == 0)) && [[ $tool != iperf3 ]]; then
