@@ -475,20 +475,25 @@ impl Session {
         .await
     }
 
-    /// Downloads one file into `local` (resuming a local partial); returns the digest.
+    /// Downloads one file into `local` (resuming a local partial), asking for
+    /// chunk hashes with `alg` if the server has it; returns the digest.
     pub async fn get(
         &mut self,
         id: TransferId,
+        alg: HashAlg,
         remote_path: &str,
         local: &Path,
         store: &Arc<Store>,
         progress: &Progress,
         on_meta: impl FnOnce(&FileMeta),
     ) -> Result<ChunkHash> {
-        let algs = vec![
-            HashAlg::Blake3.name().to_string(),
-            HashAlg::Sha256.name().to_string(),
-        ];
+        // The preferred algorithm first; the server takes the first it has.
+        let mut algs = vec![alg.name().to_string()];
+        for other in [HashAlg::Blake3, HashAlg::Sha256] {
+            if other != alg {
+                algs.push(other.name().to_string());
+            }
+        }
         let meta = match self
             .call(&Message::GetOpen {
                 id,

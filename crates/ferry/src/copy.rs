@@ -1065,10 +1065,11 @@ impl Runner<'_> {
             let (remote_path, local2) = (job.remote.clone(), local.clone());
             let total = self.progress.clone();
             let job_size = job.size;
+            let alg = self.opts.alg;
             let r = self
                 .run_tracked(addr, &mut rec, |s| {
                     Box::pin(async move {
-                        s.get(id, &remote_path, &local2, &store, &progress, |m| {
+                        s.get(id, alg, &remote_path, &local2, &store, &progress, |m| {
                             if m.size != job_size {
                                 Progress::add(&total.bytes_total, m.size.saturating_sub(job_size));
                             }

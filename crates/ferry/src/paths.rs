@@ -109,6 +109,14 @@ fn step(root: &Path, cur: &mut PathBuf, part: &str, p: &str) -> Result<(), PathE
                 if !real.starts_with(root) {
                     return Err(PathError::SymlinkEscape(p.into()));
                 }
+                // A link inside the root may still point at a device or a pipe.
+                if let Ok(md) = std::fs::metadata(&real) {
+                    let ft = md.file_type();
+                    if ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket()
+                    {
+                        return Err(PathError::Device(p.into()));
+                    }
+                }
                 *cur = real;
             } else if ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket()
             {
@@ -161,6 +169,20 @@ mod tests {
             Err(PathError::SymlinkEscape("out/x".into()))
         );
         assert_eq!(resolve(&root, "in/x").unwrap(), root.join("real/x"));
+        // A link that stays inside the root but names a FIFO is refused too.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("real/fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(root.join("real/fifo"), root.join("pipe")).unwrap();
+        assert_eq!(
+            resolve(&root, "pipe"),
+            Err(PathError::Device("pipe".into()))
+        );
         let mut cache = std::collections::HashMap::new();
         for _ in 0..2 {
             assert_eq!(

@@ -424,11 +424,7 @@ async fn handle_request(
             let entries = list_tree(&full).map_err(|e| {
                 RequestError::Reply(Failure::new(FailureCode::NotFound, e.to_string()))
             })?;
-            let pages: Vec<&[Entry]> = if entries.is_empty() {
-                vec![&[]]
-            } else {
-                entries.chunks(MAX_LIST_ENTRIES).collect()
-            };
+            let pages = list_pages(&entries);
             let n = pages.len();
             for (i, page) in pages.into_iter().enumerate() {
                 conn.wr
@@ -989,4 +985,67 @@ async fn serve_batch_get(
     );
     conn.send(&Message::BatchResult { done, failures }).await?;
     Ok(())
+}
+
+/// Splits a listing into pages that each fit well inside a control frame: at
+/// most `MAX_LIST_ENTRIES` entries and about 768 KiB of paths (a path may be
+/// 4 KiB long, so a count bound alone could exceed the 1 MiB frame limit).
+fn list_pages(entries: &[Entry]) -> Vec<&[Entry]> {
+    const PAGE_BYTES: usize = 768 * 1024;
+    let mut pages = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0usize);
+    for (i, e) in entries.iter().enumerate() {
+        let cost = e.path.len() + 48;
+        if i > start && (i - start >= MAX_LIST_ENTRIES || bytes + cost > PAGE_BYTES) {
+            pages.push(&entries[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += cost;
+    }
+    pages.push(&entries[start..]);
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_pages_fit_in_a_control_frame() {
+        let long = "d/".repeat(2000);
+        let entries: Vec<Entry> = (0..3000)
+            .map(|i| Entry {
+                path: format!("{long}{i}"),
+                kind: EntryKind::File,
+                size: 1,
+                mtime_ns: 1,
+                mode: 0o644,
+            })
+            .collect();
+        let pages = list_pages(&entries);
+        assert_eq!(pages.iter().map(|p| p.len()).sum::<usize>(), 3000);
+        for (i, p) in pages.iter().enumerate() {
+            let m = Message::ListReply {
+                entries: p.to_vec(),
+                more: i + 1 < pages.len(),
+            };
+            assert!(m.encode().len() < ferry_proto::message::MAX_CONTROL_FRAME as usize);
+        }
+        assert_eq!(
+            list_pages(&[]).len(),
+            1,
+            "an empty listing is one empty page"
+        );
+        let short: Vec<Entry> = entries
+            .iter()
+            .map(|e| Entry {
+                path: "x".into(),
+                ..e.clone()
+            })
+            .collect();
+        assert!(list_pages(&short)
+            .iter()
+            .all(|p| p.len() <= MAX_LIST_ENTRIES));
+    }
 }

@@ -981,6 +981,7 @@ async fn many_chunked_downloads_in_a_row_on_one_connection() {
         id[..8].copy_from_slice(&i.to_be_bytes());
         s.get(
             ferry_proto::TransferId(id),
+            HashAlg::Blake3,
             &rel,
             &local,
             &store,
@@ -1084,5 +1085,44 @@ async fn edited_destination_is_sent_again_untouched_one_is_not() {
         "an edited destination was taken as done"
     );
     assert_eq!(std::fs::read(&dst).unwrap(), data);
+    srv.stop().await;
+}
+
+/// `--hash sha256` applies to downloads too: the digest of a download equals
+/// the digest of the upload of the same content with the same algorithm.
+#[tokio::test]
+async fn the_chosen_hash_applies_to_downloads() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let mut opts = client_opts(dir.path(), None);
+    opts.alg = HashAlg::Sha256;
+    let src = dir.path().join("h.bin");
+    random_file(&src, 3 * CHUNK + 1, 8);
+    let up = cp(&[src.display().to_string()], &srv.url("h.bin"), &opts)
+        .await
+        .unwrap();
+    let down = cp(
+        &[srv.url("h.bin")],
+        &dir.path().join("h2.bin").display().to_string(),
+        &opts,
+    )
+    .await
+    .unwrap();
+    assert_eq!(up.alg, "sha256");
+    assert_eq!(down.alg, "sha256");
+    assert_eq!(up.digest, down.digest);
+    let mut b3 = client_opts(dir.path(), None);
+    b3.state_dir = dir.path().join("other-state");
+    let other = cp(
+        &[srv.url("h.bin")],
+        &dir.path().join("h3.bin").display().to_string(),
+        &b3,
+    )
+    .await
+    .unwrap();
+    assert_ne!(
+        other.digest, down.digest,
+        "blake3 and sha256 digests differ"
+    );
     srv.stop().await;
 }
