@@ -477,6 +477,7 @@ impl Session {
 
     /// Downloads one file into `local` (resuming a local partial), asking for
     /// chunk hashes with `alg` if the server has it; returns the digest.
+    #[allow(clippy::too_many_arguments)]
     pub async fn get(
         &mut self,
         id: TransferId,
