@@ -423,7 +423,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let paths: Vec<String> = paths.iter().map(|p| absolutize(p)).collect();
             let dst = absolutize(&dst);
             let queue = Queue::new(&opts.state_dir);
-            let entry = queue.entry_for(&paths, &dst, recursive, alg.name());
+            let mut entry = queue.entry_for(&paths, &dst, recursive, alg.name());
+            if paths.iter().chain([&dst]).any(|p| p.starts_with("sftp://")) {
+                entry.ssh = Some(ferry::queue::QueuedSsh {
+                    identities: ssh.identity.clone(),
+                    known_hosts: ssh.known_hosts.clone(),
+                    accept_new_host_key: ssh.accept_new_host_key,
+                    verify: ssh.verify.clone(),
+                });
+            }
             let display = (!client.no_progress).then(ProgressSlot::new);
             let multi = display.as_ref().and_then(|d| d.multi());
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, multi);
@@ -585,6 +593,16 @@ async fn run_entry(
             entry.pid, entry.id
         ))
         .into());
+    }
+    if let Some(q) = &entry.ssh {
+        // Finish an SFTP copy with the settings it was started with.
+        let args = SshArgs {
+            identity: q.identities.clone(),
+            known_hosts: q.known_hosts.clone(),
+            accept_new_host_key: q.accept_new_host_key,
+            verify: q.verify.clone(),
+        };
+        ferry::sftp::set_defaults(args.options()?);
     }
     entry.state = "running".into();
     entry.pid = std::process::id();

@@ -32,6 +32,20 @@ pub struct QueueEntry {
     pub next_attempt_unix: u64,
     /// Process running it now (for "running").
     pub pid: u32,
+    /// For copies to or from `sftp://`: the SSH settings the copy was started
+    /// with, so `ferry resume` and `ferry agent` finish it the same way (the
+    /// passphrase is never stored: it comes from the environment again).
+    #[serde(default)]
+    pub ssh: Option<QueuedSsh>,
+}
+
+/// SSH settings of a queued SFTP copy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct QueuedSsh {
+    pub identities: Vec<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub accept_new_host_key: bool,
+    pub verify: String,
 }
 
 pub fn now_unix() -> u64 {
@@ -78,6 +92,7 @@ impl Queue {
             updated_unix: now,
             next_attempt_unix: 0,
             pid: std::process::id(),
+            ssh: None,
         }
     }
 
@@ -144,5 +159,30 @@ mod tests {
         assert!(q.get("../../etc/passwd").is_none());
         q.remove(&e.id);
         assert!(q.list().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod ssh_tests {
+    use super::*;
+
+    #[test]
+    fn queued_sftp_copies_keep_their_ssh_settings_and_old_entries_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::new(dir.path());
+        let mut e = q.entry_for(&["/a".to_string()], "sftp://u@h/x", false, "blake3");
+        e.ssh = Some(QueuedSsh {
+            identities: vec![PathBuf::from("/k/id_ed25519")],
+            known_hosts: Some(PathBuf::from("/k/known_hosts")),
+            accept_new_host_key: true,
+            verify: "full".into(),
+        });
+        q.put(&e).unwrap();
+        assert_eq!(q.get(&e.id).unwrap().ssh, e.ssh);
+        // An entry written before the field existed.
+        let mut v = serde_json::to_value(&e).unwrap();
+        v.as_object_mut().unwrap().remove("ssh");
+        let old: QueueEntry = serde_json::from_value(v).unwrap();
+        assert_eq!(old.ssh, None);
     }
 }

@@ -142,17 +142,24 @@ impl SftpTarget {
     }
 }
 
-static DEFAULTS: std::sync::OnceLock<SftpOptions> = std::sync::OnceLock::new();
+static DEFAULTS: std::sync::Mutex<Option<SftpOptions>> = std::sync::Mutex::new(None);
 
 /// Sets the SFTP options [`crate::copy::copy`] uses for `sftp://` endpoints
-/// (the binary calls this once, from its flags). Later calls are ignored.
+/// (the binary calls this from its flags, or from a queued copy's settings
+/// before it resumes that copy).
 pub fn set_defaults(o: SftpOptions) {
-    let _ = DEFAULTS.set(o);
+    if let Ok(mut d) = DEFAULTS.lock() {
+        *d = Some(o);
+    }
 }
 
 /// The options set by [`set_defaults`], or the defaults.
 pub fn defaults() -> SftpOptions {
-    DEFAULTS.get().cloned().unwrap_or_default()
+    DEFAULTS
+        .lock()
+        .ok()
+        .and_then(|d| d.clone())
+        .unwrap_or_default()
 }
 
 /// Options of an SFTP copy beyond the common [`CopyOptions`].
