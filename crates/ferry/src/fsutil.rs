@@ -97,15 +97,38 @@ pub fn is_part_name(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".ferry.part")
 }
 
-/// Opens (creating if needed) a partial file for writing at offsets.
+/// Opens (creating if needed) a partial file for writing at offsets, and
+/// takes its lock (see [`lock_part`]).
 pub fn open_part(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)
-        .map_err(|e| Error::local(path, e))
+        .map_err(|e| Error::local(path, e))?;
+    lock_part(&f, path)?;
+    Ok(f)
+}
+
+/// One writer per partial file, across processes: an exclusive advisory lock
+/// held as long as the file is open. A second `ferry` writing the same
+/// destination (two downloads to one local path, two servers on one root) is
+/// refused instead of interleaving its chunks with ours.
+pub fn lock_part(f: &File, path: &Path) -> Result<()> {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(f, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::LocalIo {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "another ferry process is writing this file right now",
+            ),
+        }),
+        // Filesystems without locks: go on unprotected rather than fail.
+        Err(_) => Ok(()),
+    }
 }
 
 /// mtime in nanoseconds since the epoch.
@@ -187,4 +210,20 @@ pub fn source_key(path: &str, source_id: &[u8], chunk_size: u32, alg: &str) -> [
     let mut k = [0u8; 16];
     k.copy_from_slice(&h.finalize().as_bytes()[..16]);
     k
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_file_has_one_writer_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(".x.ferry.part");
+        let first = open_part(&p).unwrap();
+        let e = open_part(&p).unwrap_err();
+        assert!(e.to_string().contains("another ferry process"), "{e}");
+        drop(first);
+        open_part(&p).unwrap();
+    }
 }

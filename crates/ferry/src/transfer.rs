@@ -629,6 +629,7 @@ pub fn prepare_receive(
                 .write(true)
                 .open(&part_path)
             {
+                fsutil::lock_part(&file, &part_path)?;
                 let len = file
                     .metadata()
                     .map_err(|e| Error::local(&part_path, e))?
