@@ -616,6 +616,16 @@ impl Drop for BatchClaims<'_> {
     }
 }
 
+/// The hash algorithm a batch names, or a reply saying it is unknown.
+fn batch_alg(name: &str) -> std::result::Result<HashAlg, RequestError> {
+    HashAlg::from_name(name).ok_or_else(|| {
+        RequestError::Reply(Failure::new(
+            FailureCode::BadRequest,
+            format!("unknown hash algorithm {name:?}"),
+        ))
+    })
+}
+
 /// Runs one small-file batch (see [`crate::batch`]).
 async fn serve_batch(
     conn: &mut Conn,
@@ -623,12 +633,7 @@ async fn serve_batch(
     files: Vec<BatchFile>,
     shared: &Arc<Shared>,
 ) -> std::result::Result<(), RequestError> {
-    let alg = HashAlg::from_name(alg).ok_or_else(|| {
-        RequestError::Reply(Failure::new(
-            FailureCode::BadRequest,
-            format!("unknown hash algorithm {alg:?}"),
-        ))
-    })?;
+    let alg = batch_alg(alg)?;
     let n = files.len();
     let mut failures: Vec<BatchFailure> = Vec::new();
     let fail = |failures: &mut Vec<BatchFailure>, i: usize, f: Failure| {
@@ -926,12 +931,7 @@ async fn serve_batch_get(
     files: Vec<BatchFile>,
     shared: &Arc<Shared>,
 ) -> std::result::Result<(), RequestError> {
-    let alg = HashAlg::from_name(alg).ok_or_else(|| {
-        RequestError::Reply(Failure::new(
-            FailureCode::BadRequest,
-            format!("unknown hash algorithm {alg:?}"),
-        ))
-    })?;
+    let alg = batch_alg(alg)?;
     let mut done = RangeSet::new();
     let mut failures = Vec::new();
     let mut cache = HashMap::new();
