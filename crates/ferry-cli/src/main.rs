@@ -16,6 +16,7 @@ use ferry::progress::Progress;
 use ferry::queue::{now_unix, Queue, QueueEntry};
 use ferry::retry::RetryPolicy;
 use ferry::tls::KnownServers;
+use ferry::transport::Listener as _;
 use ferry::{Error, ErrorClass};
 use ferry_proto::HashAlg;
 
@@ -86,6 +87,11 @@ struct ClientArgs {
     /// Connect through this address (a proxy) instead of the server's.
     #[arg(long, hide = true)]
     via: Option<String>,
+    /// What carries ferry:// sessions: tcp (TCP+TLS), quic, or auto (QUIC,
+    /// falling back to TCP when UDP is blocked). A URL scheme such as
+    /// ferry+quic:// chooses for that copy.
+    #[arg(long, default_value = "tcp", env = "FERRY_TRANSPORT")]
+    transport: String,
 }
 
 /// SFTP endpoints (`sftp://[USER@]HOST[:PORT]/PATH`).
@@ -151,7 +157,11 @@ impl ClientArgs {
                 via: self.via.clone(),
                 bwlimit: self.bwlimit,
                 timeouts: timeouts(self.stall_timeout)?,
-                dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
+                dialer: self
+                    .transport
+                    .parse::<ferry::transport::Transport>()
+                    .map_err(|e| UsageError(e.to_string()))?
+                    .dialer(),
             },
             retry: RetryPolicy {
                 initial: Duration::from_millis(self.retry_initial),
@@ -196,6 +206,9 @@ enum Cmd {
         /// Refuse new uploads (retry later) that would leave less free disk than this, e.g. 2G.
         #[arg(long, value_parser = parse_rate, default_value = "1G")]
         min_free: u64,
+        /// Do not serve QUIC (by default on the UDP port numbered like --listen).
+        #[arg(long)]
+        no_quic: bool,
     },
     /// Copy files and trees; SRC and DST are local paths or ferry://HOST[:PORT]/PATH.
     Cp {
@@ -366,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_auth,
             stall_timeout,
             min_free,
+            no_quic,
         } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir().join("server"));
@@ -388,8 +402,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeouts: timeouts(stall_timeout)?,
                 min_free_bytes: min_free,
             };
-            let server = ferry::server::Server::bind(cfg).await?;
-            println!("ferry server listening on {}", server.local_addr()?);
+            let mut server = ferry::server::Server::bind(cfg).await?;
+            let tcp_addr = server.local_addr()?;
+            println!("ferry server listening on {tcp_addr}");
+            if !no_quic {
+                match ferry::transport::quic::QuicListener::bind(
+                    tcp_addr,
+                    server.tls_config(),
+                    ferry::transport::quic::Congestion::from_env(),
+                ) {
+                    Ok(q) => {
+                        println!("quic on udp {}", q.local_addr()?);
+                        server.add_listener(Box::new(q));
+                    }
+                    Err(e) => eprintln!("warning: QUIC not served: {e}"),
+                }
+            }
             println!("fingerprint {}", server.fingerprint());
             if no_auth {
                 println!("authentication: OFF (--no-auth)");

@@ -309,6 +309,19 @@ impl Receiver {
         self.try_finish();
     }
 
+    /// Verified, written chunks not yet handed to a checkpoint: for a driver
+    /// whose connection broke, to make them durable before it gives up (so
+    /// they are not sent again). The receiver forgets them; it is not used
+    /// afterwards.
+    pub fn take_pending(&mut self) -> Vec<(u32, ChunkHash)> {
+        self.pending_since = None;
+        self.pending_bytes = 0;
+        for &(i, _) in &self.pending {
+            self.pending_set.remove(i);
+        }
+        std::mem::take(&mut self.pending)
+    }
+
     /// When [`Receiver::handle_timeout`] wants to be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.checkpoint_running {

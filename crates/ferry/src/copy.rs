@@ -22,6 +22,7 @@ use crate::status::PeerStatus;
 use crate::status::{StatusDir, TransferRecord};
 use crate::store::Store;
 use crate::transfer::prepare_send;
+use crate::transport::Transport;
 use ferry_proto::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 
 /// One side of a copy.
@@ -42,7 +43,7 @@ impl Endpoint {
         let Some(rest) = s.strip_prefix("ferry://") else {
             if s.contains("://") {
                 return Err(Error::Usage(format!(
-                    "{s}: unsupported URL scheme (ferry://, sftp:// or a local path)"
+                    "{s}: unsupported URL scheme (ferry://, ferry+quic://, ferry+tcp://, ferry+auto://, sftp:// or a local path)"
                 )));
             }
             return Ok(Endpoint::Local(PathBuf::from(s)));
@@ -154,6 +155,33 @@ pub async fn copy(
         let sftp = crate::sftp::defaults();
         return crate::sftp::copy(srcs, dst, opts, &sftp, progress).await;
     }
+    // `ferry+quic://` and friends choose the transport for this copy.
+    let mut scheme_transport = None;
+    let mut plain = |s: &str| -> Result<String> {
+        let (t, url) = Transport::split_scheme(s)?;
+        if let Some(t) = t {
+            if scheme_transport.is_some_and(|prev| prev != t) {
+                return Err(Error::Usage(
+                    "the URLs name different transports; use one".into(),
+                ));
+            }
+            scheme_transport = Some(t);
+        }
+        Ok(url)
+    };
+    let srcs: Vec<String> = srcs.iter().map(|s| plain(s)).collect::<Result<_>>()?;
+    let dst = plain(dst)?;
+    let dst = dst.as_str();
+    let scheme_opts;
+    let opts = match scheme_transport {
+        Some(t) => {
+            let mut o = opts.clone();
+            o.client.dialer = t.dialer();
+            scheme_opts = o;
+            &scheme_opts
+        }
+        None => opts,
+    };
     let srcs: Vec<Endpoint> = srcs
         .iter()
         .map(|s| Endpoint::parse(s))

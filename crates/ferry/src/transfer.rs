@@ -275,11 +275,83 @@ pub async fn drive_receiver(
     store: &Arc<Store>,
     progress: &Progress,
     faults: Option<&FaultPlan>,
+    throttle: Option<Throttle>,
+) -> Result<Received> {
+    let mut checkpoint = None;
+    let r = receive_loop(
+        conn,
+        rx,
+        dest,
+        store,
+        progress,
+        faults,
+        throttle,
+        &mut checkpoint,
+    )
+    .await;
+    // Only when the link failed: after a protocol or integrity error the
+    // partial may be reset, and must not gain chunks behind that reset.
+    if let Err(Error::Io { .. } | Error::Timeout(_)) = &r {
+        keep_verified(rx, dest, store, checkpoint).await;
+    }
+    r
+}
+
+type CheckpointTask = tokio::task::JoinHandle<Result<HeldChunks>>;
+
+/// After the connection broke: waits for a running checkpoint and makes the
+/// chunks verified since then durable too, so a resume does not ask for them
+/// again. Failures here only cost a re-send; they are logged.
+async fn keep_verified(
+    rx: &mut Receiver,
+    dest: &DestFile,
+    store: &Arc<Store>,
+    checkpoint: Option<CheckpointTask>,
+) {
+    let tid = rx.id();
+    if let Some(h) = checkpoint {
+        if let Ok(Ok(list)) = h.await {
+            rx.checkpoint_committed(&list);
+        }
+    }
+    let list = rx.take_pending();
+    if list.is_empty() {
+        return;
+    }
+    let (file, store, key, path) = (
+        dest.file.clone(),
+        store.clone(),
+        dest.key.clone(),
+        dest.part_path.clone(),
+    );
+    let n = list.len();
+    let r = tokio::task::spawn_blocking(move || {
+        file.sync_data().map_err(|e| Error::local(&path, e))?;
+        store.commit_chunks(&key, &list)
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => {
+            info!(transfer = %tid, chunks = n, "connection lost: kept the chunks verified since the last checkpoint")
+        }
+        Ok(Err(e)) => warn!(transfer = %tid, error = %e, "could not keep the last verified chunks"),
+        Err(e) => warn!(transfer = %tid, error = %e, "could not keep the last verified chunks"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive_loop(
+    conn: &mut Conn,
+    rx: &mut Receiver,
+    dest: &DestFile,
+    store: &Arc<Store>,
+    progress: &Progress,
+    faults: Option<&FaultPlan>,
     mut throttle: Option<Throttle>,
+    checkpoint: &mut Option<CheckpointTask>,
 ) -> Result<Received> {
     let tid = rx.id();
     let alg = rx.alg();
-    let mut checkpoint: Option<tokio::task::JoinHandle<Result<HeldChunks>>> = None;
     let mut last_heard = Instant::now();
     let mut last_write = Instant::now();
     loop {
@@ -304,7 +376,7 @@ pub async fn drive_receiver(
                     let store = store.clone();
                     let key = dest.key.clone();
                     let path = dest.part_path.clone();
-                    checkpoint = Some(tokio::task::spawn_blocking(move || {
+                    *checkpoint = Some(tokio::task::spawn_blocking(move || {
                         // Durability order: the data first, then the journal that claims it.
                         file.sync_data().map_err(|e| Error::local(&path, e))?;
                         store.commit_chunks(&key, &list)?;
@@ -435,7 +507,7 @@ pub async fn drive_receiver(
                 }
             }
             r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
-                checkpoint = None;
+                *checkpoint = None;
                 let list = r.map_err(|e| Error::Store(e.to_string()))??;
                 debug!(transfer = %tid, chunks = list.len(), "checkpoint committed");
                 rx.checkpoint_committed(&list);

@@ -7,11 +7,17 @@
 //! transfers, resume) is the same whatever carries it.
 //!
 //! * [`tcp`]: TCP + TLS 1.3, the default.
+//! * [`quic`]: QUIC (quinn), same TLS identity, UDP port = TCP port.
+//! * [`auto`]: QUIC when UDP gets through, else TCP.
+//!
+//! [`Transport`] names them for the command line and URL schemes.
 //!
 //! Tests plug in their own transports (a simulated network, an in-memory
 //! duplex) through the same traits, using [`tls_connect`] and [`tls_accept`]
 //! over their streams.
 
+pub mod auto;
+pub mod quic;
 pub mod tcp;
 
 use std::fmt;
@@ -44,6 +50,7 @@ pub trait Listener: Send + 'static {
 }
 
 /// Where and how to dial.
+#[derive(Clone)]
 pub struct DialTarget<'a> {
     /// The address to connect to (the server's, or a proxy's in front of it).
     pub addr: &'a str,
@@ -97,4 +104,59 @@ pub fn server_name(addr: &str) -> ServerName<'static> {
         .trim_end_matches(']');
     ServerName::try_from(host.to_string())
         .unwrap_or_else(|_| ServerName::DnsName("ferry".try_into().expect("static name is valid")))
+}
+
+/// The transports a client can choose (`--transport`, or a URL scheme such as
+/// `ferry+quic://`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Quic,
+    /// QUIC, falling back to TCP when UDP does not get through.
+    Auto,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
+            Transport::Auto => "auto",
+        }
+    }
+
+    pub fn dialer(self) -> Arc<dyn Dialer> {
+        match self {
+            Transport::Tcp => Arc::new(tcp::TcpDialer),
+            Transport::Quic => Arc::new(quic::QuicDialer::default()),
+            Transport::Auto => Arc::new(auto::AutoDialer::default()),
+        }
+    }
+
+    /// Splits a `ferry+TRANSPORT://` URL into the transport and the plain
+    /// `ferry://` URL; other strings come back unchanged.
+    pub fn split_scheme(url: &str) -> Result<(Option<Transport>, String)> {
+        let Some(rest) = url.strip_prefix("ferry+") else {
+            return Ok((None, url.to_string()));
+        };
+        let Some((name, tail)) = rest.split_once("://") else {
+            return Ok((None, url.to_string()));
+        };
+        let t: Transport = name.parse()?;
+        Ok((Some(t), format!("ferry://{tail}")))
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tcp" => Ok(Transport::Tcp),
+            "quic" => Ok(Transport::Quic),
+            "auto" => Ok(Transport::Auto),
+            other => Err(Error::Usage(format!(
+                "unknown transport {other:?} (tcp, quic or auto)"
+            ))),
+        }
+    }
 }

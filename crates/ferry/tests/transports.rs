@@ -1,0 +1,478 @@
+//! The transport conformance suite: every transport runs the same tests as
+//! TCP (fresh transfers, a cut then resume, corruption, auth failures) and a
+//! transfer interrupted on one transport resumes on another with nothing
+//! verified sent twice. Links are cut on the client side by a dialer wrapper,
+//! so the same fault works whatever carries the session.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use ferry::client::{ClientConfig, Session};
+use ferry::conn::BoxStream;
+use ferry::copy::{copy, CopyOptions, CopySummary};
+use ferry::progress::Progress;
+use ferry::retry::RetryPolicy;
+use ferry::server::{Server, ServerConfig};
+use ferry::tls::KnownServers;
+use ferry::transfer::FaultPlan;
+use ferry::transport::quic::{Congestion, QuicDialer, QuicListener};
+use ferry::transport::tcp::{TcpDialer, TcpTlsListener};
+use ferry::transport::{auto::AutoDialer, BoxFuture, DialTarget, Dialer};
+use ferry::{Error, ErrorClass};
+use ferry_proto::HashAlg;
+use rand::{RngCore, SeedableRng};
+use tempfile::TempDir;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const CHUNK: u64 = 256 * 1024;
+const TOKEN: &[u8] = b"test-token";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tcp,
+    Quic,
+    Auto,
+}
+
+impl Kind {
+    fn dialer(self) -> Arc<dyn Dialer> {
+        match self {
+            Kind::Tcp => Arc::new(TcpDialer),
+            Kind::Quic => Arc::new(QuicDialer {
+                congestion: Congestion::Bbr,
+            }),
+            Kind::Auto => Arc::new(AutoDialer::default()),
+        }
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    root: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    faults: Arc<FaultPlan>,
+}
+
+impl TestServer {
+    /// A server on TCP and, unless `quic` is false, QUIC on the same port.
+    async fn start(dir: &Path, quic: bool) -> TestServer {
+        Self::start_with(dir, true, quic).await
+    }
+
+    /// A server on TCP, QUIC or both (same port number).
+    async fn start_with(dir: &Path, tcp: bool, quic: bool) -> TestServer {
+        let faults = Arc::new(FaultPlan::default());
+        let root = dir.join("root");
+        let mut server = Server::new(ServerConfig {
+            root: root.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.join("server-state"),
+            token: Some(TOKEN.to_vec()),
+            receiver: Default::default(),
+            faults: Some(faults.clone()),
+            timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(2)),
+            min_free_bytes: 0,
+        })
+        .unwrap();
+        let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        if tcp {
+            let l = TcpTlsListener::bind(addr, server.tls_config())
+                .await
+                .unwrap();
+            addr = ferry::transport::Listener::local_addr(&l).unwrap();
+            server.add_listener(Box::new(l));
+        }
+        if quic {
+            let q = QuicListener::bind(addr, server.tls_config(), Congestion::Bbr).unwrap();
+            addr = ferry::transport::Listener::local_addr(&q).unwrap();
+            server.add_listener(Box::new(q));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestServer {
+            addr,
+            root: std::fs::canonicalize(root).unwrap(),
+            stop: Some(tx),
+            task,
+            faults,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ferry://{}/{}", self.addr, path)
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+fn opts(dir: &Path, dialer: Arc<dyn Dialer>) -> CopyOptions {
+    CopyOptions {
+        recursive: true,
+        state_dir: dir.join("client-state"),
+        client: ClientConfig {
+            token: Some(TOKEN.to_vec()),
+            fingerprint: None,
+            known_servers: KnownServers::new(dir.join("client-state/known_servers")),
+            connect_timeout: Duration::from_secs(5),
+            via: None,
+            bwlimit: 0,
+            timeouts: Default::default(),
+            dialer,
+        },
+        retry: RetryPolicy {
+            initial: Duration::from_millis(10),
+            multiplier: 2.0,
+            max_delay: Duration::from_millis(100),
+            max_attempts: 30,
+            budget: None,
+        },
+        alg: HashAlg::Blake3,
+        seed: None,
+    }
+}
+
+fn random_file(path: &Path, size: u64, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size as usize];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+async fn cp(srcs: &[String], dst: &str, opts: &CopyOptions) -> Result<CopySummary, Error> {
+    copy(srcs, dst, opts, Arc::new(Progress::default())).await
+}
+
+/// A dialer that breaks its first connection after `cut_at` bytes have
+/// crossed it (either way), as a dropped link or a killed peer would.
+#[derive(Debug)]
+struct CuttingDialer {
+    inner: Arc<dyn Dialer>,
+    cut_at: u64,
+    dials: AtomicU32,
+}
+
+impl Dialer for CuttingDialer {
+    fn dial<'a>(&'a self, t: DialTarget<'a>) -> BoxFuture<'a, ferry::Result<BoxStream>> {
+        Box::pin(async move {
+            let s = self.inner.dial(t).await?;
+            if self.dials.fetch_add(1, Ordering::SeqCst) == 0 {
+                Ok(Box::new(Cut {
+                    inner: Some(s),
+                    left: self.cut_at,
+                }) as BoxStream)
+            } else {
+                Ok(s)
+            }
+        })
+    }
+}
+
+struct Cut {
+    inner: Option<BoxStream>,
+    left: u64,
+}
+
+impl Cut {
+    fn spend(&mut self, n: usize) {
+        self.left = self.left.saturating_sub(n as u64);
+        if self.left == 0 {
+            // Dropping the stream tears the connection down.
+            self.inner = None;
+        }
+    }
+}
+
+fn broken() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionReset, "link cut by test")
+}
+
+impl AsyncRead for Cut {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let Some(s) = self.inner.as_mut() else {
+            return Poll::Ready(Err(broken()));
+        };
+        let before = buf.filled().len();
+        let r = Pin::new(s).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.spend(n);
+        r
+    }
+}
+
+impl AsyncWrite for Cut {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let Some(s) = self.inner.as_mut() else {
+            return Poll::Ready(Err(broken()));
+        };
+        let r = Pin::new(s).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.spend(n);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(s) => Pin::new(s).poll_flush(cx),
+            None => Poll::Ready(Err(broken())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(s) => Pin::new(s).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+fn cutting(kind: Kind, cut_at: u64) -> Arc<dyn Dialer> {
+    Arc::new(CuttingDialer {
+        inner: kind.dialer(),
+        cut_at,
+        dials: AtomicU32::new(0),
+    })
+}
+
+async fn fresh_transfers(kind: Kind) {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    let o = opts(dir.path(), kind.dialer());
+    let src = dir.path().join("src");
+    let sizes = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 13 * CHUNK + 7, 20 << 20];
+    let mut want = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        want.push(random_file(&src.join(format!("f{i}")), *size, i as u64));
+    }
+    cp(&[src.display().to_string()], &srv.url("up"), &o)
+        .await
+        .unwrap();
+    for (i, data) in want.iter().enumerate() {
+        assert_eq!(
+            &std::fs::read(srv.root.join(format!("up/f{i}"))).unwrap(),
+            data
+        );
+    }
+    let back = dir.path().join("back");
+    cp(&[srv.url("up")], &back.display().to_string(), &o)
+        .await
+        .unwrap();
+    for (i, data) in want.iter().enumerate() {
+        assert_eq!(&std::fs::read(back.join(format!("f{i}"))).unwrap(), data);
+    }
+    srv.stop().await;
+}
+
+/// Cuts an upload on `first`, then resumes it on `second`: the file is whole
+/// and no verified byte was sent twice.
+async fn cut_then_resume(first: Kind, second: Kind) {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    let size = 40 << 20;
+    let src = dir.path().join("r.bin");
+    let data = random_file(&src, size, 3);
+    let mut o = opts(dir.path(), cutting(first, size * 3 / 4));
+    o.retry.max_attempts = 1;
+    let e = cp(&[src.display().to_string()], &srv.url("r.bin"), &o)
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!srv.root.join("r.bin").exists(), "no final file yet");
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url("r.bin"),
+        &opts(dir.path(), second.dialer()),
+    )
+    .await
+    .unwrap();
+    assert!(s.bytes_resumed >= size / 4, "resumed {}", s.bytes_resumed);
+    assert_eq!(s.bytes_sent + s.bytes_resumed, size, "nothing sent twice");
+    assert_eq!(std::fs::read(srv.root.join("r.bin")).unwrap(), data);
+
+    // The same for a download, cut on `first` and resumed on `second`.
+    let local = dir.path().join("down.bin");
+    let mut o = opts(dir.path(), cutting(first, size / 2));
+    o.retry.max_attempts = 1;
+    let e = cp(&[srv.url("r.bin")], &local.display().to_string(), &o)
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
+    assert!(!local.exists(), "no final file yet");
+    let s = cp(
+        &[srv.url("r.bin")],
+        &local.display().to_string(),
+        &opts(dir.path(), second.dialer()),
+    )
+    .await
+    .unwrap();
+    assert!(s.bytes_resumed > 0, "download resumed nothing after {e}");
+    assert_eq!(s.bytes_sent + s.bytes_resumed, size, "nothing sent twice");
+    assert_eq!(std::fs::read(&local).unwrap(), data);
+    srv.stop().await;
+}
+
+/// Cuts during the transfer with retries on: the copy carries on by itself.
+async fn cuts_and_corruption(kind: Kind) {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    srv.faults.corrupt_chunks.store(2, Ordering::SeqCst);
+    let size = 24 << 20;
+    let src = dir.path().join("c.bin");
+    let data = random_file(&src, size, 5);
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url("c.bin"),
+        &opts(dir.path(), cutting(kind, size / 2)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(srv.faults.corrupt_chunks.load(Ordering::SeqCst), 0);
+    assert!(s.retries >= 1);
+    assert_eq!(std::fs::read(srv.root.join("c.bin")).unwrap(), data);
+    srv.stop().await;
+}
+
+async fn auth_failures(kind: Kind) {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    let mut cfg = opts(dir.path(), kind.dialer()).client;
+    cfg.token = Some(b"nope".to_vec());
+    let e = Session::connect(&srv.addr.to_string(), &cfg)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.class(), ErrorClass::Auth, "{e}");
+    assert!(!e.is_retryable());
+    let mut cfg = opts(dir.path(), kind.dialer()).client;
+    cfg.fingerprint = Some(format!("SHA256:{}", "ab".repeat(32)));
+    let e = Session::connect(&srv.addr.to_string(), &cfg)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, Error::FingerprintMismatch { .. }), "{e}");
+    assert_eq!(e.class(), ErrorClass::Auth);
+    srv.stop().await;
+}
+
+macro_rules! conformance {
+    ($($name:ident: $kind:expr;)*) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn fresh_transfers_up_and_down() { super::fresh_transfers($kind).await }
+            #[tokio::test]
+            async fn cut_then_resume_sends_only_the_rest() { super::cut_then_resume($kind, $kind).await }
+            #[tokio::test]
+            async fn cuts_and_corruption_are_survived() { super::cuts_and_corruption($kind).await }
+            #[tokio::test]
+            async fn wrong_token_and_wrong_key_are_refused() { super::auth_failures($kind).await }
+        }
+    )*};
+}
+
+conformance! {
+    tcp: Kind::Tcp;
+    quic: Kind::Quic;
+    auto: Kind::Auto;
+}
+
+#[tokio::test]
+async fn switch_tcp_to_quic() {
+    cut_then_resume(Kind::Tcp, Kind::Quic).await
+}
+
+#[tokio::test]
+async fn switch_quic_to_tcp() {
+    cut_then_resume(Kind::Quic, Kind::Tcp).await
+}
+
+/// `auto` against a server whose UDP port swallows everything (a firewall
+/// that drops UDP): it falls back to TCP within the probe time, and later
+/// connections go straight to TCP.
+#[tokio::test]
+async fn auto_falls_back_to_tcp_when_udp_is_blocked() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), false).await;
+    // Hold the UDP port so nothing answers on it; packets are dropped unread.
+    let _blackhole = std::net::UdpSocket::bind(srv.addr).unwrap();
+    let src = dir.path().join("a.bin");
+    let data = random_file(&src, 3 << 20, 11);
+    let dialer: Arc<dyn Dialer> = Arc::new(AutoDialer::default());
+    let o = opts(dir.path(), dialer.clone());
+    let t0 = Instant::now();
+    cp(&[src.display().to_string()], &srv.url("a.bin"), &o)
+        .await
+        .unwrap();
+    let first = t0.elapsed();
+    assert!(first < Duration::from_secs(8), "fallback took {first:?}");
+    assert_eq!(std::fs::read(srv.root.join("a.bin")).unwrap(), data);
+    // The dialer remembers: the next copy does not wait for QUIC again.
+    let t1 = Instant::now();
+    cp(&[src.display().to_string()], &srv.url("b.bin"), &o)
+        .await
+        .unwrap();
+    assert!(
+        t1.elapsed() < Duration::from_secs(2),
+        "second copy took {:?}",
+        t1.elapsed()
+    );
+    srv.stop().await;
+}
+
+/// A URL scheme chooses the transport for one copy: `ferry+quic://` reaches
+/// a QUIC-only server, where plain `ferry://` (TCP) cannot.
+#[tokio::test]
+async fn url_scheme_chooses_the_transport() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start_with(dir.path(), false, true).await;
+    let src = dir.path().join("s.bin");
+    let data = random_file(&src, 1 << 20, 12);
+    let mut o = opts(dir.path(), Arc::new(TcpDialer));
+    o.retry.max_attempts = 1;
+    let e = cp(&[src.display().to_string()], &srv.url("s.bin"), &o)
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
+    let url = format!("ferry+quic://{}/s.bin", srv.addr);
+    cp(&[src.display().to_string()], &url, &o).await.unwrap();
+    assert_eq!(std::fs::read(srv.root.join("s.bin")).unwrap(), data);
+    let e = cp(
+        &[src.display().to_string()],
+        &format!("ferry+carrier-pigeon://{}/s.bin", srv.addr),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Usage, "{e}");
+    srv.stop().await;
+}
