@@ -17,7 +17,8 @@
 # Env:   SIZE_MIB (256)  CAP_S (90: a slower transfer is stopped and scored
 #        bytes-landed / time, marked "capped")  RUNS (1: median of RUNS per cell)
 #        SENDER_CC (bbr, resilience mode; not CC, which cargo reads as the C compiler)  CCS ("cubic bbr", cc mode)  OUTAGE_S (20)
-#        TOOLS_RES ("ferry scp rsync-ssh")  TOOLS_CC ("iperf3 ferry scp")
+#        TOOLS_RES ("ferry scp rsync-ssh")  TOOLS_CC ("iperf3 ferry scp"; add ferry-quic-bbr
+#        and ferry-quic-cubic for QUIC with each of quinn's controllers)
 #        IPERF_S (10: iperf3 runs for a fixed time)  FERRY_ARGS (extra `ferry cp` options)
 #        RESTART (1: an outage run that fails is rerun once by hand, rsync with
 #        --append-verify, scp from scratch)  LOG_DIR (/tmp/ferry-wan-logs: per-run stderr)
@@ -186,6 +187,11 @@ run() { # tool cc outage_s label
     ferry)
       # shellcheck disable=SC2206  # FERRY_ARGS is a list of options
       cmd=("$BIN" cp --no-progress --json --state-dir "$W/cstate" $FERRY_ARGS "$W/src.bin" "ferry://$IPB:7787/$name.bin") ;;
+    ferry-quic-bbr | ferry-quic-cubic)
+      # QUIC's congestion control is ferry's own (quinn), not the kernel's: the
+      # sender cc column does not apply to these rows.
+      # shellcheck disable=SC2206
+      cmd=(env FERRY_QUIC_CC="${tool#ferry-quic-}" "$BIN" cp --no-progress --json --state-dir "$W/cstate" $FERRY_ARGS "$W/src.bin" "ferry+quic://$IPB:7787/$name.bin") ;;
     scp) cmd=(scp -q -F "$W/ssh/ssh_config" "$W/src.bin" "wan:$dst") ;;
     rsync-ssh) cmd=(rsync -W --partial -e "ssh -F $W/ssh/ssh_config" "$W/src.bin" "wan:$dst") ;;
     iperf3) cmd=(iperf3 -c $IPB -p 5201 -t "$IPERF_S" -J) ;;
@@ -256,7 +262,7 @@ run() { # tool cc outage_s label
   elif cmp -s "$W/src.bin" "$dst"; then STATUS=ok
   else STATUS="exit 0 but destination differs"; fi
   ((restarts)) && STATUS="$STATUS; failed once, restarted by hand"
-  if [[ $tool == ferry && -s $W/out ]]; then
+  if [[ $tool == ferry* && -s $W/out ]]; then
     APP=$(tail -1 "$W/out" | python3 -c 'import json,sys; j=json.load(sys.stdin); x=j["bytes_sent"]-j["bytes_total"]; print("%.1fMiB/%dretr" % (x/2**20, j["retries"]))' 2>/dev/null || echo "?")
   fi
   return 0

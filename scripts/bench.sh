@@ -3,7 +3,8 @@
 # sockets, all in one run of ../shared/bench/peers.sh (median of PB_RUNS runs).
 # A benchmark, not a test: it prints figures and ratios, it never fails on a timing.
 #
-# Usage: scripts/bench.sh [tool ...]     (default: ferry-up ferry-down scp sftp rsync-ssh rsyncd socat-file)
+# Usage: scripts/bench.sh [tool ...]
+#   (default: ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd socat-file)
 # Env:   PB_SIZE_MIB (1024), PB_RUNS (3), PB_DIR (/tmp/peerbench), PEERS (path to peers.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ export PB_DIR=${PB_DIR:-/tmp/peerbench}
 export PB_SIZE_MIB=${PB_SIZE_MIB:-1024}
 DSTDIR=${PB_DSTDIR:-$PB_DIR/dst}
 TOOLS=("$@")
-[[ ${#TOOLS[@]} -gt 0 ]] || TOOLS=(ferry-up ferry-down scp sftp rsync-ssh rsyncd socat-file)
+[[ ${#TOOLS[@]} -gt 0 ]] || TOOLS=(ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd socat-file)
 
 # Peer tools (bench only; the test suite does not need them).
 missing=()
@@ -44,7 +45,9 @@ DOWN_PORT=${FERRY_DOWN_PORT:-7791}
 sleep 0.5
 
 export PB_EXTRA="ferry-up=$BIN cp -q --no-progress --state-dir $STATE/c1 \"\$SRC\" ferry://127.0.0.1:$UP_PORT/ferry-up.bin
-ferry-down=$BIN cp -q --no-progress --state-dir $STATE/c2 ferry://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\""
+ferry-down=$BIN cp -q --no-progress --state-dir $STATE/c2 ferry://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\"
+ferry-quic-up=$BIN cp -q --no-progress --state-dir $STATE/c3 \"\$SRC\" ferry+quic://127.0.0.1:$UP_PORT/ferry-quic-up.bin
+ferry-quic-down=$BIN cp -q --no-progress --state-dir $STATE/c4 ferry+quic://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\""
 
 OUT=$(bash "$PEERS" "${TOOLS[@]}")
 echo

@@ -472,3 +472,129 @@ fn unreachable_copy_is_queued_and_the_agent_finishes_it_when_the_server_returns(
     assert_eq!(std::fs::read_dir(&queue_dir).unwrap().count(), 0);
     kill9(&mut server);
 }
+
+/// One resumable session whatever carries it: an upload killed (SIGKILL) on
+/// QUIC, resumed and killed again on TCP, is finished over `auto`; a download
+/// the same the other way round. Nothing verified is sent twice.
+#[test]
+fn sigkill_then_resume_on_another_transport() {
+    let env = Env::new();
+    let mut server = env.server();
+    let size = 48 << 20;
+    let data = random_file(&env.p("src.bin"), size, 4);
+    let src = env.p("src.bin").display().to_string();
+    for transport in ["quic", "tcp"] {
+        let mut child = env
+            .cp(&[
+                "--transport",
+                transport,
+                "--bwlimit",
+                "24M",
+                &src,
+                &env.url("dst.bin"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_part(&env.p("root"), Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(500));
+        kill9(&mut child);
+        assert!(!env.p("root/dst.bin").exists());
+    }
+    let out = env
+        .cp(&["--json", "--transport", "auto", &src, &env.url("dst.bin")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_summary(&out);
+    let (sent, resumed) = (
+        j["bytes_sent"].as_u64().unwrap(),
+        j["bytes_resumed"].as_u64().unwrap(),
+    );
+    assert_eq!(sent + resumed, size as u64, "nothing sent twice: {j}");
+    assert!(
+        resumed >= 8 << 20,
+        "two kills after 0.5 s each at 24 MiB/s: {j}"
+    );
+    assert_eq!(std::fs::read(env.p("root/dst.bin")).unwrap(), data);
+
+    // Download: killed on TCP, finished with a ferry+quic:// URL.
+    let dst = env.p("local.bin").display().to_string();
+    let mut child = env
+        .cp(&["--bwlimit", "24M", &env.url("dst.bin"), &dst])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_part(env.dir.path(), Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(800));
+    kill9(&mut child);
+    let quic_url = env.url("dst.bin").replace("ferry://", "ferry+quic://");
+    let out = env.cp(&["--json", &quic_url, &dst]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_summary(&out);
+    assert!(j["bytes_resumed"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(
+        j["bytes_sent"].as_u64().unwrap() + j["bytes_resumed"].as_u64().unwrap(),
+        size as u64
+    );
+    assert_eq!(std::fs::read(env.p("local.bin")).unwrap(), data);
+    kill9(&mut server);
+}
+
+/// The server killed twice under a QUIC upload: the client reconnects over
+/// QUIC to the restarted server and finishes.
+#[test]
+fn sigkill_of_the_server_during_a_quic_copy() {
+    let env = Env::new();
+    let mut server = env.server();
+    let size = 32 << 20;
+    let data = random_file(&env.p("src.bin"), size, 5);
+    let src = env.p("src.bin").display().to_string();
+    let client = env
+        .cp(&[
+            "--json",
+            "--transport",
+            "quic",
+            "--stall-timeout",
+            "3",
+            "--bwlimit",
+            "24M",
+            "--retry-max-attempts",
+            "0",
+            &src,
+            &env.url("q/dst.bin"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for delay_ms in [400u64, 600] {
+        wait_for_part(&env.p("root/q"), Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        kill9(&mut server);
+        assert!(!env.p("root/q/dst.bin").exists());
+        std::thread::sleep(Duration::from_millis(400));
+        server = env.server();
+    }
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_summary(&out);
+    // The second kill may land while the client is still reconnecting.
+    assert!(j["retries"].as_u64().unwrap() >= 1, "{j}");
+    assert_eq!(std::fs::read(env.p("root/q/dst.bin")).unwrap(), data);
+    kill9(&mut server);
+}

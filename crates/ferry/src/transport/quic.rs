@@ -39,6 +39,7 @@ const STREAM_WINDOW: u32 = 16 << 20;
 const CONN_WINDOW: u32 = 32 << 20;
 const SEND_WINDOW: u64 = 32 << 20;
 const UDP_BUFFER: usize = 8 << 20;
+const MTU_UPPER_BOUND: u16 = 8952;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(5);
 /// How long a closing stream waits for its last bytes to be acknowledged.
@@ -71,6 +72,16 @@ fn transport_config(cc: Congestion) -> Arc<TransportConfig> {
         .max_concurrent_bidi_streams(VarInt::from_u32(4))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(KEEPALIVE));
+    // Probe for packets up to jumbo-frame size (loopback and LANs with 9000-byte
+    // frames); on ordinary paths discovery settles at ~1500, as by default.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(
+        std::env::var("FERRY_QUIC_MTU")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MTU_UPPER_BOUND),
+    );
+    t.mtu_discovery_config(Some(mtu));
     if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
