@@ -1247,12 +1247,23 @@ pub fn encode_data_header(
 /// Splits frames off a byte buffer.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
-    _private: (),
+    /// A tighter bound on any frame than the protocol's, while one is set
+    /// (a server sets one until the client has authenticated).
+    limit: Option<u32>,
 }
+
+/// The largest frame a server reads before the client has authenticated
+/// (a `Hello` is a few hundred bytes).
+pub const MAX_UNAUTHENTICATED_FRAME: u32 = 64 * 1024;
 
 impl FrameDecoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Bounds every frame to `limit` bytes (`None`: the protocol's bounds).
+    pub fn set_limit(&mut self, limit: Option<u32>) {
+        self.limit = limit;
     }
 
     /// How many bytes the next frame needs in total, if its header is buffered;
@@ -1288,6 +1299,13 @@ impl FrameDecoder {
                     max: u64::from(MAX_FRAME),
                 });
             }
+            if let Some(limit) = self.limit.filter(|l| len > *l) {
+                return Err(DecodeError::TooLarge {
+                    what: "frame before authentication",
+                    len: u64::from(len),
+                    max: u64::from(limit),
+                });
+            }
             let kind = buf[4];
             if kind != kind::DATA && len > MAX_CONTROL_FRAME + 1 {
                 return Err(DecodeError::TooLarge {
@@ -1311,6 +1329,22 @@ impl FrameDecoder {
 #[cfg(test)]
 #[allow(clippy::single_range_in_vec_init)]
 mod tests {
+    #[test]
+    fn a_limit_refuses_large_frames_from_their_header_alone() {
+        let mut dec = super::FrameDecoder::new();
+        dec.set_limit(Some(super::MAX_UNAUTHENTICATED_FRAME));
+        // A Data frame header announcing 8 MiB: refused before the body arrives.
+        let mut buf = bytes::BytesMut::new();
+        buf.extend_from_slice(&(8u32 << 20).to_be_bytes());
+        buf.extend_from_slice(&[super::kind::DATA]);
+        assert!(matches!(
+            dec.decode(&mut buf),
+            Err(super::DecodeError::TooLarge { .. })
+        ));
+        dec.set_limit(None);
+        assert!(matches!(dec.decode(&mut buf), Ok(None)));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -35,6 +35,11 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
         }
     }
 
+    /// Bounds every frame to `limit` bytes until called again with `None`.
+    pub fn set_frame_limit(&mut self, limit: Option<u32>) {
+        self.dec.set_limit(limit);
+    }
+
     /// The next message; `Ok(None)` on a clean end of stream between frames.
     pub async fn next(&mut self) -> Result<Option<Message>, Error> {
         loop {

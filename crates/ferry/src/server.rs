@@ -213,6 +213,9 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
         .map_err(|_| Error::Timeout("TLS handshake".into()))??;
     let mut conn = Conn::new(stream, peer);
     conn.set_timeouts(shared.timeouts);
+    // Nothing large is read from a client that has not authenticated.
+    conn.rd
+        .set_frame_limit(Some(ferry_proto::message::MAX_UNAUTHENTICATED_FRAME));
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.rd.expect())
         .await
         .map_err(|_| Error::Timeout("hello".into()))??;
@@ -259,6 +262,7 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
         server: format!("ferry/{}", env!("CARGO_PKG_VERSION")),
     })
     .await?;
+    conn.rd.set_frame_limit(None);
     info!(agent = %agent, version = ?negotiated.version, "client authenticated");
     loop {
         let req = match tokio::time::timeout(REQUEST_IDLE, conn.rd.next()).await {
