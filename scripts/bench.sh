@@ -4,7 +4,7 @@
 # A benchmark, not a test: it prints figures and ratios, it never fails on a timing.
 #
 # Usage: scripts/bench.sh [tool ...]
-#   (default: ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd socat-file)
+#   (default: ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file iperf3)
 # Env:   PB_SIZE_MIB (1024), PB_RUNS (3), PB_DIR (/tmp/peerbench), PEERS (path to peers.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,13 +15,13 @@ export PB_DIR=${PB_DIR:-/tmp/peerbench}
 export PB_SIZE_MIB=${PB_SIZE_MIB:-1024}
 DSTDIR=${PB_DSTDIR:-$PB_DIR/dst}
 TOOLS=("$@")
-[[ ${#TOOLS[@]} -gt 0 ]] || TOOLS=(ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd socat-file)
+[[ ${#TOOLS[@]} -gt 0 ]] || TOOLS=(ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file iperf3)
 
 # Peer tools (bench only; the test suite does not need them).
 missing=()
-for t in rsync scp sshd socat nc iperf3; do command -v "$t" >/dev/null || missing+=("$t"); done
+for t in rsync scp sshd socat nc iperf3 rclone; do command -v "$t" >/dev/null || missing+=("$t"); done
 if [[ ${#missing[@]} -gt 0 && $(id -u) = 0 ]]; then
-  apt-get update -qq && apt-get install -y -qq rsync openssh-server openssh-client socat netcat-openbsd iperf3 >/dev/null
+  apt-get update -qq && apt-get install -y -qq rsync openssh-server openssh-client socat netcat-openbsd iperf3 rclone >/dev/null
 fi
 
 cargo build --release -q
