@@ -476,3 +476,49 @@ async fn url_scheme_chooses_the_transport() {
     assert_eq!(e.class(), ErrorClass::Usage, "{e}");
     srv.stop().await;
 }
+
+/// Garbage datagrams, a truncated QUIC Initial and a QUIC client that speaks
+/// another ALPN all fail on their own; the server keeps serving QUIC.
+#[tokio::test]
+async fn hostile_udp_does_not_take_the_quic_server_down() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for len in [0usize, 1, 20, 1200, 1500, 9000] {
+        let mut junk = vec![0u8; len];
+        rng.fill_bytes(&mut junk);
+        if len > 0 {
+            junk[0] |= 0xc0; // long-header form: parsed as a QUIC packet
+        }
+        let _ = sock.send_to(&junk, srv.addr).await;
+    }
+    // A real QUIC handshake with the wrong ALPN is refused by TLS.
+    let (mut tls, _) = ferry::tls::client_config(None).unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            srv.addr,
+            "localhost",
+        )
+        .unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .unwrap()
+        .is_err());
+    // Still serving.
+    let src = dir.path().join("after.bin");
+    let data = random_file(&src, 2 << 20, 8);
+    cp(
+        &[src.display().to_string()],
+        &srv.url("after.bin"),
+        &opts(dir.path(), Kind::Quic.dialer()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(srv.root.join("after.bin")).unwrap(), data);
+    srv.stop().await;
+}
