@@ -1355,7 +1355,10 @@ mod tests {
             super::put_varint(&mut b, len);
         }
         let set = super::decode_ranges(&b).unwrap();
-        assert_eq!(set.iter_ranges().cloned().collect::<Vec<_>>(), vec![0..5, 10..22]);
+        assert_eq!(
+            set.iter_ranges().cloned().collect::<Vec<_>>(),
+            vec![0..5, 10..22]
+        );
     }
 
     #[test]

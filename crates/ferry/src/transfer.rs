@@ -83,16 +83,27 @@ pub struct SourceFile {
     pub alg: HashAlg,
 }
 
+/// Reads `len` bytes at `offset`; a short file means the source changed.
+fn read_source(
+    file: &File,
+    path: &std::path::Path,
+    offset: u64,
+    len: u32,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    buf.resize(len as usize, 0);
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Proto(ProtoError::SourceChanged { chunk: 0 })
+        } else {
+            Error::local(path, e)
+        }
+    })
+}
+
 impl SourceFile {
     fn read_chunk(&self, offset: u64, len: u32, buf: &mut Vec<u8>) -> Result<()> {
-        buf.resize(len as usize, 0);
-        self.file.read_exact_at(buf, offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Proto(ProtoError::SourceChanged { chunk: 0 })
-            } else {
-                Error::local(&self.path, e)
-            }
-        })
+        read_source(&self.file, &self.path, offset, len, buf)
     }
 
     /// Fails if the source is no longer the version that was opened.
@@ -129,7 +140,7 @@ pub async fn drive_sender(
                 break;
             };
             last_heard = Instant::now();
-            sender_handle(tx, m, src, &mut buf)?;
+            sender_handle(conn, tx, m, src, store).await?;
         }
         let mut acked_hashes = Vec::new();
         while let Some(ev) = tx.poll_event() {
@@ -206,7 +217,7 @@ pub async fn drive_sender(
                     r = conn.rd.next() => {
                         let m = r?.ok_or_else(|| closed(&conn.peer))?;
                         last_heard = Instant::now();
-                        sender_handle(tx, m, src, &mut buf)?;
+                        sender_handle(conn, tx, m, src, store).await?;
                     }
                     _ = tokio::time::sleep(wait) => {
                         if last_heard.elapsed() >= conn.timeouts.stall {
@@ -228,16 +239,82 @@ pub async fn drive_sender(
     }
 }
 
-fn sender_handle(tx: &mut Sender, m: Message, src: &SourceFile, buf: &mut Vec<u8>) -> Result<()> {
+async fn sender_handle(
+    conn: &mut Conn,
+    tx: &mut Sender,
+    m: Message,
+    src: &SourceFile,
+    store: &Arc<Store>,
+) -> Result<()> {
     if let Message::Offer { ranges, .. } = &m {
-        // Chunks we have no record of are checked against the source itself.
-        let layout = tx.layout();
-        for i in tx.unknown_in(ranges) {
-            src.read_chunk(layout.offset(i), layout.len(i), buf)?;
-            tx.set_source_hash(i, src.alg.hash(buf));
+        let unknown = tx.unknown_in(ranges);
+        if !unknown.is_empty() {
+            hash_offered(conn, tx, src, store, unknown).await?;
         }
     }
     tx.handle(m).map_err(Error::Proto)
+}
+
+/// Bytes of source hashed per blocking job while checking an offer.
+const OFFER_HASH_BATCH: u64 = 64 * 1024 * 1024;
+
+/// Chunks the receiver offers that we have no record of are checked against
+/// the source itself. That can be most of a large file (the sender's journal
+/// was lost, say), so it runs off the async threads in batches, keeps the
+/// connection alive in between, and remembers the hashes for next time.
+async fn hash_offered(
+    conn: &mut Conn,
+    tx: &mut Sender,
+    src: &SourceFile,
+    store: &Arc<Store>,
+    unknown: Vec<u32>,
+) -> Result<()> {
+    let layout = tx.layout();
+    let total: u64 = unknown.iter().map(|&i| u64::from(layout.len(i))).sum();
+    if total > OFFER_HASH_BATCH {
+        info!(transfer = %tx.id(), chunks = unknown.len(), bytes = total, "hashing the chunks the receiver holds, to agree on them");
+    }
+    let mut last_ping = Instant::now();
+    let mut rest = unknown.as_slice();
+    while !rest.is_empty() {
+        let mut bytes = 0u64;
+        let n = rest
+            .iter()
+            .take_while(|&&i| {
+                let fits = bytes == 0 || bytes + u64::from(layout.len(i)) <= OFFER_HASH_BATCH;
+                bytes += u64::from(layout.len(i));
+                fits
+            })
+            .count()
+            .max(1);
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        let jobs: Vec<(u32, u64, u32)> = batch
+            .iter()
+            .map(|&i| (i, layout.offset(i), layout.len(i)))
+            .collect();
+        let (file, path, alg) = (src.file.clone(), src.path.clone(), src.alg);
+        let hashes = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            jobs.into_iter()
+                .map(|(i, off, len)| {
+                    read_source(&file, &path, off, len, &mut buf)?;
+                    Ok((i, alg.hash(&buf)))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| Error::local(&src.path, std::io::Error::other(e.to_string())))??;
+        for &(i, h) in &hashes {
+            tx.set_source_hash(i, h);
+        }
+        store.add_source_hashes(&src.key, &hashes)?;
+        if last_ping.elapsed() >= conn.timeouts.keepalive {
+            conn.send(&Message::Ping { nonce: 0 }).await?;
+            last_ping = Instant::now();
+        }
+    }
+    Ok(())
 }
 
 fn closed(peer: &str) -> Error {

@@ -1126,3 +1126,29 @@ async fn the_chosen_hash_applies_to_downloads() {
     );
     srv.stop().await;
 }
+
+/// The client lost its journal (a new machine, a wiped state dir) but the
+/// server holds most of the file: the client hashes what the server offers
+/// (off the async threads, with keepalives, under the server's 2 s stall
+/// watchdog), agrees on it, and sends only the rest.
+#[tokio::test]
+async fn resume_after_the_senders_journal_was_lost() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let size = 96 * 1024 * 1024;
+    let src = dir.path().join("j.bin");
+    let data = random_file(&src, size, 21);
+    interrupted_upload(dir.path(), &srv, &src, "j.bin", size * 3 / 4).await;
+    std::fs::remove_dir_all(dir.path().join("client-state")).unwrap();
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url("j.bin"),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
+    assert!(s.bytes_resumed >= size / 2, "resumed {}", s.bytes_resumed);
+    assert_eq!(s.bytes_sent + s.bytes_resumed, size, "nothing sent twice");
+    assert_eq!(std::fs::read(srv.root.join("j.bin")).unwrap(), data);
+    srv.stop().await;
+}
