@@ -87,11 +87,16 @@ struct ClientArgs {
     /// Connect through this address (a proxy) instead of the server's.
     #[arg(long, hide = true)]
     via: Option<String>,
-    /// What carries ferry:// sessions: tcp (TCP+TLS), quic, or auto (QUIC,
-    /// falling back to TCP when UDP is blocked). A URL scheme such as
-    /// ferry+quic:// chooses for that copy.
+    /// What carries ferry:// sessions: tcp (TCP+TLS), quic, auto (QUIC,
+    /// falling back to TCP when UDP is blocked), ws or wss (WebSocket, for
+    /// HTTP-only networks; the port is the server's --ws-listen/--wss-listen
+    /// port or a reverse proxy's). A URL scheme such as ferry+quic:// or
+    /// ferry+wss:// chooses for that copy.
     #[arg(long, default_value = "tcp", env = "FERRY_TRANSPORT")]
     transport: String,
+    /// HTTP path of the WebSocket upgrade for ws/wss (default /ferry).
+    #[arg(long, env = "FERRY_WS_PATH")]
+    ws_path: Option<String>,
 }
 
 /// SFTP endpoints (`sftp://[USER@]HOST[:PORT]/PATH`).
@@ -157,11 +162,15 @@ impl ClientArgs {
                 via: self.via.clone(),
                 bwlimit: self.bwlimit,
                 timeouts: timeouts(self.stall_timeout)?,
-                dialer: self
-                    .transport
-                    .parse::<ferry::transport::Transport>()
-                    .map_err(|e| UsageError(e.to_string()))?
-                    .dialer(),
+                dialer: {
+                    if let Some(p) = &self.ws_path {
+                        ferry::transport::ws::set_default_path(p);
+                    }
+                    self.transport
+                        .parse::<ferry::transport::Transport>()
+                        .map_err(|e| UsageError(e.to_string()))?
+                        .dialer()
+                },
             },
             retry: RetryPolicy {
                 initial: Duration::from_millis(self.retry_initial),
@@ -209,6 +218,13 @@ enum Cmd {
         /// Do not serve QUIC (by default on the UDP port numbered like --listen).
         #[arg(long)]
         no_quic: bool,
+        /// Also serve WebSocket (plain HTTP upgrade, ferry's TLS inside) on this
+        /// address: for clients behind HTTP-only networks or a reverse proxy.
+        #[arg(long)]
+        ws_listen: Option<SocketAddr>,
+        /// Also serve WebSocket inside an outer TLS layer (wss) on this address.
+        #[arg(long)]
+        wss_listen: Option<SocketAddr>,
     },
     /// Copy files and trees; SRC and DST are local paths or ferry://HOST[:PORT]/PATH.
     Cp {
@@ -380,6 +396,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stall_timeout,
             min_free,
             no_quic,
+            ws_listen,
+            wss_listen,
         } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir().join("server"));
@@ -417,6 +435,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     Err(e) => eprintln!("warning: QUIC not served: {e}"),
                 }
+            }
+            for (addr, secure) in [(ws_listen, false), (wss_listen, true)] {
+                let Some(addr) = addr else { continue };
+                let l = ferry::transport::ws::WsListener::bind(addr, server.tls_config(), secure)
+                    .await?;
+                println!(
+                    "{} on {}",
+                    if secure { "wss" } else { "ws" },
+                    l.local_addr()?
+                );
+                server.add_listener(Box::new(l));
             }
             println!("fingerprint {}", server.fingerprint());
             if no_auth {

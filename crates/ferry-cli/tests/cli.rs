@@ -30,6 +30,8 @@ fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
 struct Env {
     dir: TempDir,
     port: u16,
+    /// The server's WebSocket port (`--ws-listen`).
+    ws_port: u16,
 }
 
 impl Env {
@@ -39,6 +41,7 @@ impl Env {
         Env {
             dir,
             port: free_port(),
+            ws_port: free_port(),
         }
     }
 
@@ -63,6 +66,7 @@ impl Env {
             .arg(self.p("server-state"))
             .arg("--token-file")
             .arg(self.p("token"))
+            .args(["--ws-listen", &format!("127.0.0.1:{}", self.ws_port)])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -474,7 +478,8 @@ fn unreachable_copy_is_queued_and_the_agent_finishes_it_when_the_server_returns(
 }
 
 /// One resumable session whatever carries it: an upload killed (SIGKILL) on
-/// QUIC, resumed and killed again on TCP, is finished over `auto`; a download
+/// QUIC, resumed and killed again on TCP, then on WebSocket, is finished over
+/// `auto`; a download
 /// the same the other way round. Nothing verified is sent twice.
 #[test]
 fn sigkill_then_resume_on_another_transport() {
@@ -483,16 +488,14 @@ fn sigkill_then_resume_on_another_transport() {
     let size = 48 << 20;
     let data = random_file(&env.p("src.bin"), size, 4);
     let src = env.p("src.bin").display().to_string();
-    for transport in ["quic", "tcp"] {
+    let ws_url = format!("ferry://127.0.0.1:{}/dst.bin", env.ws_port);
+    for (transport, url) in [
+        ("quic", env.url("dst.bin")),
+        ("tcp", env.url("dst.bin")),
+        ("ws", ws_url),
+    ] {
         let mut child = env
-            .cp(&[
-                "--transport",
-                transport,
-                "--bwlimit",
-                "24M",
-                &src,
-                &env.url("dst.bin"),
-            ])
+            .cp(&["--transport", transport, "--bwlimit", "24M", &src, &url])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

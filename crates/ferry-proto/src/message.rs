@@ -1344,10 +1344,8 @@ mod tests {
             super::put_varint(&mut b, i * 2);
             super::put_varint(&mut b, 1);
         }
-        let t = std::time::Instant::now();
         let set = super::decode_ranges(&b).unwrap();
         assert_eq!(set.iter_ranges().count(), super::MAX_RANGES);
-        assert!(t.elapsed() < std::time::Duration::from_secs(2));
         // Overlapping and touching ranges, unordered, merge.
         let mut b = bytes::BytesMut::new();
         for (start, len) in [(10u64, 5u64), (0, 3), (3, 2), (12, 10)] {

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{
-    aws_lc_rs, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+    aws_lc_rs, verify_tls12_signature, verify_tls13_signature, CryptoProvider,
+    WebPkiSupportedAlgorithms,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -19,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::fsutil::{hex, write_atomic, write_private};
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
 }
 
@@ -228,6 +229,69 @@ impl ServerCertVerifier for PinVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
     }
+}
+
+/// For the outer TLS of `wss://`, which only wraps the session so that it
+/// passes networks where just HTTPS gets through. It does not authenticate
+/// anything: ferry's own pinned TLS runs end to end inside the WebSocket,
+/// whatever terminates the outer layer (ferry itself or a reverse proxy with
+/// a certificate of its own). So any certificate is accepted, while the
+/// handshake signatures are still checked.
+#[derive(Debug)]
+struct OuterVerifier {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for OuterVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Client settings for the outer TLS of `wss://` (see [`OuterVerifier`]):
+/// TLS 1.2 or 1.3, ALPN `http/1.1`, any certificate.
+pub fn outer_client_config() -> Result<rustls::ClientConfig> {
+    let p = provider();
+    let verifier = Arc::new(OuterVerifier {
+        algs: p.signature_verification_algorithms,
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(p)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
 }
 
 /// Tells, after a handshake, which fingerprint the server presented.

@@ -22,6 +22,7 @@ use ferry::tls::KnownServers;
 use ferry::transfer::FaultPlan;
 use ferry::transport::quic::{Congestion, QuicDialer, QuicListener};
 use ferry::transport::tcp::{TcpDialer, TcpTlsListener};
+use ferry::transport::ws::{WsDialer, WsListener};
 use ferry::transport::{auto::AutoDialer, BoxFuture, DialTarget, Dialer};
 use ferry::{Error, ErrorClass};
 use ferry_proto::HashAlg;
@@ -37,6 +38,8 @@ enum Kind {
     Tcp,
     Quic,
     Auto,
+    Ws,
+    Wss,
 }
 
 impl Kind {
@@ -47,12 +50,16 @@ impl Kind {
                 congestion: Congestion::Bbr,
             }),
             Kind::Auto => Arc::new(AutoDialer::default()),
+            Kind::Ws => Arc::new(WsDialer::new(false)),
+            Kind::Wss => Arc::new(WsDialer::new(true)),
         }
     }
 }
 
 struct TestServer {
     addr: SocketAddr,
+    ws_addr: SocketAddr,
+    wss_addr: SocketAddr,
     root: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -93,6 +100,17 @@ impl TestServer {
             addr = ferry::transport::Listener::local_addr(&q).unwrap();
             server.add_listener(Box::new(q));
         }
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let ws = WsListener::bind(any, server.tls_config(), false)
+            .await
+            .unwrap();
+        let wss = WsListener::bind(any, server.tls_config(), true)
+            .await
+            .unwrap();
+        let ws_addr = ferry::transport::Listener::local_addr(&ws).unwrap();
+        let wss_addr = ferry::transport::Listener::local_addr(&wss).unwrap();
+        server.add_listener(Box::new(ws));
+        server.add_listener(Box::new(wss));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -104,6 +122,8 @@ impl TestServer {
         });
         TestServer {
             addr,
+            ws_addr,
+            wss_addr,
             root: std::fs::canonicalize(root).unwrap(),
             stop: Some(tx),
             task,
@@ -113,6 +133,19 @@ impl TestServer {
 
     fn url(&self, path: &str) -> String {
         format!("ferry://{}/{}", self.addr, path)
+    }
+
+    /// Where `kind` reaches this server.
+    fn addr_for(&self, kind: Kind) -> SocketAddr {
+        match kind {
+            Kind::Tcp | Kind::Quic | Kind::Auto => self.addr,
+            Kind::Ws => self.ws_addr,
+            Kind::Wss => self.wss_addr,
+        }
+    }
+
+    fn url_for(&self, kind: Kind, path: &str) -> String {
+        format!("ferry://{}/{}", self.addr_for(kind), path)
     }
 
     async fn stop(mut self) {
@@ -273,7 +306,7 @@ async fn fresh_transfers(kind: Kind) {
     for (i, size) in sizes.iter().enumerate() {
         want.push(random_file(&src.join(format!("f{i}")), *size, i as u64));
     }
-    cp(&[src.display().to_string()], &srv.url("up"), &o)
+    cp(&[src.display().to_string()], &srv.url_for(kind, "up"), &o)
         .await
         .unwrap();
     for (i, data) in want.iter().enumerate() {
@@ -283,7 +316,7 @@ async fn fresh_transfers(kind: Kind) {
         );
     }
     let back = dir.path().join("back");
-    cp(&[srv.url("up")], &back.display().to_string(), &o)
+    cp(&[srv.url_for(kind, "up")], &back.display().to_string(), &o)
         .await
         .unwrap();
     for (i, data) in want.iter().enumerate() {
@@ -302,15 +335,19 @@ async fn cut_then_resume(first: Kind, second: Kind) {
     let data = random_file(&src, size, 3);
     let mut o = opts(dir.path(), cutting(first, size * 3 / 4));
     o.retry.max_attempts = 1;
-    let e = cp(&[src.display().to_string()], &srv.url("r.bin"), &o)
-        .await
-        .unwrap_err();
+    let e = cp(
+        &[src.display().to_string()],
+        &srv.url_for(first, "r.bin"),
+        &o,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!srv.root.join("r.bin").exists(), "no final file yet");
     let s = cp(
         &[src.display().to_string()],
-        &srv.url("r.bin"),
+        &srv.url_for(second, "r.bin"),
         &opts(dir.path(), second.dialer()),
     )
     .await
@@ -323,13 +360,17 @@ async fn cut_then_resume(first: Kind, second: Kind) {
     let local = dir.path().join("down.bin");
     let mut o = opts(dir.path(), cutting(first, size / 2));
     o.retry.max_attempts = 1;
-    let e = cp(&[srv.url("r.bin")], &local.display().to_string(), &o)
-        .await
-        .unwrap_err();
+    let e = cp(
+        &[srv.url_for(first, "r.bin")],
+        &local.display().to_string(),
+        &o,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
     assert!(!local.exists(), "no final file yet");
     let s = cp(
-        &[srv.url("r.bin")],
+        &[srv.url_for(second, "r.bin")],
         &local.display().to_string(),
         &opts(dir.path(), second.dialer()),
     )
@@ -351,7 +392,7 @@ async fn cuts_and_corruption(kind: Kind) {
     let data = random_file(&src, size, 5);
     let s = cp(
         &[src.display().to_string()],
-        &srv.url("c.bin"),
+        &srv.url_for(kind, "c.bin"),
         &opts(dir.path(), cutting(kind, size / 2)),
     )
     .await
@@ -367,7 +408,7 @@ async fn auth_failures(kind: Kind) {
     let srv = TestServer::start(dir.path(), true).await;
     let mut cfg = opts(dir.path(), kind.dialer()).client;
     cfg.token = Some(b"nope".to_vec());
-    let e = Session::connect(&srv.addr.to_string(), &cfg)
+    let e = Session::connect(&srv.addr_for(kind).to_string(), &cfg)
         .await
         .err()
         .unwrap();
@@ -375,7 +416,7 @@ async fn auth_failures(kind: Kind) {
     assert!(!e.is_retryable());
     let mut cfg = opts(dir.path(), kind.dialer()).client;
     cfg.fingerprint = Some(format!("SHA256:{}", "ab".repeat(32)));
-    let e = Session::connect(&srv.addr.to_string(), &cfg)
+    let e = Session::connect(&srv.addr_for(kind).to_string(), &cfg)
         .await
         .err()
         .unwrap();
@@ -404,6 +445,8 @@ conformance! {
     tcp: Kind::Tcp;
     quic: Kind::Quic;
     auto: Kind::Auto;
+    ws: Kind::Ws;
+    wss: Kind::Wss;
 }
 
 #[tokio::test]
@@ -414,6 +457,16 @@ async fn switch_tcp_to_quic() {
 #[tokio::test]
 async fn switch_quic_to_tcp() {
     cut_then_resume(Kind::Quic, Kind::Tcp).await
+}
+
+#[tokio::test]
+async fn switch_tcp_to_ws() {
+    cut_then_resume(Kind::Tcp, Kind::Ws).await
+}
+
+#[tokio::test]
+async fn switch_wss_to_quic() {
+    cut_then_resume(Kind::Wss, Kind::Quic).await
 }
 
 /// `auto` against a server whose UDP port swallows everything (a firewall
@@ -520,5 +573,106 @@ async fn hostile_udp_does_not_take_the_quic_server_down() {
     .await
     .unwrap();
     assert_eq!(std::fs::read(srv.root.join("after.bin")).unwrap(), data);
+    srv.stop().await;
+}
+
+/// A plain HTTP reverse proxy, as nginx with `proxy_pass` and the Upgrade
+/// headers would be: it reads the request head, rewrites the path prefix,
+/// adds X-Forwarded-For, and then relays bytes both ways.
+async fn http_proxy(upstream: SocketAddr) -> (SocketAddr, Arc<AtomicU32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let relayed = Arc::new(AtomicU32::new(0));
+    let count = relayed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut down, peer)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    if down.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).replace(" /public/", " /");
+                let text = text.replacen(
+                    "\r\n",
+                    &format!("\r\nX-Forwarded-For: {}\r\n", peer.ip()),
+                    1,
+                );
+                let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                if up.write_all(text.as_bytes()).await.is_err() {
+                    return;
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    (addr, relayed)
+}
+
+#[tokio::test]
+async fn ws_through_a_plain_http_reverse_proxy() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    let (proxy, relayed) = http_proxy(srv.ws_addr).await;
+    let dialer: Arc<dyn Dialer> = Arc::new(WsDialer {
+        secure: false,
+        path: "/public/ferry".into(),
+    });
+    let o = opts(dir.path(), dialer);
+    let src = dir.path().join("p.bin");
+    let data = random_file(&src, 9 << 20, 13);
+    let url = format!("ferry://{proxy}/p.bin");
+    cp(&[src.display().to_string()], &url, &o).await.unwrap();
+    assert_eq!(std::fs::read(srv.root.join("p.bin")).unwrap(), data);
+    let back = dir.path().join("p.back");
+    cp(&[url], &back.display().to_string(), &o)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    assert!(
+        relayed.load(Ordering::SeqCst) >= 2,
+        "went through the proxy"
+    );
+    srv.stop().await;
+}
+
+/// Requests that are not WebSocket upgrades, raw garbage and a TLS hello to
+/// the plain ws port are closed; the server keeps serving.
+#[tokio::test]
+async fn hostile_http_does_not_take_the_ws_server_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    let probes: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x00\x01\x02 not http at all \xff\xfe\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        b"GET /ferry HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nnot TLS inside",
+    ];
+    for p in probes {
+        let mut s = tokio::net::TcpStream::connect(srv.ws_addr).await.unwrap();
+        s.write_all(p).await.unwrap();
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "connection left open for {:?}", p);
+    }
+    let src = dir.path().join("ok.bin");
+    let data = random_file(&src, 1 << 20, 14);
+    cp(
+        &[src.display().to_string()],
+        &srv.url_for(Kind::Ws, "ok.bin"),
+        &opts(dir.path(), Kind::Ws.dialer()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(srv.root.join("ok.bin")).unwrap(), data);
     srv.stop().await;
 }

@@ -9,6 +9,7 @@
 //! * [`tcp`]: TCP + TLS 1.3, the default.
 //! * [`quic`]: QUIC (quinn), same TLS identity, UDP port = TCP port.
 //! * [`auto`]: QUIC when UDP gets through, else TCP.
+//! * [`ws`]: WebSocket (`ws`, `wss`), ferry's TLS inside, for HTTP-only networks.
 //!
 //! [`Transport`] names them for the command line and URL schemes.
 //!
@@ -19,6 +20,7 @@
 pub mod auto;
 pub mod quic;
 pub mod tcp;
+pub mod ws;
 
 use std::fmt;
 use std::future::Future;
@@ -114,6 +116,10 @@ pub enum Transport {
     Quic,
     /// QUIC, falling back to TCP when UDP does not get through.
     Auto,
+    /// WebSocket over plain HTTP (ferry's TLS inside).
+    Ws,
+    /// WebSocket inside an outer TLS layer (ferry's TLS inside).
+    Wss,
 }
 
 impl Transport {
@@ -122,6 +128,8 @@ impl Transport {
             Transport::Tcp => "tcp",
             Transport::Quic => "quic",
             Transport::Auto => "auto",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
         }
     }
 
@@ -130,6 +138,8 @@ impl Transport {
             Transport::Tcp => Arc::new(tcp::TcpDialer),
             Transport::Quic => Arc::new(quic::QuicDialer::default()),
             Transport::Auto => Arc::new(auto::AutoDialer::default()),
+            Transport::Ws => Arc::new(ws::WsDialer::new(false)),
+            Transport::Wss => Arc::new(ws::WsDialer::new(true)),
         }
     }
 
@@ -154,8 +164,10 @@ impl std::str::FromStr for Transport {
             "tcp" => Ok(Transport::Tcp),
             "quic" => Ok(Transport::Quic),
             "auto" => Ok(Transport::Auto),
+            "ws" => Ok(Transport::Ws),
+            "wss" => Ok(Transport::Wss),
             other => Err(Error::Usage(format!(
-                "unknown transport {other:?} (tcp, quic or auto)"
+                "unknown transport {other:?} (tcp, quic, auto, ws or wss)"
             ))),
         }
     }
