@@ -64,12 +64,15 @@ impl Congestion {
     }
 }
 
-fn transport_config(cc: Congestion) -> Arc<TransportConfig> {
+/// `peer_streams`: how many bidirectional streams the peer may open (the
+/// client opens one per connection; the server none). Each may buffer up to
+/// the stream window, as a TCP socket's receive buffer would.
+fn transport_config(cc: Congestion, peer_streams: u32) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONN_WINDOW))
         .send_window(SEND_WINDOW)
-        .max_concurrent_bidi_streams(VarInt::from_u32(4))
+        .max_concurrent_bidi_streams(VarInt::from_u32(peer_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(KEEPALIVE));
     // Probe for packets up to jumbo-frame size (loopback and LANs with 9000-byte
@@ -176,7 +179,7 @@ impl Dialer for QuicDialer {
             tls.alpn_protocols = vec![ALPN.to_vec()];
             let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
             let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-            cfg.transport_config(transport_config(self.congestion));
+            cfg.transport_config(transport_config(self.congestion, 0));
             let connecting = endpoint
                 .connect_with(cfg, addr, &name_str(&t.server_name))
                 .map_err(|e| {
@@ -212,7 +215,7 @@ impl QuicListener {
         tls.max_early_data_size = 0;
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        cfg.transport_config(transport_config(cc));
+        cfg.transport_config(transport_config(cc, 1));
         let bind_err = |source: std::io::Error| Error::Connect {
             addr: addr.to_string(),
             source,
