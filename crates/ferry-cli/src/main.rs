@@ -439,6 +439,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else if !cli.quiet {
+                for l in ui::per_file_lines(&summary) {
+                    println!("{l}");
+                }
                 println!("{}", ui::summary_line(&summary));
             }
             Ok(())

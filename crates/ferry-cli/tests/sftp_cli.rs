@@ -186,11 +186,20 @@ fn sigkill_mid_upload_then_resume_resends_little() {
     let resumed = j["bytes_resumed"].as_u64().unwrap();
     assert!(resumed >= 32 * MIB, "{j}");
     assert_eq!(sent + resumed, size, "{j}");
+    assert_eq!(j["per_file"][0]["outcome"], "resumed", "{j}");
+    assert_eq!(j["per_file"][0]["offset"], resumed, "{j}");
+    assert_eq!(j["per_file"][0]["verified_by"], "readback", "{j}");
     assert!(!part.exists());
     assert_eq!(std::fs::read(&dst).unwrap(), body);
     assert_eq!(
         j["digest"].as_str().unwrap(),
         blake3::hash(&body).to_hex().as_str()
     );
+    // The human output names what happened to the file.
+    std::fs::remove_file(&dst).unwrap();
+    let out = cp(false).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": fresh; verified by readback"), "{stdout}");
     eprintln!("bytes re-sent after SIGKILL: {sent} of {size} ({resumed} resumed)");
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferry::copy::{CopyOptions, CopySummary};
 use ferry::progress::Progress;
-use ferry::sftp::{SftpOptions, SshConfig, Verify};
+use ferry::sftp::{RestartReason, Resume, SftpOptions, SshConfig, VerifiedBy, Verify};
 use ferry::Error;
 
 const MIB: usize = 1 << 20;
@@ -238,6 +238,33 @@ async fn cp(src: &str, dst: &str, state: &Path, o: &SftpOptions) -> Result<CopyS
     .await
 }
 
+/// The outcome of a one-file copy, checked against its JSON form too.
+fn outcome(sum: &CopySummary) -> Resume {
+    assert_eq!(sum.per_file.len(), 1, "{:?}", sum.per_file);
+    let r = sum.per_file[0].resume;
+    let j = serde_json::to_value(sum).unwrap();
+    let f = &j["per_file"][0];
+    let tag = match r {
+        Resume::Fresh => "fresh",
+        Resume::Resumed { .. } => "resumed",
+        Resume::Restarted { .. } => "restarted",
+        Resume::Repaired { .. } => "repaired",
+        Resume::FallbackRestart { .. } => "fallback_restart",
+        Resume::AlreadyComplete => "already_complete",
+    };
+    assert_eq!(f["outcome"], tag, "{j}");
+    assert!(f["verified_by"].is_string(), "{j}");
+    match r {
+        Resume::Resumed { offset } => assert_eq!(f["offset"], offset, "{j}"),
+        Resume::Repaired { offset, recorded } => {
+            assert_eq!(f["offset"], offset, "{j}");
+            assert_eq!(f["recorded"], recorded, "{j}");
+        }
+        _ => {}
+    }
+    r
+}
+
 fn data(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
@@ -264,6 +291,8 @@ async fn upload_and_download_interesting_sizes() {
             .await
             .unwrap();
         assert_eq!(sum.bytes_sent, n as u64);
+        assert_eq!(outcome(&sum), Resume::Fresh);
+        assert_eq!(sum.per_file[0].verified_by, VerifiedBy::Readback);
         assert_eq!(std::fs::read(&remote).unwrap(), body, "upload size {n}");
         assert!(!Path::new(&format!("{}.part", remote.display())).exists());
         let back = t.path().join(format!("back{i}"));
@@ -271,6 +300,7 @@ async fn upload_and_download_interesting_sizes() {
             .await
             .unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), body, "download size {n}");
+        assert_eq!(outcome(&sum2), Resume::Fresh);
         assert_eq!(sum.digest, sum2.digest);
         assert_eq!(sum.digest, blake3::hash(&body).to_hex().to_string());
     }
@@ -344,6 +374,12 @@ async fn resume_resends_only_the_rest() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, (2 * RANGE) as u64);
     assert_eq!(sum.bytes_sent, (5 * MIB) as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Resumed {
+            offset: (2 * RANGE) as u64
+        }
+    );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 
     // A crash after the last range was recorded but before the rename:
@@ -355,6 +391,7 @@ async fn resume_resends_only_the_rest() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, body.len() as u64);
     assert_eq!(sum.bytes_sent, 0);
+    assert_eq!(outcome(&sum), Resume::AlreadyComplete);
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
 
@@ -380,6 +417,12 @@ async fn changed_source_starts_fresh() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, 0);
     assert_eq!(sum.bytes_sent, n as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Restarted {
+            reason: RestartReason::SourceChanged
+        }
+    );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
 
@@ -415,6 +458,13 @@ async fn damaged_remote_partial_is_found_and_rewritten() {
         .await
         .unwrap();
     assert_eq!(sum.bytes_resumed, RANGE as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Repaired {
+            offset: RANGE as u64,
+            recorded: (2 * RANGE) as u64
+        }
+    );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 
     // With --verify full, damage in the first range is found as well.
@@ -427,6 +477,13 @@ async fn damaged_remote_partial_is_found_and_rewritten() {
         .await
         .unwrap();
     assert_eq!(sum.bytes_resumed, 0);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Restarted {
+            reason: RestartReason::PartialUnusable
+        }
+    );
+    assert_eq!(sum.per_file[0].verified_by, VerifiedBy::Readback);
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
 
@@ -522,11 +579,33 @@ async fn server_without_offset_writes_takes_the_fallback() {
         .unwrap();
     // The probe at offset 8 MiB was refused: the whole file went again.
     assert_eq!(sum.bytes_resumed, 0);
+    assert_eq!(
+        outcome(&sum),
+        Resume::FallbackRestart {
+            refused_offset: Some(RANGE as u64)
+        }
+    );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
     // ...and the host is remembered.
-    let store = ferry::store::Store::open(&state).unwrap();
-    let caps = ferry::sftp::sidecar::host_caps(&store, &format!("127.0.0.1:{}", s.port)).unwrap();
-    assert!(caps.no_offset_writes);
+    {
+        let store = ferry::store::Store::open(&state).unwrap();
+        let caps =
+            ferry::sftp::sidecar::host_caps(&store, &format!("127.0.0.1:{}", s.port)).unwrap();
+        assert!(caps.no_offset_writes);
+    }
+    // The next interrupted upload to that host restarts without probing.
+    std::fs::remove_file(&remote).unwrap();
+    interrupted_upload(&s, &src, &remote, &state, 1).await;
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome(&sum),
+        Resume::FallbackRestart {
+            refused_offset: None
+        }
+    );
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
 
 #[tokio::test]
@@ -554,6 +633,12 @@ async fn download_resumes_and_rewrites_a_damaged_local_part() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, (2 * RANGE) as u64);
     assert_eq!(sum.bytes_sent, (RANGE + 1234) as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Resumed {
+            offset: (2 * RANGE) as u64
+        }
+    );
     assert_eq!(std::fs::read(&local).unwrap(), body);
     assert!(!part.exists());
 
@@ -568,6 +653,13 @@ async fn download_resumes_and_rewrites_a_damaged_local_part() {
         .await
         .unwrap();
     assert_eq!(sum.bytes_resumed, RANGE as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Repaired {
+            offset: RANGE as u64,
+            recorded: (2 * RANGE) as u64
+        }
+    );
     assert_eq!(std::fs::read(&local).unwrap(), body);
 }
 

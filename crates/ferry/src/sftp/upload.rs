@@ -16,7 +16,10 @@ use tracing::{info, warn};
 
 use super::auth::Conn;
 use super::sidecar::{self, Sidecar, RANGE_SIZE, TAIL_LEN};
-use super::{is_no_such_file, sftp_err, FileOutcome, Job, SftpTarget, Verify};
+use super::{
+    is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
+    Verify,
+};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::Progress;
@@ -306,23 +309,46 @@ pub async fn upload(
     let mut notes = Vec::new();
 
     let mut ranges: Vec<String> = Vec::new();
+    let mut resume = Resume::Fresh;
     if let Some(rec) = sidecar::get(store, &key)? {
         let same = rec.size == size
             && rec.range_size == RANGE_SIZE
             && (verify < Verify::Mtime || rec.mtime_ns == mtime_ns)
             && (verify < Verify::Tail || rec.tail == tail);
-        if !same {
+        if rec.ranges.is_empty() {
+            // Nothing was recorded: as good as a first attempt.
+        } else if !same {
+            resume = Resume::Restarted {
+                reason: RestartReason::SourceChanged,
+            };
             notes.push(format!(
                 "{}: source changed since the interrupted upload; remote partial discarded, uploading from the start",
                 job.local.display()
             ));
         } else if caps.no_offset_writes {
+            resume = Resume::FallbackRestart {
+                refused_offset: None,
+            };
             notes.push(format!(
                 "{host}: server cannot write at an offset (remembered); uploading {} from the start",
                 job.local.display()
             ));
         } else {
             let good = proven_ranges(c, &part, &host, &rec, size, verify).await?;
+            resume = if good == 0 {
+                Resume::Restarted {
+                    reason: RestartReason::PartialUnusable,
+                }
+            } else if good < rec.ranges.len() {
+                Resume::Repaired {
+                    offset: good as u64 * RANGE_SIZE,
+                    recorded: (rec.ranges.len() as u64 * RANGE_SIZE).min(size),
+                }
+            } else {
+                Resume::Resumed {
+                    offset: (good as u64 * RANGE_SIZE).min(size),
+                }
+            };
             if good < rec.ranges.len() {
                 notes.push(format!(
                     "{part}: remote partial verified up to range {good} of {}; rewriting from byte {}",
@@ -355,6 +381,9 @@ pub async fn upload(
                         s.error_message,
                         job.local.display()
                     ));
+                    resume = Resume::FallbackRestart {
+                        refused_offset: Some(resume_at),
+                    };
                     let _ = c.raw.close(handle).await;
                     ranges.clear();
                     resume_at = 0;
@@ -363,6 +392,9 @@ pub async fn upload(
                 e => return Err(sftp_err("write", &part, &host, e)),
             }
         }
+    }
+    if resume_at > 0 && resume_at == size && matches!(resume, Resume::Resumed { .. }) {
+        resume = Resume::AlreadyComplete;
     }
     if resume_at > 0 {
         info!(part, resume_at, "resuming upload");
@@ -442,7 +474,7 @@ pub async fn upload(
             times: 1,
         });
     }
-    verify_remote(c, &part, &host, &rec, size, verify).await?;
+    let verified_by = verify_remote(c, &part, &host, &rec, size, verify).await?;
     if !rename_over(c, &part, &remote, &host).await? {
         notes.push(format!(
             "{host}: no atomic rename (posix-rename@openssh.com); {remote} was removed, then {part} renamed to it"
@@ -453,6 +485,8 @@ pub async fn upload(
     Ok(FileOutcome {
         digest: Some(digest),
         notes,
+        resume,
+        verified_by,
     })
 }
 
@@ -470,7 +504,7 @@ async fn open_part(c: &Conn, part: &str, host: &str, keep: bool) -> Result<Strin
 }
 
 /// Checks the finished `.part` before the rename: its size always; with
-/// `tail` the last range read back; with `full` every range.
+/// `tail` the last range read back; with `full` every range. Returns how.
 async fn verify_remote(
     c: &Conn,
     part: &str,
@@ -478,7 +512,7 @@ async fn verify_remote(
     rec: &Sidecar,
     size: u64,
     verify: Verify,
-) -> Result<()> {
+) -> Result<VerifiedBy> {
     let a = c
         .raw
         .stat(part.to_string())
@@ -498,7 +532,12 @@ async fn verify_remote(
         _ => n,
     };
     if from >= n {
-        return Ok(());
+        return Ok(if verify >= Verify::Tail {
+            // An empty file: the size is all there is.
+            VerifiedBy::Readback
+        } else {
+            VerifiedBy::Size
+        });
     }
     let h = c
         .raw
@@ -518,5 +557,5 @@ async fn verify_remote(
         }
     }
     let _ = c.raw.close(h).await;
-    Ok(())
+    Ok(VerifiedBy::Readback)
 }
