@@ -121,6 +121,7 @@ impl SshArgs {
                 known_hosts: self.known_hosts.clone(),
                 accept_new_host_key: self.accept_new_host_key,
                 no_agent: false,
+                agent_socket: None,
             },
             verify,
             stop_after_ranges: None,

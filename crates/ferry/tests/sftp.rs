@@ -186,6 +186,7 @@ impl Sshd {
             known_hosts: Some(self.dir.path().join("known_hosts")),
             accept_new_host_key: false,
             no_agent: true,
+            agent_socket: None,
         }
     }
     fn opts(&self) -> SftpOptions {
@@ -726,4 +727,162 @@ async fn encrypted_key_needs_its_passphrase() {
     .await
     .unwrap();
     assert_eq!(std::fs::read(&remote).unwrap(), b"secret");
+}
+
+/// Makes a key with `ssh-keygen ARGS` (no passphrase) and authorizes it on `s`.
+fn authorized_key(s: &Sshd, path: &Path, args: &[&str]) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-N", ""])
+        .args(args)
+        .arg("-f")
+        .arg(path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success(), "ssh-keygen {args:?}");
+    let ak = s.dir.path().join("authorized_keys");
+    let mut text = std::fs::read_to_string(&ak).unwrap();
+    text.push_str(&std::fs::read_to_string(format!("{}.pub", path.display())).unwrap());
+    std::fs::write(&ak, text).unwrap();
+}
+
+/// One small upload with `o`; checks the file arrived.
+async fn upload_with(s: &Sshd, t: &Path, o: &SftpOptions, what: &str) {
+    let src = t.join(format!("src-{what}"));
+    std::fs::write(&src, what.as_bytes()).unwrap();
+    let remote = t.join(format!("dst-{what}"));
+    cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.join(format!("state-{what}")),
+        o,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(std::fs::read(&remote).unwrap(), what.as_bytes());
+}
+
+#[tokio::test]
+async fn rsa_key_authenticates() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("rsakey");
+    authorized_key(&s, &key, &["-t", "rsa", "-b", "3072"]);
+    let mut o = s.opts();
+    o.ssh.identities = vec![key];
+    upload_with(&s, t.path(), &o, "rsa").await;
+}
+
+#[tokio::test]
+async fn ecdsa_key_authenticates() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("ecdsakey");
+    authorized_key(&s, &key, &["-t", "ecdsa", "-b", "256"]);
+    let mut o = s.opts();
+    o.ssh.identities = vec![key];
+    upload_with(&s, t.path(), &o, "ecdsa").await;
+}
+
+/// An `ssh-agent -D` of the test's own, killed by its PID on drop.
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent(dir: &Path) -> Option<Agent> {
+    let sock = dir.join("agent.sock");
+    let child = match Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ssh-agent not available ({e}); skipped");
+            return None;
+        }
+    };
+    let agent = Agent { child, sock };
+    for _ in 0..200 {
+        if agent.sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(agent.sock.exists(), "ssh-agent made no socket");
+    Some(agent)
+}
+
+fn ssh_add(agent: &Agent, key: &Path) {
+    let st = Command::new("ssh-add")
+        .arg("-q")
+        .arg(key)
+        .env("SSH_AUTH_SOCK", &agent.sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("ssh-add");
+    assert!(st.success(), "ssh-add {}", key.display());
+}
+
+#[tokio::test]
+async fn agent_keys_authenticate() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let Some(agent) = start_agent(t.path()) else {
+        return;
+    };
+    // No key file offered: only what the agent holds can log in. A missing
+    // default ~/.ssh/id_* is fine; one that exists is refused by this sshd.
+    let mut o = s.opts();
+    o.ssh.identities = Vec::new();
+    o.ssh.no_agent = false;
+    o.ssh.agent_socket = Some(agent.sock.clone());
+
+    // An empty agent: refused, and the error says the agent had nothing.
+    let src = t.path().join("src");
+    std::fs::write(&src, b"x").unwrap();
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&t.path().join("never")),
+        &t.path().join("state0"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SshAuth { .. }), "{e}");
+    assert!(e.to_string().contains("no keys"), "{e}");
+
+    // ed25519, then RSA (signed by the agent with rsa-sha2-*).
+    ssh_add(&agent, &s.dir.path().join("clientkey"));
+    upload_with(&s, t.path(), &o, "agent-ed25519").await;
+    let rsa = t.path().join("agentrsa");
+    authorized_key(&s, &rsa, &["-t", "rsa", "-b", "3072"]);
+    let st = Command::new("ssh-add")
+        .arg("-D")
+        .env("SSH_AUTH_SOCK", &agent.sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ssh_add(&agent, &rsa);
+    upload_with(&s, t.path(), &o, "agent-rsa").await;
+    drop(agent);
 }

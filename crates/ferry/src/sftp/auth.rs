@@ -28,6 +28,9 @@ pub struct SshConfig {
     pub accept_new_host_key: bool,
     /// Do not ask ssh-agent (tests use this for a deterministic key set).
     pub no_agent: bool,
+    /// The ssh-agent socket; `None` means `$SSH_AUTH_SOCK`. (Tests set it
+    /// rather than the process-wide environment, which parallel tests share.)
+    pub agent_socket: Option<PathBuf>,
 }
 
 fn home() -> Option<PathBuf> {
@@ -282,24 +285,42 @@ async fn authenticate(
         }
         tried.push(format!("{} refused", path.display()));
     }
-    if !cfg.no_agent && std::env::var_os("SSH_AUTH_SOCK").is_some() {
-        if let Ok(mut agent) = russh::keys::agent::client::AgentClient::connect_env().await {
-            let ids = agent.request_identities().await.unwrap_or_default();
-            for id in ids {
-                let russh::keys::agent::AgentIdentity::PublicKey { key, .. } = id else {
-                    continue;
+    let agent_socket = cfg
+        .agent_socket
+        .clone()
+        .or_else(|| std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from));
+    if let (false, Some(sock)) = (cfg.no_agent, agent_socket) {
+        match russh::keys::agent::client::AgentClient::connect_uds(&sock).await {
+            Err(e) => tried.push(format!("ssh-agent at {}: {e}", sock.display())),
+            Ok(mut agent) => {
+                let ids = match agent.request_identities().await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        tried.push(format!("ssh-agent at {}: {e}", sock.display()));
+                        Vec::new()
+                    }
                 };
-                let hash = if key.algorithm().is_rsa() {
-                    rsa_hash
-                } else {
-                    None
-                };
-                match handle
-                    .authenticate_publickey_with(&t.user, key, hash, &mut agent)
-                    .await
-                {
-                    Ok(r) if r.success() => return Ok(()),
-                    _ => tried.push("an agent key refused".into()),
+                if ids.is_empty() {
+                    tried.push(format!("ssh-agent at {}: no keys", sock.display()));
+                }
+                for id in ids {
+                    let russh::keys::agent::AgentIdentity::PublicKey { key, .. } = id else {
+                        continue;
+                    };
+                    let hash = if key.algorithm().is_rsa() {
+                        rsa_hash
+                    } else {
+                        None
+                    };
+                    let fp = key.fingerprint(HashAlg::Sha256);
+                    match handle
+                        .authenticate_publickey_with(&t.user, key, hash, &mut agent)
+                        .await
+                    {
+                        Ok(r) if r.success() => return Ok(()),
+                        Ok(_) => tried.push(format!("agent key {fp} refused")),
+                        Err(e) => tried.push(format!("agent key {fp}: {e}")),
+                    }
                 }
             }
         }
