@@ -183,6 +183,7 @@ impl Sshd {
         SshConfig {
             identities: vec![self.dir.path().join("clientkey")],
             passphrase: None,
+            passphrase_prompt: None,
             known_hosts: Some(self.dir.path().join("known_hosts")),
             accept_new_host_key: false,
             no_agent: true,
@@ -717,6 +718,40 @@ async fn encrypted_key_needs_its_passphrase() {
     .unwrap_err();
     assert!(matches!(e, Error::SshAuth { .. }), "{e}");
     assert!(e.to_string().contains("FERRY_SSH_PASSPHRASE"), "{e}");
+    // A prompt (the binary's asks on the terminal): a wrong answer is
+    // refused, the right one logs in; each is asked once per key.
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let prompt = |answer: &'static str, asked: Arc<std::sync::atomic::AtomicUsize>| {
+        ferry::sftp::PassphrasePrompt(Arc::new(move |p: &Path| {
+            assert!(p.ends_with("enckey"));
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Some(answer.to_string()))
+        }))
+    };
+    o.ssh.passphrase_prompt = Some(prompt("wrong", asked.clone()));
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SshAuth { .. }), "{e}");
+    assert!(e.to_string().contains("wrong passphrase"), "{e}");
+    o.ssh.passphrase_prompt = Some(prompt("pass word", asked.clone()));
+    cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&remote).unwrap(), b"secret");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    std::fs::remove_file(&remote).unwrap();
+    o.ssh.passphrase_prompt = None;
     o.ssh.passphrase = Some("pass word".into());
     cp(
         src.to_str().unwrap(),

@@ -31,7 +31,7 @@ use crate::progress::Progress;
 use crate::retry::RetryDecision;
 use crate::store::Store;
 
-pub use auth::SshConfig;
+pub use auth::{PassphrasePrompt, SshConfig};
 
 /// How strictly a resume and a finished transfer are verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
