@@ -97,6 +97,59 @@ while True:
     p.stdin.write(hdr + body); p.stdin.flush()
 "#;
 
+/// Python wrapper around sftp-server that adds the `check-file-handle`
+/// extension OpenSSH lacks (sha256 over a handle's range, computed from the
+/// file on disk), as ProFTPD and MINA SSHD offer it. With LIE set it answers
+/// a wrong digest.
+const CHECK_FILE_WRAPPER: &str = r#"#!/usr/bin/env python3
+import hashlib, os, struct, subprocess, sys, threading
+LIE = LIE_FLAG
+p = subprocess.Popen([SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+inp, out, lock = sys.stdin.buffer, sys.stdout.buffer, threading.Lock()
+opening, paths = {}, {}
+def readn(f, n):
+    b = b''
+    while len(b) < n:
+        c = f.read(n - len(b))
+        if not c: os._exit(0)
+        b += c
+    return b
+def sstr(b, at):
+    n = struct.unpack('>I', b[at:at + 4])[0]
+    return b[at + 4:at + 4 + n], at + 4 + n
+def pack(*parts):
+    return b''.join(struct.pack('>I', len(x)) + x for x in parts)
+def send(body):
+    with lock:
+        out.write(struct.pack('>I', len(body)) + body); out.flush()
+def pump():
+    while True:
+        body = readn(p.stdout, struct.unpack('>I', readn(p.stdout, 4))[0])
+        if body[0] == 2:
+            body += pack(b'check-file-handle', b'1')
+        elif body[0] == 102:
+            rid = body[1:5]; h, _ = sstr(body, 5)
+            if rid in opening: paths[h] = opening.pop(rid)
+        send(body)
+threading.Thread(target=pump, daemon=True).start()
+while True:
+    hdr = readn(inp, 4); body = readn(inp, struct.unpack('>I', hdr)[0])
+    if body[0] == 3:
+        name, _ = sstr(body, 5); opening[body[1:5]] = name
+    elif body[0] == 200:
+        rid = body[1:5]; name, at = sstr(body, 5)
+        if name == b'check-file-handle':
+            h, at = sstr(body, at); algs, at = sstr(body, at)
+            off, ln = struct.unpack('>QQ', body[at:at + 16])
+            with open(paths[h], 'rb') as f:
+                f.seek(off); data = f.read(ln) if ln else f.read()
+            d = bytearray(hashlib.sha256(data).digest())
+            if LIE: d[0] ^= 1
+            send(bytes([201]) + rid + pack(b'check-file', b'sha256') + bytes(d))
+            continue
+    p.stdin.write(hdr + body); p.stdin.flush()
+"#;
+
 #[derive(PartialEq)]
 enum Mode {
     Plain,
@@ -104,6 +157,8 @@ enum Mode {
     NoOffsetWrites,
     /// sftp-server -P posix-rename: the extension is announced but refused.
     NoPosixRename,
+    /// The wrapper above: `check-file-handle` offered; `true`: it lies.
+    CheckFile(bool),
 }
 
 fn start_sshd(mode: Mode) -> Option<Sshd> {
@@ -125,6 +180,14 @@ fn start_sshd(mode: Mode) -> Option<Sshd> {
         .port();
     let subsystem = if mode == Mode::NoPosixRename {
         format!("{} -P posix-rename", sftp_server())
+    } else if let Mode::CheckFile(lie) = mode {
+        let w = d.join("sftp-wrapper.py");
+        let script = CHECK_FILE_WRAPPER
+            .replace("SERVER", &format!("{:?}", sftp_server()))
+            .replace("LIE_FLAG", if lie { "True" } else { "False" });
+        std::fs::write(&w, script).unwrap();
+        std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        w.display().to_string()
     } else if mode == Mode::NoOffsetWrites {
         let w = d.join("sftp-wrapper.py");
         std::fs::write(
@@ -920,4 +983,102 @@ async fn agent_keys_authenticate() {
     ssh_add(&agent, &rsa);
     upload_with(&s, t.path(), &o, "agent-rsa").await;
     drop(agent);
+}
+
+#[tokio::test]
+async fn openssh_has_no_check_file_so_full_verify_reads_back() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    // What this sftp-server announces in its init reply.
+    let target = ferry::sftp::SftpTarget::parse(&s.url(Path::new("/tmp"))).unwrap();
+    let conn = ferry::sftp::auth::connect(&target, &s.ssh()).await.unwrap();
+    assert!(
+        conn.has("posix-rename@openssh.com"),
+        "{:?}",
+        conn.extensions
+    );
+    assert!(
+        !conn.has("check-file-handle") && !conn.has("check-file-name"),
+        "OpenSSH now offers check-file: {:?}",
+        conn.extensions
+    );
+    drop(conn);
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let body = data(RANGE + 5, 2);
+    std::fs::write(&src, &body).unwrap();
+    let remote = t.path().join("dst");
+    let mut o = s.opts();
+    o.verify = Verify::Full;
+    let sum = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sum.per_file[0].verified_by, VerifiedBy::Readback);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+}
+
+#[tokio::test]
+async fn check_file_verifies_where_the_server_offers_it() {
+    let Some(s) = start_sshd(Mode::CheckFile(false)) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let body = data(2 * RANGE + 999, 8);
+    std::fs::write(&src, &body).unwrap();
+    for (i, v) in [Verify::Full, Verify::Tail, Verify::Size]
+        .into_iter()
+        .enumerate()
+    {
+        let remote = t.path().join(format!("dst{i}"));
+        let mut o = s.opts();
+        o.verify = v;
+        let sum = cp(
+            src.to_str().unwrap(),
+            &s.url(&remote),
+            &t.path().join("st"),
+            &o,
+        )
+        .await
+        .unwrap();
+        let want = if v == Verify::Size {
+            VerifiedBy::Size
+        } else {
+            VerifiedBy::CheckFile
+        };
+        assert_eq!(sum.per_file[0].verified_by, want, "{v:?}");
+        let j = serde_json::to_value(&sum).unwrap();
+        assert_eq!(j["per_file"][0]["verified_by"], want.as_str());
+        assert_eq!(std::fs::read(&remote).unwrap(), body);
+    }
+}
+
+#[tokio::test]
+async fn check_file_mismatch_fails_the_upload() {
+    let Some(s) = start_sshd(Mode::CheckFile(true)) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::write(&src, data(RANGE + 1, 6)).unwrap();
+    let remote = t.path().join("dst");
+    let mut o = s.opts();
+    o.verify = Verify::Full;
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SftpIntegrity { .. }), "{e}");
+    assert!(e.to_string().contains("check-file-handle"), "{e}");
+    assert!(!remote.exists(), "nothing renamed into place");
 }
