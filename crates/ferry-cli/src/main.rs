@@ -1,6 +1,7 @@
 //! The `ferry` command: thin argument handling over the `ferry` engine.
 
 mod demo;
+mod passphrase;
 mod ui;
 
 use std::net::SocketAddr;
@@ -103,7 +104,8 @@ struct ClientArgs {
 #[derive(clap::Args, Clone)]
 struct SshArgs {
     /// SSH private key to offer (repeatable); default ~/.ssh/id_{ed25519,ecdsa,rsa}, then ssh-agent.
-    /// An encrypted key's passphrase comes from FERRY_SSH_PASSPHRASE.
+    /// An encrypted key's passphrase comes from FERRY_SSH_PASSPHRASE, else is
+    /// asked for on the terminal (when standard input is one).
     #[arg(short = 'i', long = "identity")]
     identity: Vec<PathBuf>,
     /// Known-hosts file for SSH host keys (default ~/.ssh/known_hosts).
@@ -120,7 +122,12 @@ struct SshArgs {
 }
 
 impl SshArgs {
-    fn options(&self) -> anyhow::Result<ferry::sftp::SftpOptions> {
+    /// The SFTP options; `multi` is the progress display to hide while a
+    /// passphrase is asked for.
+    fn options(
+        &self,
+        multi: Option<indicatif::MultiProgress>,
+    ) -> anyhow::Result<ferry::sftp::SftpOptions> {
         let verify = self
             .verify
             .parse()
@@ -129,9 +136,11 @@ impl SshArgs {
             ssh: ferry::sftp::SshConfig {
                 identities: self.identity.clone(),
                 passphrase: std::env::var("FERRY_SSH_PASSPHRASE").ok(),
+                passphrase_prompt: passphrase::terminal_prompt(multi),
                 known_hosts: self.known_hosts.clone(),
                 accept_new_host_key: self.accept_new_host_key,
                 no_agent: false,
+                agent_socket: None,
             },
             verify,
             stop_after_ranges: None,
@@ -468,7 +477,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ssh,
             mut paths,
         } => {
-            ferry::sftp::set_defaults(ssh.options()?);
+            let display = (!client.no_progress).then(ProgressSlot::new);
+            let multi = display.as_ref().and_then(|d| d.multi());
+            ferry::sftp::set_defaults(ssh.options(multi.clone())?);
             let dst = paths
                 .pop()
                 .ok_or_else(|| UsageError("missing destination".into()))?;
@@ -489,13 +500,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     verify: ssh.verify.clone(),
                 });
             }
-            let display = (!client.no_progress).then(ProgressSlot::new);
-            let multi = display.as_ref().and_then(|d| d.multi());
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, multi);
             let summary = run_entry(&queue, entry, &opts, display).await?;
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else if !cli.quiet {
+                for l in ui::per_file_lines(&summary) {
+                    println!("{l}");
+                }
                 println!("{}", ui::summary_line(&summary));
             }
             Ok(())
@@ -659,7 +671,7 @@ async fn run_entry(
             accept_new_host_key: q.accept_new_host_key,
             verify: q.verify.clone(),
         };
-        ferry::sftp::set_defaults(args.options()?);
+        ferry::sftp::set_defaults(args.options(display.as_ref().and_then(|d| d.multi()))?);
     }
     entry.state = "running".into();
     entry.pid = std::process::id();

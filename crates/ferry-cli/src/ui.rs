@@ -196,6 +196,39 @@ fn short_name(s: &str) -> String {
     }
 }
 
+/// What happened per file of an SFTP copy, one line each: every file that
+/// was not simply sent fresh (resumed, restarted, repaired, fell back,
+/// already complete), then one line counting the fresh ones.
+pub fn per_file_lines(s: &CopySummary) -> Vec<String> {
+    use ferry::sftp::Resume;
+    let mut out: Vec<String> = s
+        .per_file
+        .iter()
+        .filter(|r| r.resume != Resume::Fresh)
+        .map(|r| r.to_string())
+        .collect();
+    let fresh: Vec<_> = s
+        .per_file
+        .iter()
+        .filter(|r| r.resume == Resume::Fresh)
+        .collect();
+    match fresh.as_slice() {
+        [] => {}
+        [one] => out.push(one.to_string()),
+        many => {
+            let mut by: Vec<&str> = many.iter().map(|r| r.verified_by.as_str()).collect();
+            by.sort_unstable();
+            by.dedup();
+            out.push(format!(
+                "{} file(s): fresh; verified by {}",
+                many.len(),
+                by.join(", ")
+            ))
+        }
+    }
+    out
+}
+
 pub fn summary_line(s: &CopySummary) -> String {
     let rate = s.bytes_total as f64 / s.duration_s.max(0.001);
     format!(

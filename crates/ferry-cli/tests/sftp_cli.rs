@@ -186,11 +186,119 @@ fn sigkill_mid_upload_then_resume_resends_little() {
     let resumed = j["bytes_resumed"].as_u64().unwrap();
     assert!(resumed >= 32 * MIB, "{j}");
     assert_eq!(sent + resumed, size, "{j}");
+    assert_eq!(j["per_file"][0]["outcome"], "resumed", "{j}");
+    assert_eq!(j["per_file"][0]["offset"], resumed, "{j}");
+    assert_eq!(j["per_file"][0]["verified_by"], "readback", "{j}");
     assert!(!part.exists());
     assert_eq!(std::fs::read(&dst).unwrap(), body);
     assert_eq!(
         j["digest"].as_str().unwrap(),
         blake3::hash(&body).to_hex().as_str()
     );
+    // The human output names what happened to the file.
+    std::fs::remove_file(&dst).unwrap();
+    let out = cp(false).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": fresh; verified by readback"), "{stdout}");
     eprintln!("bytes re-sent after SIGKILL: {sent} of {size} ({resumed} resumed)");
+}
+
+/// Runs ARGV on a new pseudo-terminal; once the output asks for a
+/// passphrase, types ANSWER and Enter. Prints everything the terminal showed
+/// and exits with the child's code.
+const PTY_DRIVER: &str = r#"
+import os, pty, select, sys
+answer = sys.argv[1].encode()
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+out, sent = b'', False
+while True:
+    r, _, _ = select.select([fd], [], [], 60)
+    if not r:
+        break
+    try:
+        d = os.read(fd, 4096)
+    except OSError:
+        break
+    if not d:
+        break
+    out += d
+    if not sent and b'passphrase for key' in out:
+        os.write(fd, answer + b'\n')
+        sent = True
+_, st = os.waitpid(pid, 0)
+sys.stdout.buffer.write(out)
+sys.exit(os.waitstatus_to_exitcode(st))
+"#;
+
+#[test]
+fn encrypted_key_prompts_on_a_terminal_and_says_the_env_var_otherwise() {
+    let Some(s) = start_sshd() else { return };
+    let d = s.dir.path();
+    let key = d.join("enckey");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "open sesame", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut ak = std::fs::read_to_string(d.join("authorized_keys")).unwrap();
+    ak.push_str(&std::fs::read_to_string(d.join("enckey.pub")).unwrap());
+    std::fs::write(d.join("authorized_keys"), ak).unwrap();
+    let src = d.join("src.txt");
+    std::fs::write(&src, b"behind a passphrase").unwrap();
+    let dst = d.join("dst.txt");
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let url = format!("sftp://{user}@127.0.0.1:{}/{}", s.port, dst.display());
+    let args = |c: &mut Command| {
+        c.args([
+            "cp",
+            "--no-progress",
+            "--retry-max-attempts",
+            "1",
+            "--state-dir",
+        ])
+        .arg(d.join("state"))
+        .arg("-i")
+        .arg(&key)
+        .arg("--known-hosts")
+        .arg(d.join("known_hosts"))
+        .arg("--accept-new-host-key")
+        .arg(&src)
+        .arg(&url)
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("FERRY_SSH_PASSPHRASE");
+    };
+
+    // No terminal: no prompt; the error names the variable (exit 3, auth).
+    let mut c = Command::new(BIN);
+    args(&mut c);
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("FERRY_SSH_PASSPHRASE"), "{stderr}");
+    assert!(!dst.exists());
+
+    // A terminal: asked there, the answer not echoed.
+    let py = match Command::new("python3").arg("--version").output() {
+        Ok(o) if o.status.success() => "python3",
+        _ => {
+            eprintln!("python3 missing; the terminal prompt is not tested");
+            return;
+        }
+    };
+    let mut c = Command::new(py);
+    c.arg("-c").arg(PTY_DRIVER).arg("open sesame").arg(BIN);
+    args(&mut c);
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("Enter passphrase for key {}", key.display())),
+        "{shown}"
+    );
+    assert!(!shown.contains("open sesame"), "passphrase echoed: {shown}");
+    assert_eq!(std::fs::read(&dst).unwrap(), b"behind a passphrase");
 }

@@ -104,6 +104,10 @@ pub struct CopySummary {
     /// The whole-file digest for one file; for several, a digest over (path, digest) pairs.
     pub digest: String,
     pub alg: String,
+    /// SFTP copies: what happened to each file (fresh, resumed, repaired, ...)
+    /// and how it was verified. Empty, and absent from JSON, for native copies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_file: Vec<crate::sftp::FileReport>,
 }
 
 /// One file to move.
@@ -314,6 +318,7 @@ pub async fn copy(
         duration_s: started.elapsed().as_secs_f64(),
         digest,
         alg: opts.alg.name().to_string(),
+        per_file: Vec::new(),
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferry::copy::{CopyOptions, CopySummary};
 use ferry::progress::Progress;
-use ferry::sftp::{SftpOptions, SshConfig, Verify};
+use ferry::sftp::{RestartReason, Resume, SftpOptions, SshConfig, VerifiedBy, Verify};
 use ferry::Error;
 
 const MIB: usize = 1 << 20;
@@ -97,6 +97,59 @@ while True:
     p.stdin.write(hdr + body); p.stdin.flush()
 "#;
 
+/// Python wrapper around sftp-server that adds the `check-file-handle`
+/// extension OpenSSH lacks (sha256 over a handle's range, computed from the
+/// file on disk), as ProFTPD and MINA SSHD offer it. With LIE set it answers
+/// a wrong digest.
+const CHECK_FILE_WRAPPER: &str = r#"#!/usr/bin/env python3
+import hashlib, os, struct, subprocess, sys, threading
+LIE = LIE_FLAG
+p = subprocess.Popen([SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+inp, out, lock = sys.stdin.buffer, sys.stdout.buffer, threading.Lock()
+opening, paths = {}, {}
+def readn(f, n):
+    b = b''
+    while len(b) < n:
+        c = f.read(n - len(b))
+        if not c: os._exit(0)
+        b += c
+    return b
+def sstr(b, at):
+    n = struct.unpack('>I', b[at:at + 4])[0]
+    return b[at + 4:at + 4 + n], at + 4 + n
+def pack(*parts):
+    return b''.join(struct.pack('>I', len(x)) + x for x in parts)
+def send(body):
+    with lock:
+        out.write(struct.pack('>I', len(body)) + body); out.flush()
+def pump():
+    while True:
+        body = readn(p.stdout, struct.unpack('>I', readn(p.stdout, 4))[0])
+        if body[0] == 2:
+            body += pack(b'check-file-handle', b'1')
+        elif body[0] == 102:
+            rid = body[1:5]; h, _ = sstr(body, 5)
+            if rid in opening: paths[h] = opening.pop(rid)
+        send(body)
+threading.Thread(target=pump, daemon=True).start()
+while True:
+    hdr = readn(inp, 4); body = readn(inp, struct.unpack('>I', hdr)[0])
+    if body[0] == 3:
+        name, _ = sstr(body, 5); opening[body[1:5]] = name
+    elif body[0] == 200:
+        rid = body[1:5]; name, at = sstr(body, 5)
+        if name == b'check-file-handle':
+            h, at = sstr(body, at); algs, at = sstr(body, at)
+            off, ln = struct.unpack('>QQ', body[at:at + 16])
+            with open(paths[h], 'rb') as f:
+                f.seek(off); data = f.read(ln) if ln else f.read()
+            d = bytearray(hashlib.sha256(data).digest())
+            if LIE: d[0] ^= 1
+            send(bytes([201]) + rid + pack(b'check-file', b'sha256') + bytes(d))
+            continue
+    p.stdin.write(hdr + body); p.stdin.flush()
+"#;
+
 #[derive(PartialEq)]
 enum Mode {
     Plain,
@@ -104,6 +157,8 @@ enum Mode {
     NoOffsetWrites,
     /// sftp-server -P posix-rename: the extension is announced but refused.
     NoPosixRename,
+    /// The wrapper above: `check-file-handle` offered; `true`: it lies.
+    CheckFile(bool),
 }
 
 fn start_sshd(mode: Mode) -> Option<Sshd> {
@@ -125,6 +180,14 @@ fn start_sshd(mode: Mode) -> Option<Sshd> {
         .port();
     let subsystem = if mode == Mode::NoPosixRename {
         format!("{} -P posix-rename", sftp_server())
+    } else if let Mode::CheckFile(lie) = mode {
+        let w = d.join("sftp-wrapper.py");
+        let script = CHECK_FILE_WRAPPER
+            .replace("SERVER", &format!("{:?}", sftp_server()))
+            .replace("LIE_FLAG", if lie { "True" } else { "False" });
+        std::fs::write(&w, script).unwrap();
+        std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        w.display().to_string()
     } else if mode == Mode::NoOffsetWrites {
         let w = d.join("sftp-wrapper.py");
         std::fs::write(
@@ -183,9 +246,11 @@ impl Sshd {
         SshConfig {
             identities: vec![self.dir.path().join("clientkey")],
             passphrase: None,
+            passphrase_prompt: None,
             known_hosts: Some(self.dir.path().join("known_hosts")),
             accept_new_host_key: false,
             no_agent: true,
+            agent_socket: None,
         }
     }
     fn opts(&self) -> SftpOptions {
@@ -238,6 +303,33 @@ async fn cp(src: &str, dst: &str, state: &Path, o: &SftpOptions) -> Result<CopyS
     .await
 }
 
+/// The outcome of a one-file copy, checked against its JSON form too.
+fn outcome(sum: &CopySummary) -> Resume {
+    assert_eq!(sum.per_file.len(), 1, "{:?}", sum.per_file);
+    let r = sum.per_file[0].resume;
+    let j = serde_json::to_value(sum).unwrap();
+    let f = &j["per_file"][0];
+    let tag = match r {
+        Resume::Fresh => "fresh",
+        Resume::Resumed { .. } => "resumed",
+        Resume::Restarted { .. } => "restarted",
+        Resume::Repaired { .. } => "repaired",
+        Resume::FallbackRestart { .. } => "fallback_restart",
+        Resume::AlreadyComplete => "already_complete",
+    };
+    assert_eq!(f["outcome"], tag, "{j}");
+    assert!(f["verified_by"].is_string(), "{j}");
+    match r {
+        Resume::Resumed { offset } => assert_eq!(f["offset"], offset, "{j}"),
+        Resume::Repaired { offset, recorded } => {
+            assert_eq!(f["offset"], offset, "{j}");
+            assert_eq!(f["recorded"], recorded, "{j}");
+        }
+        _ => {}
+    }
+    r
+}
+
 fn data(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
@@ -264,6 +356,8 @@ async fn upload_and_download_interesting_sizes() {
             .await
             .unwrap();
         assert_eq!(sum.bytes_sent, n as u64);
+        assert_eq!(outcome(&sum), Resume::Fresh);
+        assert_eq!(sum.per_file[0].verified_by, VerifiedBy::Readback);
         assert_eq!(std::fs::read(&remote).unwrap(), body, "upload size {n}");
         assert!(!Path::new(&format!("{}.part", remote.display())).exists());
         let back = t.path().join(format!("back{i}"));
@@ -271,6 +365,7 @@ async fn upload_and_download_interesting_sizes() {
             .await
             .unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), body, "download size {n}");
+        assert_eq!(outcome(&sum2), Resume::Fresh);
         assert_eq!(sum.digest, sum2.digest);
         assert_eq!(sum.digest, blake3::hash(&body).to_hex().to_string());
     }
@@ -344,6 +439,12 @@ async fn resume_resends_only_the_rest() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, (2 * RANGE) as u64);
     assert_eq!(sum.bytes_sent, (5 * MIB) as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Resumed {
+            offset: (2 * RANGE) as u64
+        }
+    );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 
     // A crash after the last range was recorded but before the rename:
@@ -355,6 +456,7 @@ async fn resume_resends_only_the_rest() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, body.len() as u64);
     assert_eq!(sum.bytes_sent, 0);
+    assert_eq!(outcome(&sum), Resume::AlreadyComplete);
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
 
@@ -380,6 +482,12 @@ async fn changed_source_starts_fresh() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, 0);
     assert_eq!(sum.bytes_sent, n as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Restarted {
+            reason: RestartReason::SourceChanged
+        }
+    );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
 
@@ -415,6 +523,13 @@ async fn damaged_remote_partial_is_found_and_rewritten() {
         .await
         .unwrap();
     assert_eq!(sum.bytes_resumed, RANGE as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Repaired {
+            offset: RANGE as u64,
+            recorded: (2 * RANGE) as u64
+        }
+    );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 
     // With --verify full, damage in the first range is found as well.
@@ -427,6 +542,13 @@ async fn damaged_remote_partial_is_found_and_rewritten() {
         .await
         .unwrap();
     assert_eq!(sum.bytes_resumed, 0);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Restarted {
+            reason: RestartReason::PartialUnusable
+        }
+    );
+    assert_eq!(sum.per_file[0].verified_by, VerifiedBy::Readback);
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
 
@@ -522,11 +644,33 @@ async fn server_without_offset_writes_takes_the_fallback() {
         .unwrap();
     // The probe at offset 8 MiB was refused: the whole file went again.
     assert_eq!(sum.bytes_resumed, 0);
+    assert_eq!(
+        outcome(&sum),
+        Resume::FallbackRestart {
+            refused_offset: Some(RANGE as u64)
+        }
+    );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
     // ...and the host is remembered.
-    let store = ferry::store::Store::open(&state).unwrap();
-    let caps = ferry::sftp::sidecar::host_caps(&store, &format!("127.0.0.1:{}", s.port)).unwrap();
-    assert!(caps.no_offset_writes);
+    {
+        let store = ferry::store::Store::open(&state).unwrap();
+        let caps =
+            ferry::sftp::sidecar::host_caps(&store, &format!("127.0.0.1:{}", s.port)).unwrap();
+        assert!(caps.no_offset_writes);
+    }
+    // The next interrupted upload to that host restarts without probing.
+    std::fs::remove_file(&remote).unwrap();
+    interrupted_upload(&s, &src, &remote, &state, 1).await;
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome(&sum),
+        Resume::FallbackRestart {
+            refused_offset: None
+        }
+    );
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
 
 #[tokio::test]
@@ -554,6 +698,12 @@ async fn download_resumes_and_rewrites_a_damaged_local_part() {
         .unwrap();
     assert_eq!(sum.bytes_resumed, (2 * RANGE) as u64);
     assert_eq!(sum.bytes_sent, (RANGE + 1234) as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Resumed {
+            offset: (2 * RANGE) as u64
+        }
+    );
     assert_eq!(std::fs::read(&local).unwrap(), body);
     assert!(!part.exists());
 
@@ -568,6 +718,13 @@ async fn download_resumes_and_rewrites_a_damaged_local_part() {
         .await
         .unwrap();
     assert_eq!(sum.bytes_resumed, RANGE as u64);
+    assert_eq!(
+        outcome(&sum),
+        Resume::Repaired {
+            offset: RANGE as u64,
+            recorded: (2 * RANGE) as u64
+        }
+    );
     assert_eq!(std::fs::read(&local).unwrap(), body);
 }
 
@@ -624,6 +781,40 @@ async fn encrypted_key_needs_its_passphrase() {
     .unwrap_err();
     assert!(matches!(e, Error::SshAuth { .. }), "{e}");
     assert!(e.to_string().contains("FERRY_SSH_PASSPHRASE"), "{e}");
+    // A prompt (the binary's asks on the terminal): a wrong answer is
+    // refused, the right one logs in; each is asked once per key.
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let prompt = |answer: &'static str, asked: Arc<std::sync::atomic::AtomicUsize>| {
+        ferry::sftp::PassphrasePrompt(Arc::new(move |p: &Path| {
+            assert!(p.ends_with("enckey"));
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Some(answer.to_string()))
+        }))
+    };
+    o.ssh.passphrase_prompt = Some(prompt("wrong", asked.clone()));
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SshAuth { .. }), "{e}");
+    assert!(e.to_string().contains("wrong passphrase"), "{e}");
+    o.ssh.passphrase_prompt = Some(prompt("pass word", asked.clone()));
+    cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&remote).unwrap(), b"secret");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    std::fs::remove_file(&remote).unwrap();
+    o.ssh.passphrase_prompt = None;
     o.ssh.passphrase = Some("pass word".into());
     cp(
         src.to_str().unwrap(),
@@ -634,4 +825,260 @@ async fn encrypted_key_needs_its_passphrase() {
     .await
     .unwrap();
     assert_eq!(std::fs::read(&remote).unwrap(), b"secret");
+}
+
+/// Makes a key with `ssh-keygen ARGS` (no passphrase) and authorizes it on `s`.
+fn authorized_key(s: &Sshd, path: &Path, args: &[&str]) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-N", ""])
+        .args(args)
+        .arg("-f")
+        .arg(path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success(), "ssh-keygen {args:?}");
+    let ak = s.dir.path().join("authorized_keys");
+    let mut text = std::fs::read_to_string(&ak).unwrap();
+    text.push_str(&std::fs::read_to_string(format!("{}.pub", path.display())).unwrap());
+    std::fs::write(&ak, text).unwrap();
+}
+
+/// One small upload with `o`; checks the file arrived.
+async fn upload_with(s: &Sshd, t: &Path, o: &SftpOptions, what: &str) {
+    let src = t.join(format!("src-{what}"));
+    std::fs::write(&src, what.as_bytes()).unwrap();
+    let remote = t.join(format!("dst-{what}"));
+    cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.join(format!("state-{what}")),
+        o,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(std::fs::read(&remote).unwrap(), what.as_bytes());
+}
+
+#[tokio::test]
+async fn rsa_key_authenticates() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("rsakey");
+    authorized_key(&s, &key, &["-t", "rsa", "-b", "3072"]);
+    let mut o = s.opts();
+    o.ssh.identities = vec![key];
+    upload_with(&s, t.path(), &o, "rsa").await;
+}
+
+#[tokio::test]
+async fn ecdsa_key_authenticates() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("ecdsakey");
+    authorized_key(&s, &key, &["-t", "ecdsa", "-b", "256"]);
+    let mut o = s.opts();
+    o.ssh.identities = vec![key];
+    upload_with(&s, t.path(), &o, "ecdsa").await;
+}
+
+/// An `ssh-agent -D` of the test's own, killed by its PID on drop.
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent(dir: &Path) -> Option<Agent> {
+    let sock = dir.join("agent.sock");
+    let child = match Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ssh-agent not available ({e}); skipped");
+            return None;
+        }
+    };
+    let agent = Agent { child, sock };
+    for _ in 0..200 {
+        if agent.sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(agent.sock.exists(), "ssh-agent made no socket");
+    Some(agent)
+}
+
+fn ssh_add(agent: &Agent, key: &Path) {
+    let st = Command::new("ssh-add")
+        .arg("-q")
+        .arg(key)
+        .env("SSH_AUTH_SOCK", &agent.sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("ssh-add");
+    assert!(st.success(), "ssh-add {}", key.display());
+}
+
+#[tokio::test]
+async fn agent_keys_authenticate() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let Some(agent) = start_agent(t.path()) else {
+        return;
+    };
+    // No key file offered: only what the agent holds can log in. A missing
+    // default ~/.ssh/id_* is fine; one that exists is refused by this sshd.
+    let mut o = s.opts();
+    o.ssh.identities = Vec::new();
+    o.ssh.no_agent = false;
+    o.ssh.agent_socket = Some(agent.sock.clone());
+
+    // An empty agent: refused, and the error says the agent had nothing.
+    let src = t.path().join("src");
+    std::fs::write(&src, b"x").unwrap();
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&t.path().join("never")),
+        &t.path().join("state0"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SshAuth { .. }), "{e}");
+    assert!(e.to_string().contains("no keys"), "{e}");
+
+    // ed25519, then RSA (signed by the agent with rsa-sha2-*).
+    ssh_add(&agent, &s.dir.path().join("clientkey"));
+    upload_with(&s, t.path(), &o, "agent-ed25519").await;
+    let rsa = t.path().join("agentrsa");
+    authorized_key(&s, &rsa, &["-t", "rsa", "-b", "3072"]);
+    let st = Command::new("ssh-add")
+        .arg("-D")
+        .env("SSH_AUTH_SOCK", &agent.sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ssh_add(&agent, &rsa);
+    upload_with(&s, t.path(), &o, "agent-rsa").await;
+    drop(agent);
+}
+
+#[tokio::test]
+async fn openssh_has_no_check_file_so_full_verify_reads_back() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    // What this sftp-server announces in its init reply.
+    let target = ferry::sftp::SftpTarget::parse(&s.url(Path::new("/tmp"))).unwrap();
+    let conn = ferry::sftp::auth::connect(&target, &s.ssh()).await.unwrap();
+    assert!(
+        conn.has("posix-rename@openssh.com"),
+        "{:?}",
+        conn.extensions
+    );
+    assert!(
+        !conn.has("check-file-handle") && !conn.has("check-file-name"),
+        "OpenSSH now offers check-file: {:?}",
+        conn.extensions
+    );
+    drop(conn);
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let body = data(RANGE + 5, 2);
+    std::fs::write(&src, &body).unwrap();
+    let remote = t.path().join("dst");
+    let mut o = s.opts();
+    o.verify = Verify::Full;
+    let sum = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sum.per_file[0].verified_by, VerifiedBy::Readback);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+}
+
+#[tokio::test]
+async fn check_file_verifies_where_the_server_offers_it() {
+    let Some(s) = start_sshd(Mode::CheckFile(false)) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let body = data(2 * RANGE + 999, 8);
+    std::fs::write(&src, &body).unwrap();
+    for (i, v) in [Verify::Full, Verify::Tail, Verify::Size]
+        .into_iter()
+        .enumerate()
+    {
+        let remote = t.path().join(format!("dst{i}"));
+        let mut o = s.opts();
+        o.verify = v;
+        let sum = cp(
+            src.to_str().unwrap(),
+            &s.url(&remote),
+            &t.path().join("st"),
+            &o,
+        )
+        .await
+        .unwrap();
+        let want = if v == Verify::Size {
+            VerifiedBy::Size
+        } else {
+            VerifiedBy::CheckFile
+        };
+        assert_eq!(sum.per_file[0].verified_by, want, "{v:?}");
+        let j = serde_json::to_value(&sum).unwrap();
+        assert_eq!(j["per_file"][0]["verified_by"], want.as_str());
+        assert_eq!(std::fs::read(&remote).unwrap(), body);
+    }
+}
+
+#[tokio::test]
+async fn check_file_mismatch_fails_the_upload() {
+    let Some(s) = start_sshd(Mode::CheckFile(true)) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::write(&src, data(RANGE + 1, 6)).unwrap();
+    let remote = t.path().join("dst");
+    let mut o = s.opts();
+    o.verify = Verify::Full;
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("st"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::SftpIntegrity { .. }), "{e}");
+    assert!(e.to_string().contains("check-file-handle"), "{e}");
+    assert!(!remote.exists(), "nothing renamed into place");
 }

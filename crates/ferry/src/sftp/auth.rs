@@ -3,7 +3,7 @@
 //! (ed25519, RSA, ECDSA; encrypted ones with a passphrase) and ssh-agent,
 //! keepalives, and the `sftp` subsystem.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,12 +22,60 @@ pub struct SshConfig {
     pub identities: Vec<PathBuf>,
     /// Passphrase for encrypted keys.
     pub passphrase: Option<String>,
+    /// Asked for an encrypted key's passphrase when `passphrase` is `None`
+    /// (the binary prompts on the terminal). `None`: such keys are skipped,
+    /// and the error says to set `FERRY_SSH_PASSPHRASE`.
+    pub passphrase_prompt: Option<PassphrasePrompt>,
     /// The known-hosts file (default `~/.ssh/known_hosts`).
     pub known_hosts: Option<PathBuf>,
     /// Trust and record a host key that is not in the file yet.
     pub accept_new_host_key: bool,
     /// Do not ask ssh-agent (tests use this for a deterministic key set).
     pub no_agent: bool,
+    /// The ssh-agent socket; `None` means `$SSH_AUTH_SOCK`. (Tests set it
+    /// rather than the process-wide environment, which parallel tests share.)
+    pub agent_socket: Option<PathBuf>,
+}
+
+/// Asks for the passphrase of the key file it is given; `Ok(None)` when the
+/// user gave none. Called on the blocking pool, so it may block on a terminal.
+#[derive(Clone)]
+pub struct PassphrasePrompt(pub Arc<AskPassphrase>);
+
+/// The function behind a [`PassphrasePrompt`]: key file in, passphrase out.
+pub type AskPassphrase = dyn Fn(&Path) -> std::io::Result<Option<String>> + Send + Sync;
+
+impl std::fmt::Debug for PassphrasePrompt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PassphrasePrompt")
+    }
+}
+
+/// Loads an encrypted key file with what `cfg.passphrase_prompt` returns.
+/// `Err(reason)` when it cannot be used.
+async fn load_encrypted_key(
+    path: &Path,
+    cfg: &SshConfig,
+) -> std::result::Result<russh::keys::PrivateKey, String> {
+    let Some(prompt) = cfg.passphrase_prompt.clone() else {
+        return Err(format!(
+            "{}: encrypted; set FERRY_SSH_PASSPHRASE to its passphrase",
+            path.display()
+        ));
+    };
+    let p = path.to_path_buf();
+    let asked = tokio::task::spawn_blocking(move || (prompt.0)(&p))
+        .await
+        .map_err(|e| format!("{}: passphrase prompt failed: {e}", path.display()))?
+        .map_err(|e| format!("{}: passphrase prompt failed: {e}", path.display()))?;
+    let Some(pass) = asked else {
+        return Err(format!(
+            "{}: encrypted; no passphrase given",
+            path.display()
+        ));
+    };
+    russh::keys::load_secret_key(path, Some(&pass))
+        .map_err(|e| format!("{}: {e} (wrong passphrase?)", path.display()))
 }
 
 fn home() -> Option<PathBuf> {
@@ -257,13 +305,13 @@ async fn authenticate(
     for path in cfg.identity_paths() {
         let key = match russh::keys::load_secret_key(&path, cfg.passphrase.as_deref()) {
             Ok(k) => k,
-            Err(russh::keys::Error::KeyIsEncrypted) => {
-                tried.push(format!(
-                    "{}: encrypted, set FERRY_SSH_PASSPHRASE",
-                    path.display()
-                ));
-                continue;
-            }
+            Err(russh::keys::Error::KeyIsEncrypted) => match load_encrypted_key(&path, cfg).await {
+                Ok(k) => k,
+                Err(why) => {
+                    tried.push(why);
+                    continue;
+                }
+            },
             Err(e) => {
                 if !cfg.identities.is_empty() {
                     return Err(Error::Usage(format!("{}: {e}", path.display())));
@@ -282,24 +330,42 @@ async fn authenticate(
         }
         tried.push(format!("{} refused", path.display()));
     }
-    if !cfg.no_agent && std::env::var_os("SSH_AUTH_SOCK").is_some() {
-        if let Ok(mut agent) = russh::keys::agent::client::AgentClient::connect_env().await {
-            let ids = agent.request_identities().await.unwrap_or_default();
-            for id in ids {
-                let russh::keys::agent::AgentIdentity::PublicKey { key, .. } = id else {
-                    continue;
+    let agent_socket = cfg
+        .agent_socket
+        .clone()
+        .or_else(|| std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from));
+    if let (false, Some(sock)) = (cfg.no_agent, agent_socket) {
+        match russh::keys::agent::client::AgentClient::connect_uds(&sock).await {
+            Err(e) => tried.push(format!("ssh-agent at {}: {e}", sock.display())),
+            Ok(mut agent) => {
+                let ids = match agent.request_identities().await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        tried.push(format!("ssh-agent at {}: {e}", sock.display()));
+                        Vec::new()
+                    }
                 };
-                let hash = if key.algorithm().is_rsa() {
-                    rsa_hash
-                } else {
-                    None
-                };
-                match handle
-                    .authenticate_publickey_with(&t.user, key, hash, &mut agent)
-                    .await
-                {
-                    Ok(r) if r.success() => return Ok(()),
-                    _ => tried.push("an agent key refused".into()),
+                if ids.is_empty() {
+                    tried.push(format!("ssh-agent at {}: no keys", sock.display()));
+                }
+                for id in ids {
+                    let russh::keys::agent::AgentIdentity::PublicKey { key, .. } = id else {
+                        continue;
+                    };
+                    let hash = if key.algorithm().is_rsa() {
+                        rsa_hash
+                    } else {
+                        None
+                    };
+                    let fp = key.fingerprint(HashAlg::Sha256);
+                    match handle
+                        .authenticate_publickey_with(&t.user, key, hash, &mut agent)
+                        .await
+                    {
+                        Ok(r) if r.success() => return Ok(()),
+                        Ok(_) => tried.push(format!("agent key {fp} refused")),
+                        Err(e) => tried.push(format!("agent key {fp}: {e}")),
+                    }
                 }
             }
         }

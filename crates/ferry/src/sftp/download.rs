@@ -13,7 +13,10 @@ use tracing::{info, warn};
 use super::auth::Conn;
 use super::sidecar::{self, Sidecar, RANGE_SIZE};
 use super::upload::{range_count, range_len, read_remote};
-use super::{is_no_such_file, sftp_err, FileOutcome, Job, SftpTarget, Verify};
+use super::{
+    is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
+    Verify,
+};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::Progress;
@@ -144,8 +147,11 @@ pub async fn download(
 
     let part = fsutil::open_part(&part_path)?;
     let mut ranges: Vec<String> = Vec::new();
+    let mut resume = Resume::Fresh;
     if let Some(rec) = sidecar::get(store, &key)? {
-        if rec.size == size && rec.mtime_ns == mtime_ns && rec.range_size == RANGE_SIZE {
+        if rec.ranges.is_empty() {
+            // Nothing was recorded: as good as a first attempt.
+        } else if rec.size == size && rec.mtime_ns == mtime_ns && rec.range_size == RANGE_SIZE {
             let have = part
                 .metadata()
                 .map_err(|e| Error::local(&part_path, e))?
@@ -173,8 +179,27 @@ pub async fn download(
             if good < rec.ranges.len() {
                 warn!(part = %part_path.display(), good, "local partial damaged or short; rewriting from there");
             }
+            resume = if good == 0 {
+                Resume::Restarted {
+                    reason: RestartReason::PartialUnusable,
+                }
+            } else if good < rec.ranges.len() {
+                Resume::Repaired {
+                    offset: good as u64 * RANGE_SIZE,
+                    recorded: (rec.ranges.len() as u64 * RANGE_SIZE).min(size),
+                }
+            } else if (good as u64 * RANGE_SIZE) >= size {
+                Resume::AlreadyComplete
+            } else {
+                Resume::Resumed {
+                    offset: good as u64 * RANGE_SIZE,
+                }
+            };
             ranges = rec.ranges[..good].to_vec();
         } else {
+            resume = Resume::Restarted {
+                reason: RestartReason::SourceChanged,
+            };
             notes.push(format!(
                 "{}: remote file changed since the interrupted download; starting over",
                 job.remote.url(&remote)
@@ -303,5 +328,13 @@ pub async fn download(
     Ok(FileOutcome {
         digest: Some(digest),
         notes,
+        resume,
+        // The local part is re-read (last range, or all) and compared with
+        // the digests of what was received.
+        verified_by: if verify >= Verify::Tail {
+            VerifiedBy::Readback
+        } else {
+            VerifiedBy::Size
+        },
     })
 }

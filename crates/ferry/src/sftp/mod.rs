@@ -31,7 +31,7 @@ use crate::progress::Progress;
 use crate::retry::RetryDecision;
 use crate::store::Store;
 
-pub use auth::SshConfig;
+pub use auth::{PassphrasePrompt, SshConfig};
 
 /// How strictly a resume and a finished transfer are verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -200,10 +200,126 @@ pub(crate) fn is_no_such_file(e: &russh_sftp::client::error::Error) -> bool {
 }
 
 /// What happened to one file, for the summary and the output.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FileOutcome {
     pub digest: Option<blake3::Hash>,
     pub notes: Vec<String>,
+    pub resume: Resume,
+    pub verified_by: VerifiedBy,
+}
+
+/// How a file's transfer began, relative to an earlier interrupted one.
+/// Serialized with `outcome` as the tag: `{"outcome":"resumed","offset":16777216}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Resume {
+    /// No earlier attempt was recorded: sent from byte 0.
+    Fresh,
+    /// The recorded prefix verified; sending went on from `offset`.
+    Resumed { offset: u64 },
+    /// An earlier attempt was recorded but nothing of it could be used.
+    Restarted { reason: RestartReason },
+    /// The partial failed verification near its end: walked back to the last
+    /// range that verified and rewrote from `offset` (the record had reached `recorded`).
+    Repaired { offset: u64, recorded: u64 },
+    /// The server cannot write at an offset into an existing file: sent from
+    /// byte 0. `refused_offset` is the probe it refused; absent when the host
+    /// was already remembered as such.
+    FallbackRestart {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        refused_offset: Option<u64>,
+    },
+    /// Every range was already written and recorded (a stop between the last
+    /// range and the rename): nothing was sent, the partial was verified and renamed.
+    AlreadyComplete,
+}
+
+/// Why [`Resume::Restarted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartReason {
+    /// The source (local file for an upload, remote file for a download)
+    /// differs from the one the partial was made from.
+    SourceChanged,
+    /// Not even the first recorded range of the partial verified (or the
+    /// partial is gone).
+    PartialUnusable,
+}
+
+impl std::fmt::Display for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resume::Fresh => write!(f, "fresh"),
+            Resume::Resumed { offset } => write!(f, "resumed from byte {offset}"),
+            Resume::Restarted {
+                reason: RestartReason::SourceChanged,
+            } => write!(f, "restarted (source changed)"),
+            Resume::Restarted {
+                reason: RestartReason::PartialUnusable,
+            } => write!(f, "restarted (partial unusable)"),
+            Resume::Repaired { offset, recorded } => write!(
+                f,
+                "repaired (partial verified only up to byte {offset} of {recorded} recorded; rewrote from there)"
+            ),
+            Resume::FallbackRestart {
+                refused_offset: Some(o),
+            } => write!(
+                f,
+                "fallback_restart (server refused a write at offset {o}; sent from byte 0)"
+            ),
+            Resume::FallbackRestart { refused_offset: None } => write!(
+                f,
+                "fallback_restart (server known not to write at an offset; sent from byte 0)"
+            ),
+            Resume::AlreadyComplete => write!(f, "already_complete (nothing to send)"),
+        }
+    }
+}
+
+/// How the finished file was checked before it was renamed into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum VerifiedBy {
+    /// `--verify size|mtime`: its size only.
+    #[serde(rename = "size")]
+    Size,
+    /// Ranges read back and compared with the BLAKE3 digests of what was sent.
+    #[serde(rename = "readback")]
+    Readback,
+    /// The server hashed the ranges itself (`check-file-handle` extension).
+    #[serde(rename = "check-file")]
+    CheckFile,
+}
+
+impl VerifiedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifiedBy::Size => "size",
+            VerifiedBy::Readback => "readback",
+            VerifiedBy::CheckFile => "check-file",
+        }
+    }
+}
+
+/// One file of an SFTP copy, for `--json` (`per_file`) and the human output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileReport {
+    /// Where the file was written: the `sftp://` URL of an upload, the local path of a download.
+    pub path: String,
+    #[serde(flatten)]
+    pub resume: Resume,
+    pub verified_by: VerifiedBy,
+}
+
+impl std::fmt::Display for FileReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}; verified by {}",
+            self.path,
+            self.resume,
+            self.verified_by.as_str()
+        )
+    }
 }
 
 /// Runs a copy where one side is `sftp://`.
@@ -226,6 +342,7 @@ pub async fn copy(
         rng: rand::SeedableRng::from_entropy(),
         digests: Vec::new(),
         notes: Vec::new(),
+        reports: Vec::new(),
     };
     if upload {
         if srcs.iter().any(|s| s.contains("://")) {
@@ -318,6 +435,7 @@ pub async fn copy(
         duration_s: started.elapsed().as_secs_f64(),
         digest,
         alg: "blake3".into(),
+        per_file: runner.reports,
     })
 }
 
@@ -418,6 +536,7 @@ struct Runner<'a> {
     rng: rand::rngs::StdRng,
     digests: Vec<(String, blake3::Hash)>,
     notes: Vec<String>,
+    reports: Vec<FileReport>,
 }
 
 impl Runner<'_> {
@@ -509,7 +628,7 @@ impl Runner<'_> {
                 })
             })
             .await?;
-        self.finish(&t.path, out);
+        self.finish(&t.path, t.url(&t.path), out);
         Ok(())
     }
 
@@ -520,6 +639,7 @@ impl Runner<'_> {
                 .map_err(|e| Error::local(&job.local, e));
         }
         self.progress.start_file(&t.url(&t.path), job.size);
+        let local = job.local.clone();
         let stop = self.sftp.stop_after_ranges;
         let (store, progress, verify) =
             (self.store.clone(), self.progress.clone(), self.sftp.verify);
@@ -532,11 +652,12 @@ impl Runner<'_> {
                 })
             })
             .await?;
-        self.finish(&t.path, out);
+        self.finish(&t.path, local.display().to_string(), out);
         Ok(())
     }
 
-    fn finish(&mut self, path: &str, out: FileOutcome) {
+    /// Records a finished file; `path` keys its digest, `shown` names it in the report.
+    fn finish(&mut self, path: &str, shown: String, out: FileOutcome) {
         Progress::add(&self.progress.files_done, 1);
         for n in out.notes {
             // What happened (resumed, restarted, fell back) is for the user to see.
@@ -546,6 +667,11 @@ impl Runner<'_> {
         if let Some(d) = out.digest {
             self.digests.push((path.to_string(), d));
         }
+        self.reports.push(FileReport {
+            path: shown,
+            resume: out.resume,
+            verified_by: out.verified_by,
+        });
     }
 }
 

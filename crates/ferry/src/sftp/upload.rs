@@ -6,6 +6,13 @@
 //! [`Verify`] before it is renamed over `PATH` (`posix-rename@openssh.com`
 //! where offered; otherwise remove-then-rename, which leaves a moment with
 //! no file at `PATH`).
+//!
+//! The finished file is verified by reading its ranges back, or, where the
+//! server announces `check-file-handle`, by asking it for a SHA-256 of the
+//! range and comparing with the source's (no data comes back over the
+//! network). OpenSSH's sftp-server does not offer that extension, so against
+//! OpenSSH it is always read-back; the tests cover check-file with a shim
+//! that adds it in front of sftp-server.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -16,7 +23,10 @@ use tracing::{info, warn};
 
 use super::auth::Conn;
 use super::sidecar::{self, Sidecar, RANGE_SIZE, TAIL_LEN};
-use super::{is_no_such_file, sftp_err, FileOutcome, Job, SftpTarget, Verify};
+use super::{
+    is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
+    Verify,
+};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::Progress;
@@ -306,23 +316,46 @@ pub async fn upload(
     let mut notes = Vec::new();
 
     let mut ranges: Vec<String> = Vec::new();
+    let mut resume = Resume::Fresh;
     if let Some(rec) = sidecar::get(store, &key)? {
         let same = rec.size == size
             && rec.range_size == RANGE_SIZE
             && (verify < Verify::Mtime || rec.mtime_ns == mtime_ns)
             && (verify < Verify::Tail || rec.tail == tail);
-        if !same {
+        if rec.ranges.is_empty() {
+            // Nothing was recorded: as good as a first attempt.
+        } else if !same {
+            resume = Resume::Restarted {
+                reason: RestartReason::SourceChanged,
+            };
             notes.push(format!(
                 "{}: source changed since the interrupted upload; remote partial discarded, uploading from the start",
                 job.local.display()
             ));
         } else if caps.no_offset_writes {
+            resume = Resume::FallbackRestart {
+                refused_offset: None,
+            };
             notes.push(format!(
                 "{host}: server cannot write at an offset (remembered); uploading {} from the start",
                 job.local.display()
             ));
         } else {
             let good = proven_ranges(c, &part, &host, &rec, size, verify).await?;
+            resume = if good == 0 {
+                Resume::Restarted {
+                    reason: RestartReason::PartialUnusable,
+                }
+            } else if good < rec.ranges.len() {
+                Resume::Repaired {
+                    offset: good as u64 * RANGE_SIZE,
+                    recorded: (rec.ranges.len() as u64 * RANGE_SIZE).min(size),
+                }
+            } else {
+                Resume::Resumed {
+                    offset: (good as u64 * RANGE_SIZE).min(size),
+                }
+            };
             if good < rec.ranges.len() {
                 notes.push(format!(
                     "{part}: remote partial verified up to range {good} of {}; rewriting from byte {}",
@@ -355,6 +388,9 @@ pub async fn upload(
                         s.error_message,
                         job.local.display()
                     ));
+                    resume = Resume::FallbackRestart {
+                        refused_offset: Some(resume_at),
+                    };
                     let _ = c.raw.close(handle).await;
                     ranges.clear();
                     resume_at = 0;
@@ -363,6 +399,9 @@ pub async fn upload(
                 e => return Err(sftp_err("write", &part, &host, e)),
             }
         }
+    }
+    if resume_at > 0 && resume_at == size && matches!(resume, Resume::Resumed { .. }) {
+        resume = Resume::AlreadyComplete;
     }
     if resume_at > 0 {
         info!(part, resume_at, "resuming upload");
@@ -442,7 +481,11 @@ pub async fn upload(
             times: 1,
         });
     }
-    verify_remote(c, &part, &host, &rec, size, verify).await?;
+    let src = Source {
+        file: &f,
+        path: &job.local,
+    };
+    let verified_by = verify_remote(c, &part, &host, &rec, size, verify, src).await?;
     if !rename_over(c, &part, &remote, &host).await? {
         notes.push(format!(
             "{host}: no atomic rename (posix-rename@openssh.com); {remote} was removed, then {part} renamed to it"
@@ -453,6 +496,8 @@ pub async fn upload(
     Ok(FileOutcome {
         digest: Some(digest),
         notes,
+        resume,
+        verified_by,
     })
 }
 
@@ -469,8 +514,108 @@ async fn open_part(c: &Conn, part: &str, host: &str, keep: bool) -> Result<Strin
         .handle)
 }
 
+/// The local file an upload reads from.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    file: &'a std::fs::File,
+    path: &'a Path,
+}
+
+/// Hash algorithms asked of `check-file-handle`, best first. MD5 and SHA-1
+/// are left out on purpose: they would be a weaker check than reading back.
+const CHECK_FILE_ALGS: &str = "sha256,sha512";
+
+/// Asks the server to hash `len` bytes at `off` of the open file `handle`
+/// with the `check-file-handle` extension (draft-ietf-secsh-filexfer-extensions-00,
+/// section 3): one digest over the whole range (block size 0). Returns the
+/// algorithm and digest, or `None` when the server declines or answers in a
+/// way we cannot use (the caller then reads back instead). OpenSSH's
+/// sftp-server does not implement this extension (as of 9.x it announces
+/// only `*@openssh.com` ones); ProFTPD's mod_sftp, Apache MINA SSHD and
+/// some commercial servers do.
+async fn server_hash(
+    c: &Conn,
+    handle: &str,
+    off: u64,
+    len: u64,
+    what: &str,
+    host: &str,
+) -> Result<Option<(&'static str, Vec<u8>)>> {
+    let mut data = Vec::new();
+    sftp_string(&mut data, handle);
+    sftp_string(&mut data, CHECK_FILE_ALGS);
+    data.extend_from_slice(&off.to_be_bytes());
+    data.extend_from_slice(&len.to_be_bytes());
+    data.extend_from_slice(&0u32.to_be_bytes());
+    let reply = match c.raw.extended("check-file-handle", data).await {
+        Ok(Packet::ExtendedReply(r)) => r.data,
+        Ok(Packet::Status(s)) => {
+            warn!(%host, status = %s.status_code, msg = %s.error_message, "check-file-handle refused; reading back instead");
+            return Ok(None);
+        }
+        Ok(_) => return Ok(None),
+        Err(russh_sftp::client::error::Error::Status(s)) => {
+            warn!(%host, status = %s.status_code, msg = %s.error_message, "check-file-handle refused; reading back instead");
+            return Ok(None);
+        }
+        Err(e) => return Err(sftp_err("check-file-handle", what, host, e)),
+    };
+    Ok(parse_check_file_reply(&reply))
+}
+
+/// `string "check-file", string hash-algorithm, byte[] hash`: the algorithm
+/// (one we asked for) and a digest of its length, else `None`.
+fn parse_check_file_reply(mut b: &[u8]) -> Option<(&'static str, Vec<u8>)> {
+    let mut string = || -> Option<Vec<u8>> {
+        let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        let s = b.get(4..4 + n)?.to_vec();
+        b = &b[4 + n..];
+        Some(s)
+    };
+    if !string()?.eq_ignore_ascii_case(b"check-file") {
+        return None;
+    }
+    let alg = string()?;
+    let (alg, len) = match alg.as_slice() {
+        b"sha256" => ("sha256", 32),
+        b"sha512" => ("sha512", 64),
+        _ => return None,
+    };
+    (b.len() == len).then(|| (alg, b.to_vec()))
+}
+
+/// The digest `alg` of `len` bytes at `off` of the local source.
+fn local_hash(src: &std::fs::File, path: &Path, alg: &str, off: u64, len: u64) -> Result<Vec<u8>> {
+    use sha2::Digest;
+    fn run<D: Digest>(
+        mut d: D,
+        src: &std::fs::File,
+        path: &Path,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], off + done)
+                .map_err(|e| Error::local(path, e))?;
+            d.update(&buf[..n]);
+            done += n as u64;
+        }
+        Ok(d.finalize().to_vec())
+    }
+    match alg {
+        "sha512" => run(sha2::Sha512::new(), src, path, off, len),
+        _ => run(sha2::Sha256::new(), src, path, off, len),
+    }
+}
+
 /// Checks the finished `.part` before the rename: its size always; with
-/// `tail` the last range read back; with `full` every range.
+/// `tail` the last range, with `full` every range: hashed by the server
+/// (`check-file-handle`) and compared with the same hash of the source,
+/// where the server offers that; otherwise read back and compared with the
+/// BLAKE3 digests of what was sent. Returns which was done.
 async fn verify_remote(
     c: &Conn,
     part: &str,
@@ -478,7 +623,8 @@ async fn verify_remote(
     rec: &Sidecar,
     size: u64,
     verify: Verify,
-) -> Result<()> {
+    src: Source<'_>,
+) -> Result<VerifiedBy> {
     let a = c
         .raw
         .stat(part.to_string())
@@ -498,7 +644,12 @@ async fn verify_remote(
         _ => n,
     };
     if from >= n {
-        return Ok(());
+        return Ok(if verify >= Verify::Tail {
+            // An empty file: the size is all there is.
+            VerifiedBy::Readback
+        } else {
+            VerifiedBy::Size
+        });
     }
     let h = c
         .raw
@@ -506,6 +657,37 @@ async fn verify_remote(
         .await
         .map_err(|e| sftp_err("open", part, host, e))?
         .handle;
+    if c.has("check-file-handle") {
+        let (off, len) = (from * RANGE_SIZE, size - from * RANGE_SIZE);
+        let got = server_hash(c, &h, off, len, part, host).await;
+        let got = match got {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = c.raw.close(h).await;
+                return Err(e);
+            }
+        };
+        if let Some((alg, theirs)) = got {
+            let f = src
+                .file
+                .try_clone()
+                .map_err(|e| Error::local(src.path, e))?;
+            let p = src.path.to_path_buf();
+            let ours = tokio::task::spawn_blocking(move || local_hash(&f, &p, alg, off, len))
+                .await
+                .map_err(|e| Error::local(src.path, std::io::Error::other(e.to_string())))??;
+            let _ = c.raw.close(h).await;
+            if ours != theirs {
+                return Err(Error::SftpIntegrity {
+                    path: part.into(),
+                    detail: format!(
+                        "the server's {alg} of bytes {off}..{size} (check-file-handle) differs from the source's"
+                    ),
+                });
+            }
+            return Ok(VerifiedBy::CheckFile);
+        }
+    }
     for i in from..n {
         let data = read_remote(c, &h, i * RANGE_SIZE, range_len(size, i), part, host).await?;
         let got = sidecar::hex32(&blake3::hash(&data));
@@ -518,5 +700,30 @@ async fn verify_remote(
         }
     }
     let _ = c.raw.close(h).await;
-    Ok(())
+    Ok(VerifiedBy::Readback)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_file_replies() {
+        let mut r = Vec::new();
+        sftp_string(&mut r, "check-file");
+        sftp_string(&mut r, "sha256");
+        r.extend_from_slice(&[7u8; 32]);
+        assert_eq!(parse_check_file_reply(&r), Some(("sha256", vec![7u8; 32])));
+        // Wrong length, an algorithm not asked for, truncated, wrong tag.
+        assert_eq!(parse_check_file_reply(&r[..r.len() - 1]), None);
+        let mut md5 = Vec::new();
+        sftp_string(&mut md5, "check-file");
+        sftp_string(&mut md5, "md5");
+        md5.extend_from_slice(&[0u8; 16]);
+        assert_eq!(parse_check_file_reply(&md5), None);
+        assert_eq!(parse_check_file_reply(&r[..6]), None);
+        let mut other = Vec::new();
+        sftp_string(&mut other, "nope");
+        assert_eq!(parse_check_file_reply(&other), None);
+    }
 }

@@ -1,0 +1,74 @@
+//! Asking for an encrypted SSH key's passphrase on the terminal, without echo.
+//!
+//! Only when standard input is a terminal: the prompt is written to and the
+//! answer read from `/dev/tty`, with `ECHO` turned off (and `ECHONL` on, so
+//! the Enter still shows) and the terminal's settings restored afterwards,
+//! also on an error. Without a terminal there is no prompt, and the
+//! library's error says to set `FERRY_SSH_PASSPHRASE`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ferry::sftp::PassphrasePrompt;
+use rustix::termios::{self, LocalModes, OptionalActions, Termios};
+
+/// A prompt for [`ferry::sftp::SshConfig::passphrase_prompt`] when standard
+/// input is a terminal, else `None`. Answers are kept per key file for the
+/// rest of the run, so a reconnect does not ask again. `multi` is the
+/// progress display, hidden while asking.
+pub fn terminal_prompt(multi: Option<indicatif::MultiProgress>) -> Option<PassphrasePrompt> {
+    if !termios::isatty(std::io::stdin()) {
+        return None;
+    }
+    let known: Mutex<HashMap<PathBuf, String>> = Mutex::new(HashMap::new());
+    Some(PassphrasePrompt(Arc::new(move |key: &Path| {
+        if let Some(p) = known.lock().ok().and_then(|k| k.get(key).cloned()) {
+            return Ok(Some(p));
+        }
+        let ask = || ask_on_tty(&format!("Enter passphrase for key {}: ", key.display()));
+        let answer = match &multi {
+            Some(m) => m.suspend(ask)?,
+            None => ask()?,
+        };
+        if let (Some(a), Ok(mut k)) = (&answer, known.lock()) {
+            k.insert(key.to_path_buf(), a.clone());
+        }
+        Ok(answer)
+    })))
+}
+
+/// Puts the terminal's settings back when dropped.
+struct EchoOff<'a> {
+    tty: &'a std::fs::File,
+    saved: Termios,
+}
+
+impl Drop for EchoOff<'_> {
+    fn drop(&mut self) {
+        let _ = termios::tcsetattr(self.tty, OptionalActions::Now, &self.saved);
+    }
+}
+
+/// Writes `prompt` to `/dev/tty` and reads one line there without echo.
+/// `Ok(None)` at end of input (Ctrl-D) or for an empty line.
+fn ask_on_tty(prompt: &str) -> std::io::Result<Option<String>> {
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")?;
+    let saved = termios::tcgetattr(&tty)?;
+    let mut quiet = saved.clone();
+    quiet.local_modes -= LocalModes::ECHO;
+    quiet.local_modes |= LocalModes::ECHONL;
+    // `Now`, not `Flush`: a passphrase typed ahead is kept.
+    termios::tcsetattr(&tty, OptionalActions::Now, &quiet)?;
+    let _restore = EchoOff { tty: &tty, saved };
+    (&tty).write_all(prompt.as_bytes())?;
+    (&tty).flush()?;
+    let mut line = String::new();
+    let n = std::io::BufReader::new(&tty).read_line(&mut line)?;
+    let answer = line.trim_end_matches(['\n', '\r']);
+    Ok((n > 0 && !answer.is_empty()).then(|| answer.to_string()))
+}
