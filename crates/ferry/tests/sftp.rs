@@ -1082,3 +1082,80 @@ async fn check_file_mismatch_fails_the_upload() {
     assert!(e.to_string().contains("check-file-handle"), "{e}");
     assert!(!remote.exists(), "nothing renamed into place");
 }
+
+/// An SSH host that refuses connections: the copy retries under the policy,
+/// the host's circuit breaker opens (as for native transfers), and `ferry
+/// status` keeps an "interrupted" record of the unfinished upload.
+#[tokio::test]
+async fn unreachable_host_opens_the_breaker_and_leaves_a_status_record() {
+    let dir = tempfile::TempDir::new().unwrap();
+    keygen(&dir.path().join("key"));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let src = dir.path().join("src.bin");
+    std::fs::write(&src, data(100_000, 3)).unwrap();
+    let state = dir.path().join("state");
+    let mut copts = copy_opts(&state);
+    copts.retry.max_attempts = 6;
+    let o = SftpOptions {
+        ssh: SshConfig {
+            identities: vec![dir.path().join("key")],
+            passphrase: None,
+            passphrase_prompt: None,
+            known_hosts: Some(dir.path().join("known_hosts")),
+            accept_new_host_key: true,
+            no_agent: true,
+            agent_socket: None,
+        },
+        verify: Verify::Tail,
+        stop_after_ranges: None,
+    };
+    let progress = Arc::new(Progress::default());
+    let url = format!("sftp://{}@127.0.0.1:{port}/tmp/x.bin", user());
+    let e = ferry::sftp::copy(
+        &[src.display().to_string()],
+        &url,
+        &copts,
+        &o,
+        progress.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.is_retryable() || matches!(e, Error::RetriesExhausted { .. }),
+        "{e}"
+    );
+    assert!(
+        Progress::get(&progress.breaker_opens) >= 1,
+        "breaker never opened"
+    );
+    let peers = std::fs::read_dir(state.join("peers")).unwrap().count();
+    assert_eq!(peers, 1, "the breaker's state is recorded for ferry status");
+}
+
+/// An upload cut short leaves a record for `ferry status`; finishing it
+/// removes the record.
+#[tokio::test]
+async fn an_unfinished_upload_is_listed_until_it_completes() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = s.dir.path();
+    let src = t.join("st.bin");
+    std::fs::write(&src, data(3 * RANGE + 5, 9)).unwrap();
+    let remote = t.join("remote-st.bin");
+    let state = t.join("state");
+    interrupted_upload(&s, &src, &remote, &state, 1).await;
+    let recs = ferry::status::StatusDir::new(&state).list();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].direction, "upload");
+    assert_ne!(recs[0].state, "active");
+    assert!(recs[0].remote.starts_with("sftp://"), "{:?}", recs[0]);
+    assert!(recs[0].last_error.is_some());
+    cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert!(ferry::status::StatusDir::new(&state).list().is_empty());
+}

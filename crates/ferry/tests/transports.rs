@@ -633,9 +633,7 @@ async fn ws_through_a_plain_http_reverse_proxy() {
     cp(&[src.display().to_string()], &url, &o).await.unwrap();
     assert_eq!(std::fs::read(srv.root.join("p.bin")).unwrap(), data);
     let back = dir.path().join("p.back");
-    cp(&[url], &back.display().to_string(), &o)
-        .await
-        .unwrap();
+    cp(&[url], &back.display().to_string(), &o).await.unwrap();
     assert_eq!(std::fs::read(&back).unwrap(), data);
     assert!(
         relayed.load(Ordering::SeqCst) >= 2,

@@ -29,7 +29,9 @@ use crate::copy::{CopyOptions, CopySummary};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::retry::RetryDecision;
+use crate::status::{PeerStatus, StatusDir, TransferRecord};
 use crate::store::Store;
+use ferry_proto::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 
 pub use auth::{PassphrasePrompt, SshConfig};
 
@@ -343,6 +345,9 @@ pub async fn copy(
         digests: Vec::new(),
         notes: Vec::new(),
         reports: Vec::new(),
+        breakers: std::collections::HashMap::new(),
+        peers: PeerStatus::new(&opts.state_dir),
+        status: StatusDir::new(&opts.state_dir),
     };
     if upload {
         if srcs.iter().any(|s| s.contains("://")) {
@@ -537,6 +542,11 @@ struct Runner<'a> {
     digests: Vec<(String, blake3::Hash)>,
     notes: Vec<String>,
     reports: Vec<FileReport>,
+    /// One circuit breaker per SSH host, as for native transfers.
+    breakers: std::collections::HashMap<String, CircuitBreaker>,
+    peers: PeerStatus,
+    /// Records of unfinished transfers, for `ferry status`.
+    status: StatusDir,
 }
 
 impl Runner<'_> {
@@ -564,7 +574,7 @@ impl Runner<'_> {
                 let c = match &self.conn {
                     Some(c) => c.clone(),
                     None => {
-                        let c = Arc::new(auth::connect(t, &self.sftp.ssh).await?);
+                        let c = Arc::new(self.connect(t).await?);
                         self.conn = Some(c.clone());
                         c
                     }
@@ -604,6 +614,108 @@ impl Runner<'_> {
         }
     }
 
+    /// Connects, respecting the host's circuit breaker: while it is open no
+    /// connection is attempted; transitions are logged, counted and shown by
+    /// `ferry status`.
+    async fn connect(&mut self, t: &SftpTarget) -> Result<auth::Conn> {
+        let host = t.hostport();
+        loop {
+            let breaker = self
+                .breakers
+                .entry(host.clone())
+                .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
+            match breaker.allow(Instant::now().into_std()) {
+                Ok(()) => break,
+                Err(until) => {
+                    let wait = until.saturating_duration_since(Instant::now().into_std());
+                    tracing::info!(
+                        peer = %host,
+                        wait_ms = wait.as_millis() as u64,
+                        "circuit breaker open: not connecting until the cool-down ends"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        Progress::add(&self.progress.connects, 1);
+        let r = auth::connect(t, &self.sftp.ssh).await;
+        let now = Instant::now().into_std();
+        let breaker = self
+            .breakers
+            .entry(host.clone())
+            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
+        match &r {
+            Ok(_) => breaker.on_success(now),
+            Err(e) if e.is_retryable() => breaker.on_failure(now),
+            Err(_) => {}
+        }
+        while let Some((from, to)) = breaker.poll_transition() {
+            warn!(
+                peer = %host,
+                from = from.name(),
+                to = to.name(),
+                "circuit breaker"
+            );
+            match to {
+                BreakerState::Open { .. } => Progress::add(&self.progress.breaker_opens, 1),
+                BreakerState::Closed => Progress::add(&self.progress.breaker_closes, 1),
+                BreakerState::HalfOpen => {}
+            }
+            self.peers.put(&host, to);
+        }
+        r
+    }
+
+    /// Starts the `ferry status` record of one file's transfer.
+    fn track(
+        &mut self,
+        direction: &str,
+        local: &Path,
+        remote: String,
+        size: u64,
+    ) -> TransferRecord {
+        let local = std::fs::canonicalize(local)
+            .unwrap_or_else(|_| local.to_path_buf())
+            .display()
+            .to_string();
+        if let Some(old) = self.status.find(direction, &local, &remote) {
+            self.status.remove(&old.id);
+        }
+        let id: [u8; 16] = rand::Rng::gen(&mut self.rng);
+        let rec = TransferRecord {
+            id: crate::fsutil::hex(&id),
+            direction: direction.into(),
+            local,
+            remote,
+            size,
+            bytes_done: 0,
+            state: "active".into(),
+            last_error: None,
+            updated_unix: 0,
+            pid: 0,
+            source: String::new(),
+        };
+        let _ = self.status.put(&rec);
+        rec
+    }
+
+    /// Ends a status record: removed when the file is done, else kept with why.
+    fn untrack<T>(&self, mut rec: TransferRecord, r: &Result<T>) {
+        match r {
+            Ok(_) => self.status.remove(&rec.id),
+            Err(e) => {
+                rec.bytes_done = Progress::get(&self.progress.current_done);
+                rec.last_error = Some(e.to_string());
+                rec.state = if e.is_retryable() {
+                    "interrupted".into()
+                } else {
+                    "failed".into()
+                };
+                let _ = self.status.put(&rec);
+            }
+        }
+    }
+
     async fn upload_one(&mut self, job: Job) -> Result<()> {
         let t = job.remote.clone();
         if job.size == u64::MAX {
@@ -619,6 +731,7 @@ impl Runner<'_> {
         let (store, progress, verify) =
             (self.store.clone(), self.progress.clone(), self.sftp.verify);
         let stop = self.sftp.stop_after_ranges;
+        let rec = self.track("upload", &job.local, t.url(&t.path), job.size);
         let out = self
             .with_conn(&t, move |c| {
                 let (job, store, progress) = (job.clone(), store.clone(), progress.clone());
@@ -627,7 +740,9 @@ impl Runner<'_> {
                     upload::upload(&c, &job, &store, &progress, verify, stop).await
                 })
             })
-            .await?;
+            .await;
+        self.untrack(rec, &out);
+        let out = out?;
         self.finish(&t.path, t.url(&t.path), out);
         Ok(())
     }
@@ -643,6 +758,7 @@ impl Runner<'_> {
         let stop = self.sftp.stop_after_ranges;
         let (store, progress, verify) =
             (self.store.clone(), self.progress.clone(), self.sftp.verify);
+        let rec = self.track("download", &local, t.url(&t.path), job.size);
         let out = self
             .with_conn(&t, move |c| {
                 let (job, store, progress) = (job.clone(), store.clone(), progress.clone());
@@ -651,7 +767,9 @@ impl Runner<'_> {
                     download::download(&c, &job, &store, &progress, verify, stop).await
                 })
             })
-            .await?;
+            .await;
+        self.untrack(rec, &out);
+        let out = out?;
         self.finish(&t.path, local.display().to_string(), out);
         Ok(())
     }
