@@ -14,17 +14,23 @@ use std::sync::{Arc, Mutex};
 use ferry::sftp::PassphrasePrompt;
 use rustix::termios::{self, LocalModes, OptionalActions, Termios};
 
+/// Answers given so far, per key file: kept for the rest of the process, so
+/// a reconnect, or the next queued copy `ferry agent` runs, does not ask again.
+static KNOWN: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
+
 /// A prompt for [`ferry::sftp::SshConfig::passphrase_prompt`] when standard
-/// input is a terminal, else `None`. Answers are kept per key file for the
-/// rest of the run, so a reconnect does not ask again. `multi` is the
-/// progress display, hidden while asking.
+/// input is a terminal, else `None`. `multi` is the progress display, hidden
+/// while asking.
 pub fn terminal_prompt(multi: Option<indicatif::MultiProgress>) -> Option<PassphrasePrompt> {
     if !termios::isatty(std::io::stdin()) {
         return None;
     }
-    let known: Mutex<HashMap<PathBuf, String>> = Mutex::new(HashMap::new());
     Some(PassphrasePrompt(Arc::new(move |key: &Path| {
-        if let Some(p) = known.lock().ok().and_then(|k| k.get(key).cloned()) {
+        let cached = KNOWN
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().and_then(|k| k.get(key).cloned()));
+        if let Some(p) = cached {
             return Ok(Some(p));
         }
         let ask = || ask_on_tty(&format!("Enter passphrase for key {}: ", key.display()));
@@ -32,8 +38,9 @@ pub fn terminal_prompt(multi: Option<indicatif::MultiProgress>) -> Option<Passph
             Some(m) => m.suspend(ask)?,
             None => ask()?,
         };
-        if let (Some(a), Ok(mut k)) = (&answer, known.lock()) {
-            k.insert(key.to_path_buf(), a.clone());
+        if let (Some(a), Ok(mut k)) = (&answer, KNOWN.lock()) {
+            k.get_or_insert_with(HashMap::new)
+                .insert(key.to_path_buf(), a.clone());
         }
         Ok(answer)
     })))
