@@ -538,7 +538,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let opts = client.options(e.recursive, alg)?;
                 let id = e.id.clone();
                 match run_entry(&queue, e, &opts, None).await {
-                    Ok(s) => println!("completed {id}: {}", ui::summary_line(&s)),
+                    Ok(s) => {
+                        println!("completed {id}: {}", ui::summary_line(&s));
+                        for l in ui::per_file_lines(&s) {
+                            println!("  {l}");
+                        }
+                    }
                     Err(err) => {
                         eprintln!("ferry: {id}: {err:#}");
                         failed = Some(err);
@@ -757,6 +762,9 @@ async fn agent(client: &ClientArgs, poll: f64, exit_when_empty: bool) -> anyhow:
             match run_entry(&queue, e, &opts, None).await {
                 Ok(s) => {
                     println!("completed {what}: {}", ui::summary_line(&s));
+                    for l in ui::per_file_lines(&s) {
+                        println!("  {l}");
+                    }
                     completed.push(what);
                 }
                 Err(err) => {

@@ -14,28 +14,54 @@ use std::sync::{Arc, Mutex};
 use ferry::sftp::PassphrasePrompt;
 use rustix::termios::{self, LocalModes, OptionalActions, Termios};
 
+/// Answers given so far, per key file: kept for the rest of the process, so
+/// a reconnect, or the next queued copy `ferry agent` runs, does not ask again.
+static KNOWN: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
+
 /// A prompt for [`ferry::sftp::SshConfig::passphrase_prompt`] when standard
-/// input is a terminal, else `None`. Answers are kept per key file for the
-/// rest of the run, so a reconnect does not ask again. `multi` is the
-/// progress display, hidden while asking.
+/// input is a terminal, else `None`. `multi` is the progress display, hidden
+/// while asking.
 pub fn terminal_prompt(multi: Option<indicatif::MultiProgress>) -> Option<PassphrasePrompt> {
     if !termios::isatty(std::io::stdin()) {
         return None;
     }
-    let known: Mutex<HashMap<PathBuf, String>> = Mutex::new(HashMap::new());
     Some(PassphrasePrompt(Arc::new(move |key: &Path| {
-        if let Some(p) = known.lock().ok().and_then(|k| k.get(key).cloned()) {
+        let cached = KNOWN
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().and_then(|k| k.get(key).cloned()));
+        if let Some(p) = cached {
             return Ok(Some(p));
         }
-        let ask = || ask_on_tty(&format!("Enter passphrase for key {}: ", key.display()));
+        // Up to three tries, as ssh gives; only an answer that opens the key is kept.
+        // The answer, and whether it opens the key.
+        let ask = || -> std::io::Result<Option<(String, bool)>> {
+            let prompt = format!("Enter passphrase for key {}: ", key.display());
+            let mut last = None;
+            for attempt in 1..=3 {
+                let Some(a) = ask_on_tty(&prompt)? else {
+                    return Ok(None);
+                };
+                if ferry::sftp::auth::passphrase_opens(key, &a) {
+                    return Ok(Some((a, true)));
+                }
+                if attempt < 3 {
+                    say_on_tty("Bad passphrase, try again.\n");
+                }
+                last = Some((a, false));
+            }
+            Ok(last)
+        };
         let answer = match &multi {
             Some(m) => m.suspend(ask)?,
             None => ask()?,
         };
-        if let (Some(a), Ok(mut k)) = (&answer, known.lock()) {
-            k.insert(key.to_path_buf(), a.clone());
+        if let (Some((a, true)), Ok(mut k)) = (&answer, KNOWN.lock()) {
+            k.get_or_insert_with(HashMap::new)
+                .insert(key.to_path_buf(), a.clone());
         }
-        Ok(answer)
+        // A wrong one goes on too: the library's error then says so.
+        Ok(answer.map(|(a, _)| a))
     })))
 }
 
@@ -48,6 +74,13 @@ struct EchoOff<'a> {
 impl Drop for EchoOff<'_> {
     fn drop(&mut self) {
         let _ = termios::tcsetattr(self.tty, OptionalActions::Now, &self.saved);
+    }
+}
+
+/// Best effort: a line on the terminal.
+fn say_on_tty(msg: &str) {
+    if let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/tty") {
+        let _ = tty.write_all(msg.as_bytes());
     }
 }
 

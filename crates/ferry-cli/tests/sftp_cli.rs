@@ -204,16 +204,16 @@ fn sigkill_mid_upload_then_resume_resends_little() {
     eprintln!("bytes re-sent after SIGKILL: {sent} of {size} ({resumed} resumed)");
 }
 
-/// Runs ARGV on a new pseudo-terminal; once the output asks for a
-/// passphrase, types ANSWER and Enter. Prints everything the terminal showed
+/// Runs ARGV on a new pseudo-terminal; each time the output asks for a
+/// passphrase, types the next of ANSWERS (`|`-separated) and Enter. Prints everything the terminal showed
 /// and exits with the child's code.
 const PTY_DRIVER: &str = r#"
 import os, pty, select, sys
-answer = sys.argv[1].encode()
+answers = [a.encode() for a in sys.argv[1].split('|')]
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(sys.argv[2], sys.argv[2:])
-out, sent = b'', False
+out, sent = b'', 0
 while True:
     r, _, _ = select.select([fd], [], [], 60)
     if not r:
@@ -225,9 +225,9 @@ while True:
     if not d:
         break
     out += d
-    if not sent and b'passphrase for key' in out:
-        os.write(fd, answer + b'\n')
-        sent = True
+    if sent < len(answers) and out.count(b'passphrase for key') > sent:
+        os.write(fd, answers[sent] + b'\n')
+        sent += 1
 _, st = os.waitpid(pid, 0)
 sys.stdout.buffer.write(out)
 sys.exit(os.waitstatus_to_exitcode(st))
@@ -281,7 +281,7 @@ fn encrypted_key_prompts_on_a_terminal_and_says_the_env_var_otherwise() {
     assert!(stderr.contains("FERRY_SSH_PASSPHRASE"), "{stderr}");
     assert!(!dst.exists());
 
-    // A terminal: asked there, the answer not echoed.
+    // A terminal: asked there, the answer not echoed; a wrong one is asked again.
     let py = match Command::new("python3").arg("--version").output() {
         Ok(o) if o.status.success() => "python3",
         _ => {
@@ -290,7 +290,10 @@ fn encrypted_key_prompts_on_a_terminal_and_says_the_env_var_otherwise() {
         }
     };
     let mut c = Command::new(py);
-    c.arg("-c").arg(PTY_DRIVER).arg("open sesame").arg(BIN);
+    c.arg("-c")
+        .arg(PTY_DRIVER)
+        .arg("not it|open sesame")
+        .arg(BIN);
     args(&mut c);
     let out = c.stdin(Stdio::null()).output().unwrap();
     let shown = String::from_utf8_lossy(&out.stdout);
@@ -300,5 +303,7 @@ fn encrypted_key_prompts_on_a_terminal_and_says_the_env_var_otherwise() {
         "{shown}"
     );
     assert!(!shown.contains("open sesame"), "passphrase echoed: {shown}");
+    assert!(!shown.contains("not it"), "passphrase echoed: {shown}");
+    assert!(shown.contains("Bad passphrase, try again"), "{shown}");
     assert_eq!(std::fs::read(&dst).unwrap(), b"behind a passphrase");
 }

@@ -51,6 +51,12 @@ impl std::fmt::Debug for PassphrasePrompt {
     }
 }
 
+/// Whether `passphrase` opens the key file at `path` (for a prompt that
+/// asks again after a wrong answer).
+pub fn passphrase_opens(path: &Path, passphrase: &str) -> bool {
+    russh::keys::load_secret_key(path, Some(passphrase)).is_ok()
+}
+
 /// Loads an encrypted key file with what `cfg.passphrase_prompt` returns.
 /// `Err(reason)` when it cannot be used.
 async fn load_encrypted_key(
@@ -339,15 +345,16 @@ async fn authenticate(
             Err(e) => tried.push(format!("ssh-agent at {}: {e}", sock.display())),
             Ok(mut agent) => {
                 let ids = match agent.request_identities().await {
+                    Ok(ids) if ids.is_empty() => {
+                        tried.push(format!("ssh-agent at {}: no keys", sock.display()));
+                        ids
+                    }
                     Ok(ids) => ids,
                     Err(e) => {
                         tried.push(format!("ssh-agent at {}: {e}", sock.display()));
                         Vec::new()
                     }
                 };
-                if ids.is_empty() {
-                    tried.push(format!("ssh-agent at {}: no keys", sock.display()));
-                }
                 for id in ids {
                     let russh::keys::agent::AgentIdentity::PublicKey { key, .. } = id else {
                         continue;

@@ -611,6 +611,51 @@ fn local_hash(src: &std::fs::File, path: &Path, alg: &str, off: u64, len: u64) -
     }
 }
 
+/// Bytes hashed per `check-file-handle` request: small enough that a server
+/// reading at 10 MB/s answers within the session's 60 s request timeout.
+const CHECK_FILE_PIECE: u64 = 32 * RANGE_SIZE;
+
+/// Verifies bytes `from..size` of the open remote file against the source
+/// with `check-file-handle`, piece by piece. `Ok(true)`: every piece
+/// matched; `Ok(false)`: the server declined (read back instead); an
+/// [`Error::SftpIntegrity`] when a piece differs.
+async fn check_file(
+    c: &Conn,
+    handle: &str,
+    part: &str,
+    host: &str,
+    from: u64,
+    size: u64,
+    src: Source<'_>,
+) -> Result<bool> {
+    let mut off = from;
+    while off < size {
+        let len = CHECK_FILE_PIECE.min(size - off);
+        let Some((alg, theirs)) = server_hash(c, handle, off, len, part, host).await? else {
+            return Ok(false);
+        };
+        let f = src
+            .file
+            .try_clone()
+            .map_err(|e| Error::local(src.path, e))?;
+        let p = src.path.to_path_buf();
+        let ours = tokio::task::spawn_blocking(move || local_hash(&f, &p, alg, off, len))
+            .await
+            .map_err(|e| Error::local(src.path, std::io::Error::other(e.to_string())))??;
+        if ours != theirs {
+            return Err(Error::SftpIntegrity {
+                path: part.into(),
+                detail: format!(
+                    "the server's {alg} of bytes {off}..{} (check-file-handle) differs from the source's",
+                    off + len
+                ),
+            });
+        }
+        off += len;
+    }
+    Ok(true)
+}
+
 /// Checks the finished `.part` before the rename: its size always; with
 /// `tail` the last range, with `full` every range: hashed by the server
 /// (`check-file-handle`) and compared with the same hash of the source,
@@ -658,34 +703,10 @@ async fn verify_remote(
         .map_err(|e| sftp_err("open", part, host, e))?
         .handle;
     if c.has("check-file-handle") {
-        let (off, len) = (from * RANGE_SIZE, size - from * RANGE_SIZE);
-        let got = server_hash(c, &h, off, len, part, host).await;
-        let got = match got {
-            Ok(g) => g,
-            Err(e) => {
-                let _ = c.raw.close(h).await;
-                return Err(e);
-            }
-        };
-        if let Some((alg, theirs)) = got {
-            let f = src
-                .file
-                .try_clone()
-                .map_err(|e| Error::local(src.path, e))?;
-            let p = src.path.to_path_buf();
-            let ours = tokio::task::spawn_blocking(move || local_hash(&f, &p, alg, off, len))
-                .await
-                .map_err(|e| Error::local(src.path, std::io::Error::other(e.to_string())))??;
+        let r = check_file(c, &h, part, host, from * RANGE_SIZE, size, src).await;
+        if !matches!(r, Ok(false)) {
             let _ = c.raw.close(h).await;
-            if ours != theirs {
-                return Err(Error::SftpIntegrity {
-                    path: part.into(),
-                    detail: format!(
-                        "the server's {alg} of bytes {off}..{size} (check-file-handle) differs from the source's"
-                    ),
-                });
-            }
-            return Ok(VerifiedBy::CheckFile);
+            return r.map(|_| VerifiedBy::CheckFile);
         }
     }
     for i in from..n {
