@@ -21,6 +21,7 @@ pub fn local_caps() -> Vec<String> {
         "resume:v1".into(),
         "tree:v1".into(),
         "batch:v1".into(),
+        "lanes:v1".into(),
     ]
 }
 

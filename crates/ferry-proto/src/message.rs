@@ -285,6 +285,14 @@ pub enum Message {
         path: String,
         algs: Vec<String>,
     },
+    /// Client → server, as the first request of a fresh authenticated
+    /// connection: make this connection an extra data lane of the running
+    /// transfer `id` (opened by `PutOpen` or `GetOpen` on another connection).
+    /// The server answers `Ok`; from then on the lane carries only `Data` from
+    /// the sender and `Ping`s, and closes with the transfer.
+    Lane {
+        id: TransferId,
+    },
     /// Server → client: metadata of the file about to be downloaded.
     GetMeta {
         id: TransferId,
@@ -397,6 +405,7 @@ mod kind {
     pub const NEED: u8 = 28;
     pub const DONE: u8 = 29;
     pub const COMPLETE: u8 = 30;
+    pub const LANE: u8 = 31;
     pub const BATCH_PUT: u8 = 40;
     pub const BATCH_NEED: u8 = 41;
     pub const BATCH_DATA: u8 = 42;
@@ -632,6 +641,7 @@ impl Message {
             Message::PutOpen { .. } => "PutOpen",
             Message::GetOpen { .. } => "GetOpen",
             Message::GetMeta { .. } => "GetMeta",
+            Message::Lane { .. } => "Lane",
             Message::Offer { .. } => "Offer",
             Message::Agreed { .. } => "Agreed",
             Message::Data { .. } => "Data",
@@ -742,6 +752,10 @@ impl Message {
                     w.str(3, a);
                 }
                 kind::GET_OPEN
+            }
+            Message::Lane { id } => {
+                w.bytes(1, &id.0);
+                kind::LANE
             }
             Message::GetMeta { id, meta } => {
                 w.bytes(1, &id.0);
@@ -1005,6 +1019,17 @@ impl Message {
                     }
                 } else {
                     Message::GetMeta { id, meta }
+                }
+            }
+            kind::LANE => {
+                let mut id = None;
+                while let Some((tag, v)) = r.next_field()? {
+                    if tag == 1 {
+                        id = Some(TransferId(as_array(&v)?));
+                    }
+                }
+                Message::Lane {
+                    id: id.ok_or(missing("Lane", "id"))?,
                 }
             }
             kind::GET_OPEN => {
@@ -1444,6 +1469,9 @@ mod tests {
             Message::GetMeta {
                 id: TransferId([2; 16]),
                 meta,
+            },
+            Message::Lane {
+                id: TransferId([3; 16]),
             },
             Message::Offer {
                 ranges: RangeSet::from_ranges([0..2, 5..6]),

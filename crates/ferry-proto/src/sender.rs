@@ -87,7 +87,17 @@ pub struct Sender {
     in_flight_bytes: u64,
     acked: RangeSet,
     retries: HashMap<u32, u32>,
-    awaiting_read: Option<u32>,
+    /// Chunks handed to the driver to read, not yet reported by `chunk_read`.
+    awaiting_read: RangeSet,
+    /// How many chunks the driver may be reading at once (one per connection
+    /// carrying data).
+    max_reads: usize,
+    /// `Done` waits until every chunk is acknowledged: set when data travels on
+    /// more than one connection, where `Done` could overtake it.
+    done_after_acks: bool,
+    /// An `Ack` came in this session: the receiver is in its data phase, so
+    /// data may travel on other connections than the one carrying `Agreed`.
+    heard_ack: bool,
     out: VecDeque<Message>,
     events: VecDeque<SenderEvent>,
 }
@@ -121,7 +131,10 @@ impl Sender {
             in_flight_bytes: 0,
             acked: RangeSet::new(),
             retries: HashMap::new(),
-            awaiting_read: None,
+            awaiting_read: RangeSet::new(),
+            max_reads: 1,
+            done_after_acks: false,
+            heard_ack: false,
             out: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -129,6 +142,36 @@ impl Sender {
 
     pub fn id(&self) -> TransferId {
         self.id
+    }
+
+    /// The driver now carries data on `connections` connections (data lanes)
+    /// and reads chunks for them concurrently: up to that many chunks may await
+    /// [`Sender::chunk_read`] at once. Since `Data` on one connection may
+    /// arrive after `Done` on another, from now on `Done` is sent only once
+    /// every chunk is acknowledged (otherwise the receiver would ask for chunks
+    /// that are merely late). Until the first `Ack` the receiver may not have
+    /// seen `Agreed` yet, so data stays on the control connection and one read
+    /// at a time: see [`Sender::lanes_ready`].
+    pub fn set_lanes(&mut self, connections: usize) {
+        self.max_reads = connections.max(1);
+        if connections > 1 {
+            self.done_after_acks = true;
+        }
+    }
+
+    /// Whether data may go on connections other than the control connection:
+    /// the receiver acknowledged something in this session, so it is past
+    /// `Agreed` and in its data phase.
+    pub fn lanes_ready(&self) -> bool {
+        self.heard_ack && self.max_reads > 1
+    }
+
+    fn read_slots(&self) -> u64 {
+        if self.heard_ack {
+            self.max_reads as u64
+        } else {
+            1
+        }
     }
 
     pub fn layout(&self) -> ChunkLayout {
@@ -202,6 +245,7 @@ impl Sender {
             }
             Message::Ack { ranges } => {
                 self.expect_transfer("Ack")?;
+                self.heard_ack = true;
                 let newly = ranges.intersection(&self.in_flight);
                 if newly.is_empty() {
                     return Ok(());
@@ -303,7 +347,7 @@ impl Sender {
         if let Some(m) = self.out.pop_front() {
             return Some(Transmit::Message(m));
         }
-        if self.phase != Phase::Sending || self.awaiting_read.is_some() {
+        if self.phase != Phase::Sending || self.awaiting_read.count() >= self.read_slots() {
             return None;
         }
         if let Some(index) = self.queue.first() {
@@ -316,12 +360,15 @@ impl Sender {
             self.queue.remove(index);
             self.in_flight.insert(index);
             self.in_flight_bytes += u64::from(len);
-            self.awaiting_read = Some(index);
+            self.awaiting_read.insert(index);
             return Some(Transmit::Chunk {
                 index,
                 offset: self.layout.offset(index),
                 len,
             });
+        }
+        if !self.awaiting_read.is_empty() || (self.done_after_acks && !self.in_flight.is_empty()) {
+            return None;
         }
         let digest = self.digest()?;
         self.phase = Phase::AwaitComplete;
@@ -331,12 +378,12 @@ impl Sender {
     /// The driver read chunk `index` and hashed it; returns the tag for its `Data` frame.
     /// Fails if the same chunk hashed differently before: the source changed.
     pub fn chunk_read(&mut self, index: u32, content: ChunkHash) -> Result<ChunkHash, ProtoError> {
-        if self.awaiting_read != Some(index) {
+        if !self.awaiting_read.contains(index) {
             return Err(ProtoError::PeerMisbehaved(format!(
                 "driver reported chunk {index} it was not asked for"
             )));
         }
-        self.awaiting_read = None;
+        self.awaiting_read.remove(index);
         match self.source_hash(index) {
             Some(h) if h != content => return Err(ProtoError::SourceChanged { chunk: index }),
             _ => self.set_source_hash(index, content),
@@ -360,7 +407,7 @@ impl Sender {
     pub fn window_full(&self) -> bool {
         self.phase == Phase::Sending
             && !self.queue.is_empty()
-            && self.awaiting_read.is_none()
+            && self.awaiting_read.count() < self.read_slots()
             && self.poll_would_block()
     }
 

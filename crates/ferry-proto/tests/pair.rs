@@ -581,3 +581,125 @@ fn hostile_messages_are_errors_not_panics() {
         "Need before handshake"
     );
 }
+
+/// Data on several connections (lanes) next to the control connection: reads
+/// finish in any order, each lane is FIFO but lanes and control interleave at
+/// random, so `Done` could overtake data. Every chunk must still be sent once
+/// (a `Need` for a merely late chunk would fail here: no retries allowed).
+#[test]
+fn lanes_interleave_freely_and_send_each_chunk_once() {
+    let alg = HashAlg::Blake3;
+    let id = TransferId([7; 16]);
+    for seed in 0..30u64 {
+        let size = 37 * CHUNK as u64 + 5;
+        let src = data(size, seed);
+        let layout = ChunkLayout::new(size, CHUNK).unwrap();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let lanes_n = 1 + (seed % 4) as usize;
+        let mut tx = Sender::new(
+            id,
+            layout,
+            alg,
+            SenderConfig {
+                window_bytes: 16 * CHUNK as u64,
+                max_chunk_retries: 0,
+            },
+            [],
+        );
+        tx.set_lanes(lanes_n + 1);
+        let rcfg = ReceiverConfig {
+            checkpoint_bytes: 4 * CHUNK as u64,
+            checkpoint_interval: Duration::from_millis(50),
+        };
+        let mut rx = Receiver::new(id, layout, alg, rcfg, []);
+        #[allow(clippy::disallowed_methods)]
+        let mut now = Instant::now();
+        // Queue 0 is the control connection (which carries data too).
+        let mut to_rx: Vec<VecDeque<Message>> = vec![VecDeque::new(); lanes_n + 1];
+        let mut to_tx: VecDeque<Message> = VecDeque::new();
+        let mut reading: Vec<(u32, u64)> = Vec::new();
+        let mut part = vec![0u8; size as usize];
+        let mut final_file = None;
+        let mut sent = 0u64;
+        let mut steps = 0;
+        while !tx.is_complete() {
+            steps += 1;
+            assert!(steps < 200_000, "seed {seed}: transfer did not settle");
+            while let Some(t) = tx.poll_transmit() {
+                match t {
+                    Transmit::Message(m) => to_rx[0].push_back(m),
+                    Transmit::Chunk { index, offset, .. } => reading.push((index, offset)),
+                }
+            }
+            assert!(reading.len() <= lanes_n + 1, "more reads than lanes");
+            if !reading.is_empty() && rng.gen_bool(0.9) {
+                let (index, offset) = reading.swap_remove(rng.gen_range(0..reading.len()));
+                let off = offset as usize;
+                let payload = src[off..off + layout.len(index) as usize].to_vec();
+                let tag = tx.chunk_read(index, alg.hash(&payload)).unwrap();
+                sent += payload.len() as u64;
+                // Before the first Ack data stays on the control connection.
+                let q = if tx.lanes_ready() {
+                    rng.gen_range(0..=lanes_n)
+                } else {
+                    0
+                };
+                to_rx[q].push_back(Message::Data {
+                    index,
+                    offset,
+                    tag,
+                    payload: payload.into(),
+                });
+            }
+            // Lanes drain slowly next to the control connection, so they lag.
+            let q = if rng.gen_bool(0.5) {
+                0
+            } else {
+                rng.gen_range(0..to_rx.len())
+            };
+            if let Some(m) = to_rx[q].pop_front() {
+                match m {
+                    Message::Data {
+                        index,
+                        offset,
+                        tag,
+                        payload,
+                    } => match rx.accept_data(index, offset, payload.len()).unwrap() {
+                        DataVerdict::Write => {
+                            let h = verify_chunk(alg, &id, index, offset, &payload, &tag).unwrap();
+                            let off = offset as usize;
+                            part[off..off + payload.len()].copy_from_slice(&payload);
+                            rx.chunk_written(now, index, h);
+                        }
+                        DataVerdict::Duplicate => panic!("seed {seed}: chunk {index} twice"),
+                    },
+                    m => rx.handle(m).unwrap(),
+                }
+            }
+            while let Some(e) = rx.poll_event() {
+                match e {
+                    ReceiverEvent::Checkpoint(list) => rx.checkpoint_committed(&list),
+                    ReceiverEvent::Finalize { digest } => {
+                        final_file = Some(part.clone());
+                        rx.finalized(digest);
+                    }
+                    ReceiverEvent::Forget(_) | ReceiverEvent::VerifyStale(_) => {
+                        panic!("seed {seed}: nothing should be forgotten or stale")
+                    }
+                    ReceiverEvent::Completed { .. } => {}
+                }
+            }
+            while let Some(m) = rx.poll_transmit() {
+                to_tx.push_back(m);
+            }
+            if let Some(m) = to_tx.pop_front() {
+                tx.handle(m).unwrap();
+            }
+            while tx.poll_event().is_some() {}
+            now += Duration::from_millis(1);
+            rx.handle_timeout(now);
+        }
+        assert_eq!(final_file.as_deref(), Some(&src[..]), "seed {seed}");
+        assert_eq!(sent, size, "seed {seed}: every byte sent exactly once");
+    }
+}
