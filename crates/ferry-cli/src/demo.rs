@@ -98,6 +98,7 @@ pub async fn run(
         recursive: false,
         state_dir: tmp.path().join("client-state"),
         client: ferry::client::ClientConfig {
+            streams: ferry::lanes::Streams::Fixed(1),
             token: Some(token),
             fingerprint: None,
             known_servers: KnownServers::new(tmp.path().join("client-state/known_servers")),

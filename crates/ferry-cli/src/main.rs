@@ -98,6 +98,12 @@ struct ClientArgs {
     /// HTTP path of the WebSocket upgrade for ws/wss (default /ferry).
     #[arg(long, env = "FERRY_WS_PATH")]
     ws_path: Option<String>,
+    /// Connections per large file: auto (files of 64 MiB or more start with
+    /// one and add connections, up to 8, while each addition raises the
+    /// measured throughput by 10 % or more) or a fixed count from 1 to 16.
+    /// Ignored with --bwlimit.
+    #[arg(long, default_value = "auto", env = "FERRY_STREAMS")]
+    streams: String,
 }
 
 /// SFTP endpoints (`sftp://[USER@]HOST[:PORT]/PATH`).
@@ -180,6 +186,8 @@ impl ClientArgs {
                         .map_err(|e| UsageError(e.to_string()))?
                         .dialer()
                 },
+                streams: ferry::lanes::Streams::parse(&self.streams)
+                    .map_err(|e| UsageError(e.to_string()))?,
             },
             retry: RetryPolicy {
                 initial: Duration::from_millis(self.retry_initial),

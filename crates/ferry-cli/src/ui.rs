@@ -231,8 +231,12 @@ pub fn per_file_lines(s: &CopySummary) -> Vec<String> {
 
 pub fn summary_line(s: &CopySummary) -> String {
     let rate = s.bytes_total as f64 / s.duration_s.max(0.001);
+    let lanes = match s.data_lanes {
+        0 => String::new(),
+        n => format!(", {n} data lane(s)"),
+    };
     format!(
-        "copied {} file(s), {} in {:.2}s ({}/s); sent {}, resumed {}, {} retries; {} {}",
+        "copied {} file(s), {} in {:.2}s ({}/s); sent {}, resumed {}, {} retries{lanes}; {} {}",
         s.files,
         human(s.bytes_total),
         s.duration_s,

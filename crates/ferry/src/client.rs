@@ -10,10 +10,14 @@ use ferry_proto::{
     ChunkHash, ChunkLayout, HashAlg, Message, ProtoError, RangeSet, ReceiverConfig, Sender,
     SenderConfig, TransferId,
 };
-use tracing::info;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
 use crate::conn::{Conn, Timeouts};
 use crate::error::{Error, Result};
+use crate::lanes::{Lanes, Streams, AUTO_MIN_SIZE};
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::tls::{client_config, normalize_fingerprint, KnownServers};
@@ -37,6 +41,8 @@ pub struct ClientConfig {
     pub timeouts: Timeouts,
     /// What carries the connection (TCP+TLS unless told otherwise).
     pub dialer: Arc<dyn Dialer>,
+    /// Connections per large file (see [`crate::lanes`]).
+    pub streams: Streams,
 }
 
 impl ClientConfig {
@@ -52,6 +58,7 @@ impl ClientConfig {
             bwlimit: 0,
             timeouts: Timeouts::default(),
             dialer: Arc::new(TcpDialer),
+            streams: Streams::Auto,
         }
     }
 }
@@ -60,6 +67,8 @@ impl ClientConfig {
 pub struct Session {
     conn: Conn,
     pub addr: String,
+    /// How this session was set up, to open data lanes the same way.
+    cfg: ClientConfig,
     bwlimit: u64,
     /// Capabilities both ends have.
     caps: Vec<String>,
@@ -167,6 +176,7 @@ impl Session {
         Ok(Session {
             conn,
             addr: addr.to_string(),
+            cfg: cfg.clone(),
             bwlimit: cfg.bwlimit,
             caps,
         })
@@ -464,6 +474,7 @@ impl Session {
             SenderConfig::default(),
             source.known.iter().copied(),
         );
+        let (lanes, _opener) = self.start_lanes(id, layout).unzip();
         drive_sender(
             &mut self.conn,
             &mut tx,
@@ -471,8 +482,39 @@ impl Session {
             store,
             progress,
             Throttle::new(self.bwlimit),
+            lanes,
         )
         .await
+    }
+
+    /// Whether the server takes data lanes.
+    pub fn supports_lanes(&self) -> bool {
+        self.caps.iter().any(|c| c == "lanes:v1")
+    }
+
+    /// Starts opening data lanes for transfer `id` if this file gets more than
+    /// one connection; the lanes reach the driver through the returned
+    /// [`Lanes`], and stop being opened when the guard is dropped.
+    fn start_lanes(&self, id: TransferId, layout: ChunkLayout) -> Option<(Lanes, AbortOnDrop)> {
+        // A rate limit is per transfer and enforced on one connection.
+        if !self.supports_lanes() || self.bwlimit > 0 {
+            return None;
+        }
+        let plan = match self.cfg.streams {
+            Streams::Fixed(n) if n > 1 && u64::from(layout.count()) >= n as u64 => self.cfg.streams,
+            Streams::Auto if layout.size() >= AUTO_MIN_SIZE => Streams::Auto,
+            _ => return None,
+        };
+        let (tx, lanes) = Lanes::channel();
+        let opener = tokio::spawn(open_lanes(
+            self.addr.clone(),
+            self.cfg.clone(),
+            id,
+            plan,
+            lanes.moved.clone(),
+            tx,
+        ));
+        Some((lanes, AbortOnDrop(opener)))
     }
 
     /// Downloads one file into `local` (resuming a local partial), asking for
@@ -508,6 +550,8 @@ impl Session {
         };
         on_meta(&meta);
         let (mut rx, dest) = prepare_receive(store, local, id, &meta, ReceiverConfig::default())?;
+        let layout = rx.layout();
+        let (lanes, _opener) = self.start_lanes(id, layout).unzip();
         let r = drive_receiver(
             &mut self.conn,
             &mut rx,
@@ -516,8 +560,109 @@ impl Session {
             progress,
             None,
             Throttle::new(self.bwlimit),
+            lanes,
         )
         .await?;
         Ok(r.digest)
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Most connections the adaptive mode opens for one file.
+const AUTO_MAX_CONNECTIONS: usize = 8;
+/// How long the adaptive mode measures throughput after each change.
+const AUTO_WINDOW: Duration = Duration::from_millis(1500);
+/// A new connection must raise throughput by this factor to be followed by another.
+const AUTO_GAIN: f64 = 1.10;
+
+/// Opens one data lane: a new authenticated connection that joins transfer `id`.
+async fn open_lane(addr: &str, cfg: &ClientConfig, id: TransferId) -> Result<Conn> {
+    let mut s = Session::connect(addr, cfg).await?;
+    s.conn.send(&Message::Lane { id }).await?;
+    let m = tokio::time::timeout(cfg.connect_timeout, s.conn.rd.expect())
+        .await
+        .map_err(|_| Error::Timeout(format!("lane answer from {addr}")))??;
+    match m {
+        Message::Ok => Ok(s.conn),
+        Message::Failure(f) => Err(remote(f)),
+        m => Err(unexpected(&m)),
+    }
+}
+
+/// Opens the lanes of one transfer: all at once for a fixed count; for
+/// `auto`, one at a time while each new connection still raises the measured
+/// throughput by [`AUTO_GAIN`]. A lane that cannot be opened is not fatal: the
+/// transfer goes on with the connections it has.
+async fn open_lanes(
+    addr: String,
+    cfg: ClientConfig,
+    id: TransferId,
+    plan: Streams,
+    moved: Arc<AtomicU64>,
+    out: mpsc::Sender<Conn>,
+) {
+    match plan {
+        Streams::Fixed(n) => {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 1..n {
+                let (addr, cfg) = (addr.clone(), cfg.clone());
+                set.spawn(async move { open_lane(&addr, &cfg, id).await });
+            }
+            while let Some(r) = set.join_next().await {
+                match r {
+                    Ok(Ok(c)) => {
+                        if out.send(c).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        warn!(transfer = %id, error = %e, "could not open a data lane; going on with fewer connections")
+                    }
+                    Err(_) => {}
+                }
+            }
+            info!(transfer = %id, connections = n, "streams: fixed count");
+        }
+        Streams::Auto => {
+            let rate = |since: tokio::time::Instant, from: u64| {
+                let bytes = moved.load(Ordering::Relaxed).saturating_sub(from);
+                bytes as f64 / since.elapsed().as_secs_f64().max(1e-3)
+            };
+            let (mut t0, mut m0) = (tokio::time::Instant::now(), moved.load(Ordering::Relaxed));
+            tokio::time::sleep(AUTO_WINDOW).await;
+            let mut best = rate(t0, m0);
+            let mut conns = 1;
+            while conns < AUTO_MAX_CONNECTIONS {
+                match open_lane(&addr, &cfg, id).await {
+                    Ok(c) => {
+                        if out.send(c).await.is_err() {
+                            return;
+                        }
+                        conns += 1;
+                    }
+                    Err(e) => {
+                        warn!(transfer = %id, error = %e, "could not open a data lane; going on with fewer connections");
+                        break;
+                    }
+                }
+                (t0, m0) = (tokio::time::Instant::now(), moved.load(Ordering::Relaxed));
+                tokio::time::sleep(AUTO_WINDOW).await;
+                let r = rate(t0, m0);
+                debug!(transfer = %id, connections = conns, rate_mb_s = r / 1e6, before_mb_s = best / 1e6, "streams: measured");
+                if r < best * AUTO_GAIN {
+                    break;
+                }
+                best = r;
+            }
+            info!(transfer = %id, connections = conns, rate_mb_s = best / 1e6, "streams: settled (adaptive)");
+        }
     }
 }

@@ -100,6 +100,8 @@ pub struct CopySummary {
     pub bytes_sent: u64,
     pub bytes_resumed: u64,
     pub retries: u64,
+    /// Extra connections opened to carry large files' data (`--streams`).
+    pub data_lanes: u64,
     pub duration_s: f64,
     /// The whole-file digest for one file; for several, a digest over (path, digest) pairs.
     pub digest: String,
@@ -315,6 +317,7 @@ pub async fn copy(
         bytes_sent: Progress::get(&progress.bytes_sent),
         bytes_resumed: Progress::get(&progress.bytes_resumed),
         retries: Progress::get(&progress.retries),
+        data_lanes: Progress::get(&progress.lanes),
         duration_s: started.elapsed().as_secs_f64(),
         digest,
         alg: opts.alg.name().to_string(),

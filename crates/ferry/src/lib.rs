@@ -7,6 +7,7 @@
 //! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it with retries.
 //! * [`batch`]: small files stored many at a time, durable with one sync.
 //! * [`transfer`]: the drivers that run a `Sender` or `Receiver` over a connection.
+//! * [`lanes`]: extra connections carrying one large file's data (`--streams`).
 //! * [`transport`]: what carries a session: dialers and listeners (TCP+TLS).
 //! * [`conn`]: framed message I/O over any byte stream.
 //! * [`tls`]: certificates, fingerprints, the known-servers file.
@@ -27,6 +28,7 @@ pub mod copy;
 pub mod demo;
 pub mod error;
 pub mod fsutil;
+pub mod lanes;
 pub mod paths;
 pub mod progress;
 pub mod queue;

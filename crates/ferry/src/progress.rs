@@ -21,6 +21,9 @@ pub struct Progress {
     /// Times a peer's circuit breaker opened, and closed again.
     pub breaker_opens: AtomicU64,
     pub breaker_closes: AtomicU64,
+    /// Extra connections (data lanes) that carried a file's data beside its
+    /// control connection.
+    pub lanes: AtomicU64,
     pub current_name: Mutex<String>,
     pub current_size: AtomicU64,
     pub current_done: AtomicU64,

@@ -15,12 +15,13 @@ use ferry_proto::{
     Failure, FailureCode, HashAlg, Message, ReceiverConfig, Sender, SenderConfig, TransferId,
 };
 use subtle::ConstantTimeEq;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn, Instrument};
 
 use crate::conn::{Conn, Timeouts};
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::lanes::Lanes;
 use crate::paths::{resolve, PathError};
 use crate::progress::Progress;
 use crate::store::Store;
@@ -62,6 +63,67 @@ struct Shared {
     min_free_bytes: u64,
     /// Destinations being written now: one writer each, with a way to stop it.
     busy: Mutex<HashMap<PathBuf, (TransferId, Arc<Notify>)>>,
+    /// Transfers running now that take data lanes (see [`crate::lanes`]).
+    lanes: Mutex<HashMap<TransferId, mpsc::Sender<Conn>>>,
+}
+
+/// How long a `Lane` request waits for its transfer to open on the other
+/// connection (the two race: the lane may arrive first).
+const LANE_WAIT: Duration = Duration::from_secs(5);
+
+/// A transfer's entry in the lane registry, removed when dropped.
+struct LaneSlot<'a> {
+    shared: &'a Shared,
+    id: TransferId,
+    tx: mpsc::Sender<Conn>,
+}
+
+impl<'a> LaneSlot<'a> {
+    /// Registers transfer `id` for lanes; its driver gets them from the result.
+    fn open(shared: &'a Shared, id: TransferId) -> (Self, Lanes) {
+        let (tx, mut lanes) = Lanes::channel();
+        lanes.faults = shared.faults.clone();
+        if let Ok(mut m) = shared.lanes.lock() {
+            m.insert(id, tx.clone());
+        }
+        (Self { shared, id, tx }, lanes)
+    }
+}
+
+impl Drop for LaneSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shared.lanes.lock() {
+            if m.get(&self.id).is_some_and(|t| t.same_channel(&self.tx)) {
+                m.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// Hands an authenticated connection that asked to be a lane of transfer `id`
+/// to that transfer, or tells the client there is no such transfer.
+async fn join_lane(mut conn: Conn, id: TransferId, shared: &Shared) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    let tx = loop {
+        let found = shared.lanes.lock().ok().and_then(|m| m.get(&id).cloned());
+        if let Some(tx) = found {
+            break tx;
+        }
+        if start.elapsed() >= LANE_WAIT {
+            conn.send(&Message::Failure(Failure::new(
+                FailureCode::NotFound,
+                format!("no transfer {id} running here to add a data lane to"),
+            )))
+            .await?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    conn.send(&Message::Ok).await?;
+    info!(transfer = %id, "data lane joined");
+    // The transfer may have ended meanwhile: then the lane just closes.
+    let _ = tx.send(conn).await;
+    Ok(())
 }
 
 /// A bound server, ready to run.
@@ -100,6 +162,7 @@ impl Server {
             timeouts: cfg.timeouts,
             min_free_bytes: cfg.min_free_bytes,
             busy: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
         });
         Ok(Self {
             listeners: Vec::new(),
@@ -272,6 +335,9 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
                 Some(m) => m,
             },
         };
+        if let Message::Lane { id } = req {
+            return join_lane(conn, id, &shared).await;
+        }
         match handle_request(&mut conn, req, &shared).await {
             Ok(()) => {}
             Err(RequestError::Reply(f)) => {
@@ -475,8 +541,9 @@ async fn handle_request(
                 };
             let span = tracing::info_span!("put", transfer = %id, path = %path);
             let progress = Progress::default();
+            let (_slot, lanes) = LaneSlot::open(shared, id);
             let r = tokio::select! {
-                r = drive_receiver(conn, &mut rx, &dest, &shared.store, &progress, shared.faults.as_deref(), None).instrument(span) => r?,
+                r = drive_receiver(conn, &mut rx, &dest, &shared.store, &progress, shared.faults.as_deref(), None, Some(lanes)).instrument(span) => r?,
                 _ = guard.stop.notified() => {
                     return Err(RequestError::Fatal(Error::Io {
                         addr: conn.peer.clone(),
@@ -509,9 +576,18 @@ async fn handle_request(
             let mut tx = Sender::new(id, layout, alg, SenderConfig::default(), known);
             let span = tracing::info_span!("get", transfer = %id, path = %path);
             let progress = Progress::default();
-            let digest = drive_sender(conn, &mut tx, &src, &shared.store, &progress, None)
-                .instrument(span)
-                .await?;
+            let (_slot, lanes) = LaneSlot::open(shared, id);
+            let digest = drive_sender(
+                conn,
+                &mut tx,
+                &src,
+                &shared.store,
+                &progress,
+                None,
+                Some(lanes),
+            )
+            .instrument(span)
+            .await?;
             info!(transfer = %id, path = %path, digest = %digest, "download complete");
         }
         Message::BatchPut { alg, files } => serve_batch(conn, &alg, files, shared).await?,

@@ -20,6 +20,9 @@ use tracing::{debug, info, warn};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::lanes::{
+    Arrived, Job, LaneEvent, Lanes, RecvEvent, RecvLanes, SendLanes, Sent, SourceRef,
+};
 use crate::progress::Progress;
 use crate::store::{HeldChunks, Store};
 
@@ -84,7 +87,7 @@ pub struct SourceFile {
 }
 
 /// Reads `len` bytes at `offset`; a short file means the source changed.
-fn read_source(
+pub(crate) fn read_source(
     file: &File,
     path: &std::path::Path,
     offset: u64,
@@ -117,7 +120,8 @@ impl SourceFile {
     }
 }
 
-/// Runs a sender to completion; returns the verified digest.
+/// Runs a sender to completion; returns the verified digest. `lanes` brings
+/// extra connections for the data (see [`crate::lanes`]) as they open.
 pub async fn drive_sender(
     conn: &mut Conn,
     tx: &mut Sender,
@@ -125,8 +129,19 @@ pub async fn drive_sender(
     store: &Arc<Store>,
     progress: &Progress,
     mut throttle: Option<Throttle>,
+    lanes: Option<Lanes>,
 ) -> Result<ChunkHash> {
     let tid = tx.id();
+    let mut lanes = SendLanes::new(
+        lanes,
+        SourceRef {
+            file: src.file.clone(),
+            path: src.path.clone(),
+            alg: src.alg,
+            id: tid,
+        },
+        conn.timeouts.keepalive,
+    );
     let mut buf = Vec::new();
     let mut last_write = Instant::now();
     let mut last_heard = Instant::now();
@@ -142,6 +157,9 @@ pub async fn drive_sender(
             last_heard = Instant::now();
             sender_handle(conn, tx, m, src, store).await?;
         }
+        while let Some(ev) = lanes.try_next() {
+            lane_event(ev, tx, &mut lanes, progress, &mut last_progress)?;
+        }
         let mut acked_hashes = Vec::new();
         while let Some(ev) = tx.poll_event() {
             match ev {
@@ -152,6 +170,7 @@ pub async fn drive_sender(
                 }
                 SenderEvent::Acked { chunks, bytes } => {
                     last_progress = Instant::now();
+                    lanes.moved.fetch_add(bytes, Ordering::Relaxed);
                     debug!(transfer = %tid, ranges = ?chunks, "acked");
                     progress.done(bytes);
                     acked_hashes.extend(
@@ -184,6 +203,11 @@ pub async fn drive_sender(
                 last_write = Instant::now();
             }
             Some(Transmit::Chunk { index, offset, len }) => {
+                if tx.lanes_ready() {
+                    if let Ok(()) = lanes.try_dispatch(Job { index, offset, len }) {
+                        continue;
+                    }
+                }
                 src.read_chunk(offset, len, &mut buf)?;
                 let content = src.alg.hash(&buf);
                 let tag = tx.chunk_read(index, content).map_err(|e| match e {
@@ -219,6 +243,7 @@ pub async fn drive_sender(
                         last_heard = Instant::now();
                         sender_handle(conn, tx, m, src, store).await?;
                     }
+                    ev = lanes.next() => lane_event(ev, tx, &mut lanes, progress, &mut last_progress)?,
                     _ = tokio::time::sleep(wait) => {
                         if last_heard.elapsed() >= conn.timeouts.stall {
                             return Err(Error::Timeout(format!("nothing heard from {} for {}s", conn.peer, conn.timeouts.stall.as_secs_f64())));
@@ -237,6 +262,47 @@ pub async fn drive_sender(
             }
         }
     }
+}
+
+/// A lane joined, sent a chunk, or failed.
+fn lane_event(
+    ev: LaneEvent,
+    tx: &mut Sender,
+    lanes: &mut SendLanes,
+    progress: &Progress,
+    last_progress: &mut Instant,
+) -> Result<()> {
+    match ev {
+        LaneEvent::Joined(c) => {
+            if !lanes.add(c) {
+                return Ok(());
+            }
+            Progress::add(&progress.lanes, 1);
+            // Each lane reads one chunk, one more waits in the queue, and the
+            // control connection carries data too when the lanes are all busy.
+            tx.set_lanes(lanes.count() + 2);
+            info!(transfer = %tx.id(), connections = lanes.count() + 1, "sending on several connections");
+        }
+        LaneEvent::Sent(Sent::Chunk { index, content }) => {
+            tx.chunk_read(index, content).map_err(|e| match e {
+                ProtoError::SourceChanged { .. } => {
+                    Error::Proto(ProtoError::SourceChanged { chunk: index })
+                }
+                e => Error::Proto(e),
+            })?;
+            Progress::add(&progress.bytes_sent, u64::from(tx.layout().len(index)));
+            *last_progress = Instant::now();
+        }
+        LaneEvent::Sent(Sent::Failed(e)) => {
+            if tx.acked().count() == u64::from(tx.layout().count()) {
+                debug!(transfer = %tx.id(), error = %e, "a data lane closed after the last chunk");
+            } else {
+                warn!(transfer = %tx.id(), error = %e, "a data lane failed");
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn sender_handle(
@@ -344,7 +410,9 @@ pub struct Received {
     pub bytes_received: u64,
 }
 
-/// Runs a receiver to completion: the file is verified and in place.
+/// Runs a receiver to completion: the file is verified and in place. `lanes`
+/// brings extra connections carrying data (see [`crate::lanes`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn drive_receiver(
     conn: &mut Conn,
     rx: &mut Receiver,
@@ -353,8 +421,10 @@ pub async fn drive_receiver(
     progress: &Progress,
     faults: Option<&FaultPlan>,
     throttle: Option<Throttle>,
+    lanes: Option<Lanes>,
 ) -> Result<Received> {
     let mut checkpoint = None;
+    let mut lanes = RecvLanes::new(lanes, rx.alg(), rx.id(), conn.timeouts.stall);
     let r = receive_loop(
         conn,
         rx,
@@ -364,6 +434,7 @@ pub async fn drive_receiver(
         faults,
         throttle,
         &mut checkpoint,
+        &mut lanes,
     )
     .await;
     // Only when the link failed: after a protocol or integrity error the
@@ -426,6 +497,7 @@ async fn receive_loop(
     faults: Option<&FaultPlan>,
     mut throttle: Option<Throttle>,
     checkpoint: &mut Option<CheckpointTask>,
+    lanes: &mut RecvLanes,
 ) -> Result<Received> {
     let tid = rx.id();
     let alg = rx.alg();
@@ -550,20 +622,10 @@ async fn receive_loop(
                                     }
                                     _ => payload,
                                 };
-                                match verify_chunk(alg, &tid, index, offset, &payload, &tag) {
-                                    Ok(content) => {
-                                        dest.file.write_all_at(&payload, offset).map_err(|e| Error::local(&dest.part_path, e))?;
-                                        Progress::add(&progress.bytes_sent, payload.len() as u64);
-                                        progress.done(payload.len() as u64);
-                                        rx.chunk_written(Instant::now().into_std(), index, content);
-                                        if let Some(t) = throttle.as_mut() {
-                                            t.consume(payload.len() as u64).await;
-                                        }
-                                    }
-                                    Err(actual) => {
-                                        warn!(transfer = %tid, chunk = index, offset, len = payload.len(), actual = %actual, "chunk failed verification; asking for it again");
-                                        rx.chunk_corrupt(index);
-                                    }
+                                let verdict = verify_chunk(alg, &tid, index, offset, &payload, &tag);
+                                write_chunk(rx, dest, progress, lanes, index, offset, &payload, verdict)?;
+                                if let Some(t) = throttle.as_mut() {
+                                    t.consume(payload.len() as u64).await;
                                 }
                             }
                         }
@@ -583,6 +645,25 @@ async fn receive_loop(
                     }
                 }
             }
+            ev = lanes.next() => match ev {
+                RecvEvent::Joined(c) => {
+                    if lanes.add(c) {
+                        Progress::add(&progress.lanes, 1);
+                    }
+                    info!(transfer = %tid, connections = lanes.count() + 1, "receiving on several connections");
+                }
+                RecvEvent::Arrived(Arrived::Failed(e)) => {
+                    warn!(transfer = %tid, error = %e, "a data lane failed");
+                    return Err(e);
+                }
+                RecvEvent::Arrived(Arrived::Chunk { index, offset, payload, verdict }) => {
+                    last_heard = Instant::now();
+                    match rx.accept_data(index, offset, payload.len()).map_err(Error::Proto)? {
+                        DataVerdict::Duplicate => {}
+                        DataVerdict::Write => write_chunk(rx, dest, progress, lanes, index, offset, &payload, verdict)?,
+                    }
+                }
+            },
             r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
                 *checkpoint = None;
                 let list = r.map_err(|e| Error::Store(e.to_string()))??;
@@ -603,6 +684,37 @@ async fn receive_loop(
             }
         }
     }
+}
+
+/// Writes a verified chunk into the partial file, or asks for it again.
+#[allow(clippy::too_many_arguments)]
+fn write_chunk(
+    rx: &mut Receiver,
+    dest: &DestFile,
+    progress: &Progress,
+    lanes: &RecvLanes,
+    index: u32,
+    offset: u64,
+    payload: &[u8],
+    verdict: std::result::Result<ChunkHash, ChunkHash>,
+) -> Result<()> {
+    match verdict {
+        Ok(content) => {
+            dest.file
+                .write_all_at(payload, offset)
+                .map_err(|e| Error::local(&dest.part_path, e))?;
+            let n = payload.len() as u64;
+            Progress::add(&progress.bytes_sent, n);
+            progress.done(n);
+            lanes.count_moved(n);
+            rx.chunk_written(Instant::now().into_std(), index, content);
+        }
+        Err(actual) => {
+            warn!(transfer = %rx.id(), chunk = index, offset, len = payload.len(), actual = %actual, "chunk failed verification; asking for it again");
+            rx.chunk_corrupt(index);
+        }
+    }
+    Ok(())
 }
 
 async fn join_opt<T>(

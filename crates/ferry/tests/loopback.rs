@@ -97,6 +97,7 @@ fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
         recursive: true,
         state_dir: dir.join("client-state"),
         client: ClientConfig {
+            streams: ferry::lanes::Streams::Auto,
             token: Some(TOKEN.to_vec()),
             fingerprint: None,
             known_servers: KnownServers::new(dir.join("client-state/known_servers")),

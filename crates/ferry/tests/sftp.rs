@@ -271,6 +271,7 @@ fn copy_opts(state: &Path) -> CopyOptions {
         recursive: true,
         state_dir: state.to_path_buf(),
         client: ferry::client::ClientConfig {
+            streams: ferry::lanes::Streams::Auto,
             token: None,
             fingerprint: None,
             known_servers: ferry::tls::KnownServers::new(state.join("known_servers")),

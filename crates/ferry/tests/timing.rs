@@ -26,6 +26,7 @@ async fn backoff_and_breaker_cooldowns_pace_the_attempts() {
         recursive: false,
         state_dir: dir.path().join("state"),
         client: ClientConfig {
+            streams: ferry::lanes::Streams::Auto,
             token: None,
             fingerprint: None,
             known_servers: KnownServers::new(dir.path().join("known")),
@@ -83,6 +84,7 @@ async fn retry_budget_bounds_the_total_time() {
         recursive: false,
         state_dir: dir.path().join("state"),
         client: ClientConfig {
+            streams: ferry::lanes::Streams::Auto,
             token: None,
             fingerprint: None,
             known_servers: KnownServers::new(dir.path().join("known")),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use ferry::client::{ClientConfig, Session};
 use ferry::conn::BoxStream;
 use ferry::copy::{copy, CopyOptions, CopySummary};
+use ferry::lanes::Streams;
 use ferry::progress::Progress;
 use ferry::retry::RetryPolicy;
 use ferry::server::{Server, ServerConfig};
@@ -161,6 +162,7 @@ fn opts(dir: &Path, dialer: Arc<dyn Dialer>) -> CopyOptions {
         recursive: true,
         state_dir: dir.join("client-state"),
         client: ClientConfig {
+            streams: ferry::lanes::Streams::Auto,
             token: Some(TOKEN.to_vec()),
             fingerprint: None,
             known_servers: KnownServers::new(dir.join("client-state/known_servers")),
@@ -196,12 +198,14 @@ async fn cp(srcs: &[String], dst: &str, opts: &CopyOptions) -> Result<CopySummar
     copy(srcs, dst, opts, Arc::new(Progress::default())).await
 }
 
-/// A dialer that breaks its first connection after `cut_at` bytes have
-/// crossed it (either way), as a dropped link or a killed peer would.
+/// A dialer that breaks one connection (the first unless told otherwise)
+/// after `cut_at` bytes have crossed it (either way), as a dropped link or a
+/// killed peer would.
 #[derive(Debug)]
 struct CuttingDialer {
     inner: Arc<dyn Dialer>,
     cut_at: u64,
+    cut_dial: u32,
     dials: AtomicU32,
 }
 
@@ -209,7 +213,7 @@ impl Dialer for CuttingDialer {
     fn dial<'a>(&'a self, t: DialTarget<'a>) -> BoxFuture<'a, ferry::Result<BoxStream>> {
         Box::pin(async move {
             let s = self.inner.dial(t).await?;
-            if self.dials.fetch_add(1, Ordering::SeqCst) == 0 {
+            if self.dials.fetch_add(1, Ordering::SeqCst) == self.cut_dial {
                 Ok(Box::new(Cut {
                     inner: Some(s),
                     left: self.cut_at,
@@ -289,11 +293,99 @@ impl AsyncWrite for Cut {
 }
 
 fn cutting(kind: Kind, cut_at: u64) -> Arc<dyn Dialer> {
+    cutting_nth(kind, 0, cut_at)
+}
+
+/// Cuts the `n`th connection dialed (counting from 0).
+fn cutting_nth(kind: Kind, n: u32, cut_at: u64) -> Arc<dyn Dialer> {
     Arc::new(CuttingDialer {
         inner: kind.dialer(),
         cut_at,
+        cut_dial: n,
         dials: AtomicU32::new(0),
     })
+}
+
+/// One large file on four connections (a control connection and three data
+/// lanes), up and down: a lane cut mid-transfer fails the attempt, the next
+/// run (on lanes again) sends only what was not verified, and chunks
+/// corrupted on arrival are asked for again.
+async fn lanes(kind: Kind) {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    let size = 48 << 20;
+    let src = dir.path().join("l.bin");
+    let data = random_file(&src, size, 11);
+    let four = |d: Arc<dyn Dialer>| {
+        let mut o = opts(dir.path(), d);
+        o.client.streams = Streams::Fixed(4);
+        o
+    };
+    // The third connection dialed is a lane: cut it after two chunks.
+    let mut o = four(cutting_nth(kind, 2, 2 * CHUNK));
+    o.retry.max_attempts = 1;
+    let e = cp(
+        &[src.display().to_string()],
+        &srv.url_for(kind, "l.bin"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!srv.root.join("l.bin").exists(), "no final file yet");
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url_for(kind, "l.bin"),
+        &four(kind.dialer()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.data_lanes, 3, "three lanes beside the control connection");
+    assert!(s.bytes_resumed > 0, "upload resumed nothing after {e}");
+    assert_eq!(s.bytes_sent + s.bytes_resumed, size, "nothing sent twice");
+    assert_eq!(std::fs::read(srv.root.join("l.bin")).unwrap(), data);
+
+    let local = dir.path().join("l-down.bin");
+    let mut o = four(cutting_nth(kind, 2, 2 * CHUNK));
+    o.retry.max_attempts = 1;
+    let e = cp(
+        &[srv.url_for(kind, "l.bin")],
+        &local.display().to_string(),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
+    assert!(!local.exists(), "no final file yet");
+    let s = cp(
+        &[srv.url_for(kind, "l.bin")],
+        &local.display().to_string(),
+        &four(kind.dialer()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.data_lanes, 3);
+    assert!(s.bytes_resumed > 0, "download resumed nothing after {e}");
+    assert_eq!(s.bytes_sent + s.bytes_resumed, size, "nothing sent twice");
+    assert_eq!(std::fs::read(&local).unwrap(), data);
+
+    srv.faults.corrupt_chunks.store(4, Ordering::SeqCst);
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url_for(kind, "l2.bin"),
+        &four(kind.dialer()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(srv.faults.corrupt_chunks.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        s.bytes_sent,
+        size + 4 * CHUNK,
+        "each corrupt chunk sent once more"
+    );
+    assert_eq!(std::fs::read(srv.root.join("l2.bin")).unwrap(), data);
+    srv.stop().await;
 }
 
 async fn fresh_transfers(kind: Kind) {
@@ -437,6 +529,8 @@ macro_rules! conformance {
             async fn cuts_and_corruption_are_survived() { super::cuts_and_corruption($kind).await }
             #[tokio::test]
             async fn wrong_token_and_wrong_key_are_refused() { super::auth_failures($kind).await }
+            #[tokio::test]
+            async fn one_file_on_four_connections() { super::lanes($kind).await }
         }
     )*};
 }

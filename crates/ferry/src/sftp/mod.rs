@@ -437,6 +437,7 @@ pub async fn copy(
         bytes_sent: Progress::get(&progress.bytes_sent),
         bytes_resumed: Progress::get(&progress.bytes_resumed),
         retries: Progress::get(&progress.retries),
+        data_lanes: 0,
         duration_s: started.elapsed().as_secs_f64(),
         digest,
         alg: "blake3".into(),

@@ -1,0 +1,455 @@
+//! Data lanes: extra connections that carry one transfer's `Data` frames
+//! beside its control connection, so one large file moves over several
+//! connections at once (several congestion windows on a lossy long path,
+//! several cores for hashing and TLS).
+//!
+//! A lane is an ordinary authenticated connection whose first request is
+//! `Lane { id }`; the server hands it to the transfer `id` running on another
+//! connection. Everything but `Data` stays on the control connection: the
+//! resume handshake, acknowledgements, `Done` and `Complete`. The sender's
+//! state machine keeps data on the control connection until the receiver has
+//! acknowledged something (it is past `Agreed`), and sends `Done` only once
+//! every chunk is acknowledged (see [`ferry_proto::Sender::set_lanes`]), so
+//! nothing depends on ordering between connections.
+//!
+//! A lane that fails fails the attempt, like its control connection would:
+//! the transfer resumes on fresh connections and nothing verified is sent
+//! again.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::hash::{chunk_tag, verify_chunk};
+use ferry_proto::{ChunkHash, HashAlg, Message, ProtoError, TransferId};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use crate::conn::Conn;
+use crate::error::{Error, Result};
+use crate::transfer::FaultPlan;
+
+/// Most extra connections one transfer takes (16 connections in all).
+pub const MAX_LANES: usize = 15;
+
+/// Files smaller than this never get lanes in the adaptive mode: they are done
+/// before a lane would be up to speed.
+pub const AUTO_MIN_SIZE: u64 = 64 * 1024 * 1024;
+
+/// How many connections carry one large file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Streams {
+    /// Start with one and add connections while each addition still raises
+    /// the measured throughput (by 10 % or more), up to 8; only for files of
+    /// at least [`AUTO_MIN_SIZE`].
+    #[default]
+    Auto,
+    /// Exactly this many connections (1: no lanes) for every file large
+    /// enough to have a chunk per connection.
+    Fixed(usize),
+}
+
+impl Streams {
+    /// `auto` or a count from 1 to 16.
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Streams::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_LANES + 1).contains(&n) => Ok(Streams::Fixed(n)),
+            _ => Err(Error::Usage(format!(
+                "--streams takes 'auto' or a number from 1 to {}, not {s:?}",
+                MAX_LANES + 1
+            ))),
+        }
+    }
+}
+
+/// Extra connections handed to a transfer driver as they are opened, and a
+/// counter of the payload the transfer moved (for the adaptive count).
+pub struct Lanes {
+    pub incoming: mpsc::Receiver<Conn>,
+    /// Payload bytes moved: acknowledged by the receiver (sending side) or
+    /// verified and written (receiving side).
+    pub moved: Arc<AtomicU64>,
+    /// Fault injection for chunks that arrive on lanes (tests, demo).
+    pub faults: Option<Arc<FaultPlan>>,
+}
+
+impl Lanes {
+    /// A channel for lanes and the driver's end of it.
+    pub fn channel() -> (mpsc::Sender<Conn>, Lanes) {
+        let (tx, rx) = mpsc::channel(MAX_LANES + 1);
+        (
+            tx,
+            Lanes {
+                incoming: rx,
+                moved: Arc::new(AtomicU64::new(0)),
+                faults: None,
+            },
+        )
+    }
+}
+
+fn lane_closed(peer: &str) -> Error {
+    Error::Io {
+        addr: peer.to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "data lane closed by peer",
+        ),
+    }
+}
+
+// ---- sending side ----------------------------------------------------------
+
+/// A chunk for a lane to read, hash and send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Job {
+    pub index: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// What a sending lane reports to the driver.
+pub(crate) enum Sent {
+    /// The chunk went out; its content hash is for the state machine.
+    Chunk {
+        index: u32,
+        content: ChunkHash,
+    },
+    Failed(Error),
+}
+
+/// What a sending lane needs to read and tag chunks.
+#[derive(Clone)]
+pub(crate) struct SourceRef {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    pub alg: HashAlg,
+    pub id: TransferId,
+}
+
+/// The sending driver's lanes.
+pub(crate) struct SendLanes {
+    incoming: Option<mpsc::Receiver<Conn>>,
+    pub moved: Arc<AtomicU64>,
+    jobs_tx: mpsc::Sender<Job>,
+    jobs_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    sent_tx: mpsc::Sender<Sent>,
+    sent_rx: mpsc::Receiver<Sent>,
+    tasks: JoinSet<()>,
+    count: usize,
+    src: SourceRef,
+    keepalive: Duration,
+}
+
+impl SendLanes {
+    pub fn new(lanes: Option<Lanes>, src: SourceRef, keepalive: Duration) -> Self {
+        let (jobs_tx, jobs_rx) = mpsc::channel(1);
+        let (sent_tx, sent_rx) = mpsc::channel(MAX_LANES + 1);
+        let (incoming, moved) = match lanes {
+            Some(l) => (Some(l.incoming), l.moved),
+            None => (None, Arc::new(AtomicU64::new(0))),
+        };
+        Self {
+            incoming,
+            moved,
+            jobs_tx,
+            jobs_rx: Arc::new(tokio::sync::Mutex::new(jobs_rx)),
+            sent_tx,
+            sent_rx,
+            tasks: JoinSet::new(),
+            count: 0,
+            src,
+            keepalive,
+        }
+    }
+
+    /// Lanes running now.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Starts a lane on `conn`, or closes it past the limit (then false).
+    pub fn add(&mut self, conn: Conn) -> bool {
+        if self.count >= MAX_LANES {
+            warn!(peer = %conn.peer, "more data lanes than allowed; closing this one");
+            return false;
+        }
+        self.count += 1;
+        debug!(transfer = %self.src.id, lanes = self.count, "data lane joined");
+        let (jobs, sent, src, keepalive) = (
+            self.jobs_rx.clone(),
+            self.sent_tx.clone(),
+            self.src.clone(),
+            self.keepalive,
+        );
+        self.tasks.spawn(async move {
+            if let Err(e) = send_lane(conn, jobs, &sent, src, keepalive).await {
+                let _ = sent.send(Sent::Failed(e)).await;
+            }
+        });
+        true
+    }
+
+    /// Hands a chunk to an idle lane; gives it back if none is free.
+    pub fn try_dispatch(&mut self, job: Job) -> std::result::Result<(), Job> {
+        if self.count == 0 {
+            return Err(job);
+        }
+        self.jobs_tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+        })
+    }
+
+    /// A new lane or a lane's report, whichever comes first; never returns
+    /// when there is nothing to wait for.
+    pub async fn next(&mut self) -> LaneEvent {
+        loop {
+            tokio::select! {
+                c = recv_opt(&mut self.incoming) => match c {
+                    Some(c) => return LaneEvent::Joined(c),
+                    None => self.incoming = None,
+                },
+                Some(s) = self.sent_rx.recv() => return LaneEvent::Sent(s),
+            }
+        }
+    }
+
+    /// The same without waiting.
+    pub fn try_next(&mut self) -> Option<LaneEvent> {
+        if let Some(inc) = &mut self.incoming {
+            match inc.try_recv() {
+                Ok(c) => return Some(LaneEvent::Joined(c)),
+                Err(mpsc::error::TryRecvError::Disconnected) => self.incoming = None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+        }
+        self.sent_rx.try_recv().ok().map(LaneEvent::Sent)
+    }
+}
+
+pub(crate) enum LaneEvent {
+    Joined(Conn),
+    Sent(Sent),
+}
+
+async fn recv_opt<T>(r: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match r {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_lane(
+    mut conn: Conn,
+    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    sent: &mpsc::Sender<Sent>,
+    src: SourceRef,
+    keepalive: Duration,
+) -> Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let job = {
+            let mut q = jobs.lock().await;
+            match q.try_recv() {
+                Ok(j) => Some(j),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+            }
+        };
+        let job = match job {
+            Some(j) => j,
+            None => {
+                // Nothing queued: push out what is buffered, then wait.
+                conn.wr.flush().await?;
+                let mut q = jobs.lock().await;
+                match tokio::time::timeout(keepalive, q.recv()).await {
+                    Ok(Some(j)) => j,
+                    Ok(None) => return Ok(()),
+                    Err(_) => {
+                        drop(q);
+                        conn.send(&Message::Ping { nonce: 3 }).await?;
+                        continue;
+                    }
+                }
+            }
+        };
+        crate::transfer::read_source(&src.file, &src.path, job.offset, job.len, &mut buf)?;
+        let content = src.alg.hash(&buf);
+        let tag = chunk_tag(src.alg, &src.id, job.index, job.offset, job.len, &content);
+        conn.wr.send_data(job.index, job.offset, &tag, &buf).await?;
+        if sent
+            .send(Sent::Chunk {
+                index: job.index,
+                content,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+}
+
+// ---- receiving side --------------------------------------------------------
+
+/// A chunk that arrived on a lane, already checked against its tag.
+pub(crate) enum Arrived {
+    Chunk {
+        index: u32,
+        offset: u64,
+        payload: bytes::Bytes,
+        /// The content hash, or what the payload hashed to when the tag did not match.
+        verdict: std::result::Result<ChunkHash, ChunkHash>,
+    },
+    Failed(Error),
+}
+
+/// The receiving driver's lanes.
+pub(crate) struct RecvLanes {
+    incoming: Option<mpsc::Receiver<Conn>>,
+    pub moved: Arc<AtomicU64>,
+    faults: Option<Arc<FaultPlan>>,
+    arrived_tx: mpsc::Sender<Arrived>,
+    arrived_rx: mpsc::Receiver<Arrived>,
+    tasks: JoinSet<()>,
+    count: usize,
+    alg: HashAlg,
+    id: TransferId,
+    stall: Duration,
+}
+
+impl RecvLanes {
+    pub fn new(lanes: Option<Lanes>, alg: HashAlg, id: TransferId, stall: Duration) -> Self {
+        // A few chunks per lane may wait for the writer: bounded memory.
+        let (arrived_tx, arrived_rx) = mpsc::channel(2 * (MAX_LANES + 1));
+        let (incoming, moved, faults) = match lanes {
+            Some(l) => (Some(l.incoming), l.moved, l.faults),
+            None => (None, Arc::new(AtomicU64::new(0)), None),
+        };
+        Self {
+            incoming,
+            moved,
+            faults,
+            arrived_tx,
+            arrived_rx,
+            tasks: JoinSet::new(),
+            count: 0,
+            alg,
+            id,
+            stall,
+        }
+    }
+
+    /// Starts a lane on `conn`, or closes it past the limit (then false).
+    pub fn add(&mut self, conn: Conn) -> bool {
+        if self.count >= MAX_LANES {
+            warn!(peer = %conn.peer, "more data lanes than allowed; closing this one");
+            return false;
+        }
+        self.count += 1;
+        debug!(transfer = %self.id, lanes = self.count, "data lane joined");
+        let (out, alg, id, stall, faults) = (
+            self.arrived_tx.clone(),
+            self.alg,
+            self.id,
+            self.stall,
+            self.faults.clone(),
+        );
+        self.tasks.spawn(async move {
+            if let Err(e) = recv_lane(conn, &out, alg, id, stall, faults).await {
+                let _ = out.send(Arrived::Failed(e)).await;
+            }
+        });
+        true
+    }
+
+    /// A new lane or a chunk, whichever comes first.
+    pub async fn next(&mut self) -> RecvEvent {
+        loop {
+            tokio::select! {
+                c = recv_opt(&mut self.incoming) => match c {
+                    Some(c) => return RecvEvent::Joined(c),
+                    None => self.incoming = None,
+                },
+                Some(a) = self.arrived_rx.recv() => return RecvEvent::Arrived(a),
+            }
+        }
+    }
+
+    /// Lanes running now.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn count_moved(&self, n: u64) {
+        self.moved.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub(crate) enum RecvEvent {
+    Joined(Conn),
+    Arrived(Arrived),
+}
+
+async fn recv_lane(
+    mut conn: Conn,
+    out: &mpsc::Sender<Arrived>,
+    alg: HashAlg,
+    id: TransferId,
+    stall: Duration,
+    faults: Option<Arc<FaultPlan>>,
+) -> Result<()> {
+    loop {
+        let m = tokio::time::timeout(stall, conn.rd.next())
+            .await
+            .map_err(|_| {
+                Error::Timeout(format!(
+                    "nothing on a data lane from {} for {}s",
+                    conn.peer,
+                    stall.as_secs_f64()
+                ))
+            })??
+            .ok_or_else(|| lane_closed(&conn.peer))?;
+        match m {
+            Message::Data {
+                index,
+                offset,
+                tag,
+                payload,
+            } => {
+                let payload = match &faults {
+                    Some(f) if !payload.is_empty() && f.take_corruption() => {
+                        warn!(transfer = %id, chunk = index, "fault injector: flipping a bit of this chunk on a data lane");
+                        let mut p = payload.to_vec();
+                        p[0] ^= 0x01;
+                        bytes::Bytes::from(p)
+                    }
+                    _ => payload,
+                };
+                let verdict = verify_chunk(alg, &id, index, offset, &payload, &tag);
+                let a = Arrived::Chunk {
+                    index,
+                    offset,
+                    payload,
+                    verdict,
+                };
+                if out.send(a).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Message::Ping { .. } | Message::Pong { .. } => {}
+            other => {
+                return Err(Error::Proto(ProtoError::PeerMisbehaved(format!(
+                    "unexpected {} on a data lane",
+                    other.name()
+                ))))
+            }
+        }
+    }
+}
