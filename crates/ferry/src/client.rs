@@ -583,8 +583,9 @@ const AUTO_WINDOW: Duration = Duration::from_millis(1500);
 /// A new connection must raise throughput by this factor to be followed by another.
 const AUTO_GAIN: f64 = 1.10;
 
-/// Opens one data lane: a new authenticated connection that joins transfer `id`.
-async fn open_lane(addr: &str, cfg: &ClientConfig, id: TransferId) -> Result<Conn> {
+/// Opens one data lane: a new authenticated connection that joins transfer
+/// `id`, running on another connection (see [`crate::lanes`]).
+pub async fn open_lane(addr: &str, cfg: &ClientConfig, id: TransferId) -> Result<Conn> {
     let mut s = Session::connect(addr, cfg).await?;
     s.conn.send(&Message::Lane { id }).await?;
     let m = tokio::time::timeout(cfg.connect_timeout, s.conn.rd.expect())

@@ -1153,3 +1153,56 @@ async fn resume_after_the_senders_journal_was_lost() {
     assert_eq!(std::fs::read(srv.root.join("j.bin")).unwrap(), data);
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn hostile_lanes_are_refused_and_the_server_stays_up() {
+    use ferry_proto::{FailureCode, ProtoError, TransferId};
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let cfg = client_opts(dir.path(), None).client;
+    let addr = srv.addr.to_string();
+    // A lane for a transfer that is not running is refused.
+    let e = ferry::client::open_lane(&addr, &cfg, TransferId([5; 16]))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&e, Error::Proto(ProtoError::Remote(f)) if f.code == FailureCode::NotFound),
+        "{e}"
+    );
+    // A lane that carries something other than data fails its transfer only.
+    let src = dir.path().join("h.bin");
+    let data = random_file(&src, 8 << 20, 4);
+    let mut slow = cfg.clone();
+    slow.bwlimit = 2 << 20;
+    let store = Arc::new(ferry::store::Store::open(&dir.path().join("lane-state")).unwrap());
+    let prepared = ferry::transfer::prepare_send(&store, &src, HashAlg::Blake3).unwrap();
+    let id = TransferId([6; 16]);
+    let mut s = Session::connect(&addr, &slow).await.unwrap();
+    let put = tokio::spawn(async move {
+        s.put(id, &prepared, "h.bin", &store, &Progress::default())
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut lane = ferry::client::open_lane(&addr, &cfg, id).await.unwrap();
+    lane.send(&Message::Stat { path: "x".into() })
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(20), put)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_err(), "the transfer with a misbehaving lane failed");
+    assert!(!srv.root.join("h.bin").exists());
+    // The server goes on serving: the copy resumes and completes.
+    let sum = cp(
+        &[src.display().to_string()],
+        &srv.url("h.bin"),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
+    assert!(sum.bytes_resumed > 0, "kept what was verified");
+    assert_eq!(std::fs::read(srv.root.join("h.bin")).unwrap(), data);
+    srv.stop().await;
+}
