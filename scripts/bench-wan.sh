@@ -18,7 +18,8 @@
 #        bytes-landed / time, marked "capped")  RUNS (1: median of RUNS per cell)
 #        SENDER_CC (bbr, resilience mode; not CC, which cargo reads as the C compiler)  CCS ("cubic bbr", cc mode)  OUTAGE_S (20)
 #        TOOLS_RES ("ferry scp rsync-ssh")  TOOLS_CC ("iperf3 ferry scp"; add ferry-quic-bbr
-#        and ferry-quic-cubic for QUIC with each of quinn's controllers)
+#        and ferry-quic-cubic for QUIC with each of quinn's controllers, ferry-sN for
+#        ferry with --streams N; plain ferry runs with the default, --streams auto)
 #        IPERF_S (10: iperf3 runs for a fixed time)  FERRY_ARGS (extra `ferry cp` options)
 #        RESTART (1: an outage run that fails is rerun once by hand, rsync with
 #        --append-verify, scp from scratch)  LOG_DIR (/tmp/ferry-wan-logs: per-run stderr)
@@ -187,6 +188,11 @@ run() { # tool cc outage_s label
     ferry)
       # shellcheck disable=SC2206  # FERRY_ARGS is a list of options
       cmd=("$BIN" cp --no-progress --json --state-dir "$W/cstate" $FERRY_ARGS "$W/src.bin" "ferry://$IPB:7787/$name.bin") ;;
+    ferry-s[0-9]*)
+      # A fixed number of connections for the file (--streams N); plain
+      # `ferry` uses the default, --streams auto.
+      # shellcheck disable=SC2206
+      cmd=("$BIN" cp --no-progress --json --state-dir "$W/cstate" --streams "${tool#ferry-s}" $FERRY_ARGS "$W/src.bin" "ferry://$IPB:7787/$name.bin") ;;
     ferry-quic-bbr | ferry-quic-cubic)
       # QUIC's congestion control is ferry's own (quinn), not the kernel's: the
       # sender cc column does not apply to these rows.
