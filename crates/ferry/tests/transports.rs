@@ -321,8 +321,8 @@ async fn lanes(kind: Kind) {
         o.client.streams = Streams::Fixed(4);
         o
     };
-    // The third connection dialed is a lane: cut it after two chunks.
-    let mut o = four(cutting_nth(kind, 2, 2 * CHUNK));
+    // The third connection dialed is a lane: cut it inside its first chunk.
+    let mut o = four(cutting_nth(kind, 2, 64 * 1024));
     o.retry.max_attempts = 1;
     let e = cp(
         &[src.display().to_string()],
@@ -347,7 +347,7 @@ async fn lanes(kind: Kind) {
     assert_eq!(std::fs::read(srv.root.join("l.bin")).unwrap(), data);
 
     let local = dir.path().join("l-down.bin");
-    let mut o = four(cutting_nth(kind, 2, 2 * CHUNK));
+    let mut o = four(cutting_nth(kind, 2, 64 * 1024));
     o.retry.max_attempts = 1;
     let e = cp(
         &[srv.url_for(kind, "l.bin")],
@@ -369,6 +369,29 @@ async fn lanes(kind: Kind) {
     assert!(s.bytes_resumed > 0, "download resumed nothing after {e}");
     assert_eq!(s.bytes_sent + s.bytes_resumed, size, "nothing sent twice");
     assert_eq!(std::fs::read(&local).unwrap(), data);
+
+    // The control connection cut while the lanes are busy: the same.
+    let mut o = four(cutting_nth(kind, 0, size / 16));
+    o.retry.max_attempts = 1;
+    let e = cp(
+        &[src.display().to_string()],
+        &srv.url_for(kind, "l3.bin"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url_for(kind, "l3.bin"),
+        &four(kind.dialer()),
+    )
+    .await
+    .unwrap();
+    assert!(s.bytes_resumed > 0, "upload resumed nothing after {e}");
+    assert_eq!(s.bytes_sent + s.bytes_resumed, size, "nothing sent twice");
+    assert_eq!(std::fs::read(srv.root.join("l3.bin")).unwrap(), data);
 
     srv.faults.corrupt_chunks.store(4, Ordering::SeqCst);
     let s = cp(
