@@ -98,10 +98,11 @@ struct ClientArgs {
     /// HTTP path of the WebSocket upgrade for ws/wss (default /ferry).
     #[arg(long, env = "FERRY_WS_PATH")]
     ws_path: Option<String>,
-    /// Connections per large file: auto (files of 64 MiB or more start with
-    /// one and add connections, up to 8, while each addition raises the
-    /// measured throughput by 10 % or more) or a fixed count from 1 to 16.
-    /// Ignored with --bwlimit.
+    /// Connections per large file and files moved at once: auto (a file of
+    /// 64 MiB or more starts on one connection and adds more, up to 8, while
+    /// each raises the measured throughput by 10 % or more; files over
+    /// 256 KiB go one at a time, then more at once while that pays, up to 8)
+    /// or a fixed count from 1 to 16 for both. --bwlimit implies 1.
     #[arg(long, default_value = "auto", env = "FERRY_STREAMS")]
     streams: String,
 }

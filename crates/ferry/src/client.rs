@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{Conn, Timeouts};
 use crate::error::{Error, Result};
-use crate::lanes::{Lanes, Streams, AUTO_MIN_SIZE};
-use crate::progress::Progress;
+use crate::lanes::{Lanes, Streams, AUTO_MIN_SIZE, LANE_JOIN_WAIT};
+use crate::progress::FileProgress;
 use crate::store::Store;
 use crate::tls::{client_config, normalize_fingerprint, KnownServers};
 use crate::transfer::{drive_receiver, drive_sender, prepare_receive, PreparedSource, Throttle};
@@ -455,7 +455,7 @@ impl Session {
         source: &PreparedSource,
         remote_path: &str,
         store: &Arc<Store>,
-        progress: &Progress,
+        progress: &FileProgress,
     ) -> Result<ChunkHash> {
         let (src, meta) = (&source.src, source.meta.clone());
         let layout = ChunkLayout::new(meta.size, meta.chunk_size)
@@ -527,7 +527,7 @@ impl Session {
         remote_path: &str,
         local: &Path,
         store: &Arc<Store>,
-        progress: &Progress,
+        progress: &FileProgress,
         on_meta: impl FnOnce(&FileMeta),
     ) -> Result<ChunkHash> {
         // The preferred algorithm first; the server takes the first it has.
@@ -588,7 +588,8 @@ const AUTO_GAIN: f64 = 1.10;
 pub async fn open_lane(addr: &str, cfg: &ClientConfig, id: TransferId) -> Result<Conn> {
     let mut s = Session::connect(addr, cfg).await?;
     s.conn.send(&Message::Lane { id }).await?;
-    let m = tokio::time::timeout(cfg.connect_timeout, s.conn.rd.expect())
+    // The server may wait for the transfer to open before it answers.
+    let m = tokio::time::timeout(cfg.connect_timeout + LANE_JOIN_WAIT, s.conn.rd.expect())
         .await
         .map_err(|_| Error::Timeout(format!("lane answer from {addr}")))??;
     match m {

@@ -35,6 +35,10 @@ use crate::transfer::FaultPlan;
 /// Most extra connections one transfer takes (16 connections in all).
 pub const MAX_LANES: usize = 15;
 
+/// How long a server lets a `Lane` request wait for its transfer to open on
+/// the other connection (the two race: the lane may arrive first).
+pub const LANE_JOIN_WAIT: Duration = Duration::from_secs(5);
+
 /// Files smaller than this never get lanes in the adaptive mode: they are done
 /// before a lane would be up to speed.
 pub const AUTO_MIN_SIZE: u64 = 64 * 1024 * 1024;

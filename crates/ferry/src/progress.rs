@@ -1,7 +1,7 @@
 //! Shared counters a UI can poll while a copy runs.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Progress of one `cp` run; all counters are monotonic except `current_*`.
 #[derive(Debug, Default)]
@@ -27,6 +27,9 @@ pub struct Progress {
     pub current_name: Mutex<String>,
     pub current_size: AtomicU64,
     pub current_done: AtomicU64,
+    /// Which [`FileProgress`] the `current_*` fields show (files may run in
+    /// parallel; the one started last is shown).
+    current_gen: AtomicU64,
 }
 
 impl Progress {
@@ -44,6 +47,7 @@ impl Progress {
         }
         self.current_size.store(size, Relaxed);
         self.current_done.store(0, Relaxed);
+        self.current_gen.fetch_add(1, Relaxed);
     }
 
     /// Counts verified bytes for the current file and the total.
@@ -70,5 +74,80 @@ impl Progress {
             self.current_size.load(Relaxed),
             self.current_done.load(Relaxed),
         )
+    }
+}
+
+/// One file's share of a run's [`Progress`]: it counts the file's own verified
+/// bytes (so they can be taken back if the file must start over, whatever
+/// other files run beside it) and feeds the run's totals. It dereferences to
+/// the run's counters for everything else.
+#[derive(Debug)]
+pub struct FileProgress {
+    run: Arc<Progress>,
+    done: AtomicU64,
+    gen: AtomicU64,
+}
+
+impl FileProgress {
+    /// A file that is not shown as the current one (a server's transfer).
+    pub fn detached(run: Arc<Progress>) -> Self {
+        Self {
+            run,
+            done: AtomicU64::new(0),
+            gen: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// A file that starts now and is shown as the current one.
+    pub fn start(run: &Arc<Progress>, name: &str, size: u64) -> Self {
+        let f = Self::detached(run.clone());
+        f.show(name, size);
+        f
+    }
+
+    /// Shows this file as the current one (again), with what it has done.
+    pub fn show(&self, name: &str, size: u64) {
+        self.run.start_file(name, size);
+        self.gen.store(self.run.current_gen.load(Relaxed), Relaxed);
+        self.run
+            .current_done
+            .store(self.done.load(Relaxed), Relaxed);
+    }
+
+    fn is_shown(&self) -> bool {
+        self.run.current_gen.load(Relaxed) == self.gen.load(Relaxed)
+    }
+
+    /// Counts verified bytes for this file and the run.
+    pub fn done(&self, n: u64) {
+        self.done.fetch_add(n, Relaxed);
+        self.run.bytes_done.fetch_add(n, Relaxed);
+        if self.is_shown() {
+            self.run.current_done.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Bytes of this file counted as done.
+    pub fn file_done(&self) -> u64 {
+        self.done.load(Relaxed)
+    }
+
+    /// Takes back this file's bytes: it must start over.
+    pub fn undo(&self) {
+        let n = self.done.swap(0, Relaxed);
+        let _ = self
+            .run
+            .bytes_done
+            .fetch_update(Relaxed, Relaxed, |d| Some(d.saturating_sub(n)));
+        if self.is_shown() {
+            self.run.current_done.store(0, Relaxed);
+        }
+    }
+}
+
+impl std::ops::Deref for FileProgress {
+    type Target = Progress;
+    fn deref(&self) -> &Progress {
+        &self.run
     }
 }

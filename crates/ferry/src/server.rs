@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::lanes::Lanes;
 use crate::paths::{resolve, PathError};
-use crate::progress::Progress;
+use crate::progress::{FileProgress, Progress};
 use crate::store::Store;
 use crate::tls::ServerIdentity;
 use crate::transfer::{
@@ -67,10 +67,6 @@ struct Shared {
     lanes: Mutex<HashMap<TransferId, mpsc::Sender<Conn>>>,
 }
 
-/// How long a `Lane` request waits for its transfer to open on the other
-/// connection (the two race: the lane may arrive first).
-const LANE_WAIT: Duration = Duration::from_secs(5);
-
 /// A transfer's entry in the lane registry, removed when dropped.
 struct LaneSlot<'a> {
     shared: &'a Shared,
@@ -109,7 +105,7 @@ async fn join_lane(mut conn: Conn, id: TransferId, shared: &Shared) -> Result<()
         if let Some(tx) = found {
             break tx;
         }
-        if start.elapsed() >= LANE_WAIT {
+        if start.elapsed() >= crate::lanes::LANE_JOIN_WAIT {
             conn.send(&Message::Failure(Failure::new(
                 FailureCode::NotFound,
                 format!("no transfer {id} running here to add a data lane to"),
@@ -540,7 +536,7 @@ async fn handle_request(
                     Err(e) => return Err(RequestError::Reply(failure_for(&e))),
                 };
             let span = tracing::info_span!("put", transfer = %id, path = %path);
-            let progress = Progress::default();
+            let progress = FileProgress::detached(Arc::new(Progress::default()));
             let (_slot, lanes) = LaneSlot::open(shared, id);
             let r = tokio::select! {
                 r = drive_receiver(conn, &mut rx, &dest, &shared.store, &progress, shared.faults.as_deref(), None, Some(lanes)).instrument(span) => r?,
@@ -575,7 +571,7 @@ async fn handle_request(
             conn.send(&Message::GetMeta { id, meta }).await?;
             let mut tx = Sender::new(id, layout, alg, SenderConfig::default(), known);
             let span = tracing::info_span!("get", transfer = %id, path = %path);
-            let progress = Progress::default();
+            let progress = FileProgress::detached(Arc::new(Progress::default()));
             let (_slot, lanes) = LaneSlot::open(shared, id);
             let digest = drive_sender(
                 conn,

@@ -23,7 +23,7 @@ use crate::fsutil;
 use crate::lanes::{
     Arrived, Job, LaneEvent, Lanes, RecvEvent, RecvLanes, SendLanes, Sent, SourceRef,
 };
-use crate::progress::Progress;
+use crate::progress::{FileProgress, Progress};
 use crate::store::{HeldChunks, Store};
 
 /// Deliberate faults, for the demo and for tests.
@@ -127,7 +127,7 @@ pub async fn drive_sender(
     tx: &mut Sender,
     src: &SourceFile,
     store: &Arc<Store>,
-    progress: &Progress,
+    progress: &FileProgress,
     mut throttle: Option<Throttle>,
     lanes: Option<Lanes>,
 ) -> Result<ChunkHash> {
@@ -269,7 +269,7 @@ fn lane_event(
     ev: LaneEvent,
     tx: &mut Sender,
     lanes: &mut SendLanes,
-    progress: &Progress,
+    progress: &FileProgress,
     last_progress: &mut Instant,
 ) -> Result<()> {
     match ev {
@@ -418,7 +418,7 @@ pub async fn drive_receiver(
     rx: &mut Receiver,
     dest: &DestFile,
     store: &Arc<Store>,
-    progress: &Progress,
+    progress: &FileProgress,
     faults: Option<&FaultPlan>,
     throttle: Option<Throttle>,
     lanes: Option<Lanes>,
@@ -493,7 +493,7 @@ async fn receive_loop(
     rx: &mut Receiver,
     dest: &DestFile,
     store: &Arc<Store>,
-    progress: &Progress,
+    progress: &FileProgress,
     faults: Option<&FaultPlan>,
     mut throttle: Option<Throttle>,
     checkpoint: &mut Option<CheckpointTask>,
@@ -691,7 +691,7 @@ async fn receive_loop(
 fn write_chunk(
     rx: &mut Receiver,
     dest: &DestFile,
-    progress: &Progress,
+    progress: &FileProgress,
     lanes: &RecvLanes,
     index: u32,
     offset: u64,

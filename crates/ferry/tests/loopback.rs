@@ -972,7 +972,7 @@ async fn many_chunked_downloads_in_a_row_on_one_connection() {
     let mut s = Session::connect(&srv.addr.to_string(), &opts.client)
         .await
         .unwrap();
-    let progress = Progress::default();
+    let progress = ferry::progress::FileProgress::detached(Arc::new(Progress::default()));
     for i in 0..300u64 {
         let rel = format!("f{i:03}");
         let data = random_file(&srv.root.join(&rel), 1 + i * 7, i);
@@ -1180,8 +1180,14 @@ async fn hostile_lanes_are_refused_and_the_server_stays_up() {
     let id = TransferId([6; 16]);
     let mut s = Session::connect(&addr, &slow).await.unwrap();
     let put = tokio::spawn(async move {
-        s.put(id, &prepared, "h.bin", &store, &Progress::default())
-            .await
+        s.put(
+            id,
+            &prepared,
+            "h.bin",
+            &store,
+            &ferry::progress::FileProgress::detached(Arc::new(Progress::default())),
+        )
+        .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut lane = ferry::client::open_lane(&addr, &cfg, id).await.unwrap();
@@ -1204,5 +1210,56 @@ async fn hostile_lanes_are_refused_and_the_server_stays_up() {
     .unwrap();
     assert!(sum.bytes_resumed > 0, "kept what was verified");
     assert_eq!(std::fs::read(srv.root.join("h.bin")).unwrap(), data);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn many_files_move_several_at_once_and_survive_cuts() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let src = dir.path().join("many");
+    let mut want = Vec::new();
+    let mut total = 0;
+    for i in 0..24u64 {
+        let rel = format!("d{}/f{i}", i % 3);
+        let size = (1 << 20) + i * 4099;
+        total += size;
+        want.push((rel.clone(), random_file(&src.join(&rel), size, 100 + i)));
+    }
+    let proxy = FaultProxy::start(srv.addr, vec![total / 4, total / 2, total * 3 / 4])
+        .await
+        .unwrap();
+    let mut opts = client_opts(dir.path(), Some(proxy.addr().to_string()));
+    opts.client.streams = ferry::lanes::Streams::Fixed(4);
+    let up = cp(&[src.display().to_string()], &srv.url("many"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(proxy.cuts.load(Ordering::SeqCst), 3);
+    assert!(up.retries >= 3);
+    assert_eq!(up.files, 24);
+    assert_eq!(up.files_at_once, 4);
+    for (rel, data) in &want {
+        assert_eq!(
+            &std::fs::read(srv.root.join("many").join(rel)).unwrap(),
+            data
+        );
+    }
+    no_partials(&srv.root);
+    // Back down, four at a time, with the same tree digest whatever order
+    // the files finished in.
+    let back = dir.path().join("back");
+    let mut opts = client_opts(dir.path(), None);
+    opts.client.streams = ferry::lanes::Streams::Fixed(4);
+    let down = cp(&[srv.url("many")], &back.display().to_string(), &opts)
+        .await
+        .unwrap();
+    assert_eq!(down.files, 24);
+    assert_eq!(down.files_at_once, 4);
+    assert_eq!(down.bytes_sent, total);
+    for (rel, data) in &want {
+        assert_eq!(&std::fs::read(back.join(rel)).unwrap(), data);
+    }
+    no_partials(&back);
+    assert_eq!(up.digest, down.digest);
     srv.stop().await;
 }

@@ -438,6 +438,7 @@ pub async fn copy(
         bytes_resumed: Progress::get(&progress.bytes_resumed),
         retries: Progress::get(&progress.retries),
         data_lanes: 0,
+        files_at_once: 1,
         duration_s: started.elapsed().as_secs_f64(),
         digest,
         alg: "blake3".into(),
