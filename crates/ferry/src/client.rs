@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{Conn, Timeouts};
 use crate::error::{Error, Result};
-use crate::lanes::{Lanes, Streams, AUTO_MIN_SIZE, LANE_JOIN_WAIT};
+use crate::lanes::{lane_cap, Lanes, Streams, AUTO_MIN_SIZE, LANE_JOIN_WAIT};
 use crate::progress::FileProgress;
 use crate::store::Store;
 use crate::tls::{client_config, normalize_fingerprint, KnownServers};
@@ -500,8 +500,12 @@ impl Session {
         if !self.supports_lanes() || self.bwlimit > 0 {
             return None;
         }
+        // Lanes hold chunks in memory: larger chunks, fewer lanes.
+        let most = lane_cap(layout.chunk_size()) + 1;
         let plan = match self.cfg.streams {
-            Streams::Fixed(n) if n > 1 && u64::from(layout.count()) >= n as u64 => self.cfg.streams,
+            Streams::Fixed(n) if n > 1 && u64::from(layout.count()) >= n as u64 => {
+                Streams::Fixed(n.min(most))
+            }
             Streams::Auto if layout.size() >= AUTO_MIN_SIZE => Streams::Auto,
             _ => return None,
         };
@@ -511,6 +515,7 @@ impl Session {
             self.cfg.clone(),
             id,
             plan,
+            most.min(AUTO_MAX_CONNECTIONS),
             lanes.moved.clone(),
             tx,
         ));
@@ -608,6 +613,7 @@ async fn open_lanes(
     cfg: ClientConfig,
     id: TransferId,
     plan: Streams,
+    auto_max: usize,
     moved: Arc<AtomicU64>,
     out: mpsc::Sender<Conn>,
 ) {
@@ -642,7 +648,7 @@ async fn open_lanes(
             tokio::time::sleep(AUTO_WINDOW).await;
             let mut best = rate(t0, m0);
             let mut conns = 1;
-            while conns < AUTO_MAX_CONNECTIONS {
+            while conns < auto_max {
                 match open_lane(&addr, &cfg, id).await {
                     Ok(c) => {
                         if out.send(c).await.is_err() {

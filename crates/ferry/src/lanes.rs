@@ -35,6 +35,17 @@ use crate::transfer::FaultPlan;
 /// Most extra connections one transfer takes (16 connections in all).
 pub const MAX_LANES: usize = 15;
 
+/// Memory the lanes of one transfer may hold in chunks in transit, per side:
+/// each lane holds about two chunks (one being decoded or read, one handed
+/// on), so large chunks mean fewer lanes.
+pub const LANE_MEMORY: u64 = 32 * 1024 * 1024;
+
+/// How many lanes a transfer with this chunk size takes (1 to [`MAX_LANES`]).
+pub fn lane_cap(chunk_size: u32) -> usize {
+    let per_lane = 2 * u64::from(chunk_size.max(1));
+    ((LANE_MEMORY / per_lane) as usize).clamp(1, MAX_LANES)
+}
+
 /// How long a server lets a `Lane` request wait for its transfer to open on
 /// the other connection (the two race: the lane may arrive first).
 pub const LANE_JOIN_WAIT: Duration = Duration::from_secs(5);
@@ -147,12 +158,13 @@ pub(crate) struct SendLanes {
     sent_rx: mpsc::Receiver<Sent>,
     tasks: JoinSet<()>,
     count: usize,
+    cap: usize,
     src: SourceRef,
     keepalive: Duration,
 }
 
 impl SendLanes {
-    pub fn new(lanes: Option<Lanes>, src: SourceRef, keepalive: Duration) -> Self {
+    pub fn new(lanes: Option<Lanes>, src: SourceRef, chunk_size: u32, keepalive: Duration) -> Self {
         let (jobs_tx, jobs_rx) = mpsc::channel(1);
         let (sent_tx, sent_rx) = mpsc::channel(MAX_LANES + 1);
         let (incoming, moved) = match lanes {
@@ -168,6 +180,7 @@ impl SendLanes {
             sent_rx,
             tasks: JoinSet::new(),
             count: 0,
+            cap: lane_cap(chunk_size),
             src,
             keepalive,
         }
@@ -180,7 +193,7 @@ impl SendLanes {
 
     /// Starts a lane on `conn`, or closes it past the limit (then false).
     pub fn add(&mut self, conn: Conn) -> bool {
-        if self.count >= MAX_LANES {
+        if self.count >= self.cap {
             warn!(peer = %conn.peer, "more data lanes than allowed; closing this one");
             return false;
         }
@@ -323,15 +336,23 @@ pub(crate) struct RecvLanes {
     arrived_rx: mpsc::Receiver<Arrived>,
     tasks: JoinSet<()>,
     count: usize,
+    cap: usize,
     alg: HashAlg,
     id: TransferId,
     stall: Duration,
 }
 
 impl RecvLanes {
-    pub fn new(lanes: Option<Lanes>, alg: HashAlg, id: TransferId, stall: Duration) -> Self {
-        // A few chunks per lane may wait for the writer: bounded memory.
-        let (arrived_tx, arrived_rx) = mpsc::channel(2 * (MAX_LANES + 1));
+    pub fn new(
+        lanes: Option<Lanes>,
+        alg: HashAlg,
+        id: TransferId,
+        chunk_size: u32,
+        stall: Duration,
+    ) -> Self {
+        // Chunks wait for the one writer here: few, so memory stays bounded
+        // (each lane holds one more while it waits).
+        let (arrived_tx, arrived_rx) = mpsc::channel(2);
         let (incoming, moved, faults) = match lanes {
             Some(l) => (Some(l.incoming), l.moved, l.faults),
             None => (None, Arc::new(AtomicU64::new(0)), None),
@@ -344,6 +365,7 @@ impl RecvLanes {
             arrived_rx,
             tasks: JoinSet::new(),
             count: 0,
+            cap: lane_cap(chunk_size),
             alg,
             id,
             stall,
@@ -352,7 +374,7 @@ impl RecvLanes {
 
     /// Starts a lane on `conn`, or closes it past the limit (then false).
     pub fn add(&mut self, conn: Conn) -> bool {
-        if self.count >= MAX_LANES {
+        if self.count >= self.cap {
             warn!(peer = %conn.peer, "more data lanes than allowed; closing this one");
             return false;
         }

@@ -140,6 +140,7 @@ pub async fn drive_sender(
             alg: src.alg,
             id: tid,
         },
+        tx.layout().chunk_size(),
         conn.timeouts.keepalive,
     );
     let mut buf = Vec::new();
@@ -424,7 +425,13 @@ pub async fn drive_receiver(
     lanes: Option<Lanes>,
 ) -> Result<Received> {
     let mut checkpoint = None;
-    let mut lanes = RecvLanes::new(lanes, rx.alg(), rx.id(), conn.timeouts.stall);
+    let mut lanes = RecvLanes::new(
+        lanes,
+        rx.alg(),
+        rx.id(),
+        rx.layout().chunk_size(),
+        conn.timeouts.stall,
+    );
     let r = receive_loop(
         conn,
         rx,
