@@ -21,7 +21,9 @@ use crate::lanes::{lane_cap, Lanes, Streams, AUTO_MIN_SIZE, LANE_JOIN_WAIT};
 use crate::progress::FileProgress;
 use crate::store::Store;
 use crate::tls::{client_config, normalize_fingerprint, KnownServers};
-use crate::transfer::{drive_receiver, drive_sender, prepare_receive, PreparedSource, Throttle};
+use crate::transfer::{
+    drive_receiver, drive_sender, prepare_receive_live, PreparedSource, Throttle,
+};
 use crate::transport::{server_name, tcp::TcpDialer, DialTarget, Dialer};
 
 /// How a client connects.
@@ -554,7 +556,15 @@ impl Session {
             m => return Err(unexpected(&m)),
         };
         on_meta(&meta);
-        let (mut rx, dest) = prepare_receive(store, local, id, &meta, ReceiverConfig::default())?;
+        let (mut rx, dest) = prepare_receive_live(
+            &mut self.conn,
+            store,
+            local,
+            id,
+            &meta,
+            ReceiverConfig::default(),
+        )
+        .await?;
         let layout = rx.layout();
         let (lanes, _opener) = self.start_lanes(id, layout).unzip();
         let r = drive_receiver(

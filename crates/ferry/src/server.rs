@@ -27,7 +27,7 @@ use crate::progress::{FileProgress, Progress};
 use crate::store::Store;
 use crate::tls::ServerIdentity;
 use crate::transfer::{
-    drive_receiver, drive_sender, prepare_receive, prepare_send, FaultPlan, PreparedSource,
+    drive_receiver, drive_sender, prepare_receive_live, prepare_send, FaultPlan, PreparedSource,
 };
 use crate::transport::{tcp::TcpTlsListener, Incoming, Listener};
 
@@ -529,12 +529,20 @@ async fn handle_request(
             // Re-check after creating parents: a symlink may have appeared.
             resolve(root, &path).map_err(path_failure)?;
             admit_upload(shared, &full, &parent, &meta)?;
-            let (mut rx, dest) =
-                match prepare_receive(&shared.store, &full, id, &meta, shared.receiver.clone()) {
-                    Ok(x) => x,
-                    Err(e @ Error::Proto(_)) => return Err(RequestError::Reply(failure_for(&e))),
-                    Err(e) => return Err(RequestError::Reply(failure_for(&e))),
-                };
+            let (mut rx, dest) = match prepare_receive_live(
+                conn,
+                &shared.store,
+                &full,
+                id,
+                &meta,
+                shared.receiver.clone(),
+            )
+            .await
+            {
+                Ok(x) => x,
+                Err(e @ Error::Proto(_)) => return Err(RequestError::Reply(failure_for(&e))),
+                Err(e) => return Err(RequestError::Reply(failure_for(&e))),
+            };
             let span = tracing::info_span!("put", transfer = %id, path = %path);
             let progress = FileProgress::detached(Arc::new(Progress::default()));
             let (_slot, lanes) = LaneSlot::open(shared, id);

@@ -941,6 +941,28 @@ pub fn prepare_receive(
     Ok((rx, dest))
 }
 
+/// [`prepare_receive`] off the async threads (it may re-hash a whole file that
+/// is already in place), with keepalives on `conn` meanwhile so the peer does
+/// not take the pause for a dead link.
+pub async fn prepare_receive_live(
+    conn: &mut Conn,
+    store: &Arc<Store>,
+    final_path: &std::path::Path,
+    id: ferry_proto::TransferId,
+    meta: &ferry_proto::message::FileMeta,
+    cfg: ferry_proto::ReceiverConfig,
+) -> Result<(Receiver, DestFile)> {
+    let (store, path, meta) = (store.clone(), final_path.to_path_buf(), meta.clone());
+    let mut job =
+        tokio::task::spawn_blocking(move || prepare_receive(&store, &path, id, &meta, cfg));
+    loop {
+        tokio::select! {
+            r = &mut job => return r.map_err(|e| Error::Store(e.to_string()))?,
+            _ = tokio::time::sleep(conn.timeouts.keepalive) => conn.send(&Message::Ping { nonce: 4 }).await?,
+        }
+    }
+}
+
 /// The final file exists but the journal never learnt it was finalised (a crash
 /// between rename and commit): re-hash it against the journal, and if every
 /// chunk matches, record it and answer as an already finished transfer.
