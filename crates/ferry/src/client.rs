@@ -576,6 +576,7 @@ impl Session {
             None,
             Throttle::new(self.bwlimit),
             lanes,
+            None,
         )
         .await?;
         Ok(r.digest)

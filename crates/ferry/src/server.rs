@@ -546,15 +546,19 @@ async fn handle_request(
             let span = tracing::info_span!("put", transfer = %id, path = %path);
             let progress = FileProgress::detached(Arc::new(Progress::default()));
             let (_slot, lanes) = LaneSlot::open(shared, id);
-            let r = tokio::select! {
-                r = drive_receiver(conn, &mut rx, &dest, &shared.store, &progress, shared.faults.as_deref(), None, Some(lanes)).instrument(span) => r?,
-                _ = guard.stop.notified() => {
-                    return Err(RequestError::Fatal(Error::Io {
-                        addr: conn.peer.clone(),
-                        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "superseded by a newer connection of the same transfer"),
-                    }));
-                }
-            };
+            let r = drive_receiver(
+                conn,
+                &mut rx,
+                &dest,
+                &shared.store,
+                &progress,
+                shared.faults.as_deref(),
+                None,
+                Some(lanes),
+                Some(&guard.stop),
+            )
+            .instrument(span)
+            .await?;
             info!(transfer = %id, path = %path, bytes = r.bytes_received, digest = %r.digest, "upload complete");
         }
         Message::GetOpen { id, path, algs } => {

@@ -412,7 +412,10 @@ pub struct Received {
 }
 
 /// Runs a receiver to completion: the file is verified and in place. `lanes`
-/// brings extra connections carrying data (see [`crate::lanes`]).
+/// brings extra connections carrying data (see [`crate::lanes`]). When
+/// `superseded` fires (a newer connection of the same transfer arrived), the
+/// receive ends as a broken link does: the chunks verified so far are made
+/// durable first, so the newer connection finds them.
 #[allow(clippy::too_many_arguments)]
 pub async fn drive_receiver(
     conn: &mut Conn,
@@ -423,6 +426,7 @@ pub async fn drive_receiver(
     faults: Option<&FaultPlan>,
     throttle: Option<Throttle>,
     lanes: Option<Lanes>,
+    superseded: Option<&tokio::sync::Notify>,
 ) -> Result<Received> {
     let mut checkpoint = None;
     let mut lanes = RecvLanes::new(
@@ -432,18 +436,26 @@ pub async fn drive_receiver(
         rx.layout().chunk_size(),
         conn.timeouts.stall,
     );
-    let r = receive_loop(
-        conn,
-        rx,
-        dest,
-        store,
-        progress,
-        faults,
-        throttle,
-        &mut checkpoint,
-        &mut lanes,
-    )
-    .await;
+    let r = tokio::select! {
+        r = receive_loop(
+            conn,
+            rx,
+            dest,
+            store,
+            progress,
+            faults,
+            throttle,
+            &mut checkpoint,
+            &mut lanes,
+        ) => r,
+        _ = notified_opt(superseded) => Err(Error::Io {
+            addr: conn.peer.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "superseded by a newer connection of the same transfer",
+            ),
+        }),
+    };
     // Only when the link failed: after a protocol or integrity error the
     // partial may be reset, and must not gain chunks behind that reset.
     if let Err(Error::Io { .. } | Error::Timeout(_)) = &r {
@@ -464,12 +476,14 @@ async fn keep_verified(
     checkpoint: Option<CheckpointTask>,
 ) {
     let tid = rx.id();
+    debug!(transfer = %tid, checkpoint_running = checkpoint.is_some(), received = rx.received_bytes(), "connection lost: keeping verified chunks");
     if let Some(h) = checkpoint {
         if let Ok(Ok(list)) = h.await {
             rx.checkpoint_committed(&list);
         }
     }
     let list = rx.take_pending();
+    debug!(transfer = %tid, pending = list.len(), "connection lost: chunks verified since the last checkpoint");
     if list.is_empty() {
         return;
     }
@@ -729,6 +743,13 @@ async fn join_opt<T>(
 ) -> std::result::Result<T, tokio::task::JoinError> {
     match h {
         Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn notified_opt(n: Option<&tokio::sync::Notify>) {
+    match n {
+        Some(n) => n.notified().await,
         None => std::future::pending().await,
     }
 }
