@@ -654,12 +654,21 @@ async fn source_changing_during_the_transfer_never_produces_a_mix() {
     random_file(&src, size, 13);
     let mut opts = client_opts(dir.path(), None);
     opts.client.bwlimit = 8 * 1024 * 1024;
+    let progress = Arc::new(Progress::default());
     let job = tokio::spawn({
         let (s, u, o) = (src.display().to_string(), srv.url("m.bin"), opts.clone());
-        async move { cp(&[s], &u, &o).await }
+        let p = progress.clone();
+        async move { copy(&[s], &u, &o, p).await }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // Rewrite the source in place while it is being sent.
+    // Rewrite the source in place while it is being sent (once the first
+    // MiB left: 11 more take ~1.4 s at the limit).
+    while progress.bytes_sent.load(Ordering::SeqCst) < 1 << 20 {
+        assert!(
+            !job.is_finished(),
+            "the copy ended before the first MiB was sent"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let new = random_file(&src, size, 14);
     let s = job.await.unwrap().unwrap();
     assert!(s.retries >= 1, "the change must have been noticed");
