@@ -18,6 +18,15 @@ export PB_SIZE_MIB=${PB_SIZE_MIB:-1024}
 export PB_RUNS=${PB_RUNS:-3}
 export PB_SSH_PORT=${PB_SSH_PORT:-2232}
 
+# Peer tools (bench only; the test suite does not need them).
+missing=()
+for t in sftp scp sshd rclone lftp; do command -v "$t" >/dev/null || missing+=("$t"); done
+[[ -x /usr/sbin/sshd ]] || missing+=(sshd)
+if [[ ${#missing[@]} -gt 0 && $(id -u) = 0 ]]; then
+  echo "# installing ${missing[*]}" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rclone lftp >/dev/null
+fi
+
 cargo build --release -p ferry-cli >&2
 export FERRY_BIN=$ROOT/target/release/ferry
 

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::auth::Conn;
 use super::sidecar::{self, Sidecar, RANGE_SIZE};
-use super::upload::{range_count, range_len, read_remote};
+use super::upload::{range_count, range_len, read_remote_owned};
 use super::{
     is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
     Verify,
@@ -239,10 +239,34 @@ pub async fn download(
     // on the blocking pool; iteration i records range i-1.
     let first = digests.len() as u64;
     let mut pending: Option<tokio::task::JoinHandle<Result<(String, u64)>>> = None;
+    let mut syncing: Option<(usize, tokio::task::JoinHandle<Result<()>>)> = None;
+    // The next range is requested while this one is taken in, so the server
+    // always has requests to answer.
+    let read = |i: u64| {
+        tokio::spawn(read_remote_owned(
+            c.raw.clone(),
+            c.block,
+            h.clone(),
+            i * RANGE_SIZE,
+            range_len(size, i),
+            remote.clone(),
+            host.clone(),
+        ))
+    };
+    let mut next_read = (first < n).then(|| read(first));
     for i in first..=n {
         let data = if i < n {
             let want = range_len(size, i);
-            let data = read_remote(c, &h, i * RANGE_SIZE, want, &remote, &host).await?;
+            let Some(task) = next_read.take() else {
+                break;
+            };
+            let data = task.await.map_err(|e| Error::Ssh {
+                host: host.clone(),
+                msg: e.to_string(),
+            })??;
+            if i + 1 < n {
+                next_read = Some(read(i + 1));
+            }
             if data.len() as u64 != want {
                 let _ = c.raw.close(h).await;
                 return Err(Error::Ssh {
@@ -257,6 +281,14 @@ pub async fn download(
         } else {
             None
         };
+        // A sync that finished: the record claims what it covered.
+        if syncing.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+            if let Some((k, task)) = syncing.take() {
+                join_sync(task, &part_path).await?;
+                rec.ranges = digests[..k].to_vec();
+                sidecar::put(store, &key, &rec)?;
+            }
+        }
         if let Some(p) = pending.take() {
             let (digest, len) = p
                 .await
@@ -269,14 +301,33 @@ pub async fn download(
             } else {
                 CHECKPOINT_RANGES
             };
-            if digests.len() - rec.ranges.len() >= every {
-                // Data durable before the record claims it.
-                part.sync_data().map_err(|e| Error::local(&part_path, e))?;
-                rec.ranges = digests.clone();
-                sidecar::put(store, &key, &rec)?;
-                if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
-                    let _ = c.raw.close(h).await;
-                    return Err(Error::Usage("stopped for a test".into()));
+            let claimed = syncing.as_ref().map_or(rec.ranges.len(), |(k, _)| *k);
+            if digests.len() - claimed >= every {
+                // Data durable before the record claims it; the sync runs on
+                // the blocking pool while the next ranges arrive.
+                let mut done = None;
+                if let Some((k, task)) = syncing.take() {
+                    join_sync(task, &part_path).await?;
+                    done = Some(k);
+                }
+                let f = part.try_clone().map_err(|e| Error::local(&part_path, e))?;
+                let pp = part_path.clone();
+                let task = tokio::task::spawn_blocking(move || {
+                    f.sync_data().map_err(|e| Error::local(&pp, e))
+                });
+                if stop_after_ranges.is_some() {
+                    join_sync(task, &part_path).await?;
+                    done = Some(digests.len());
+                } else {
+                    syncing = Some((digests.len(), task));
+                }
+                if let Some(k) = done {
+                    rec.ranges = digests[..k].to_vec();
+                    sidecar::put(store, &key, &rec)?;
+                    if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
+                        let _ = c.raw.close(h).await;
+                        return Err(Error::Usage("stopped for a test".into()));
+                    }
                 }
             }
         }
@@ -291,6 +342,9 @@ pub async fn download(
         }
     }
     let _ = c.raw.close(h).await;
+    if let Some((_, task)) = syncing.take() {
+        join_sync(task, &part_path).await?;
+    }
     part.sync_data().map_err(|e| Error::local(&part_path, e))?;
     rec.ranges = digests.clone();
     sidecar::put(store, &key, &rec)?;
@@ -337,4 +391,12 @@ pub async fn download(
             VerifiedBy::Size
         },
     })
+}
+
+async fn join_sync(
+    task: tokio::task::JoinHandle<Result<()>>,
+    path: &std::path::Path,
+) -> Result<()> {
+    task.await
+        .map_err(|e| Error::local(path, std::io::Error::other(e.to_string())))?
 }

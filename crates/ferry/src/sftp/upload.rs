@@ -18,6 +18,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use russh_sftp::protocol::{FileAttributes, OpenFlags, Packet, StatusCode};
+use std::sync::Arc;
+
+use russh_sftp::client::RawSftpSession;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -93,15 +96,39 @@ pub(crate) async fn read_remote(
     what: &str,
     host: &str,
 ) -> Result<Vec<u8>> {
+    read_remote_owned(
+        c.raw.clone(),
+        c.block,
+        handle.to_string(),
+        off,
+        len,
+        what.to_string(),
+        host.to_string(),
+    )
+    .await
+}
+
+/// [`read_remote`] on owned arguments, to run as a task of its own (reading
+/// the next range while this one is written).
+pub(crate) async fn read_remote_owned(
+    raw: Arc<RawSftpSession>,
+    block: u32,
+    handle: String,
+    off: u64,
+    len: u64,
+    what: String,
+    host: String,
+) -> Result<Vec<u8>> {
+    let (handle, what, host) = (handle.as_str(), what.as_str(), host.as_str());
     let mut buf = vec![0u8; len as usize];
     let mut set: JoinSet<std::result::Result<(u64, Vec<u8>), russh_sftp::client::error::Error>> =
         JoinSet::new();
-    let block = c.block as u64;
+    let block = u64::from(block);
     let mut pos = 0u64;
     let mut got_total = 0u64;
     loop {
         while pos < len && set.len() < WINDOW {
-            let (raw, h) = (c.raw.clone(), handle.to_string());
+            let (raw, h) = (raw.clone(), handle.to_string());
             let (at, want) = (pos, block.min(len - pos));
             set.spawn(async move {
                 // Servers may return short reads: ask again for the rest.
@@ -139,38 +166,130 @@ pub(crate) async fn read_remote(
     Ok(buf)
 }
 
-/// Writes `data` at `off`, many requests in flight; returns when all are acknowledged.
-async fn write_remote(
+type WriteResult = std::result::Result<u64, russh_sftp::client::error::Error>;
+
+/// Write requests in flight (at most [`WINDOW`]) across ranges; ranges are
+/// reported done in order, once every request of theirs was acknowledged.
+struct Writes<'a> {
+    c: &'a Conn,
+    handle: &'a str,
+    what: &'a str,
+    host: &'a str,
+    set: JoinSet<WriteResult>,
+    /// Ranges issued and not yet taken: (offset, requests unanswered, digest, length).
+    ranges: std::collections::VecDeque<(u64, usize, String, u64)>,
+}
+
+impl<'a> Writes<'a> {
+    fn new(c: &'a Conn, handle: &'a str, what: &'a str, host: &'a str) -> Self {
+        Self {
+            c,
+            handle,
+            what,
+            host,
+            set: JoinSet::new(),
+            ranges: Default::default(),
+        }
+    }
+
+    /// Sends the range at `off`, waiting for answers whenever the window is full.
+    async fn issue(&mut self, off: u64, data: Vec<u8>, digest: String) -> Result<()> {
+        let block = self.c.block as usize;
+        let chunks = data.len().div_ceil(block);
+        self.ranges
+            .push_back((off, chunks, digest, data.len() as u64));
+        for (k, chunk) in data.chunks(block).enumerate() {
+            while self.set.len() >= WINDOW {
+                self.answer().await?;
+            }
+            let (raw, h, v) = (self.c.raw.clone(), self.handle.to_string(), chunk.to_vec());
+            self.set
+                .spawn(async move { raw.write(h, off + (k * block) as u64, v).await.map(|_| off) });
+        }
+        Ok(())
+    }
+
+    /// Waits for one answer.
+    async fn answer(&mut self) -> Result<()> {
+        let Some(r) = self.set.join_next().await else {
+            return Ok(());
+        };
+        let off = r
+            .map_err(|e| Error::Ssh {
+                host: self.host.into(),
+                msg: e.to_string(),
+            })?
+            .map_err(|e| sftp_err("write", self.what, self.host, e))?;
+        if let Some(r) = self.ranges.iter_mut().find(|r| r.0 == off) {
+            r.1 = r.1.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// Waits for every answer.
+    async fn finish(&mut self) -> Result<()> {
+        while !self.set.is_empty() {
+            self.answer().await?;
+        }
+        Ok(())
+    }
+
+    /// The oldest range, if all of it was acknowledged: (digest, length).
+    fn take_done(&mut self) -> Option<(String, u64)> {
+        if self.ranges.front().is_some_and(|r| r.1 == 0) {
+            self.ranges.pop_front().map(|r| (r.2, r.3))
+        } else {
+            None
+        }
+    }
+}
+
+/// Starts a flush (`fsync@openssh.com` where offered) of everything written
+/// and acknowledged so far, while more is written.
+fn flush_in_background(
     c: &Conn,
     handle: &str,
-    off: u64,
-    data: &[u8],
     what: &str,
     host: &str,
-) -> Result<()> {
-    let mut set: JoinSet<std::result::Result<(), russh_sftp::client::error::Error>> =
-        JoinSet::new();
-    let block = c.block as usize;
-    let mut chunks = data.chunks(block).enumerate();
-    loop {
-        while set.len() < WINDOW {
-            let Some((i, chunk)) = chunks.next() else {
-                break;
-            };
-            let (raw, h, v) = (c.raw.clone(), handle.to_string(), chunk.to_vec());
-            let at = off + (i * block) as u64;
-            set.spawn(async move { raw.write(h, at, v).await.map(|_| ()) });
+) -> tokio::task::JoinHandle<Result<()>> {
+    let has = c.has("fsync@openssh.com");
+    let (raw, h, what, host) = (
+        c.raw.clone(),
+        handle.to_string(),
+        what.to_string(),
+        host.to_string(),
+    );
+    tokio::spawn(async move {
+        if has {
+            raw.fsync(h)
+                .await
+                .map_err(|e| sftp_err("fsync", &what, &host, e))?;
         }
-        let Some(r) = set.join_next().await else {
-            break;
-        };
-        r.map_err(|e| Error::Ssh {
-            host: host.into(),
-            msg: e.to_string(),
-        })?
-        .map_err(|e| sftp_err("write", what, host, e))?;
+        Ok(())
+    })
+}
+
+/// Records `ranges` (flushed on the server) in the sidecar.
+fn claim(
+    store: &Store,
+    key: &str,
+    rec: &mut Sidecar,
+    ranges: &[String],
+    stop_after_ranges: Option<usize>,
+) -> Result<()> {
+    rec.ranges = ranges.to_vec();
+    sidecar::put(store, key, rec)?;
+    if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
+        return Err(Error::Usage("stopped for a test".into()));
     }
     Ok(())
+}
+
+async fn join_flush(task: tokio::task::JoinHandle<Result<()>>, host: &str) -> Result<()> {
+    task.await.map_err(|e| Error::Ssh {
+        host: host.into(),
+        msg: e.to_string(),
+    })?
 }
 
 async fn flush(c: &Conn, handle: &str, what: &str, host: &str) -> Result<()> {
@@ -439,34 +558,65 @@ pub async fn upload(
     } else {
         None
     };
-    for i in first..n {
-        let Some(job_handle) = next.take() else {
-            break;
-        };
-        let (data, digest) = job_handle
-            .await
-            .map_err(|e| Error::local(&job.local, std::io::Error::other(e.to_string())))??;
-        if i + 1 < n {
-            next = Some(prefetch(i + 1)?);
-        }
-        write_remote(c, &handle, i * RANGE_SIZE, &data, &part, &host).await?;
-        digests.push(digest);
-        Progress::add(&progress.bytes_sent, data.len() as u64);
-        progress.done(data.len() as u64);
-        let every = if stop_after_ranges.is_some() {
-            1
+    let every = if stop_after_ranges.is_some() {
+        1
+    } else {
+        CHECKPOINT_RANGES
+    };
+    // The server flushes ranges already written while the next ones go out;
+    // the record claims them only once that flush answered.
+    let mut flushing: Option<(usize, tokio::task::JoinHandle<Result<()>>)> = None;
+    // One pipeline across ranges: the next range's requests go out while the
+    // last ones of this range are still unanswered (a range is 8 MiB, about
+    // the window, so draining at each range would halve the throughput).
+    let mut writes = Writes::new(c, &handle, &part, &host);
+    for i in first..=n {
+        if i < n {
+            let Some(job_handle) = next.take() else {
+                break;
+            };
+            let (data, digest) = job_handle
+                .await
+                .map_err(|e| Error::local(&job.local, std::io::Error::other(e.to_string())))??;
+            if i + 1 < n {
+                next = Some(prefetch(i + 1)?);
+            }
+            writes.issue(i * RANGE_SIZE, data, digest).await?;
         } else {
-            CHECKPOINT_RANGES
-        };
-        if digests.len() - rec.ranges.len() >= every {
-            // Data flushed on the server before the record claims it.
-            flush(c, &handle, &part, &host).await?;
-            rec.ranges = digests.clone();
-            sidecar::put(store, &key, &rec)?;
-            if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
-                return Err(Error::Usage("stopped for a test".into()));
+            writes.finish().await?;
+        }
+        // A flush that answered: the record claims what it covered.
+        if flushing.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+            if let Some((k, task)) = flushing.take() {
+                join_flush(task, &host).await?;
+                claim(store, &key, &mut rec, &digests[..k], stop_after_ranges)?;
             }
         }
+        // Ranges fully acknowledged, in order.
+        while let Some((digest, len)) = writes.take_done() {
+            digests.push(digest);
+            Progress::add(&progress.bytes_sent, len);
+            progress.done(len);
+            let claimed = flushing.as_ref().map_or(rec.ranges.len(), |(k, _)| *k);
+            if digests.len() - claimed >= every {
+                if let Some((k, task)) = flushing.take() {
+                    join_flush(task, &host).await?;
+                    claim(store, &key, &mut rec, &digests[..k], stop_after_ranges)?;
+                }
+                // Data flushed on the server before the record claims it.
+                let task = flush_in_background(c, &handle, &part, &host);
+                if stop_after_ranges.is_some() {
+                    // Tests stop at an exact record: nothing left in flight.
+                    join_flush(task, &host).await?;
+                    claim(store, &key, &mut rec, &digests, stop_after_ranges)?;
+                } else {
+                    flushing = Some((digests.len(), task));
+                }
+            }
+        }
+    }
+    if let Some((_, task)) = flushing.take() {
+        join_flush(task, &host).await?;
     }
     flush(c, &handle, &part, &host).await?;
     rec.ranges = digests.clone();
