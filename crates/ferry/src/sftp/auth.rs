@@ -209,6 +209,24 @@ fn ssh_err(t: &SftpTarget, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// russh's defaults with AES-GCM ahead of ChaCha20-Poly1305: AES-GCM runs on
+/// aws-lc-rs with AES-NI (1 GiB loopback upload, medians of 3 in one run:
+/// 213.7 MB/s against 195.6 with ChaCha20).
+fn preferred_algorithms() -> russh::Preferred {
+    use russh::cipher;
+    russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(&[
+            cipher::AES_128_GCM,
+            cipher::AES_256_GCM,
+            cipher::CHACHA20_POLY1305,
+            cipher::AES_256_CTR,
+            cipher::AES_192_CTR,
+            cipher::AES_128_CTR,
+        ]),
+        ..russh::Preferred::DEFAULT
+    }
+}
+
 /// Connects, checks the host key, authenticates and opens the sftp subsystem.
 pub async fn connect(t: &SftpTarget, cfg: &SshConfig) -> Result<Conn> {
     let config = Arc::new(client::Config {
@@ -219,6 +237,7 @@ pub async fn connect(t: &SftpTarget, cfg: &SshConfig) -> Result<Conn> {
         window_size: 16 << 20,
         maximum_packet_size: 32 << 10,
         nodelay: true,
+        preferred: preferred_algorithms(),
         ..Default::default()
     });
     let verdict = Arc::new(Mutex::new(None));
