@@ -483,7 +483,6 @@ async fn keep_verified(
         }
     }
     let list = rx.take_pending();
-    debug!(transfer = %tid, pending = list.len(), "connection lost: chunks verified since the last checkpoint");
     if list.is_empty() {
         return;
     }

@@ -11,7 +11,7 @@ use russh_sftp::protocol::{FileAttributes, OpenFlags};
 use tracing::{info, warn};
 
 use super::auth::Conn;
-use super::sidecar::{self, Sidecar, RANGE_SIZE};
+use super::sidecar::{self, PendingFlush, Sidecar, RANGE_SIZE};
 use super::upload::{range_count, range_len, read_remote_owned};
 use super::{
     is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
@@ -239,7 +239,7 @@ pub async fn download(
     // on the blocking pool; iteration i records range i-1.
     let first = digests.len() as u64;
     let mut pending: Option<tokio::task::JoinHandle<Result<(String, u64)>>> = None;
-    let mut syncing: Option<(usize, tokio::task::JoinHandle<Result<()>>)> = None;
+    let mut syncing = PendingFlush::default();
     // The next range is requested while this one is taken in, so the server
     // always has requests to answer.
     let read = |i: u64| {
@@ -282,12 +282,9 @@ pub async fn download(
             None
         };
         // A sync that finished: the record claims what it covered.
-        if syncing.as_ref().is_some_and(|(_, t)| t.is_finished()) {
-            if let Some((k, task)) = syncing.take() {
-                join_sync(task, &part_path).await?;
-                rec.ranges = digests[..k].to_vec();
-                sidecar::put(store, &key, &rec)?;
-            }
+        if let Some(k) = syncing.finish_if_done().await? {
+            rec.ranges = digests[..k].to_vec();
+            sidecar::put(store, &key, &rec)?;
         }
         if let Some(p) = pending.take() {
             let (digest, len) = p
@@ -301,25 +298,20 @@ pub async fn download(
             } else {
                 CHECKPOINT_RANGES
             };
-            let claimed = syncing.as_ref().map_or(rec.ranges.len(), |(k, _)| *k);
-            if digests.len() - claimed >= every {
+            if digests.len() - syncing.covers_or(rec.ranges.len()) >= every {
                 // Data durable before the record claims it; the sync runs on
                 // the blocking pool while the next ranges arrive.
-                let mut done = None;
-                if let Some((k, task)) = syncing.take() {
-                    join_sync(task, &part_path).await?;
-                    done = Some(k);
-                }
+                let mut done = syncing.finish().await?;
                 let f = part.try_clone().map_err(|e| Error::local(&part_path, e))?;
                 let pp = part_path.clone();
-                let task = tokio::task::spawn_blocking(move || {
-                    f.sync_data().map_err(|e| Error::local(&pp, e))
-                });
+                syncing.start(
+                    digests.len(),
+                    tokio::task::spawn_blocking(move || {
+                        f.sync_data().map_err(|e| Error::local(&pp, e))
+                    }),
+                );
                 if stop_after_ranges.is_some() {
-                    join_sync(task, &part_path).await?;
-                    done = Some(digests.len());
-                } else {
-                    syncing = Some((digests.len(), task));
+                    done = syncing.finish().await?;
                 }
                 if let Some(k) = done {
                     rec.ranges = digests[..k].to_vec();
@@ -342,9 +334,7 @@ pub async fn download(
         }
     }
     let _ = c.raw.close(h).await;
-    if let Some((_, task)) = syncing.take() {
-        join_sync(task, &part_path).await?;
-    }
+    syncing.finish().await?;
     part.sync_data().map_err(|e| Error::local(&part_path, e))?;
     rec.ranges = digests.clone();
     sidecar::put(store, &key, &rec)?;
@@ -391,12 +381,4 @@ pub async fn download(
             VerifiedBy::Size
         },
     })
-}
-
-async fn join_sync(
-    task: tokio::task::JoinHandle<Result<()>>,
-    path: &std::path::Path,
-) -> Result<()> {
-    task.await
-        .map_err(|e| Error::local(path, std::io::Error::other(e.to_string())))?
 }

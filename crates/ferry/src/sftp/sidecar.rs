@@ -153,3 +153,41 @@ mod tests {
         assert!(host_caps(&store, "h:22").unwrap().no_offset_writes);
     }
 }
+
+/// A flush (remote `fsync@openssh.com`, or a local `sync_data`) running while
+/// more data moves, and how many ranges it covers. The record may claim those
+/// ranges only once it succeeded: data durable before the record says so.
+#[derive(Default)]
+pub(crate) struct PendingFlush {
+    running: Option<(usize, tokio::task::JoinHandle<Result<()>>)>,
+}
+
+impl PendingFlush {
+    /// Ranges that will be recorded once the running flush answers, else `recorded`.
+    pub fn covers_or(&self, recorded: usize) -> usize {
+        self.running.as_ref().map_or(recorded, |(k, _)| *k)
+    }
+
+    pub fn start(&mut self, covers: usize, task: tokio::task::JoinHandle<Result<()>>) {
+        self.running = Some((covers, task));
+    }
+
+    /// Waits for the running flush, if any; returns the ranges it covered.
+    pub async fn finish(&mut self) -> Result<Option<usize>> {
+        let Some((k, task)) = self.running.take() else {
+            return Ok(None);
+        };
+        task.await
+            .map_err(|e| Error::Store(format!("flush task: {e}")))??;
+        Ok(Some(k))
+    }
+
+    /// As [`PendingFlush::finish`], but only if the flush already answered.
+    pub async fn finish_if_done(&mut self) -> Result<Option<usize>> {
+        if self.running.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+            self.finish().await
+        } else {
+            Ok(None)
+        }
+    }
+}

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::auth::Conn;
-use super::sidecar::{self, Sidecar, RANGE_SIZE, TAIL_LEN};
+use super::sidecar::{self, PendingFlush, Sidecar, RANGE_SIZE, TAIL_LEN};
 use super::{
     is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
     Verify,
@@ -176,8 +176,15 @@ struct Writes<'a> {
     what: &'a str,
     host: &'a str,
     set: JoinSet<WriteResult>,
-    /// Ranges issued and not yet taken: (offset, requests unanswered, digest, length).
-    ranges: std::collections::VecDeque<(u64, usize, String, u64)>,
+    /// Ranges issued and not yet taken, in order.
+    ranges: std::collections::VecDeque<InFlightRange>,
+}
+
+struct InFlightRange {
+    off: u64,
+    unanswered: usize,
+    digest: String,
+    len: u64,
 }
 
 impl<'a> Writes<'a> {
@@ -195,9 +202,12 @@ impl<'a> Writes<'a> {
     /// Sends the range at `off`, waiting for answers whenever the window is full.
     async fn issue(&mut self, off: u64, data: Vec<u8>, digest: String) -> Result<()> {
         let block = self.c.block as usize;
-        let chunks = data.len().div_ceil(block);
-        self.ranges
-            .push_back((off, chunks, digest, data.len() as u64));
+        self.ranges.push_back(InFlightRange {
+            off,
+            unanswered: data.len().div_ceil(block),
+            digest,
+            len: data.len() as u64,
+        });
         for (k, chunk) in data.chunks(block).enumerate() {
             while self.set.len() >= WINDOW {
                 self.answer().await?;
@@ -220,8 +230,8 @@ impl<'a> Writes<'a> {
                 msg: e.to_string(),
             })?
             .map_err(|e| sftp_err("write", self.what, self.host, e))?;
-        if let Some(r) = self.ranges.iter_mut().find(|r| r.0 == off) {
-            r.1 = r.1.saturating_sub(1);
+        if let Some(r) = self.ranges.iter_mut().find(|r| r.off == off) {
+            r.unanswered = r.unanswered.saturating_sub(1);
         }
         Ok(())
     }
@@ -236,8 +246,8 @@ impl<'a> Writes<'a> {
 
     /// The oldest range, if all of it was acknowledged: (digest, length).
     fn take_done(&mut self) -> Option<(String, u64)> {
-        if self.ranges.front().is_some_and(|r| r.1 == 0) {
-            self.ranges.pop_front().map(|r| (r.2, r.3))
+        if self.ranges.front().is_some_and(|r| r.unanswered == 0) {
+            self.ranges.pop_front().map(|r| (r.digest, r.len))
         } else {
             None
         }
@@ -283,13 +293,6 @@ fn claim(
         return Err(Error::Usage("stopped for a test".into()));
     }
     Ok(())
-}
-
-async fn join_flush(task: tokio::task::JoinHandle<Result<()>>, host: &str) -> Result<()> {
-    task.await.map_err(|e| Error::Ssh {
-        host: host.into(),
-        msg: e.to_string(),
-    })?
 }
 
 async fn flush(c: &Conn, handle: &str, what: &str, host: &str) -> Result<()> {
@@ -565,7 +568,7 @@ pub async fn upload(
     };
     // The server flushes ranges already written while the next ones go out;
     // the record claims them only once that flush answered.
-    let mut flushing: Option<(usize, tokio::task::JoinHandle<Result<()>>)> = None;
+    let mut flushing = PendingFlush::default();
     // One pipeline across ranges: the next range's requests go out while the
     // last ones of this range are still unanswered (a range is 8 MiB, about
     // the window, so draining at each range would halve the throughput).
@@ -585,39 +588,30 @@ pub async fn upload(
         } else {
             writes.finish().await?;
         }
-        // A flush that answered: the record claims what it covered.
-        if flushing.as_ref().is_some_and(|(_, t)| t.is_finished()) {
-            if let Some((k, task)) = flushing.take() {
-                join_flush(task, &host).await?;
-                claim(store, &key, &mut rec, &digests[..k], stop_after_ranges)?;
-            }
+        if let Some(k) = flushing.finish_if_done().await? {
+            claim(store, &key, &mut rec, &digests[..k], stop_after_ranges)?;
         }
         // Ranges fully acknowledged, in order.
         while let Some((digest, len)) = writes.take_done() {
             digests.push(digest);
             Progress::add(&progress.bytes_sent, len);
             progress.done(len);
-            let claimed = flushing.as_ref().map_or(rec.ranges.len(), |(k, _)| *k);
-            if digests.len() - claimed >= every {
-                if let Some((k, task)) = flushing.take() {
-                    join_flush(task, &host).await?;
+            if digests.len() - flushing.covers_or(rec.ranges.len()) < every {
+                continue;
+            }
+            if let Some(k) = flushing.finish().await? {
+                claim(store, &key, &mut rec, &digests[..k], stop_after_ranges)?;
+            }
+            flushing.start(digests.len(), flush_in_background(c, &handle, &part, &host));
+            if stop_after_ranges.is_some() {
+                // Tests stop at an exact record: nothing left in flight.
+                if let Some(k) = flushing.finish().await? {
                     claim(store, &key, &mut rec, &digests[..k], stop_after_ranges)?;
-                }
-                // Data flushed on the server before the record claims it.
-                let task = flush_in_background(c, &handle, &part, &host);
-                if stop_after_ranges.is_some() {
-                    // Tests stop at an exact record: nothing left in flight.
-                    join_flush(task, &host).await?;
-                    claim(store, &key, &mut rec, &digests, stop_after_ranges)?;
-                } else {
-                    flushing = Some((digests.len(), task));
                 }
             }
         }
     }
-    if let Some((_, task)) = flushing.take() {
-        join_flush(task, &host).await?;
-    }
+    flushing.finish().await?;
     flush(c, &handle, &part, &host).await?;
     rec.ranges = digests.clone();
     sidecar::put(store, &key, &rec)?;
