@@ -159,6 +159,8 @@ enum Mode {
     NoPosixRename,
     /// The wrapper above: `check-file-handle` offered; `true`: it lies.
     CheckFile(bool),
+    /// `MaxSessions 1`: no side session for checkpoint flushes.
+    OneSession,
 }
 
 fn start_sshd(mode: Mode) -> Option<Sshd> {
@@ -203,9 +205,14 @@ fn start_sshd(mode: Mode) -> Option<Sshd> {
     let cfg = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile none\nAuthorizedKeysFile {ak}\n\
          PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-         UsePAM no\nStrictModes no\nUseDNS no\nSubsystem sftp {subsystem}\nLogLevel ERROR\n",
+         UsePAM no\nStrictModes no\nUseDNS no\nSubsystem sftp {subsystem}\nLogLevel ERROR\n{extra}",
         hk = d.join("hostkey").display(),
         ak = d.join("authorized_keys").display(),
+        extra = if mode == Mode::OneSession {
+            "MaxSessions 1\n"
+        } else {
+            ""
+        },
     );
     std::fs::write(d.join("sshd_config"), cfg).unwrap();
     let child = Command::new(bin)
@@ -459,6 +466,36 @@ async fn resume_resends_only_the_rest() {
     assert_eq!(sum.bytes_sent, 0);
     assert_eq!(outcome(&sum), Resume::AlreadyComplete);
     assert_eq!(std::fs::read(&remote).unwrap(), body);
+}
+
+/// Checkpoint flushes go on a second session where the server allows one;
+/// with `MaxSessions 1` they go on the only session, and checkpoints and
+/// resume work the same.
+#[tokio::test]
+async fn one_session_server_checkpoints_on_the_main_session() {
+    let Some(s) = start_sshd(Mode::OneSession) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let src = t.path().join("src");
+    let body = data(6 * RANGE + 3 * MIB, 9);
+    std::fs::write(&src, &body).unwrap();
+    let remote = t.path().join("dst");
+    interrupted_upload(&s, &src, &remote, &state, 3).await;
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(sum.bytes_resumed, (3 * RANGE) as u64);
+    assert_eq!(sum.bytes_sent, (3 * RANGE + 3 * MIB) as u64);
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+    // A fresh one, checkpoints every few ranges.
+    let remote2 = t.path().join("dst2");
+    let sum = cp(src.to_str().unwrap(), &s.url(&remote2), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(outcome(&sum), Resume::Fresh);
+    assert_eq!(std::fs::read(&remote2).unwrap(), body);
 }
 
 #[tokio::test]

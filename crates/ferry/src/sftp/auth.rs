@@ -193,12 +193,35 @@ pub struct Conn {
     pub extensions: std::collections::HashMap<String, String>,
     /// Largest write and read request to send.
     pub block: u32,
-    _handle: client::Handle<Checker>,
+    target: SftpTarget,
+    handle: client::Handle<Checker>,
+    /// The server refused a second session once: do not ask again.
+    no_side_session: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
     pub fn has(&self, ext: &str) -> bool {
         self.extensions.contains_key(ext)
+    }
+
+    /// A second SFTP session on the same connection (OpenSSH runs one
+    /// `sftp-server` process per session). A server answers a session's
+    /// requests one at a time, so an `fsync@openssh.com` sent there would
+    /// hold up every write queued behind it; sent on a side session it runs
+    /// while the writes go on. `None` when the server refuses another session
+    /// (`MaxSessions 1`) or lacks the extension: flush on the main session then.
+    pub async fn side_session(&self) -> Option<RawSftpSession> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.has("fsync@openssh.com") || self.no_side_session.load(Relaxed) {
+            return None;
+        }
+        match open_session(&self.handle, &self.target).await {
+            Ok((raw, ext)) if ext.contains_key("fsync@openssh.com") => return Some(raw),
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "no second sftp session; flushing on the main one"),
+        }
+        self.no_side_session.store(true, Relaxed);
+        None
     }
 }
 
@@ -284,19 +307,9 @@ pub async fn connect(t: &SftpTarget, cfg: &SshConfig) -> Result<Conn> {
         }
     };
     authenticate(&mut handle, t, cfg).await?;
-    let channel = handle
-        .channel_open_session()
-        .await
-        .map_err(|e| ssh_err(t, e))?;
-    channel
-        .request_subsystem(true, "sftp")
-        .await
-        .map_err(|e| ssh_err(t, e))?;
-    let mut raw = RawSftpSession::new(channel.into_stream());
-    raw.set_timeout(60);
-    let version = raw.init().await.map_err(|e| ssh_err(t, e))?;
+    let (mut raw, extensions) = open_session(&handle, t).await?;
     let mut block: u32 = 32 << 10;
-    if version.extensions.contains_key("limits@openssh.com") {
+    if extensions.contains_key("limits@openssh.com") {
         if let Ok(l) = raw.limits().await {
             // OpenSSH allows 255 KiB; stay within what the server states and 256 KiB.
             let w = l.max_write_len.min(l.max_read_len).min(256 << 10);
@@ -306,13 +319,34 @@ pub async fn connect(t: &SftpTarget, cfg: &SshConfig) -> Result<Conn> {
             raw.set_limits(l.into());
         }
     }
-    debug!(extensions = ?version.extensions, block, "sftp session");
+    debug!(?extensions, block, "sftp session");
     Ok(Conn {
         raw: Arc::new(raw),
-        extensions: version.extensions,
+        extensions,
         block,
-        _handle: handle,
+        target: t.clone(),
+        handle,
+        no_side_session: Default::default(),
     })
+}
+
+/// Opens a channel with the `sftp` subsystem on an authenticated connection.
+async fn open_session(
+    handle: &client::Handle<Checker>,
+    t: &SftpTarget,
+) -> Result<(RawSftpSession, std::collections::HashMap<String, String>)> {
+    let channel = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| ssh_err(t, e))?;
+    channel
+        .request_subsystem(true, "sftp")
+        .await
+        .map_err(|e| ssh_err(t, e))?;
+    let raw = RawSftpSession::new(channel.into_stream());
+    raw.set_timeout(60);
+    let version = raw.init().await.map_err(|e| ssh_err(t, e))?;
+    Ok((raw, version.extensions))
 }
 
 async fn authenticate(

@@ -238,7 +238,9 @@ pub async fn download(
     // Range i is read from the server while range i-1 is written and hashed
     // on the blocking pool; iteration i records range i-1.
     let first = digests.len() as u64;
-    let mut pending: Option<tokio::task::JoinHandle<Result<(String, u64)>>> = None;
+    type Written = (String, u64, Option<blake3::Hasher>);
+    let mut pending: Option<tokio::task::JoinHandle<Result<Written>>> = None;
+    let mut whole = super::WholeDigest::starting_at(first * RANGE_SIZE);
     let mut syncing = PendingFlush::default();
     // The next range is requested while this one is taken in, so the server
     // always has requests to answer.
@@ -287,9 +289,10 @@ pub async fn download(
             sidecar::put(store, &key, &rec)?;
         }
         if let Some(p) = pending.take() {
-            let (digest, len) = p
+            let (digest, len, hasher) = p
                 .await
                 .map_err(|e| Error::local(&part_path, std::io::Error::other(e.to_string())))??;
+            whole.put(hasher);
             digests.push(digest);
             Progress::add(&progress.bytes_sent, len);
             progress.done(len);
@@ -326,10 +329,18 @@ pub async fn download(
         if let Some(data) = data {
             let f = part.try_clone().map_err(|e| Error::local(&part_path, e))?;
             let pp = part_path.clone();
+            let mut hasher = whole.take();
             pending = Some(tokio::task::spawn_blocking(move || {
                 f.write_all_at(&data, i * RANGE_SIZE)
                     .map_err(|e| Error::local(&pp, e))?;
-                Ok((sidecar::hex32(&blake3::hash(&data)), data.len() as u64))
+                if let Some(w) = hasher.as_mut() {
+                    w.update(&data);
+                }
+                Ok((
+                    sidecar::hex32(&blake3::hash(&data)),
+                    data.len() as u64,
+                    hasher,
+                ))
             }));
         }
     }
@@ -368,7 +379,7 @@ pub async fn download(
     }
     fsutil::finalize_part(&part, &part_path, &local, mode, mtime_ns)?;
     sidecar::remove(store, &key)?;
-    let digest = super::hash_file(&local)?;
+    let digest = whole.finish(&local)?;
     Ok(FileOutcome {
         digest: Some(digest),
         notes,

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use russh_sftp::client::RawSftpSession;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::auth::Conn;
 use super::sidecar::{self, PendingFlush, Sidecar, RANGE_SIZE, TAIL_LEN};
@@ -35,8 +35,9 @@ use crate::fsutil;
 use crate::progress::Progress;
 use crate::store::Store;
 
-/// A range being read and hashed: its bytes and hex BLAKE3.
-type Prefetch = tokio::task::JoinHandle<Result<(Vec<u8>, String)>>;
+/// A range being read and hashed: its bytes, its hex BLAKE3, and the
+/// whole-file hasher fed up to its end.
+type Prefetch = tokio::task::JoinHandle<Result<(Vec<u8>, String, Option<blake3::Hasher>)>>;
 
 /// Requests in flight per range (OpenSSH's sftp keeps 64).
 pub(crate) const WINDOW: usize = 64;
@@ -254,29 +255,79 @@ impl<'a> Writes<'a> {
     }
 }
 
-/// Starts a flush (`fsync@openssh.com` where offered) of everything written
-/// and acknowledged so far, while more is written.
-fn flush_in_background(
-    c: &Conn,
-    handle: &str,
-    what: &str,
-    host: &str,
-) -> tokio::task::JoinHandle<Result<()>> {
-    let has = c.has("fsync@openssh.com");
-    let (raw, h, what, host) = (
-        c.raw.clone(),
-        handle.to_string(),
-        what.to_string(),
-        host.to_string(),
-    );
-    tokio::spawn(async move {
-        if has {
-            raw.fsync(h)
-                .await
-                .map_err(|e| sftp_err("fsync", &what, &host, e))?;
+/// Where checkpoint flushes (`fsync@openssh.com`) go while writes continue.
+struct Flusher {
+    raw: Arc<RawSftpSession>,
+    handle: String,
+    /// Whether `raw` is a side session of its own (closed at the end).
+    side: bool,
+    has_fsync: bool,
+}
+
+impl Flusher {
+    /// A side session with `part` open for reading when the server allows
+    /// one (fsync covers the file, whichever descriptor wrote it: data the
+    /// main session had acknowledged is durable once it answers), else the
+    /// main session and its handle.
+    /// `side` false: no side session (too few checkpoints to pay for one).
+    async fn open(c: &Conn, main_handle: &str, part: &str, side: bool) -> Self {
+        let main = Self {
+            raw: c.raw.clone(),
+            handle: main_handle.to_string(),
+            side: false,
+            has_fsync: c.has("fsync@openssh.com"),
+        };
+        if !side {
+            return main;
         }
-        Ok(())
-    })
+        let Some(raw) = c.side_session().await else {
+            return main;
+        };
+        match raw
+            .open(part.to_string(), OpenFlags::READ, FileAttributes::default())
+            .await
+        {
+            Ok(h) => {
+                debug!(part, "checkpoint flushes go on a side session");
+                Self {
+                    raw: Arc::new(raw),
+                    handle: h.handle,
+                    side: true,
+                    has_fsync: true,
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, part, "side session cannot open the partial; flushing on the main session");
+                main
+            }
+        }
+    }
+
+    /// Starts a flush of everything written and acknowledged so far.
+    fn start(&self, what: &str, host: &str) -> tokio::task::JoinHandle<Result<()>> {
+        let (raw, h, what, host) = (
+            self.raw.clone(),
+            self.handle.clone(),
+            what.to_string(),
+            host.to_string(),
+        );
+        let has = self.has_fsync;
+        tokio::spawn(async move {
+            if has {
+                raw.fsync(h)
+                    .await
+                    .map_err(|e| sftp_err("fsync", &what, &host, e))?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn close(self) {
+        if self.side {
+            let _ = self.raw.close(self.handle).await;
+            let _ = self.raw.close_session();
+        }
+    }
 }
 
 /// Records `ranges` (flushed on the server) in the sidecar.
@@ -545,19 +596,24 @@ pub async fn upload(
 
     let n = range_count(size);
     let mut digests = ranges;
-    // Read and hash the next range on the blocking pool while this one is on the wire.
-    let prefetch = |i: u64| -> Result<Prefetch> {
+    // Read and hash the next range on the blocking pool while this one is on
+    // the wire; the whole-file hasher goes along (ranges are read in order).
+    let prefetch = |i: u64, mut whole: Option<blake3::Hasher>| -> Result<Prefetch> {
         let f = f.try_clone().map_err(|e| Error::local(&job.local, e))?;
         let path = job.local.clone();
         Ok(tokio::task::spawn_blocking(move || {
             let data = read_local_range(&f, &path, size, i)?;
             let d = sidecar::hex32(&blake3::hash(&data));
-            Ok((data, d))
+            if let Some(h) = whole.as_mut() {
+                h.update(&data);
+            }
+            Ok((data, d, whole))
         }))
     };
     let first = digests.len() as u64;
+    let mut whole = super::WholeDigest::starting_at(resume_at);
     let mut next = if first < n {
-        Some(prefetch(first)?)
+        Some(prefetch(first, whole.take())?)
     } else {
         None
     };
@@ -569,6 +625,9 @@ pub async fn upload(
     // The server flushes ranges already written while the next ones go out;
     // the record claims them only once that flush answered.
     let mut flushing = PendingFlush::default();
+    // A side session costs a round trip and a server process: only for
+    // files with checkpoints in the middle.
+    let flusher = Flusher::open(c, &handle, &part, n - first > every as u64).await;
     // One pipeline across ranges: the next range's requests go out while the
     // last ones of this range are still unanswered (a range is 8 MiB, about
     // the window, so draining at each range would halve the throughput).
@@ -578,11 +637,13 @@ pub async fn upload(
             let Some(job_handle) = next.take() else {
                 break;
             };
-            let (data, digest) = job_handle
+            let (data, digest, h) = job_handle
                 .await
                 .map_err(|e| Error::local(&job.local, std::io::Error::other(e.to_string())))??;
             if i + 1 < n {
-                next = Some(prefetch(i + 1)?);
+                next = Some(prefetch(i + 1, h)?);
+            } else {
+                whole.put(h);
             }
             writes.issue(i * RANGE_SIZE, data, digest).await?;
         } else {
@@ -602,7 +663,7 @@ pub async fn upload(
             if let Some(k) = flushing.finish().await? {
                 claim(store, &key, &mut rec, &digests[..k], stop_after_ranges)?;
             }
-            flushing.start(digests.len(), flush_in_background(c, &handle, &part, &host));
+            flushing.start(digests.len(), flusher.start(&part, &host));
             if stop_after_ranges.is_some() {
                 // Tests stop at an exact record: nothing left in flight.
                 if let Some(k) = flushing.finish().await? {
@@ -612,6 +673,7 @@ pub async fn upload(
         }
     }
     flushing.finish().await?;
+    flusher.close().await;
     flush(c, &handle, &part, &host).await?;
     rec.ranges = digests.clone();
     sidecar::put(store, &key, &rec)?;
@@ -636,9 +698,8 @@ pub async fn upload(
         ));
     }
     sidecar::remove(store, &key)?;
-    let digest = super::hash_file(&job.local)?;
     Ok(FileOutcome {
-        digest: Some(digest),
+        digest: Some(whole.finish(&job.local)?),
         notes,
         resume,
         verified_by,
