@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::auth::Conn;
 use super::sidecar::{self, PendingFlush, Sidecar, RANGE_SIZE};
-use super::upload::{range_count, range_len, read_remote_owned};
+use super::upload::{range_count, range_len, read_remote_owned, Pieces};
 use super::{
     is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
     Verify,
@@ -164,7 +164,7 @@ pub async fn download(
                 let mut buf = vec![0u8; range_len(size, i as u64) as usize];
                 part.read_exact_at(&mut buf, i as u64 * RANGE_SIZE)
                     .map_err(|e| Error::local(&part_path, e))?;
-                Ok(sidecar::hex32(&blake3::hash(&buf)) == rec.ranges[i])
+                Ok(sidecar::range_digest(size, i as u64, &buf) == rec.ranges[i])
             };
             let mut good = k;
             if verify == Verify::Full {
@@ -219,6 +219,7 @@ pub async fn download(
         progress.done(resume_at);
     }
     let mut rec = Sidecar {
+        scheme: sidecar::RANGE_SCHEME,
         size,
         mtime_ns,
         tail: String::new(),
@@ -235,15 +236,12 @@ pub async fn download(
         .handle;
     let n = range_count(size);
     let mut digests = ranges;
-    // Range i is read from the server while range i-1 is written and hashed
-    // on the blocking pool; iteration i records range i-1.
     let first = digests.len() as u64;
-    type Written = (String, u64, Option<blake3::Hasher>);
-    let mut pending: Option<tokio::task::JoinHandle<Result<Written>>> = None;
-    let mut whole = super::WholeDigest::starting_at(first * RANGE_SIZE);
-    let mut syncing = PendingFlush::default();
-    // The next range is requested while this one is taken in, so the server
-    // always has requests to answer.
+    // Three stages run at once: the network (the next ranges are requested
+    // while one is taken in, so the server always has requests to answer),
+    // the disk (a thread of its own writes each range and hashes it, so a
+    // write held up by writeback does not hold up the reads), and this loop,
+    // which records ranges once a sync made them durable.
     let read = |i: u64| {
         tokio::spawn(read_remote_owned(
             c.raw.clone(),
@@ -255,94 +253,96 @@ pub async fn download(
             host.clone(),
         ))
     };
-    let mut next_read = (first < n).then(|| read(first));
-    for i in first..=n {
-        let data = if i < n {
-            let want = range_len(size, i);
-            let Some(task) = next_read.take() else {
-                break;
-            };
-            let data = task.await.map_err(|e| Error::Ssh {
-                host: host.clone(),
-                msg: e.to_string(),
-            })??;
-            if i + 1 < n {
-                next_read = Some(read(i + 1));
-            }
-            if data.len() as u64 != want {
-                let _ = c.raw.close(h).await;
-                return Err(Error::Ssh {
-                    host: host.clone(),
-                    msg: format!(
-                        "{remote}: file shrank during the download (range {i}: {} of {want} bytes)",
-                        data.len()
-                    ),
-                });
-            }
-            Some(data)
-        } else {
-            None
+    const READS_AHEAD: u64 = 2;
+    let mut reads: std::collections::VecDeque<_> =
+        (first..n.min(first + READS_AHEAD)).map(read).collect();
+    let writer = RangeWriter::start(
+        part.try_clone().map_err(|e| Error::local(&part_path, e))?,
+        part_path.clone(),
+        size,
+    );
+    let mut syncing = PendingFlush::default();
+    let every = if stop_after_ranges.is_some() {
+        1
+    } else {
+        CHECKPOINT_RANGES
+    };
+    let mut written = writer.written;
+    let to_disk = writer.to_disk;
+    let mut next_write = first;
+    for i in first..n {
+        let want = range_len(size, i);
+        let Some(task) = reads.pop_front() else {
+            break;
         };
+        let data = task.await.map_err(|e| Error::Ssh {
+            host: host.clone(),
+            msg: e.to_string(),
+        })??;
+        if i + READS_AHEAD < n {
+            reads.push_back(read(i + READS_AHEAD));
+        }
+        if data.len() != want {
+            let _ = c.raw.close(h).await;
+            return Err(Error::Ssh {
+                host: host.clone(),
+                msg: format!(
+                    "{remote}: file shrank during the download (range {i}: {} of {want} bytes)",
+                    data.len()
+                ),
+            });
+        }
+        // Waits here only when the disk is two ranges behind.
+        if to_disk.send((i, data)).await.is_err() {
+            break; // the writer failed: its error comes below
+        }
         // A sync that finished: the record claims what it covered.
         if let Some(k) = syncing.finish_if_done().await? {
             rec.ranges = digests[..k].to_vec();
             sidecar::put(store, &key, &rec)?;
         }
-        if let Some(p) = pending.take() {
-            let (digest, len, hasher) = p
-                .await
-                .map_err(|e| Error::local(&part_path, std::io::Error::other(e.to_string())))??;
-            whole.put(hasher);
-            digests.push(digest);
-            Progress::add(&progress.bytes_sent, len);
-            progress.done(len);
-            let every = if stop_after_ranges.is_some() {
-                1
-            } else {
-                CHECKPOINT_RANGES
-            };
-            if digests.len() - syncing.covers_or(rec.ranges.len()) >= every {
-                // Data durable before the record claims it; the sync runs on
-                // the blocking pool while the next ranges arrive.
-                let mut done = syncing.finish().await?;
-                let f = part.try_clone().map_err(|e| Error::local(&part_path, e))?;
-                let pp = part_path.clone();
-                syncing.start(
-                    digests.len(),
-                    tokio::task::spawn_blocking(move || {
-                        f.sync_data().map_err(|e| Error::local(&pp, e))
-                    }),
-                );
-                if stop_after_ranges.is_some() {
-                    done = syncing.finish().await?;
-                }
-                if let Some(k) = done {
-                    rec.ranges = digests[..k].to_vec();
-                    sidecar::put(store, &key, &rec)?;
-                    if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
-                        let _ = c.raw.close(h).await;
-                        return Err(Error::Usage("stopped for a test".into()));
-                    }
+        while let Ok(w) = written.try_recv() {
+            take_written(w?, &mut digests, &mut next_write, progress)?;
+            if digests.len() - syncing.covers_or(rec.ranges.len()) < every {
+                continue;
+            }
+            // Data durable before the record claims it; the sync runs on
+            // the blocking pool while the next ranges arrive and are written.
+            let mut done = syncing.finish().await?;
+            let f = part.try_clone().map_err(|e| Error::local(&part_path, e))?;
+            let pp = part_path.clone();
+            syncing.start(
+                digests.len(),
+                tokio::task::spawn_blocking(move || {
+                    f.sync_data().map_err(|e| Error::local(&pp, e))
+                }),
+            );
+            if stop_after_ranges.is_some() {
+                done = syncing.finish().await?;
+            }
+            if let Some(k) = done {
+                rec.ranges = digests[..k].to_vec();
+                sidecar::put(store, &key, &rec)?;
+                if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
+                    let _ = c.raw.close(h).await;
+                    return Err(Error::Usage("stopped for a test".into()));
                 }
             }
         }
-        if let Some(data) = data {
-            let f = part.try_clone().map_err(|e| Error::local(&part_path, e))?;
-            let pp = part_path.clone();
-            let mut hasher = whole.take();
-            pending = Some(tokio::task::spawn_blocking(move || {
-                f.write_all_at(&data, i * RANGE_SIZE)
-                    .map_err(|e| Error::local(&pp, e))?;
-                if let Some(w) = hasher.as_mut() {
-                    w.update(&data);
-                }
-                Ok((
-                    sidecar::hex32(&blake3::hash(&data)),
-                    data.len() as u64,
-                    hasher,
-                ))
-            }));
-        }
+    }
+    drop(to_disk);
+    while let Some(w) = written.recv().await {
+        take_written(w?, &mut digests, &mut next_write, progress)?;
+    }
+    writer
+        .done
+        .await
+        .map_err(|e| Error::local(&part_path, std::io::Error::other(e.to_string())))?;
+    if next_write != n {
+        return Err(Error::local(
+            &part_path,
+            std::io::Error::other(format!("{} of {n} ranges written", next_write)),
+        ));
     }
     let _ = c.raw.close(h).await;
     syncing.finish().await?;
@@ -370,7 +370,7 @@ pub async fn download(
         let mut buf = vec![0u8; range_len(size, i) as usize];
         part.read_exact_at(&mut buf, i * RANGE_SIZE)
             .map_err(|e| Error::local(&part_path, e))?;
-        if rec.ranges.get(i as usize) != Some(&sidecar::hex32(&blake3::hash(&buf))) {
+        if rec.ranges.get(i as usize) != Some(&sidecar::range_digest(size, i, &buf)) {
             return Err(Error::SftpIntegrity {
                 path: part_path.display().to_string(),
                 detail: format!("range {i} on disk differs from what was received"),
@@ -379,7 +379,13 @@ pub async fn download(
     }
     fsutil::finalize_part(&part, &part_path, &local, mode, mtime_ns)?;
     sidecar::remove(store, &key)?;
-    let digest = whole.finish(&local)?;
+    // The file's BLAKE3 from the digests of its ranges (no second pass).
+    let digest = sidecar::file_digest(size, &digests).ok_or_else(|| {
+        Error::Store(format!(
+            "{}: range digests do not cover the file",
+            local.display()
+        ))
+    })?;
     Ok(FileOutcome {
         digest: Some(digest),
         notes,
@@ -392,4 +398,62 @@ pub async fn download(
             VerifiedBy::Size
         },
     })
+}
+
+/// A range written to the local part: its index, hex BLAKE3 and length.
+type Written = (u64, String, u64);
+
+/// The disk stage of a download: one thread writes ranges in order to the
+/// part and hashes each ([`sidecar::range_digest`]).
+struct RangeWriter {
+    to_disk: tokio::sync::mpsc::Sender<(u64, Pieces)>,
+    written: tokio::sync::mpsc::UnboundedReceiver<Result<Written>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl RangeWriter {
+    fn start(part: std::fs::File, path: std::path::PathBuf, size: u64) -> Self {
+        // Two ranges queued at most: memory stays bounded when the disk is slow.
+        let (to_disk, mut rx) = tokio::sync::mpsc::channel::<(u64, Pieces)>(2);
+        let (tx, written) = tokio::sync::mpsc::unbounded_channel();
+        let done = tokio::task::spawn_blocking(move || {
+            while let Some((i, data)) = rx.blocking_recv() {
+                let r = data
+                    .write_at(&part, i * RANGE_SIZE)
+                    .map_err(|e| Error::local(&path, e));
+                if let Err(e) = r {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+                let d = data.digest(size, i);
+                if tx.send(Ok((i, d, data.len()))).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            to_disk,
+            written,
+            done,
+        }
+    }
+}
+
+/// Takes one written range into `digests` (ranges arrive in order).
+fn take_written(
+    (i, digest, len): Written,
+    digests: &mut Vec<String>,
+    next: &mut u64,
+    progress: &Progress,
+) -> Result<()> {
+    if i != *next {
+        return Err(Error::Store(format!(
+            "range {i} written out of order (expected {next})"
+        )));
+    }
+    *next += 1;
+    digests.push(digest);
+    Progress::add(&progress.bytes_sent, len);
+    progress.done(len);
+    Ok(())
 }

@@ -795,43 +795,6 @@ impl Runner<'_> {
     }
 }
 
-/// BLAKE3 of a whole local file (after a resumed copy; a copy from the
-/// first byte feeds the hasher range by range instead, see [`WholeDigest`]).
-pub(crate) fn hash_file(path: &Path) -> Result<blake3::Hash> {
-    let mut h = blake3::Hasher::new();
-    let f = std::fs::File::open(path).map_err(|e| Error::local(path, e))?;
-    h.update_reader(f).map_err(|e| Error::local(path, e))?;
-    Ok(h.finalize())
-}
-
-/// The whole-file digest of a copy. From the first byte it is fed with each
-/// range as it moves, in order, so it costs no second pass over the file at
-/// the end; a resumed copy never saw the prefix and hashes the file once done.
-pub(crate) struct WholeDigest(Option<blake3::Hasher>);
-
-impl WholeDigest {
-    pub fn starting_at(first_byte: u64) -> Self {
-        Self((first_byte == 0).then(blake3::Hasher::new))
-    }
-
-    /// Takes the hasher to feed the next range on another task.
-    pub fn take(&mut self) -> Option<blake3::Hasher> {
-        self.0.take()
-    }
-
-    /// Puts back the hasher after that range.
-    pub fn put(&mut self, h: Option<blake3::Hasher>) {
-        self.0 = h;
-    }
-
-    pub fn finish(self, path: &Path) -> Result<blake3::Hash> {
-        match self.0 {
-            Some(h) => Ok(h.finalize()),
-            None => hash_file(path),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

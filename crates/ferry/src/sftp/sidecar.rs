@@ -34,9 +34,17 @@ pub struct Sidecar {
     /// Hex BLAKE3 of the last [`TAIL_LEN`] bytes of a local source (empty for downloads).
     pub tail: String,
     pub range_size: u64,
-    /// Hex BLAKE3 of each checkpointed range, in order from offset 0.
+    /// Hex digest of each checkpointed range, in order from offset 0 (see
+    /// [`range_digest`]).
     pub ranges: Vec<String>,
+    /// How `ranges` are computed; a record of another scheme (an older
+    /// ferry's plain per-range BLAKE3) is treated as absent.
+    #[serde(default)]
+    pub scheme: u32,
 }
+
+/// The current [`Sidecar::scheme`]: ranges are BLAKE3 subtrees.
+pub const RANGE_SCHEME: u32 = 2;
 
 /// What we learned about a server, remembered per host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,7 +74,9 @@ pub fn get(store: &Store, key: &str) -> Result<Option<Sidecar>> {
     };
     // A record we cannot read is treated as absent: the transfer starts fresh.
     let rec: Option<Sidecar> = serde_json::from_slice(v.value()).ok();
-    Ok(rec.filter(|r| r.range_size > 0 && r.ranges.len() <= MAX_RANGES))
+    Ok(rec.filter(|r| {
+        r.range_size == RANGE_SIZE && r.scheme == RANGE_SCHEME && r.ranges.len() <= MAX_RANGES
+    }))
 }
 
 /// Stores `rec` durably (redb commits with fsync).
@@ -120,9 +130,133 @@ pub fn hex32(d: &blake3::Hash) -> String {
     d.to_hex().to_string()
 }
 
+/// The digest of range `i` (bytes `data`) of a file of `size` bytes: the
+/// chaining value of that range as a subtree of the file's BLAKE3 tree, or
+/// the file's BLAKE3 itself when the file is one range. Ranges are aligned
+/// powers of two of BLAKE3 chunks (8 MiB), and the last, shorter one is the
+/// right edge of the tree, so each range is a subtree and [`file_digest`]
+/// gets the whole file's BLAKE3 from the range digests: one hashing pass
+/// gives both the checkpoint records and the file's digest.
+pub fn range_digest(size: u64, i: u64, data: &[u8]) -> String {
+    range_digest_of_pieces(size, i, [data])
+}
+
+/// [`range_digest`] of a range held as consecutive pieces.
+pub fn range_digest_of_pieces<'a>(
+    size: u64,
+    i: u64,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> String {
+    use blake3::hazmat::HasherExt;
+    let mut h = blake3::Hasher::new();
+    if size > RANGE_SIZE {
+        h.set_input_offset(i * RANGE_SIZE);
+    }
+    for p in pieces {
+        h.update(p);
+    }
+    if size <= RANGE_SIZE {
+        hex32(&h.finalize())
+    } else {
+        hex32(&blake3::Hash::from_bytes(h.finalize_non_root()))
+    }
+}
+
+/// The BLAKE3 of a whole file of `size` bytes from its [`range_digest`]s
+/// (all of them, in order); `None` if they do not fit the size or are not hex.
+pub fn file_digest(size: u64, ranges: &[String]) -> Option<blake3::Hash> {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, Mode};
+    if ranges.len() as u64 != size.div_ceil(RANGE_SIZE) {
+        return None;
+    }
+    if size <= RANGE_SIZE {
+        return match ranges.first() {
+            None => Some(blake3::hash(b"")),
+            Some(h) => blake3::Hash::from_hex(h).ok(),
+        };
+    }
+    let cvs: Vec<[u8; 32]> = ranges
+        .iter()
+        .map(|h| blake3::Hash::from_hex(h).ok().map(|h| *h.as_bytes()))
+        .collect::<Option<_>>()?;
+    // The subtree over ranges [lo, hi), `len` bytes: split where BLAKE3 does
+    // (always on a range boundary: left sides are powers of two of 8 MiB or more).
+    fn merge(cvs: &[[u8; 32]], lo: usize, hi: usize, len: u64) -> [u8; 32] {
+        if hi - lo == 1 {
+            return cvs[lo];
+        }
+        let left = left_subtree_len(len);
+        let mid = lo + (left / RANGE_SIZE) as usize;
+        merge_subtrees_non_root(
+            &merge(cvs, lo, mid, left),
+            &merge(cvs, mid, hi, len - left),
+            Mode::Hash,
+        )
+    }
+    let left = left_subtree_len(size);
+    let mid = (left / RANGE_SIZE) as usize;
+    let (l, r) = (
+        merge(&cvs, 0, mid, left),
+        merge(&cvs, mid, cvs.len(), size - left),
+    );
+    Some(merge_subtrees_root(&l, &r, Mode::Hash))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole file's BLAKE3 from range digests, for sizes around the
+    /// range and tree boundaries (1, 2, 3, 4, 5 ranges; short last ranges).
+    #[test]
+    fn range_digests_give_the_file_blake3() {
+        let r = RANGE_SIZE as usize;
+        let mut data = vec![0u8; 5 * r + 3];
+        let mut x: u32 = 1;
+        for b in data.iter_mut() {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *b = (x >> 24) as u8;
+        }
+        for len in [
+            0,
+            1,
+            1025,
+            r - 1,
+            r,
+            r + 1,
+            r + 1024,
+            2 * r,
+            2 * r + 7,
+            3 * r,
+            3 * r + 1,
+            4 * r,
+            4 * r + 5,
+            5 * r + 3,
+        ] {
+            let d = &data[..len];
+            let size = len as u64;
+            let ranges: Vec<String> = d
+                .chunks(r)
+                .enumerate()
+                .map(|(i, c)| range_digest(size, i as u64, c))
+                .collect();
+            assert_eq!(
+                file_digest(size, &ranges),
+                Some(blake3::hash(d)),
+                "size {len}"
+            );
+        }
+        // A wrong count or a changed range does not give the file's digest.
+        let d = &data[..2 * r + 7];
+        let mut ranges: Vec<String> = d
+            .chunks(r)
+            .enumerate()
+            .map(|(i, c)| range_digest(d.len() as u64, i as u64, c))
+            .collect();
+        assert_eq!(file_digest(d.len() as u64, &ranges[..2]), None);
+        ranges[1] = range_digest(d.len() as u64, 0, &d[..r]);
+        assert_ne!(file_digest(d.len() as u64, &ranges), Some(blake3::hash(d)));
+    }
 
     #[test]
     fn round_trips_and_removes() {
@@ -131,6 +265,7 @@ mod tests {
         let key = upload_key("/a", "sftp://h/b");
         assert_eq!(get(&store, &key).unwrap(), None);
         let rec = Sidecar {
+            scheme: RANGE_SCHEME,
             size: 9,
             mtime_ns: 5,
             tail: "ab".into(),

@@ -35,9 +35,8 @@ use crate::fsutil;
 use crate::progress::Progress;
 use crate::store::Store;
 
-/// A range being read and hashed: its bytes, its hex BLAKE3, and the
-/// whole-file hasher fed up to its end.
-type Prefetch = tokio::task::JoinHandle<Result<(Vec<u8>, String, Option<blake3::Hasher>)>>;
+/// A range being read and hashed: its bytes and [`sidecar::range_digest`].
+type Prefetch = tokio::task::JoinHandle<Result<(Pieces, String)>>;
 
 /// Requests in flight per range (OpenSSH's sftp keeps 64).
 pub(crate) const WINDOW: usize = 64;
@@ -81,11 +80,55 @@ fn tail_digest(f: &std::fs::File, path: &Path, size: u64) -> Result<String> {
     Ok(sidecar::hex32(&blake3::hash(&buf)))
 }
 
-fn read_local_range(f: &std::fs::File, path: &Path, size: u64, i: u64) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; range_len(size, i) as usize];
-    f.read_exact_at(&mut buf, i * RANGE_SIZE)
-        .map_err(|e| Error::local(path, e))?;
-    Ok(buf)
+/// Range `i` of a local file, in pieces of `block` bytes (one write request each).
+fn read_local_range(
+    f: &std::fs::File,
+    path: &Path,
+    size: u64,
+    i: u64,
+    block: u32,
+) -> Result<Pieces> {
+    let (start, len) = (i * RANGE_SIZE, range_len(size, i));
+    let block = u64::from(block.max(1));
+    let mut pieces = Vec::with_capacity(len.div_ceil(block) as usize);
+    let mut at = 0;
+    while at < len {
+        let mut buf = vec![0u8; block.min(len - at) as usize];
+        f.read_exact_at(&mut buf, start + at)
+            .map_err(|e| Error::local(path, e))?;
+        at += buf.len() as u64;
+        pieces.push(buf);
+    }
+    Ok(Pieces(pieces))
+}
+
+/// A range's bytes as consecutive pieces, one per SFTP request, so that
+/// nothing is copied to put them together (nor zeroed beforehand).
+#[derive(Debug, Default)]
+pub(crate) struct Pieces(Vec<Vec<u8>>);
+
+impl Pieces {
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|p| p.len() as u64).sum()
+    }
+
+    /// [`sidecar::range_digest`] of range `i` of a file of `size` bytes.
+    pub fn digest(&self, size: u64, i: u64) -> String {
+        sidecar::range_digest_of_pieces(size, i, self.0.iter().map(|p| p.as_slice()))
+    }
+
+    /// Writes the pieces to `f` from `off` on.
+    pub fn write_at(&self, f: &std::fs::File, mut off: u64) -> std::io::Result<()> {
+        for p in &self.0 {
+            f.write_all_at(p, off)?;
+            off += p.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn into_inner(self) -> Vec<Vec<u8>> {
+        self.0
+    }
 }
 
 /// Reads `len` bytes at `off` of an open remote file, many requests in flight.
@@ -96,7 +139,7 @@ pub(crate) async fn read_remote(
     len: u64,
     what: &str,
     host: &str,
-) -> Result<Vec<u8>> {
+) -> Result<Pieces> {
     read_remote_owned(
         c.raw.clone(),
         c.block,
@@ -110,7 +153,8 @@ pub(crate) async fn read_remote(
 }
 
 /// [`read_remote`] on owned arguments, to run as a task of its own (reading
-/// the next range while this one is written).
+/// the next range while this one is written). Stops at the end of the file:
+/// the pieces may cover less than `len`.
 pub(crate) async fn read_remote_owned(
     raw: Arc<RawSftpSession>,
     block: u32,
@@ -119,25 +163,27 @@ pub(crate) async fn read_remote_owned(
     len: u64,
     what: String,
     host: String,
-) -> Result<Vec<u8>> {
+) -> Result<Pieces> {
     let (handle, what, host) = (handle.as_str(), what.as_str(), host.as_str());
-    let mut buf = vec![0u8; len as usize];
-    let mut set: JoinSet<std::result::Result<(u64, Vec<u8>), russh_sftp::client::error::Error>> =
-        JoinSet::new();
     let block = u64::from(block);
+    let mut pieces: Vec<Vec<u8>> = vec![Vec::new(); len.div_ceil(block) as usize];
+    let mut set: JoinSet<std::result::Result<(usize, Vec<u8>), russh_sftp::client::error::Error>> =
+        JoinSet::new();
     let mut pos = 0u64;
-    let mut got_total = 0u64;
     loop {
         while pos < len && set.len() < WINDOW {
             let (raw, h) = (raw.clone(), handle.to_string());
             let (at, want) = (pos, block.min(len - pos));
+            let k = (pos / block) as usize;
             set.spawn(async move {
                 // Servers may return short reads: ask again for the rest.
-                let mut out = Vec::with_capacity(want as usize);
+                let mut out: Vec<u8> = Vec::new();
                 while (out.len() as u64) < want {
                     let left = (want - out.len() as u64) as u32;
                     match raw.read(h.clone(), off + at + out.len() as u64, left).await {
                         Ok(d) if d.data.is_empty() => break,
+                        // The whole piece in one answer: keep its buffer as is.
+                        Ok(d) if out.is_empty() && d.data.len() == left as usize => out = d.data,
                         Ok(d) => out.extend_from_slice(&d.data[..d.data.len().min(left as usize)]),
                         Err(russh_sftp::client::error::Error::Status(s))
                             if s.status_code == StatusCode::Eof =>
@@ -147,24 +193,26 @@ pub(crate) async fn read_remote_owned(
                         Err(e) => return Err(e),
                     }
                 }
-                Ok((at, out))
+                Ok((k, out))
             });
             pos += want;
         }
         let Some(r) = set.join_next().await else {
             break;
         };
-        let (at, data) = r
+        let (k, data) = r
             .map_err(|e| Error::Ssh {
                 host: host.into(),
                 msg: e.to_string(),
             })?
             .map_err(|e| sftp_err("read", what, host, e))?;
-        buf[at as usize..at as usize + data.len()].copy_from_slice(&data);
-        got_total += data.len() as u64;
+        pieces[k] = data;
     }
-    buf.truncate(got_total.min(len) as usize);
-    Ok(buf)
+    // Pieces after a short one (the end of the file) do not follow on from it.
+    if let Some(short) = pieces.iter().position(|p| (p.len() as u64) < block) {
+        pieces.truncate(short + 1);
+    }
+    Ok(Pieces(pieces))
 }
 
 type WriteResult = std::result::Result<u64, russh_sftp::client::error::Error>;
@@ -201,21 +249,24 @@ impl<'a> Writes<'a> {
     }
 
     /// Sends the range at `off`, waiting for answers whenever the window is full.
-    async fn issue(&mut self, off: u64, data: Vec<u8>, digest: String) -> Result<()> {
-        let block = self.c.block as usize;
+    async fn issue(&mut self, off: u64, data: Pieces, digest: String) -> Result<()> {
+        let len = data.len();
+        let pieces = data.into_inner();
         self.ranges.push_back(InFlightRange {
             off,
-            unanswered: data.len().div_ceil(block),
+            unanswered: pieces.len(),
             digest,
-            len: data.len() as u64,
+            len,
         });
-        for (k, chunk) in data.chunks(block).enumerate() {
+        let mut at = off;
+        for piece in pieces {
             while self.set.len() >= WINDOW {
                 self.answer().await?;
             }
-            let (raw, h, v) = (self.c.raw.clone(), self.handle.to_string(), chunk.to_vec());
+            let (raw, h, n) = (self.c.raw.clone(), self.handle.to_string(), piece.len());
             self.set
-                .spawn(async move { raw.write(h, off + (k * block) as u64, v).await.map(|_| off) });
+                .spawn(async move { raw.write(h, at, piece).await.map(|_| off) });
+            at += n as u64;
         }
         Ok(())
     }
@@ -430,7 +481,7 @@ async fn proven_ranges(
             let i64_ = i as u64;
             let data =
                 read_remote(c, &h, i64_ * RANGE_SIZE, range_len(size, i64_), part, host).await?;
-            Ok::<bool, Error>(sidecar::hex32(&blake3::hash(&data)) == rec.ranges[i])
+            Ok::<bool, Error>(data.digest(size, i64_) == rec.ranges[i])
         }
     };
     let mut good = k;
@@ -544,12 +595,9 @@ pub async fn upload(
     let mut handle = open_part(c, &part, &host, resume_at > 0).await?;
     if resume_at > 0 && resume_at < size {
         // Probe: can this server write at an offset into an existing file?
-        let first = read_local_range(&f, &job.local, size, ranges.len() as u64)?;
-        let probe_len = first.len().min(c.block as usize);
-        let probe = c
-            .raw
-            .write(handle.clone(), resume_at, first[..probe_len].to_vec())
-            .await;
+        let first = read_local_range(&f, &job.local, size, ranges.len() as u64, c.block)?;
+        let probe_data = first.into_inner().into_iter().next().unwrap_or_default();
+        let probe = c.raw.write(handle.clone(), resume_at, probe_data).await;
         if let Err(e) = probe {
             match e {
                 russh_sftp::client::error::Error::Status(s) => {
@@ -586,6 +634,7 @@ pub async fn upload(
         progress.done(resume_at);
     }
     let mut rec = Sidecar {
+        scheme: sidecar::RANGE_SCHEME,
         size,
         mtime_ns,
         tail,
@@ -596,24 +645,20 @@ pub async fn upload(
 
     let n = range_count(size);
     let mut digests = ranges;
-    // Read and hash the next range on the blocking pool while this one is on
-    // the wire; the whole-file hasher goes along (ranges are read in order).
-    let prefetch = |i: u64, mut whole: Option<blake3::Hasher>| -> Result<Prefetch> {
+    // Read and hash the next range on the blocking pool while this one is on the wire.
+    let block = c.block;
+    let prefetch = |i: u64| -> Result<Prefetch> {
         let f = f.try_clone().map_err(|e| Error::local(&job.local, e))?;
         let path = job.local.clone();
         Ok(tokio::task::spawn_blocking(move || {
-            let data = read_local_range(&f, &path, size, i)?;
-            let d = sidecar::hex32(&blake3::hash(&data));
-            if let Some(h) = whole.as_mut() {
-                h.update(&data);
-            }
-            Ok((data, d, whole))
+            let data = read_local_range(&f, &path, size, i, block)?;
+            let d = data.digest(size, i);
+            Ok((data, d))
         }))
     };
     let first = digests.len() as u64;
-    let mut whole = super::WholeDigest::starting_at(resume_at);
     let mut next = if first < n {
-        Some(prefetch(first, whole.take())?)
+        Some(prefetch(first)?)
     } else {
         None
     };
@@ -637,13 +682,11 @@ pub async fn upload(
             let Some(job_handle) = next.take() else {
                 break;
             };
-            let (data, digest, h) = job_handle
+            let (data, digest) = job_handle
                 .await
                 .map_err(|e| Error::local(&job.local, std::io::Error::other(e.to_string())))??;
             if i + 1 < n {
-                next = Some(prefetch(i + 1, h)?);
-            } else {
-                whole.put(h);
+                next = Some(prefetch(i + 1)?);
             }
             writes.issue(i * RANGE_SIZE, data, digest).await?;
         } else {
@@ -698,8 +741,15 @@ pub async fn upload(
         ));
     }
     sidecar::remove(store, &key)?;
+    // The file's BLAKE3 from the digests of its ranges (no second pass).
+    let digest = sidecar::file_digest(size, &rec.ranges).ok_or_else(|| {
+        Error::Store(format!(
+            "{}: range digests do not cover the file",
+            job.local.display()
+        ))
+    })?;
     Ok(FileOutcome {
-        digest: Some(whole.finish(&job.local)?),
+        digest: Some(digest),
         notes,
         resume,
         verified_by,
@@ -916,7 +966,7 @@ async fn verify_remote(
     }
     for i in from..n {
         let data = read_remote(c, &h, i * RANGE_SIZE, range_len(size, i), part, host).await?;
-        let got = sidecar::hex32(&blake3::hash(&data));
+        let got = data.digest(size, i);
         if rec.ranges.get(i as usize) != Some(&got) {
             let _ = c.raw.close(h).await;
             return Err(Error::SftpIntegrity {
