@@ -33,10 +33,14 @@ export FERRY_BIN=$ROOT/target/release/ferry
 # Each run starts with a fresh state dir so nothing is resumed.
 FERRY_SFTP='rm -rf "$PB_DIR/ferry-state"; "$FERRY_BIN" cp --no-progress --state-dir "$PB_DIR/ferry-state" -i "$SSH_KEY" --known-hosts "$PB_DIR/ferry-known-hosts" --accept-new-host-key --retry-max-attempts 1'
 export PB_EXTRA="ferry-sftp-up=$FERRY_SFTP \"\$SRC\" \"sftp://root@127.0.0.1:\$SSH_PORT/\$DST\"
-ferry-sftp-down=$FERRY_SFTP \"sftp://root@127.0.0.1:\$SSH_PORT/\$SRC\" \"\$DST\""
+ferry-sftp-down=$FERRY_SFTP \"sftp://root@127.0.0.1:\$SSH_PORT/\$SRC\" \"\$DST\"
+sftp-down=echo \"get \$SRC \$DST\" | sftp -q -F \"\$SSH_CFG\" -b - \"\$SSH_HOST\" >/dev/null
+scp-down=scp -q -F \"\$SSH_CFG\" \"\$SSH_HOST:\$SRC\" \"\$DST\""
 
 echo "# loopback, ${PB_SIZE_MIB} MiB, median of ${PB_RUNS}; MB/s (10^6 B/s); $(nproc) cores, shared machine"
-"$PEERS" ferry-sftp-up ferry-sftp-down sftp scp rclone-sftp lftp-sftp
+# peers.sh's sftp, scp, rclone-sftp and lftp-sftp are uploads; sftp-down and
+# scp-down are OpenSSH's downloads of the same file.
+"$PEERS" ferry-sftp-up sftp scp rclone-sftp lftp-sftp ferry-sftp-down sftp-down scp-down
 
 # Bytes re-sent after SIGKILL at ~half of an upload. peers.sh has stopped its
 # sshd by now, so start our own the same way (private config, loopback only).
