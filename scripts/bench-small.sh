@@ -85,12 +85,19 @@ run() { # direction tool run# -> seconds
   echo "$t1 - $t0" | bc
 }
 
+# Runs are interleaved (ferry, rsync, scp, ferry, ...): ext4 skips inodes
+# freed in the last minutes when it allocates new ones, which makes whoever
+# runs right after a mass delete slow; interleaving spreads that over all tools.
 for dir in up down; do
-  declare -A MED=()
+  declare -A MED=() TS=()
+  for i in $(seq 1 "$RUNS"); do
+    for tool in ferry rsync-ssh scp; do
+      t=$(run "$dir" "$tool" "$i"); TS[$tool]+="$t "
+      echo "  $dir $tool run $i: $t s" >&2
+    done
+  done
   for tool in ferry rsync-ssh scp; do
-    ts=()
-    for i in $(seq 1 "$RUNS"); do ts+=("$(run "$dir" "$tool" "$i")"); echo "  $dir $tool run $i: ${ts[-1]} s" >&2; done
-    MED[$tool]=$(printf '%s\n' "${ts[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    MED[$tool]=$(printf '%s\n' ${TS[$tool]} | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
   done
   echo
   echo "$N files x $SIZE bytes, loopback $dir""load, seconds (median of $RUNS); ratio = tool / ferry (higher: ferry faster)"

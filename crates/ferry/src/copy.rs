@@ -1091,8 +1091,19 @@ impl<'a> Runner<'a> {
             (Vec::new(), files.iter().collect())
         };
         let mut fallback = Vec::new();
+        // Group k is written and committed on a blocking thread while group
+        // k+1 is fetched.
+        let mut storing: Option<Storing<'_>> = None;
         for group in batch_groups(&small) {
-            fallback.extend(self.download_batch(addr, &group).await?);
+            let fetched = self.fetch_batch(addr, group).await;
+            // The previous group is taken in even when this fetch failed.
+            if let Some(prev) = storing.take() {
+                fallback.extend(self.stored_batch(prev).await?);
+            }
+            storing = Some(fetched?.store(self.opts.alg));
+        }
+        if let Some(prev) = storing.take() {
+            fallback.extend(self.stored_batch(prev).await?);
         }
         self.transfer_files(addr, fallback.into_iter().chain(large).collect(), false)
             .await?;
@@ -1102,14 +1113,13 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// Fetches one group of small files as a batch and makes them durable
-    /// together (see [`crate::batch`]); returns the files that must go the
-    /// ordinary way instead.
-    async fn download_batch<'j>(
+    /// Fetches one group of small files as a batch; [`Fetched::store`] then
+    /// makes them durable together (see [`crate::batch`]).
+    async fn fetch_batch<'j>(
         &mut self,
         addr: &str,
-        group: &[&'j FileJob],
-    ) -> Result<Vec<&'j FileJob>> {
+        group: Vec<&'j FileJob>,
+    ) -> Result<Fetched<'j>> {
         let alg = self.opts.alg;
         // What is here already, so identical files are not fetched again.
         let locals: Vec<(PathBuf, String, u64)> = group
@@ -1148,7 +1158,6 @@ impl<'a> Runner<'a> {
                 fallback.push(*job);
             }
         }
-        // Write, sync, rename, all off the runtime.
         let mut work = Vec::new();
         for (i, item) in got.items.into_iter().enumerate() {
             let Some((file, payload)) = item else {
@@ -1162,44 +1171,22 @@ impl<'a> Runner<'a> {
             }
             work.push((i, group[i].local.clone(), file, payload));
         }
-        let results = tokio::task::spawn_blocking(move || {
-            let mut written = Vec::new();
-            let mut written_at = Vec::new();
-            let mut out = Vec::new();
-            for (i, local, file, payload) in work {
-                match payload {
-                    Some(data) => match crate::batch::write_part(&local, &file, &data) {
-                        Ok(part) => {
-                            written.push((part, local));
-                            written_at.push((i, file, data.len() as u64));
-                        }
-                        Err(e) => out.push((i, file, 0, Err(e))),
-                    },
-                    None => {
-                        // Identical already: bring mode and mtime in line.
-                        let r = crate::batch::already_there(&local, &file, alg).and_then(|same| {
-                            if same {
-                                Ok(())
-                            } else {
-                                Err(Error::Store("local file changed".into()))
-                            }
-                        });
-                        out.push((i, file, 0, r));
-                    }
-                }
-            }
-            let sync_root = written
-                .first()
-                .map(|(p, _)| fsutil::parent_of(p))
-                .unwrap_or_default();
-            let committed = crate::batch::commit(&sync_root, &written);
-            for ((i, file, n), r) in written_at.into_iter().zip(committed) {
-                out.push((i, file, n, r));
-            }
-            out
+        Ok(Fetched {
+            group,
+            work,
+            fallback,
         })
-        .await
-        .map_err(|e| Error::Store(e.to_string()))?;
+    }
+
+    /// Takes in a group once it is stored: progress, digests, and the files
+    /// that must go the ordinary way instead.
+    async fn stored_batch<'j>(&mut self, s: Storing<'j>) -> Result<Vec<&'j FileJob>> {
+        let Storing {
+            group,
+            task,
+            mut fallback,
+        } = s;
+        let results = task.await.map_err(|e| Error::Store(e.to_string()))?;
         let mut fetched = 0u64;
         for (i, file, n, r) in results {
             match r {
@@ -1315,6 +1302,75 @@ impl<'a> Runner<'a> {
 
 fn random_id(rng: &mut rand::rngs::StdRng) -> TransferId {
     TransferId(rng.gen())
+}
+
+/// One file of a fetched batch: its index in the group, where it goes, what
+/// the server says it is, and its content (`None`: identical here already).
+type FetchedFile = (usize, PathBuf, BatchFile, Option<bytes::Bytes>);
+/// What storing one file of a batch gave: index, file, bytes written, result.
+type StoredFile = (usize, BatchFile, u64, Result<()>);
+
+/// A batch fetched and verified, not yet on disk.
+struct Fetched<'j> {
+    group: Vec<&'j FileJob>,
+    work: Vec<FetchedFile>,
+    fallback: Vec<&'j FileJob>,
+}
+
+/// A batch being written and committed on a blocking thread.
+struct Storing<'j> {
+    group: Vec<&'j FileJob>,
+    task: tokio::task::JoinHandle<Vec<StoredFile>>,
+    fallback: Vec<&'j FileJob>,
+}
+
+impl<'j> Fetched<'j> {
+    /// Writes each file to its part, syncs them together and renames them
+    /// into place, off the runtime.
+    fn store(self, alg: HashAlg) -> Storing<'j> {
+        let work = self.work;
+        let task = tokio::task::spawn_blocking(move || {
+            let mut written = Vec::new();
+            let mut written_at = Vec::new();
+            let mut out = Vec::new();
+            for (i, local, file, payload) in work {
+                match payload {
+                    Some(data) => match crate::batch::write_part(&local, &file, &data) {
+                        Ok(part) => {
+                            written.push((part, local));
+                            written_at.push((i, file, data.len() as u64));
+                        }
+                        Err(e) => out.push((i, file, 0, Err(e))),
+                    },
+                    None => {
+                        // Identical already: bring mode and mtime in line.
+                        let r = crate::batch::already_there(&local, &file, alg).and_then(|same| {
+                            if same {
+                                Ok(())
+                            } else {
+                                Err(Error::Store("local file changed".into()))
+                            }
+                        });
+                        out.push((i, file, 0, r));
+                    }
+                }
+            }
+            let sync_root = written
+                .first()
+                .map(|(p, _)| fsutil::parent_of(p))
+                .unwrap_or_default();
+            let committed = crate::batch::commit(&sync_root, &written);
+            for ((i, file, n), r) in written_at.into_iter().zip(committed) {
+                out.push((i, file, n, r));
+            }
+            out
+        });
+        Storing {
+            group: self.group,
+            task,
+            fallback: self.fallback,
+        }
+    }
 }
 
 #[cfg(test)]
