@@ -574,6 +574,39 @@ async fn file_worker(
     }
 }
 
+/// Batch workers for small-file uploads (see `Runner::upload_batches`): two
+/// are enough to keep one batch on the wire while the other is committed.
+const BATCH_WORKERS: usize = 2;
+
+/// One batch worker: takes groups from `queue` until it is empty, reading
+/// the next group while the current one is sent.
+async fn batch_worker<'j>(
+    w: &mut Runner<'_>,
+    addr: &str,
+    queue: &std::sync::Mutex<std::collections::VecDeque<&'j Vec<&'j FileJob>>>,
+    failed: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<&'j FileJob>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let take = || queue.lock().ok().and_then(|mut q| q.pop_front());
+    let mut fallback = Vec::new();
+    let mut next = take().map(|g| (g, read_group(g, w.opts.alg)));
+    while let Some((group, reading)) = next.take() {
+        if failed.load(Relaxed) {
+            break;
+        }
+        let read = reading.await.map_err(|e| Error::Store(e.to_string()))?;
+        next = take().map(|g| (g, read_group(g, w.opts.alg)));
+        match w.upload_batch(addr, group, read).await {
+            Ok(f) => fallback.extend(f),
+            Err(e) => {
+                failed.store(true, Relaxed);
+                return Err(e);
+            }
+        }
+    }
+    Ok(fallback)
+}
+
 impl<'a> Runner<'a> {
     /// A runner for a parallel file worker: the same options, journal, status
     /// records and progress; its own connection and retry jitter.
@@ -832,18 +865,8 @@ impl<'a> Runner<'a> {
         } else {
             (Vec::new(), files.iter().collect())
         };
-        let mut fallback = Vec::new();
         let groups = batch_groups(&small);
-        // Read (and hash) the next group while the current one is in flight.
-        let mut next = groups.first().map(|g| read_group(g, self.opts.alg));
-        for (k, group) in groups.iter().enumerate() {
-            let read = match next.take() {
-                Some(h) => h.await.map_err(|e| Error::Store(e.to_string()))?,
-                None => break,
-            };
-            next = groups.get(k + 1).map(|g| read_group(g, self.opts.alg));
-            fallback.extend(self.upload_batch(addr, group, read).await?);
-        }
+        let fallback = self.upload_batches(addr, &groups).await?;
         self.transfer_files(addr, fallback.into_iter().chain(large).collect(), true)
             .await?;
         // Directory metadata last, deepest first, since adding files changes mtimes.
@@ -859,6 +882,51 @@ impl<'a> Runner<'a> {
         })
         .await?;
         Ok(())
+    }
+
+    /// Sends groups of small files as batches. With two groups or more (and
+    /// more than one stream allowed), two batch workers on two connections
+    /// take groups in turn, so one batch moves while the server makes the
+    /// other durable (its `syncfs` and renames); each reads (and hashes) its
+    /// next group while its current one is in flight. Returns the files that
+    /// must go the ordinary way instead.
+    async fn upload_batches<'j>(
+        &mut self,
+        addr: &str,
+        groups: &'j [Vec<&'j FileJob>],
+    ) -> Result<Vec<&'j FileJob>> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let workers = self.file_workers(groups.len()).min(BATCH_WORKERS);
+        let queue = std::sync::Mutex::new(groups.iter().collect::<std::collections::VecDeque<_>>());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        if workers <= 1 {
+            return batch_worker(self, addr, &queue, &failed).await;
+        }
+        let mut forks: Vec<Runner<'a>> = (1..workers).map(|_| self.fork()).collect();
+        let mut fallback = Vec::new();
+        let mut first_err = None;
+        {
+            let mut running = FuturesUnordered::new();
+            running.push(batch_worker(self, addr, &queue, &failed));
+            for w in forks.iter_mut() {
+                running.push(batch_worker(w, addr, &queue, &failed));
+            }
+            while let Some(r) = running.next().await {
+                match r {
+                    Ok(f) => fallback.extend(f),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        for w in &mut forks {
+            self.digests.append(&mut w.digests);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(fallback),
+        }
     }
 
     /// Sends one group of small files as a batch; returns the files that must

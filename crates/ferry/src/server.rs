@@ -692,6 +692,30 @@ struct BatchClaims<'a> {
     paths: Vec<PathBuf>,
 }
 
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    Taken,
+    HeldByOther,
+    HeldBySelf,
+}
+
+impl BatchClaims<'_> {
+    /// Claims `full` for this batch unless a transfer (or this batch) holds it.
+    fn try_take(&mut self, full: &Path, id: TransferId) -> std::result::Result<Take, RequestError> {
+        let mut s = self.set.lock().map_err(|_| {
+            RequestError::Reply(Failure::new(FailureCode::Internal, "lock poisoned"))
+        })?;
+        match s.get(full) {
+            Some((_, n)) if Arc::ptr_eq(n, &self.stop) => return Ok(Take::HeldBySelf),
+            Some(_) => return Ok(Take::HeldByOther),
+            None => {}
+        }
+        s.insert(full.to_path_buf(), (id, self.stop.clone()));
+        self.paths.push(full.to_path_buf());
+        Ok(Take::Taken)
+    }
+}
+
 impl Drop for BatchClaims<'_> {
     fn drop(&mut self) {
         if let Ok(mut s) = self.set.lock() {
@@ -738,6 +762,7 @@ async fn serve_batch(
     };
     let batch_id = TransferId(rand::random());
     let mut targets: Vec<Option<PathBuf>> = Vec::with_capacity(n);
+    let mut held: Vec<usize> = Vec::new();
     let mut resolved_parents = HashMap::new();
     for (i, f) in files.iter().enumerate() {
         let full = match crate::paths::resolve_cached(&shared.root, &f.path, &mut resolved_parents)
@@ -762,29 +787,48 @@ async fn serve_batch(
                 continue;
             }
         };
-        let held = {
-            let mut s = shared.busy.lock().map_err(|_| {
-                RequestError::Reply(Failure::new(FailureCode::Internal, "lock poisoned"))
-            })?;
-            if s.contains_key(&full) {
-                true
-            } else {
-                s.insert(full.clone(), (batch_id, claims.stop.clone()));
-                claims.paths.push(full.clone());
-                false
+        match claims.try_take(&full, batch_id)? {
+            Take::Taken => {}
+            Take::HeldByOther => held.push(i),
+            Take::HeldBySelf => {
+                fail(
+                    &mut failures,
+                    i,
+                    Failure::new(FailureCode::BadRequest, "the same path twice in one batch"),
+                );
+                targets.push(None);
+                continue;
             }
-        };
-        if held {
-            let mut f = Failure::new(
-                FailureCode::Busy,
-                format!("{} is being written by another transfer", f.path),
-            );
-            f.retry_after_ms = Some(1000);
-            fail(&mut failures, i, f);
-            targets.push(None);
-            continue;
         }
         targets.push(Some(full));
+    }
+    // Paths held by another transfer: most often this client's own batch on
+    // a connection that was just cut and that the server has not yet seen
+    // end. Wait a little for such holders to let go (polling, 1 s at most)
+    // before answering Busy, which would send those files the slow way.
+    for _ in 0..50 {
+        if held.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut still = Vec::new();
+        for i in held {
+            if let Some(full) = targets[i].clone() {
+                if claims.try_take(&full, batch_id)? != Take::Taken {
+                    still.push(i);
+                }
+            }
+        }
+        held = still;
+    }
+    for i in held {
+        let mut f = Failure::new(
+            FailureCode::Busy,
+            format!("{} is being written by another transfer", files[i].path),
+        );
+        f.retry_after_ms = Some(1000);
+        fail(&mut failures, i, f);
+        targets[i] = None;
     }
     // Room for the batch (beyond the reserve)?
     let total: u64 = files.iter().map(|f| f.size).sum();

@@ -1222,6 +1222,66 @@ async fn hostile_lanes_are_refused_and_the_server_stays_up() {
     srv.stop().await;
 }
 
+/// Small files in several batches go on two connections taking batches in
+/// turn; cuts on either are retried and every file lands once, whole.
+#[tokio::test]
+async fn small_file_batches_on_two_connections_survive_cuts() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let src = dir.path().join("small");
+    let mut want = Vec::new();
+    let mut total = 0;
+    for i in 0..2100u64 {
+        let rel = format!("d{}/f{i:05}", i % 7);
+        let size = 1 + (i * 37) % 3000;
+        total += size;
+        want.push((rel.clone(), random_file(&src.join(&rel), size, 500 + i)));
+    }
+    let proxy = FaultProxy::start(srv.addr, vec![total / 3, total * 2 / 3])
+        .await
+        .unwrap();
+    let opts = client_opts(dir.path(), Some(proxy.addr().to_string()));
+    let up = cp(&[src.display().to_string()], &srv.url("small"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(proxy.cuts.load(Ordering::SeqCst), 2);
+    assert!(up.retries >= 1, "cuts were retried");
+    assert_eq!(up.files, 2100);
+    for (rel, data) in &want {
+        assert_eq!(
+            &std::fs::read(srv.root.join("small").join(rel)).unwrap(),
+            data,
+            "{rel}"
+        );
+    }
+    no_partials(&srv.root);
+    // The same tree on one connection to another server: the same tree
+    // digest, whatever order the batches finished in.
+    let dir2 = TempDir::new().unwrap();
+    let srv2 = TestServer::start(dir2.path()).await;
+    let mut one = client_opts(dir2.path(), None);
+    one.client.streams = ferry::lanes::Streams::Fixed(1);
+    let again = cp(&[src.display().to_string()], &srv2.url("small"), &one)
+        .await
+        .unwrap();
+    assert_eq!(again.files, 2100);
+    assert_eq!(again.bytes_sent, total);
+    assert_eq!(again.digest, up.digest);
+    srv2.stop().await;
+    // And back down.
+    let back = dir.path().join("back");
+    let down = cp(&[srv.url("small")], &back.display().to_string(), &one)
+        .await
+        .unwrap();
+    assert_eq!(down.bytes_sent, total);
+    assert_eq!(down.digest, up.digest);
+    for (rel, data) in &want {
+        assert_eq!(&std::fs::read(back.join(rel)).unwrap(), data, "{rel}");
+    }
+    no_partials(&back);
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn many_files_move_several_at_once_and_survive_cuts() {
     let dir = TempDir::new().unwrap();
