@@ -1423,11 +1423,7 @@ impl<'j> Fetched<'j> {
                     }
                 }
             }
-            let sync_root = written
-                .first()
-                .map(|(p, _)| fsutil::parent_of(p))
-                .unwrap_or_default();
-            let committed = crate::batch::commit(&sync_root, &written);
+            let committed = crate::batch::commit(&written);
             for ((i, file, n), r) in written_at.into_iter().zip(committed) {
                 out.push((i, file, n, r));
             }

@@ -981,10 +981,9 @@ async fn serve_batch(
             ferry_proto::ProtoError::PeerMisbehaved("batch committed with files missing".into()),
         )));
     }
-    let root = shared.root.clone();
     let store = shared.store.clone();
     let results = tokio::task::spawn_blocking(move || {
-        let results = crate::batch::commit(&root, &written);
+        let results = crate::batch::commit(&written);
         // A stale chunked partial of the same destination no longer applies.
         for ((_, fin), r) in written.iter().zip(&results) {
             if r.is_ok() {
