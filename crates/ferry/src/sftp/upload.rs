@@ -103,7 +103,7 @@ fn read_local_range(
 }
 
 /// A range's bytes as consecutive pieces, one per SFTP request, so that
-/// nothing is copied to put them together (nor zeroed beforehand).
+/// nothing is copied to put them together or split them up again.
 #[derive(Debug, Default)]
 pub(crate) struct Pieces(Vec<Vec<u8>>);
 
@@ -165,7 +165,7 @@ pub(crate) async fn read_remote_owned(
     host: String,
 ) -> Result<Pieces> {
     let (handle, what, host) = (handle.as_str(), what.as_str(), host.as_str());
-    let block = u64::from(block);
+    let block = u64::from(block.max(1));
     let mut pieces: Vec<Vec<u8>> = vec![Vec::new(); len.div_ceil(block) as usize];
     let mut set: JoinSet<std::result::Result<(usize, Vec<u8>), russh_sftp::client::error::Error>> =
         JoinSet::new();
@@ -354,8 +354,9 @@ impl Flusher {
         }
     }
 
-    /// Starts a flush of everything written and acknowledged so far.
-    fn start(&self, what: &str, host: &str) -> tokio::task::JoinHandle<Result<()>> {
+    /// Flushes everything written and acknowledged so far (nothing to do
+    /// where the server offers no `fsync@openssh.com`).
+    fn flush(&self, what: &str, host: &str) -> impl std::future::Future<Output = Result<()>> {
         let (raw, h, what, host) = (
             self.raw.clone(),
             self.handle.clone(),
@@ -363,14 +364,19 @@ impl Flusher {
             host.to_string(),
         );
         let has = self.has_fsync;
-        tokio::spawn(async move {
+        async move {
             if has {
                 raw.fsync(h)
                     .await
                     .map_err(|e| sftp_err("fsync", &what, &host, e))?;
             }
             Ok(())
-        })
+        }
+    }
+
+    /// [`Flusher::flush`] as a task of its own, while more is written.
+    fn start(&self, what: &str, host: &str) -> tokio::task::JoinHandle<Result<()>> {
+        tokio::spawn(self.flush(what, host))
     }
 
     async fn close(self) {
@@ -393,16 +399,6 @@ fn claim(
     sidecar::put(store, key, rec)?;
     if stop_after_ranges.is_some_and(|n| rec.ranges.len() >= n) {
         return Err(Error::Usage("stopped for a test".into()));
-    }
-    Ok(())
-}
-
-async fn flush(c: &Conn, handle: &str, what: &str, host: &str) -> Result<()> {
-    if c.has("fsync@openssh.com") {
-        c.raw
-            .fsync(handle.to_string())
-            .await
-            .map_err(|e| sftp_err("fsync", what, host, e))?;
     }
     Ok(())
 }
@@ -595,8 +591,9 @@ pub async fn upload(
     let mut handle = open_part(c, &part, &host, resume_at > 0).await?;
     if resume_at > 0 && resume_at < size {
         // Probe: can this server write at an offset into an existing file?
-        let first = read_local_range(&f, &job.local, size, ranges.len() as u64, c.block)?;
-        let probe_data = first.into_inner().into_iter().next().unwrap_or_default();
+        let mut probe_data = vec![0u8; (size - resume_at).min(u64::from(c.block)) as usize];
+        f.read_exact_at(&mut probe_data, resume_at)
+            .map_err(|e| Error::local(&job.local, e))?;
         let probe = c.raw.write(handle.clone(), resume_at, probe_data).await;
         if let Err(e) = probe {
             match e {
@@ -716,8 +713,8 @@ pub async fn upload(
         }
     }
     flushing.finish().await?;
+    flusher.flush(&part, &host).await?;
     flusher.close().await;
-    flush(c, &handle, &part, &host).await?;
     rec.ranges = digests.clone();
     sidecar::put(store, &key, &rec)?;
     let _ = c.raw.close(handle).await;
