@@ -97,7 +97,7 @@ fn sigkill_mid_upload_then_resume_resends_little() {
     let Some(s) = start_sshd() else { return };
     let d = s.dir.path();
     let src = d.join("src.bin");
-    let size = 96 * MIB;
+    let size = 128 * MIB;
     let mut body = vec![0u8; size as usize];
     rand::rngs::StdRng::seed_from_u64(11).fill_bytes(&mut body);
     std::fs::write(&src, &body).unwrap();
@@ -157,13 +157,17 @@ fn sigkill_mid_upload_then_resume_resends_little() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Kill once the part holds well past the first checkpoint (32 MiB): its
-    // flush runs while later ranges are written, and is recorded when it
-    // answers, a few MiB later.
+    // Kill once the first checkpoint (32 MiB) must be recorded: a checkpoint's
+    // flush runs on a side session while later ranges are written, and the
+    // next checkpoint (64 MiB acknowledged) waits for it and records it. The
+    // part on the server runs ahead of what is acknowledged by at most the
+    // requests in flight (16 MiB) and the range being issued (8 MiB), so a
+    // part of 96 MiB means the record holds 32 MiB or more, however slow the
+    // server's disk.
     let started = Instant::now();
     loop {
         let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-        if have >= 56 * MIB {
+        if have >= 96 * MIB {
             break;
         }
         assert!(
