@@ -5,6 +5,8 @@
 //! `Welcome` with the capabilities both have. An unknown major is refused with
 //! a `Failure { code: VersionRefused }`; unknown capabilities are ignored.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 
 use crate::hash::HashAlg;
@@ -25,13 +27,26 @@ pub fn local_caps() -> Vec<String> {
     ]
 }
 
-/// The client's first frame.
-pub fn client_hello(token: &[u8], agent: &str) -> Message {
+/// The client's first frame; `stall` is the client's stall limit, so the
+/// server can send keepalives often enough for it.
+pub fn client_hello(token: &[u8], agent: &str, stall: Duration) -> Message {
     Message::Hello {
         versions: SUPPORTED_VERSIONS.to_vec(),
         caps: local_caps(),
         token: Bytes::copy_from_slice(token),
         agent: agent.to_string(),
+        stall_ms: Some(stall.as_millis().try_into().unwrap_or(u64::MAX)),
+    }
+}
+
+/// How often to send keepalives: our own interval, or more often if the
+/// peer's stall limit (from `Hello`/`Welcome`) needs it — a third of it, never
+/// below 100 ms. Without this, a server run with a short stall limit would
+/// take an idle lane of a client with the default keepalive for dead.
+pub fn keepalive_for(ours: Duration, peer_stall_ms: Option<u64>) -> Duration {
+    match peer_stall_ms {
+        Some(ms) => ours.min((Duration::from_millis(ms) / 3).max(Duration::from_millis(100))),
+        None => ours,
     }
 }
 
@@ -116,6 +131,20 @@ pub fn accept_welcome(version: Version, caps: &[String]) -> Result<Negotiated, F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keepalive_fits_the_peers_stall_limit() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(keepalive_for(ten, None), ten);
+        assert_eq!(keepalive_for(ten, Some(60_000)), ten);
+        assert_eq!(keepalive_for(ten, Some(3_000)), Duration::from_secs(1));
+        assert_eq!(keepalive_for(ten, Some(0)), Duration::from_millis(100));
+        assert_eq!(keepalive_for(ten, Some(u64::MAX)), ten);
+        assert_eq!(
+            keepalive_for(Duration::from_millis(50), Some(1_000)),
+            Duration::from_millis(50)
+        );
+    }
 
     #[test]
     fn picks_shared_major_and_ignores_unknown_caps() {

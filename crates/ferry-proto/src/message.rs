@@ -240,12 +240,17 @@ pub enum Message {
         caps: Vec<String>,
         token: Bytes,
         agent: String,
+        /// The client's stall limit in milliseconds (absent: unknown): the
+        /// server keeps its keepalives well inside it.
+        stall_ms: Option<u64>,
     },
     /// Server → client: the version and capabilities chosen.
     Welcome {
         version: Version,
         caps: Vec<String>,
         server: String,
+        /// The server's stall limit in milliseconds (absent: unknown).
+        stall_ms: Option<u64>,
     },
     /// Either side: a request or transfer failed.
     Failure(Failure),
@@ -682,6 +687,7 @@ impl Message {
                 caps,
                 token,
                 agent,
+                stall_ms,
             } => {
                 for v in versions {
                     w.u64(1, v.to_u64());
@@ -690,18 +696,25 @@ impl Message {
                     w.str(2, c);
                 }
                 w.bytes(3, token).str(4, agent);
+                if let Some(ms) = stall_ms {
+                    w.u64(5, *ms);
+                }
                 kind::HELLO
             }
             Message::Welcome {
                 version,
                 caps,
                 server,
+                stall_ms,
             } => {
                 w.u64(1, version.to_u64());
                 for c in caps {
                     w.str(2, c);
                 }
                 w.str(3, server);
+                if let Some(ms) = stall_ms {
+                    w.u64(4, *ms);
+                }
                 kind::WELCOME
             }
             Message::Failure(f) => {
@@ -873,8 +886,8 @@ impl Message {
         let missing = |message, field| DecodeError::MissingField { message, field };
         let msg = match kind {
             kind::HELLO => {
-                let (mut versions, mut caps, mut token, mut agent) =
-                    (vec![], vec![], Bytes::new(), String::new());
+                let (mut versions, mut caps, mut token, mut agent, mut stall_ms) =
+                    (vec![], vec![], Bytes::new(), String::new(), None);
                 while let Some((tag, v)) = r.next_field()? {
                     match tag {
                         1 if versions.len() < MAX_LIST => {
@@ -892,6 +905,7 @@ impl Message {
                             token = v
                         }
                         4 => agent = as_string(&v, 256)?,
+                        5 => stall_ms = Some(as_u64(&v)?),
                         _ => {}
                     }
                 }
@@ -900,15 +914,18 @@ impl Message {
                     caps,
                     token,
                     agent,
+                    stall_ms,
                 }
             }
             kind::WELCOME => {
-                let (mut version, mut caps, mut server) = (None, vec![], String::new());
+                let (mut version, mut caps, mut server, mut stall_ms) =
+                    (None, vec![], String::new(), None);
                 while let Some((tag, v)) = r.next_field()? {
                     match tag {
                         1 => version = Some(Version::from_u64(as_u64(&v)?)?),
                         2 if caps.len() < MAX_LIST => caps.push(as_string(&v, 64)?),
                         3 => server = as_string(&v, 256)?,
+                        4 => stall_ms = Some(as_u64(&v)?),
                         _ => {}
                     }
                 }
@@ -916,6 +933,7 @@ impl Message {
                     version: version.ok_or(missing("Welcome", "version"))?,
                     caps,
                     server,
+                    stall_ms,
                 }
             }
             kind::FAILURE => {
@@ -1418,11 +1436,26 @@ mod tests {
                 caps: vec!["hash:blake3".into()],
                 token: Bytes::from_static(b"t"),
                 agent: "x".into(),
+                stall_ms: Some(2000),
+            },
+            Message::Hello {
+                versions: vec![],
+                caps: vec![],
+                token: Bytes::new(),
+                agent: String::new(),
+                stall_ms: None,
             },
             Message::Welcome {
                 version: Version { major: 1, minor: 2 },
                 caps: vec![],
                 server: "s".into(),
+                stall_ms: Some(30_000),
+            },
+            Message::Welcome {
+                version: Version { major: 1, minor: 0 },
+                caps: vec![],
+                server: String::new(),
+                stall_ms: None,
             },
             Message::Failure(Failure {
                 code: FailureCode::Busy,

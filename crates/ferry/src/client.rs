@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::handshake::{accept_welcome, client_hello};
+use ferry_proto::handshake::{accept_welcome, client_hello, keepalive_for};
 use ferry_proto::message::{BatchFailure, BatchFile, Entry, FileMeta};
 use ferry_proto::{
     ChunkHash, ChunkLayout, HashAlg, Message, ProtoError, RangeSet, ReceiverConfig, Sender,
@@ -163,13 +163,20 @@ impl Session {
         conn.send(&client_hello(
             cfg.token.as_deref().unwrap_or(b""),
             &format!("ferry/{}", env!("CARGO_PKG_VERSION")),
+            cfg.timeouts.stall,
         ))
         .await?;
         let caps = match tokio::time::timeout(cfg.connect_timeout, conn.rd.expect())
             .await
             .map_err(|_| Error::Timeout(format!("hello from {addr}")))??
         {
-            Message::Welcome { version, caps, .. } => {
+            Message::Welcome {
+                version,
+                caps,
+                stall_ms,
+                ..
+            } => {
+                conn.timeouts.keepalive = keepalive_for(conn.timeouts.keepalive, stall_ms);
                 accept_welcome(version, &caps).map_err(remote)?.caps
             }
             Message::Failure(f) => return Err(remote(f)),

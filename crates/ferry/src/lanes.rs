@@ -282,14 +282,16 @@ async fn send_lane(
         let job = match job {
             Some(j) => j,
             None => {
-                // Nothing queued: push out what is buffered, then wait.
+                // Nothing queued: push out what is buffered, then wait. The
+                // wait for the queue's lock counts too: while one idle lane
+                // holds it in `recv`, the others wait on the lock, and each
+                // must still ping within the keepalive.
                 conn.wr.flush().await?;
-                let mut q = jobs.lock().await;
-                match tokio::time::timeout(keepalive, q.recv()).await {
+                let next = async { jobs.lock().await.recv().await };
+                match tokio::time::timeout(keepalive, next).await {
                     Ok(Some(j)) => j,
                     Ok(None) => return Ok(()),
                     Err(_) => {
-                        drop(q);
                         conn.send(&Message::Ping { nonce: 3 }).await?;
                         continue;
                     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_proto::handshake::negotiate;
+use ferry_proto::handshake::{keepalive_for, negotiate};
 use ferry_proto::message::{BatchFailure, BatchFile, Entry, EntryKind, MAX_LIST_ENTRIES};
 use ferry_proto::RangeSet;
 use ferry_proto::{
@@ -283,6 +283,7 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
         caps,
         token,
         agent,
+        stall_ms,
     } = hello
     else {
         conn.send(&Message::Failure(Failure::new(
@@ -315,10 +316,19 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
             return Ok(());
         }
     }
+    conn.timeouts.keepalive = keepalive_for(conn.timeouts.keepalive, stall_ms);
     conn.send(&Message::Welcome {
         version: negotiated.version,
         caps: negotiated.caps.clone(),
         server: format!("ferry/{}", env!("CARGO_PKG_VERSION")),
+        stall_ms: Some(
+            shared
+                .timeouts
+                .stall
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        ),
     })
     .await?;
     conn.rd.set_frame_limit(None);

@@ -695,6 +695,7 @@ async fn unknown_major_version_is_refused_with_a_clear_error() {
         caps: vec!["hash:blake3".into(), "teleport:v2".into()],
         token: bytes::Bytes::from_static(TOKEN),
         agent: "future".into(),
+        stall_ms: None,
     };
     conn.send(&hello).await.unwrap();
     match conn.rd.expect().await.unwrap() {

@@ -500,6 +500,54 @@ async fn lanes(kind: Kind) {
     srv.stop().await;
 }
 
+/// Idle data lanes are kept alive at the pace the *receiver's* stall limit
+/// needs, not the sender's own: the client here keeps its 10 s keepalive and
+/// the server's stall limit is 2 s. The server withholds a checkpoint, so the
+/// client's window fills and its lanes sit idle; the attempt must end on the
+/// client's ack watchdog (5 s), never on the server taking idle lanes for
+/// stalled (which under a loaded machine's slow fsyncs failed attempts).
+#[tokio::test]
+async fn idle_lanes_are_kept_alive_for_the_peers_stall_limit() {
+    log_to_test_output();
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), false).await;
+    let size = 48 << 20;
+    let src = dir.path().join("idle.bin");
+    let data = random_file(&src, size, 5);
+    srv.faults.withhold_checkpoints.store(1, Ordering::SeqCst);
+    let mut o = opts(dir.path(), Kind::Tcp.dialer());
+    o.client.streams = Streams::Fixed(4);
+    o.client.timeouts = ferry::conn::Timeouts {
+        stall: Duration::from_secs(30),
+        keepalive: Duration::from_secs(10),
+        ack: Duration::from_secs(5),
+    };
+    o.retry.max_attempts = 1;
+    let e = cp(
+        &[src.display().to_string()],
+        &srv.url_for(Kind::Tcp, "idle.bin"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("no chunk acknowledged"),
+        "the attempt ended some other way: {e}"
+    );
+    assert_eq!(srv.faults.withhold_checkpoints.load(Ordering::SeqCst), 0);
+    o.retry.max_attempts = 30;
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url_for(Kind::Tcp, "idle.bin"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert!(s.data_lanes >= 3, "{}", s.data_lanes);
+    assert_eq!(std::fs::read(srv.root.join("idle.bin")).unwrap(), data);
+    srv.stop().await;
+}
+
 async fn fresh_transfers(kind: Kind) {
     let dir = TempDir::new().unwrap();
     let srv = TestServer::start(dir.path(), true).await;
