@@ -4,7 +4,11 @@
 # A benchmark, not a test: it prints figures and ratios, it never fails on a timing.
 #
 # Usage: scripts/bench.sh [tool ...]
-#   (default: ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file iperf3)
+#   (default: ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file dd-fsync iperf3)
+#   dd-fsync is no transfer: `dd conv=fsync` of the file into the destination
+#   directory, the speed of a durable copy on this disk. ferry fsyncs what it
+#   receives; the peers do not, so on disk this is ferry's ceiling
+#   (PB_DSTDIR=/dev/shm/... takes the disk out of every figure).
 # Env:   PB_SIZE_MIB (1024), PB_RUNS (3), PB_DIR (/tmp/peerbench), PEERS (path to peers.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +19,7 @@ export PB_DIR=${PB_DIR:-/tmp/peerbench}
 export PB_SIZE_MIB=${PB_SIZE_MIB:-1024}
 DSTDIR=${PB_DSTDIR:-$PB_DIR/dst}
 TOOLS=("$@")
-[[ ${#TOOLS[@]} -gt 0 ]] || TOOLS=(ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file iperf3)
+[[ ${#TOOLS[@]} -gt 0 ]] || TOOLS=(ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file dd-fsync iperf3)
 
 # Peer tools (bench only; the test suite does not need them).
 missing=()
@@ -47,7 +51,8 @@ sleep 0.5
 export PB_EXTRA="ferry-up=$BIN cp -q --no-progress --state-dir $STATE/c1 \"\$SRC\" ferry://127.0.0.1:$UP_PORT/ferry-up.bin
 ferry-down=$BIN cp -q --no-progress --state-dir $STATE/c2 ferry://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\"
 ferry-quic-up=$BIN cp -q --no-progress --state-dir $STATE/c3 \"\$SRC\" ferry+quic://127.0.0.1:$UP_PORT/ferry-quic-up.bin
-ferry-quic-down=$BIN cp -q --no-progress --state-dir $STATE/c4 ferry+quic://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\""
+ferry-quic-down=$BIN cp -q --no-progress --state-dir $STATE/c4 ferry+quic://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\"
+dd-fsync=dd if=\"\$SRC\" of=\"\$DST\" bs=4M conv=fsync status=none"
 
 OUT=$(bash "$PEERS" "${TOOLS[@]}")
 echo

@@ -12,7 +12,7 @@
 //! * the congestion controller is BBR by default: under random loss, loss-based
 //!   controllers (Cubic, NewReno) shrink their window on every lost packet,
 //!   while BBR paces at the measured bottleneck rate (measured figures in
-//!   docs/BENCH.md). `FERRY_QUIC_CC=cubic|newreno|bbr` overrides.
+//!   docs/BENCH-WAN.md). `FERRY_QUIC_CC=cubic|newreno|bbr` overrides.
 //! * a 30 s idle timeout with keepalives every 5 s: a partition that outlives
 //!   it ends the connection and the retry policy takes over.
 
