@@ -21,6 +21,7 @@
 #        and ferry-quic-cubic for QUIC with each of quinn's controllers, ferry-sN for
 #        ferry with --streams N; plain ferry runs with the default, --streams auto)
 #        IPERF_S (10: iperf3 runs for a fixed time)  FERRY_ARGS (extra `ferry cp` options)
+#        FERRY_BIN (the ferry binary to run; default this tree's target/release/ferry)
 #        RESTART (1: an outage run that fails is rerun once by hand, rsync with
 #        --append-verify, scp from scratch)  LOG_DIR (/tmp/ferry-wan-logs: per-run stderr)
 #        CONDS_RES, CONDS_CC (space-separated name:one_way_ms:loss_pct[:outage_s] lists)
@@ -68,7 +69,7 @@ if ((${#missing[@]})); then
   apt-get update -qq && apt-get install -y -qq openssh-server openssh-client rsync iperf3 gcc python3 >/dev/null
 fi
 cargo build --release -q
-BIN=$REPO/target/release/ferry
+BIN=${FERRY_BIN:-$REPO/target/release/ferry}
 
 for n in $A $B; do
   if ip netns list | grep -qw "^$n"; then log "netns $n exists; remove it first"; exit 1; fi
