@@ -399,7 +399,10 @@ impl Session {
         let misbehaved =
             |what: &str| Error::Proto(ProtoError::PeerMisbehaved(format!("batch answer: {what}")));
         loop {
-            let m = tokio::time::timeout(self.conn.timeouts.stall, self.conn.rd.expect())
+            let m = self
+                .conn
+                .rd
+                .expect_within(self.conn.timeouts.stall)
                 .await
                 .map_err(|_| Error::Timeout(format!("batch from {}", self.addr)))??;
             match m {

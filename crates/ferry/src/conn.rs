@@ -82,6 +82,41 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
         }
     }
 
+    /// The next message, or `Err(Stalled)` when not one byte arrived for
+    /// `stall`: a frame that keeps arriving, however slowly, is no stall (on
+    /// a slow link one large chunk may take longer than the limit).
+    pub async fn next_within(
+        &mut self,
+        stall: std::time::Duration,
+    ) -> Result<Result<Option<Message>, Error>, Stalled> {
+        loop {
+            let before = self.bytes_in;
+            match tokio::time::timeout(stall, self.next()).await {
+                Ok(r) => return Ok(r),
+                Err(_) if self.bytes_in != before => continue,
+                Err(_) => return Err(Stalled),
+            }
+        }
+    }
+
+    /// [`FramedRead::next_within`] that treats end of stream as an error.
+    pub async fn expect_within(
+        &mut self,
+        stall: std::time::Duration,
+    ) -> Result<Result<Message, Error>, Stalled> {
+        Ok(match self.next_within(stall).await? {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(Error::Io {
+                addr: self.peer.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed by peer",
+                ),
+            }),
+            Err(e) => Err(e),
+        })
+    }
+
     /// Like [`FramedRead::next`] but treats end of stream as an error.
     pub async fn expect(&mut self) -> Result<Message, Error> {
         self.next().await?.ok_or_else(|| Error::Io {
@@ -140,6 +175,10 @@ impl Timeouts {
         }
     }
 }
+
+/// Nothing arrived for the stall limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stalled;
 
 /// Writes messages.
 pub struct FramedWrite<W> {

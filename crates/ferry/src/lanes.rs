@@ -434,7 +434,9 @@ async fn recv_lane(
     faults: Option<Arc<FaultPlan>>,
 ) -> Result<()> {
     loop {
-        let m = tokio::time::timeout(stall, conn.rd.next())
+        let m = conn
+            .rd
+            .next_within(stall)
             .await
             .map_err(|_| {
                 Error::Timeout(format!(

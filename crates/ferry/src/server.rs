@@ -913,7 +913,9 @@ async fn serve_batch(
     let mut inflight: Option<WriteJob> = None;
     let r = async {
         loop {
-            let m = tokio::time::timeout(conn.timeouts.stall, conn.rd.expect())
+            let m = conn
+                .rd
+                .expect_within(conn.timeouts.stall)
                 .await
                 .map_err(|_| Error::Timeout("batch data".into()))??;
             match m {

@@ -522,6 +522,9 @@ async fn receive_loop(
     let tid = rx.id();
     let alg = rx.alg();
     let mut last_heard = Instant::now();
+    // Bytes count as heard, not only whole frames: on a slow link one large
+    // chunk may take longer than the stall limit to arrive.
+    let mut heard_bytes = conn.rd.bytes_in;
     let mut last_write = Instant::now();
     loop {
         let mut wrote = false;
@@ -694,6 +697,10 @@ async fn receive_loop(
                 rx.handle_timeout(Instant::now().into_std());
             }
             _ = tokio::time::sleep(conn.timeouts.keepalive) => {
+                if conn.rd.bytes_in != heard_bytes {
+                    heard_bytes = conn.rd.bytes_in;
+                    last_heard = Instant::now();
+                }
                 if last_heard.elapsed() >= conn.timeouts.stall {
                     return Err(Error::Timeout(format!("no data from {} for {}s", conn.peer, conn.timeouts.stall.as_secs_f64())));
                 }

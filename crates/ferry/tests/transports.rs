@@ -548,6 +548,82 @@ async fn idle_lanes_are_kept_alive_for_the_peers_stall_limit() {
     srv.stop().await;
 }
 
+/// A proxy that passes client-to-server bytes at `rate` bytes per second and
+/// the other direction as fast as it can.
+async fn slow_proxy(target: SocketAddr, rate: usize) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(s) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = c.into_split();
+                let (mut sr, mut sw) = s.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; rate / 20];
+                    loop {
+                        let t = tokio::time::Instant::now();
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep_until(
+                            t + Duration::from_secs_f64(n as f64 / rate as f64),
+                        )
+                        .await;
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    addr
+}
+
+/// A link too slow to carry one chunk within the stall limit still moves the
+/// file, as a small-file batch and as a chunked transfer: the stall watchdogs
+/// count bytes arriving, not whole frames (data lanes use the same
+/// `next_within`). At 100 KiB/s a 256 KiB chunk takes ~2.6 s against the
+/// server's 2 s limit (a 16 GiB file has 8 MiB chunks, which at the default
+/// 30 s limit is the same as any link under ~280 KB/s).
+#[tokio::test]
+async fn a_chunk_slower_than_the_stall_limit_is_not_a_stall() {
+    log_to_test_output();
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), false).await;
+    let proxy = slow_proxy(srv.addr, 100 * 1024).await;
+    // One chunk goes in a batch (small files), three as a chunked transfer.
+    for (name, chunks, streams) in [("one.bin", 1, 1), ("three.bin", 3, 1)] {
+        let src = dir.path().join(name);
+        let data = random_file(&src, chunks * CHUNK, chunks);
+        let mut o = opts(dir.path(), Kind::Tcp.dialer());
+        o.client.streams = Streams::Fixed(streams);
+        o.retry.max_attempts = 1;
+        let s = cp(
+            &[src.display().to_string()],
+            &format!("ferry://{proxy}/{name}"),
+            &o,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.retries, 0, "{name}");
+        assert_eq!(s.data_lanes as usize, streams - 1, "{name}");
+        assert_eq!(std::fs::read(srv.root.join(name)).unwrap(), data, "{name}");
+    }
+    srv.stop().await;
+}
+
 async fn fresh_transfers(kind: Kind) {
     let dir = TempDir::new().unwrap();
     let srv = TestServer::start(dir.path(), true).await;
