@@ -35,8 +35,13 @@ pub fn client_hello(token: &[u8], agent: &str, stall: Duration) -> Message {
         caps: local_caps(),
         token: Bytes::copy_from_slice(token),
         agent: agent.to_string(),
-        stall_ms: Some(stall.as_millis().try_into().unwrap_or(u64::MAX)),
+        stall_ms: Some(millis(stall)),
     }
+}
+
+/// A stall limit as `Hello`/`Welcome` carry it.
+pub fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
 /// How often to send keepalives: our own interval, or more often if the

@@ -104,28 +104,25 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
         &mut self,
         stall: std::time::Duration,
     ) -> Result<Result<Message, Error>, Stalled> {
-        Ok(match self.next_within(stall).await? {
-            Ok(Some(m)) => Ok(m),
-            Ok(None) => Err(Error::Io {
-                addr: self.peer.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "connection closed by peer",
-                ),
-            }),
-            Err(e) => Err(e),
-        })
+        let r = self.next_within(stall).await?;
+        Ok(r.and_then(|m| m.ok_or_else(|| self.closed())))
     }
 
-    /// Like [`FramedRead::next`] but treats end of stream as an error.
-    pub async fn expect(&mut self) -> Result<Message, Error> {
-        self.next().await?.ok_or_else(|| Error::Io {
+    /// End of stream where a message was expected.
+    fn closed(&self) -> Error {
+        Error::Io {
             addr: self.peer.clone(),
             source: std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "connection closed by peer",
             ),
-        })
+        }
+    }
+
+    /// Like [`FramedRead::next`] but treats end of stream as an error.
+    pub async fn expect(&mut self) -> Result<Message, Error> {
+        let m = self.next().await?;
+        m.ok_or_else(|| self.closed())
     }
 
     /// A message if one can be had without waiting.
@@ -134,7 +131,7 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             biased;
             r = self.next() => match r? {
                 Some(m) => Ok(Some(m)),
-                None => Err(Error::Io { addr: self.peer.clone(), source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed by peer") }),
+                None => Err(self.closed()),
             },
             _ = std::future::ready(()) => Ok(None),
         }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_proto::handshake::{keepalive_for, negotiate};
+use ferry_proto::handshake::{keepalive_for, millis, negotiate};
 use ferry_proto::message::{BatchFailure, BatchFile, Entry, EntryKind, MAX_LIST_ENTRIES};
 use ferry_proto::RangeSet;
 use ferry_proto::{
@@ -321,14 +321,7 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
         version: negotiated.version,
         caps: negotiated.caps.clone(),
         server: format!("ferry/{}", env!("CARGO_PKG_VERSION")),
-        stall_ms: Some(
-            shared
-                .timeouts
-                .stall
-                .as_millis()
-                .try_into()
-                .unwrap_or(u64::MAX),
-        ),
+        stall_ms: Some(millis(shared.timeouts.stall)),
     })
     .await?;
     conn.rd.set_frame_limit(None);
