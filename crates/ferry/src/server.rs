@@ -372,16 +372,35 @@ fn failure_for(e: &Error) -> Failure {
         Error::Proto(ferry_proto::ProtoError::Incompatible(_)) => FailureCode::VersionRefused,
         Error::Proto(ferry_proto::ProtoError::SourceChanged { .. }) => FailureCode::SourceChanged,
         Error::Proto(_) => FailureCode::Integrity,
-        Error::LocalIo { source, .. } if source.raw_os_error() == Some(28) => FailureCode::NoSpace,
-        Error::LocalIo { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
-            FailureCode::PermissionDenied
-        }
-        Error::LocalIo { .. } => FailureCode::Io,
+        Error::LocalIo { source, .. } => io_failure_code(source),
         Error::Usage(_) => FailureCode::BadRequest,
         Error::NotFound(_) => FailureCode::NotFound,
         _ => FailureCode::Internal,
     };
     Failure::new(code, e.to_string())
+}
+
+/// What a local I/O error means to the client: whether a later attempt can
+/// succeed without anyone changing anything (`Io`), or the request itself
+/// cannot be met where it points (a file where a directory must be, a name
+/// too long): retrying that only delays the error.
+fn io_failure_code(e: &std::io::Error) -> FailureCode {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::StorageFull | K::QuotaExceeded => FailureCode::NoSpace,
+        K::PermissionDenied | K::ReadOnlyFilesystem => FailureCode::PermissionDenied,
+        K::NotADirectory
+        | K::IsADirectory
+        | K::DirectoryNotEmpty
+        | K::InvalidFilename
+        | K::CrossesDevices
+        | K::FileTooLarge
+        | K::TooManyLinks => FailureCode::BadRequest,
+        _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            FailureCode::BadRequest
+        }
+        _ => FailureCode::Io,
+    }
 }
 
 fn path_failure(e: PathError) -> RequestError {

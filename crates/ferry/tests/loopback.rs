@@ -257,6 +257,56 @@ async fn recursive_tree_up_and_down_with_cp_semantics() {
     srv.stop().await;
 }
 
+/// A file where the destination needs a directory is no link trouble: the
+/// copy fails at once with a usage error, in the chunked and the batch path
+/// alike, instead of retrying until its attempts run out.
+#[tokio::test]
+async fn a_file_in_the_way_of_a_directory_fails_at_once() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let mut opts = client_opts(dir.path(), None);
+    opts.retry.initial = Duration::from_millis(200);
+    opts.retry.max_delay = Duration::from_millis(200);
+    std::fs::write(srv.root.join("blocker"), b"a file, not a directory").unwrap();
+    let small = dir.path().join("small.bin");
+    let large = dir.path().join("large.bin");
+    random_file(&small, 1000, 1);
+    random_file(&large, 3 * CHUNK, 2);
+    for src in [&small, &large] {
+        let t0 = std::time::Instant::now();
+        let e = cp(
+            &[src.display().to_string()],
+            &srv.url("blocker/sub/x.bin"),
+            &opts,
+        )
+        .await
+        .unwrap_err();
+        assert!(!matches!(e, Error::RetriesExhausted { .. }), "{e}");
+        assert_eq!(e.class(), ErrorClass::Usage, "{e}");
+        assert!(e.to_string().contains("Not a directory"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+    // The same for a tree whose small files go in a batch.
+    let tree = dir.path().join("tree");
+    random_file(&tree.join("a.bin"), 1000, 3);
+    random_file(&tree.join("b.bin"), 2000, 4);
+    let t0 = std::time::Instant::now();
+    let e = cp(
+        &[tree.display().to_string()],
+        &srv.url("blocker/tree"),
+        &opts,
+    )
+    .await
+    .unwrap_err();
+    assert!(!matches!(e, Error::RetriesExhausted { .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(
+        std::fs::read(srv.root.join("blocker")).unwrap(),
+        b"a file, not a directory"
+    );
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn cuts_and_corruption_are_survived_with_little_resent() {
     let dir = TempDir::new().unwrap();
