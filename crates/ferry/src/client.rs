@@ -334,7 +334,7 @@ impl Session {
             let item = &items[i as usize];
             self.conn
                 .wr
-                .send(&Message::BatchData {
+                .send_batched(&Message::BatchData {
                     index: i,
                     payload: item.data.clone(),
                 })

@@ -866,6 +866,7 @@ async fn serve_batch(
         }
     }
     // Which files are already in place? (Blocking work, off the runtime.)
+    let t_check = std::time::Instant::now();
     let root = shared.root.clone();
     let check: Vec<(usize, PathBuf, BatchFile)> = targets
         .iter()
@@ -914,6 +915,7 @@ async fn serve_batch(
         indexes: need.clone(),
     })
     .await?;
+    let t_receive = std::time::Instant::now();
     // Receive the needed files, verify, write their parts.
     let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut written_idx: Vec<u32> = Vec::new();
@@ -1005,6 +1007,7 @@ async fn serve_batch(
             ferry_proto::ProtoError::PeerMisbehaved("batch committed with files missing".into()),
         )));
     }
+    let t_commit = std::time::Instant::now();
     let store = shared.store.clone();
     let results = tokio::task::spawn_blocking(move || {
         let results = crate::batch::commit(&written);
@@ -1031,6 +1034,9 @@ async fn serve_batch(
         files = n,
         stored = done.count(),
         failed = failures.len(),
+        check_ms = (t_receive - t_check).as_millis() as u64,
+        receive_ms = (t_commit - t_receive).as_millis() as u64,
+        commit_ms = t_commit.elapsed().as_millis() as u64,
         "batch committed"
     );
     drop(claims);
@@ -1116,7 +1122,7 @@ async fn serve_batch_get(
             match r {
                 Ok((file, payload)) => {
                     conn.wr
-                        .send(&Message::BatchItem {
+                        .send_batched(&Message::BatchItem {
                             index,
                             file,
                             payload,
