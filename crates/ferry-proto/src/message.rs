@@ -380,9 +380,13 @@ pub enum Message {
         file: BatchFile,
         payload: Option<Bytes>,
     },
-    /// Either side, keepalive.
+    /// Either side, keepalive. A receiver may add how many bytes it has
+    /// read from the peer so far in this transfer: proof that data still
+    /// moves while no chunk completes (one chunk can take minutes on a slow
+    /// link), so the sender does not take the receiver for stuck.
     Ping {
         nonce: u64,
+        received: Option<u64>,
     },
     Pong {
         nonce: u64,
@@ -855,8 +859,11 @@ impl Message {
                 }
                 kind::BATCH_RESULT
             }
-            Message::Ping { nonce } => {
+            Message::Ping { nonce, received } => {
                 w.u64(1, *nonce);
+                if let Some(n) = received {
+                    w.u64(2, *n);
+                }
                 kind::PING
             }
             Message::Pong { nonce } => {
@@ -1255,14 +1262,16 @@ impl Message {
                 Message::BatchResult { done, failures }
             }
             kind::PING | kind::PONG => {
-                let mut nonce = 0;
+                let (mut nonce, mut received) = (0, None);
                 while let Some((tag, v)) = r.next_field()? {
-                    if tag == 1 {
-                        nonce = as_u64(&v)?;
+                    match tag {
+                        1 => nonce = as_u64(&v)?,
+                        2 => received = Some(as_u64(&v)?),
+                        _ => {}
                     }
                 }
                 if kind == kind::PING {
-                    Message::Ping { nonce }
+                    Message::Ping { nonce, received }
                 } else {
                     Message::Pong { nonce }
                 }
@@ -1590,7 +1599,14 @@ mod tests {
             Message::Complete {
                 digest: ChunkHash([6; 32]),
             },
-            Message::Ping { nonce: 1 },
+            Message::Ping {
+                nonce: 1,
+                received: None,
+            },
+            Message::Ping {
+                nonce: 2,
+                received: Some(u64::MAX),
+            },
             Message::Pong { nonce: 2 },
         ]
     }

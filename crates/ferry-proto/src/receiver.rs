@@ -372,7 +372,7 @@ impl Receiver {
                 Ok(())
             }
             Message::Failure(f) => Err(ProtoError::Remote(f)),
-            Message::Ping { nonce } => {
+            Message::Ping { nonce, .. } => {
                 self.out.push_back(Message::Pong { nonce });
                 Ok(())
             }

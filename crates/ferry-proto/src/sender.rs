@@ -297,7 +297,7 @@ impl Sender {
                 Ok(())
             }
             Message::Failure(f) => Err(ProtoError::Remote(f)),
-            Message::Ping { nonce } => {
+            Message::Ping { nonce, .. } => {
                 self.out.push_back(Message::Pong { nonce });
                 Ok(())
             }

@@ -207,7 +207,7 @@ impl Session {
         loop {
             match self.conn.rd.expect().await? {
                 Message::Failure(f) => return Err(remote(f)),
-                Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                Message::Ping { nonce, .. } => self.conn.send(&Message::Pong { nonce }).await?,
                 Message::Pong { .. } => {}
                 m => return Ok(m),
             }
@@ -287,7 +287,7 @@ impl Session {
                         replies += 1;
                         first_err.get_or_insert(remote(f));
                     }
-                    Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                    Message::Ping { nonce, .. } => self.conn.send(&Message::Pong { nonce }).await?,
                     Message::Pong { .. } => {}
                     m => return Err(unexpected(&m)),
                 }
@@ -318,7 +318,7 @@ impl Session {
         let need = loop {
             match self.conn.rd.expect().await? {
                 Message::BatchNeed { indexes } => break indexes,
-                Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                Message::Ping { nonce, .. } => self.conn.send(&Message::Pong { nonce }).await?,
                 Message::Pong { .. } => {}
                 Message::Failure(f) => return Err(remote(f)),
                 m => return Err(unexpected(&m)),
@@ -363,7 +363,7 @@ impl Session {
                         failures,
                     });
                 }
-                Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                Message::Ping { nonce, .. } => self.conn.send(&Message::Pong { nonce }).await?,
                 Message::Pong { .. } => {}
                 Message::Failure(f) => return Err(remote(f)),
                 m => return Err(unexpected(&m)),
@@ -452,7 +452,7 @@ impl Session {
                     failures.extend(f);
                     return Ok(GetBatch { items, failures });
                 }
-                Message::Ping { nonce } => self.conn.send(&Message::Pong { nonce }).await?,
+                Message::Ping { nonce, .. } => self.conn.send(&Message::Pong { nonce }).await?,
                 Message::Pong { .. } => {}
                 Message::Failure(f) => return Err(remote(f)),
                 m => return Err(unexpected(&m)),

@@ -22,6 +22,8 @@ pub struct FramedRead<R> {
     peer: String,
     /// Bytes read off the stream so far.
     pub bytes_in: u64,
+    /// Of those, the bytes of whole frames other than `Data` (see `data_in`).
+    control_in: u64,
 }
 
 impl<R: AsyncRead + Unpin> FramedRead<R> {
@@ -32,6 +34,7 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             dec: FrameDecoder::new(),
             peer,
             bytes_in: 0,
+            control_in: 0,
         }
     }
 
@@ -43,11 +46,16 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
     /// The next message; `Ok(None)` on a clean end of stream between frames.
     pub async fn next(&mut self) -> Result<Option<Message>, Error> {
         loop {
-            if let Some(m) = self
+            let held = self.buf.len();
+            let m = self
                 .dec
                 .decode(&mut self.buf)
-                .map_err(|e| Error::Proto(e.into()))?
-            {
+                .map_err(|e| Error::Proto(e.into()))?;
+            if !matches!(m, Some(Message::Data { .. })) {
+                // Keepalives, control frames and skipped optional frames.
+                self.control_in += (held - self.buf.len()) as u64;
+            }
+            if let Some(m) = m {
                 return Ok(Some(m));
             }
             if let Some(need) = FrameDecoder::needed(&self.buf) {
@@ -80,6 +88,13 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             }
             self.bytes_in += n as u64;
         }
+    }
+
+    /// Bytes of `Data` frames read so far, including the part of one still
+    /// arriving: unlike `bytes_in`, keepalives do not make it grow (a frame
+    /// other than `Data` counts until it is whole, which takes a moment).
+    pub fn data_in(&self) -> u64 {
+        self.bytes_in - self.control_in
     }
 
     /// The next message, or `Err(Stalled)` when not one byte arrived for
@@ -377,5 +392,40 @@ mod tests {
             assert_eq!(rd.expect().await.unwrap(), item(i, 4096));
         }
         assert_eq!(wr.bytes_out - before, 20 * frame);
+    }
+
+    /// Keepalives do not count as data received; a `Data` frame counts from
+    /// its first byte, before it is whole.
+    #[tokio::test]
+    async fn data_in_counts_data_frames_not_keepalives() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut rd = FramedRead::new(b, "test".into());
+        let ping = Message::Ping {
+            nonce: 0,
+            received: None,
+        }
+        .encode();
+        a.write_all(&ping).await.unwrap();
+        assert!(matches!(rd.expect().await.unwrap(), Message::Ping { .. }));
+        assert_eq!(rd.data_in(), 0);
+        assert_eq!(rd.bytes_in, ping.len() as u64);
+        let data = Message::Data {
+            index: 0,
+            offset: 0,
+            tag: ferry_proto::hash::ChunkHash([7; 32]),
+            payload: bytes::Bytes::from(vec![1u8; 1000]),
+        }
+        .encode();
+        // Half of it: still arriving, but counted.
+        a.write_all(&data[..500]).await.unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_millis(50), rd.next()).await;
+        assert!(r.is_err(), "half a frame is no message");
+        assert_eq!(rd.data_in(), 500);
+        a.write_all(&data[500..]).await.unwrap();
+        a.write_all(&ping).await.unwrap();
+        assert!(matches!(rd.expect().await.unwrap(), Message::Data { .. }));
+        assert!(matches!(rd.expect().await.unwrap(), Message::Ping { .. }));
+        assert_eq!(rd.data_in(), data.len() as u64);
     }
 }

@@ -292,7 +292,11 @@ async fn send_lane(
                     Ok(Some(j)) => j,
                     Ok(None) => return Ok(()),
                     Err(_) => {
-                        conn.send(&Message::Ping { nonce: 3 }).await?;
+                        conn.send(&Message::Ping {
+                            nonce: 3,
+                            received: None,
+                        })
+                        .await?;
                         continue;
                     }
                 }

@@ -622,7 +622,7 @@ async fn handle_request(
         }
         Message::BatchPut { alg, files } => serve_batch(conn, &alg, files, shared).await?,
         Message::BatchGet { alg, files } => serve_batch_get(conn, &alg, files, shared).await?,
-        Message::Ping { nonce } => conn.send(&Message::Pong { nonce }).await?,
+        Message::Ping { nonce, .. } => conn.send(&Message::Pong { nonce }).await?,
         Message::Pong { .. } => {}
         other => {
             return Err(RequestError::Fatal(Error::Proto(
@@ -973,7 +973,7 @@ async fn serve_batch(
                         inflight = Some(spawn_writes(std::mem::take(&mut pending)));
                     }
                 }
-                Message::Ping { nonce } => conn.send(&Message::Pong { nonce }).await?,
+                Message::Ping { nonce, .. } => conn.send(&Message::Pong { nonce }).await?,
                 Message::Pong { .. } => {}
                 Message::BatchCommit => {
                     if let Some(job) = inflight.take() {

@@ -148,6 +148,8 @@ pub async fn drive_sender(
     let mut last_heard = Instant::now();
     // Last time the transfer moved: a chunk sent or acknowledged.
     let mut last_progress = Instant::now();
+    // The most the receiver said it had read (see `peer_progress`).
+    let mut peer_received = 0u64;
     loop {
         // Drain what has arrived, but not past the end of this transfer: the
         // peer may already have sent its next request behind `Complete`.
@@ -156,6 +158,7 @@ pub async fn drive_sender(
                 break;
             };
             last_heard = Instant::now();
+            peer_progress(&m, &mut peer_received, &mut last_progress);
             sender_handle(conn, tx, m, src, store).await?;
         }
         while let Some(ev) = lanes.try_next() {
@@ -242,6 +245,7 @@ pub async fn drive_sender(
                     r = conn.rd.next() => {
                         let m = r?.ok_or_else(|| closed(&conn.peer))?;
                         last_heard = Instant::now();
+                        peer_progress(&m, &mut peer_received, &mut last_progress);
                         sender_handle(conn, tx, m, src, store).await?;
                     }
                     ev = lanes.next() => lane_event(ev, tx, &mut lanes, progress, &mut last_progress)?,
@@ -256,11 +260,27 @@ pub async fn drive_sender(
                         if last_write.elapsed() < conn.timeouts.keepalive {
                             continue;
                         }
-                        conn.send(&Message::Ping { nonce: 0 }).await?;
+                        conn.send(&Message::Ping { nonce: 0, received: None }).await?;
                         last_write = Instant::now();
                     }
                 }
             }
+        }
+    }
+}
+
+/// A receiver's keepalive may say how much it has read so far: more than
+/// last time is progress, as an acknowledgement would be. Without it, a chunk
+/// that takes longer than the acknowledgement limit to cross a slow link
+/// (8 MiB at under ~140 KB/s) would tear down every attempt while data flows.
+fn peer_progress(m: &Message, peer_received: &mut u64, last_progress: &mut Instant) {
+    if let Message::Ping {
+        received: Some(n), ..
+    } = m
+    {
+        if *n > *peer_received {
+            *peer_received = *n;
+            *last_progress = Instant::now();
         }
     }
 }
@@ -377,7 +397,11 @@ async fn hash_offered(
         }
         store.add_source_hashes(&src.key, &hashes)?;
         if last_ping.elapsed() >= conn.timeouts.keepalive {
-            conn.send(&Message::Ping { nonce: 0 }).await?;
+            conn.send(&Message::Ping {
+                nonce: 0,
+                received: None,
+            })
+            .await?;
             last_ping = Instant::now();
         }
     }
@@ -579,7 +603,7 @@ async fn receive_loop(
                     let results = loop {
                         tokio::select! {
                             r = &mut job => break r.map_err(|e| Error::Store(e.to_string()))?,
-                            _ = tokio::time::sleep(conn.timeouts.keepalive) => conn.send(&Message::Ping { nonce: 1 }).await?,
+                            _ = tokio::time::sleep(conn.timeouts.keepalive) => conn.send(&Message::Ping { nonce: 1, received: None }).await?,
                         }
                     };
                     let bad = results
@@ -705,7 +729,10 @@ async fn receive_loop(
                     return Err(Error::Timeout(format!("no data from {} for {}s", conn.peer, conn.timeouts.stall.as_secs_f64())));
                 }
                 if last_write.elapsed() >= conn.timeouts.keepalive {
-                    conn.send(&Message::Ping { nonce: 2 }).await?;
+                    // With what has arrived so far: a chunk may take longer
+                    // than the sender's acknowledgement limit on a slow link.
+                    let received = conn.rd.data_in() + lanes.moved.load(Ordering::Relaxed);
+                    conn.send(&Message::Ping { nonce: 2, received: Some(received) }).await?;
                     last_write = Instant::now();
                 }
             }
@@ -985,7 +1012,7 @@ pub async fn prepare_receive_live(
     loop {
         tokio::select! {
             r = &mut job => return r.map_err(|e| Error::Store(e.to_string()))?,
-            _ = tokio::time::sleep(conn.timeouts.keepalive) => conn.send(&Message::Ping { nonce: 4 }).await?,
+            _ = tokio::time::sleep(conn.timeouts.keepalive) => conn.send(&Message::Ping { nonce: 4, received: None }).await?,
         }
     }
 }

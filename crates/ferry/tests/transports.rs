@@ -624,6 +624,35 @@ async fn a_chunk_slower_than_the_stall_limit_is_not_a_stall() {
     srv.stop().await;
 }
 
+/// The sender's acknowledgement watchdog (twice its stall limit: here 2 s)
+/// tears down a connection that is alive but acknowledges nothing. On a link
+/// too slow to carry one chunk within that limit (100 KiB/s, 256 KiB chunks:
+/// ~2.6 s each) the receiver's keepalives say how much has arrived, and that
+/// counts as progress: the copy ends on its first attempt.
+#[tokio::test]
+async fn a_chunk_slower_than_the_senders_ack_limit_is_not_a_stuck_receiver() {
+    log_to_test_output();
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), false).await;
+    let proxy = slow_proxy(srv.addr, 100 * 1024).await;
+    let src = dir.path().join("three.bin");
+    let data = random_file(&src, 3 * CHUNK, 3);
+    let mut o = opts(dir.path(), Kind::Tcp.dialer());
+    o.client.streams = Streams::Fixed(1);
+    o.client.timeouts = ferry::conn::Timeouts::with_stall(Duration::from_secs(1));
+    o.retry.max_attempts = 1;
+    let s = cp(
+        &[src.display().to_string()],
+        &format!("ferry://{proxy}/three.bin"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.retries, 0);
+    assert_eq!(std::fs::read(srv.root.join("three.bin")).unwrap(), data);
+    srv.stop().await;
+}
+
 async fn fresh_transfers(kind: Kind) {
     let dir = TempDir::new().unwrap();
     let srv = TestServer::start(dir.path(), true).await;
