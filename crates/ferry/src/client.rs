@@ -345,11 +345,29 @@ impl Session {
             }
         }
         self.conn.send(&Message::BatchCommit).await?;
-        let wait = self.conn.timeouts.ack;
+        // The server's keepalives say how much of the batch has reached it:
+        // on a slow link that can take longer than the limit, and is no
+        // stuck server while it grows.
+        let mut last_progress = std::time::Instant::now();
+        let mut seen = 0u64;
         loop {
+            let wait = self
+                .conn
+                .timeouts
+                .ack
+                .saturating_sub(last_progress.elapsed());
             let m = tokio::time::timeout(wait, self.conn.rd.expect())
                 .await
                 .map_err(|_| Error::Timeout(format!("batch result from {}", self.addr)))??;
+            if let Message::Ping {
+                received: Some(n), ..
+            } = m
+            {
+                if n > seen {
+                    seen = n;
+                    last_progress = std::time::Instant::now();
+                }
+            }
             match m {
                 Message::BatchResult { done, failures } => {
                     if done.iter().any(|i| i >= n) || failures.iter().any(|f| f.index >= n) {

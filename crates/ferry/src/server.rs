@@ -926,12 +926,28 @@ async fn serve_batch(
     // The previous group's writes run while the next group arrives.
     let mut inflight: Option<WriteJob> = None;
     let r = async {
+        // Keepalives while the batch arrives say how much has: on a slow
+        // link the client, done writing, may wait longer than its
+        // acknowledgement limit for the result (see `Session::put_batch`).
+        let mut last_write = std::time::Instant::now();
+        let mut heard = (std::time::Instant::now(), conn.rd.bytes_in);
         loop {
-            let m = conn
-                .rd
-                .expect_within(conn.timeouts.stall)
-                .await
-                .map_err(|_| Error::Timeout("batch data".into()))??;
+            let wait = conn.timeouts.keepalive.saturating_sub(last_write.elapsed());
+            let m = match tokio::time::timeout(wait, conn.rd.expect()).await {
+                Ok(m) => m?,
+                Err(_) => {
+                    if conn.rd.bytes_in != heard.1 {
+                        heard = (std::time::Instant::now(), conn.rd.bytes_in);
+                    } else if heard.0.elapsed() >= conn.timeouts.stall {
+                        return Err(Error::Timeout("batch data".into()));
+                    }
+                    let received = Some(conn.rd.bytes_in);
+                    conn.send(&Message::Ping { nonce: 5, received }).await?;
+                    last_write = std::time::Instant::now();
+                    continue;
+                }
+            };
+            heard = (std::time::Instant::now(), conn.rd.bytes_in);
             match m {
                 Message::BatchData { index, payload } => {
                     let i = index as usize;
@@ -973,7 +989,10 @@ async fn serve_batch(
                         inflight = Some(spawn_writes(std::mem::take(&mut pending)));
                     }
                 }
-                Message::Ping { nonce, .. } => conn.send(&Message::Pong { nonce }).await?,
+                Message::Ping { nonce, .. } => {
+                    conn.send(&Message::Pong { nonce }).await?;
+                    last_write = std::time::Instant::now();
+                }
                 Message::Pong { .. } => {}
                 Message::BatchCommit => {
                     if let Some(job) = inflight.take() {

@@ -650,6 +650,27 @@ async fn a_chunk_slower_than_the_senders_ack_limit_is_not_a_stuck_receiver() {
     .unwrap();
     assert_eq!(s.retries, 0);
     assert_eq!(std::fs::read(srv.root.join("three.bin")).unwrap(), data);
+    // Small files go in one batch (600 KiB, ~6 s on this link): the client
+    // is done writing long before the result comes, and waits on the
+    // server's keepalives, which say the batch is still arriving.
+    let tree = dir.path().join("tree");
+    let files: Vec<Vec<u8>> = (0..3)
+        .map(|i| random_file(&tree.join(format!("f{i}")), 200 * 1024, 10 + i))
+        .collect();
+    let s = cp(
+        &[tree.display().to_string()],
+        &format!("ferry://{proxy}/tree"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.retries, 0);
+    for (i, f) in files.iter().enumerate() {
+        assert_eq!(
+            &std::fs::read(srv.root.join(format!("tree/f{i}"))).unwrap(),
+            f
+        );
+    }
     srv.stop().await;
 }
 
