@@ -348,7 +348,7 @@ impl Session {
         // The server's keepalives say how much of the batch has reached it:
         // on a slow link that can take longer than the limit, and is no
         // stuck server while it grows.
-        let mut last_progress = std::time::Instant::now();
+        let mut last_progress = tokio::time::Instant::now();
         let mut seen = 0u64;
         loop {
             let wait = self
@@ -359,15 +359,7 @@ impl Session {
             let m = tokio::time::timeout(wait, self.conn.rd.expect())
                 .await
                 .map_err(|_| Error::Timeout(format!("batch result from {}", self.addr)))??;
-            if let Message::Ping {
-                received: Some(n), ..
-            } = m
-            {
-                if n > seen {
-                    seen = n;
-                    last_progress = std::time::Instant::now();
-                }
-            }
+            crate::transfer::peer_progress(&m, &mut seen, &mut last_progress);
             match m {
                 Message::BatchResult { done, failures } => {
                     if done.iter().any(|i| i >= n) || failures.iter().any(|f| f.index >= n) {

@@ -273,7 +273,7 @@ pub async fn drive_sender(
 /// last time is progress, as an acknowledgement would be. Without it, a chunk
 /// that takes longer than the acknowledgement limit to cross a slow link
 /// (8 MiB at under ~140 KB/s) would tear down every attempt while data flows.
-fn peer_progress(m: &Message, peer_received: &mut u64, last_progress: &mut Instant) {
+pub(crate) fn peer_progress(m: &Message, peer_received: &mut u64, last_progress: &mut Instant) {
     if let Message::Ping {
         received: Some(n), ..
     } = m
