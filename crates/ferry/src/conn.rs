@@ -24,6 +24,10 @@ pub struct FramedRead<R> {
     pub bytes_in: u64,
     /// Of those, the bytes of whole frames other than `Data` (see `data_in`).
     control_in: u64,
+    /// Where `data_in` is added up with other connections' (see `meter`).
+    meter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// How much of `data_in` the meter has been given.
+    metered: u64,
 }
 
 impl<R: AsyncRead + Unpin> FramedRead<R> {
@@ -35,7 +39,19 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             peer,
             bytes_in: 0,
             control_in: 0,
+            meter: None,
+            metered: 0,
         }
+    }
+
+    /// Adds this connection's `data_in` to `meter` as it grows, frames still
+    /// arriving included (a lane's progress, summed over the lanes). The
+    /// meter only grows: a keepalive read together with the end of a `Data`
+    /// frame stays counted, which needs data arriving anyway.
+    pub fn meter(&mut self, meter: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.metered = self.data_in();
+        meter.fetch_add(self.metered, std::sync::atomic::Ordering::Relaxed);
+        self.meter = Some(meter);
     }
 
     /// Bounds every frame to `limit` bytes until called again with `None`.
@@ -54,6 +70,14 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             if !matches!(m, Some(Message::Data { .. })) {
                 // Keepalives, control frames and skipped optional frames.
                 self.control_in += (held - self.buf.len()) as u64;
+            }
+            if let Some(meter) = &self.meter {
+                // Only growth: a control frame, once whole, leaves `data_in`.
+                let d = self.bytes_in - self.control_in;
+                if d > self.metered {
+                    meter.fetch_add(d - self.metered, std::sync::atomic::Ordering::Relaxed);
+                    self.metered = d;
+                }
             }
             if let Some(m) = m {
                 return Ok(Some(m));
@@ -427,5 +451,46 @@ mod tests {
         assert!(matches!(rd.expect().await.unwrap(), Message::Data { .. }));
         assert!(matches!(rd.expect().await.unwrap(), Message::Ping { .. }));
         assert_eq!(rd.data_in(), data.len() as u64);
+    }
+
+    /// Two connections' `data_in` add up on one meter as bytes arrive, a
+    /// frame still arriving included, keepalives left out.
+    #[tokio::test]
+    async fn a_meter_adds_up_data_in_over_connections() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::AsyncWriteExt;
+        let meter = std::sync::Arc::new(AtomicU64::new(0));
+        let data = Message::Data {
+            index: 0,
+            offset: 0,
+            tag: ferry_proto::hash::ChunkHash([7; 32]),
+            payload: bytes::Bytes::from(vec![1u8; 1000]),
+        }
+        .encode();
+        let ping = Message::Ping {
+            nonce: 0,
+            received: None,
+        }
+        .encode();
+        let mut sides = Vec::new();
+        for _ in 0..2 {
+            let (mut a, b) = tokio::io::duplex(1 << 20);
+            let mut rd = FramedRead::new(b, "test".into());
+            rd.meter(meter.clone());
+            a.write_all(&ping).await.unwrap();
+            assert!(matches!(rd.expect().await.unwrap(), Message::Ping { .. }));
+            a.write_all(&data[..300]).await.unwrap();
+            let r = tokio::time::timeout(std::time::Duration::from_millis(50), rd.next()).await;
+            assert!(r.is_err(), "part of a frame is no message");
+            sides.push((a, rd));
+        }
+        assert_eq!(meter.load(Ordering::Relaxed), 600);
+        for (a, rd) in &mut sides {
+            a.write_all(&data[300..]).await.unwrap();
+            assert!(matches!(rd.expect().await.unwrap(), Message::Data { .. }));
+            a.write_all(&ping).await.unwrap();
+            assert!(matches!(rd.expect().await.unwrap(), Message::Ping { .. }));
+        }
+        assert_eq!(meter.load(Ordering::Relaxed), 2 * data.len() as u64);
     }
 }

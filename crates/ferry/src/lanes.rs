@@ -131,6 +131,8 @@ pub(crate) struct Job {
 
 /// What a sending lane reports to the driver.
 pub(crate) enum Sent {
+    /// A lane joined and is running.
+    Joined,
     /// The chunk went out; its content hash is for the state machine.
     Chunk {
         index: u32,
@@ -150,67 +152,63 @@ pub(crate) struct SourceRef {
 
 /// The sending driver's lanes.
 pub(crate) struct SendLanes {
-    incoming: Option<mpsc::Receiver<Conn>>,
     pub moved: Arc<AtomicU64>,
     jobs_tx: mpsc::Sender<Job>,
-    jobs_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
-    sent_tx: mpsc::Sender<Sent>,
     sent_rx: mpsc::Receiver<Sent>,
-    tasks: JoinSet<()>,
+    /// The joiner, which owns the lanes' tasks: dropping it ends them.
+    _tasks: JoinSet<()>,
     count: usize,
-    cap: usize,
-    src: SourceRef,
-    keepalive: Duration,
+    src_id: TransferId,
 }
 
 impl SendLanes {
     pub fn new(lanes: Option<Lanes>, src: SourceRef, chunk_size: u32, keepalive: Duration) -> Self {
         let (jobs_tx, jobs_rx) = mpsc::channel(1);
         let (sent_tx, sent_rx) = mpsc::channel(MAX_LANES + 1);
-        let (incoming, moved) = match lanes {
-            Some(l) => (Some(l.incoming), l.moved),
-            None => (None, Arc::new(AtomicU64::new(0))),
+        let mut tasks = JoinSet::new();
+        let src_id = src.id;
+        let moved = match lanes {
+            Some(l) => {
+                let jobs = Arc::new(tokio::sync::Mutex::new(jobs_rx));
+                let events = sent_tx.clone();
+                spawn_joiner(
+                    &mut tasks,
+                    l.incoming,
+                    lane_cap(chunk_size),
+                    sent_tx,
+                    || Sent::Joined,
+                    move |conn| {
+                        let (jobs, sent, src) = (jobs.clone(), events.clone(), src.clone());
+                        async move {
+                            if let Err(e) = send_lane(conn, jobs, &sent, src, keepalive).await {
+                                let _ = sent.send(Sent::Failed(e)).await;
+                            }
+                        }
+                    },
+                );
+                l.moved
+            }
+            None => Arc::new(AtomicU64::new(0)),
         };
         Self {
-            incoming,
             moved,
             jobs_tx,
-            jobs_rx: Arc::new(tokio::sync::Mutex::new(jobs_rx)),
-            sent_tx,
             sent_rx,
-            tasks: JoinSet::new(),
+            _tasks: tasks,
             count: 0,
-            cap: lane_cap(chunk_size),
-            src,
-            keepalive,
+            src_id,
         }
     }
 
-    /// Lanes running now.
+    /// Lanes running now (as far as the driver has heard).
     pub fn count(&self) -> usize {
         self.count
     }
 
-    /// Starts a lane on `conn`, or closes it past the limit (then false).
-    pub fn add(&mut self, conn: Conn) -> bool {
-        if self.count >= self.cap {
-            warn!(peer = %conn.peer, "more data lanes than allowed; closing this one");
-            return false;
-        }
+    /// Notes a lane the joiner started.
+    pub fn joined(&mut self) {
         self.count += 1;
-        debug!(transfer = %self.src.id, lanes = self.count, "data lane joined");
-        let (jobs, sent, src, keepalive) = (
-            self.jobs_rx.clone(),
-            self.sent_tx.clone(),
-            self.src.clone(),
-            self.keepalive,
-        );
-        self.tasks.spawn(async move {
-            if let Err(e) = send_lane(conn, jobs, &sent, src, keepalive).await {
-                let _ = sent.send(Sent::Failed(e)).await;
-            }
-        });
-        true
+        debug!(transfer = %self.src_id, lanes = self.count, "data lane joined");
     }
 
     /// Hands a chunk to an idle lane; gives it back if none is free.
@@ -223,43 +221,63 @@ impl SendLanes {
         })
     }
 
-    /// A new lane or a lane's report, whichever comes first; never returns
-    /// when there is nothing to wait for.
-    pub async fn next(&mut self) -> LaneEvent {
-        loop {
-            tokio::select! {
-                c = recv_opt(&mut self.incoming) => match c {
-                    Some(c) => return LaneEvent::Joined(c),
-                    None => self.incoming = None,
-                },
-                Some(s) = self.sent_rx.recv() => return LaneEvent::Sent(s),
-            }
+    /// A lane's report (joined, a chunk sent, failed); never returns when
+    /// there is nothing to wait for.
+    pub async fn next(&mut self) -> Sent {
+        match self.sent_rx.recv().await {
+            Some(s) => s,
+            // The joiner and every lane are gone (they hold senders).
+            None => std::future::pending().await,
         }
     }
 
     /// The same without waiting.
-    pub fn try_next(&mut self) -> Option<LaneEvent> {
-        if let Some(inc) = &mut self.incoming {
-            match inc.try_recv() {
-                Ok(c) => return Some(LaneEvent::Joined(c)),
-                Err(mpsc::error::TryRecvError::Disconnected) => self.incoming = None,
-                Err(mpsc::error::TryRecvError::Empty) => {}
+    pub fn try_next(&mut self) -> Option<Sent> {
+        self.sent_rx.try_recv().ok()
+    }
+}
+
+/// Takes lanes off `incoming` as they open and starts `run` on each at once,
+/// up to `cap`, telling the driver with `joined()` on `events`. A lane must
+/// start serving its connection when it joins, not when the driver is next
+/// free: the driver may sit in a write to a slow control connection for up
+/// to its stall limit, while the peer's stall clock for the lane runs from
+/// the join. Dropping `tasks` ends the joiner and with it every lane.
+fn spawn_joiner<E, F, Fut>(
+    tasks: &mut JoinSet<()>,
+    mut incoming: mpsc::Receiver<Conn>,
+    cap: usize,
+    events: mpsc::Sender<E>,
+    joined: fn() -> E,
+    mut run: F,
+) where
+    E: Send + 'static,
+    F: FnMut(Conn) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tasks.spawn(async move {
+        let mut running = JoinSet::new();
+        let mut count = 0;
+        loop {
+            tokio::select! {
+                c = incoming.recv() => {
+                    let Some(conn) = c else { break };
+                    if count >= cap {
+                        warn!(peer = %conn.peer, "more data lanes than allowed; closing this one");
+                        continue;
+                    }
+                    count += 1;
+                    running.spawn(run(conn));
+                    if events.send(joined()).await.is_err() {
+                        return;
+                    }
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => {}
             }
         }
-        self.sent_rx.try_recv().ok().map(LaneEvent::Sent)
-    }
-}
-
-pub(crate) enum LaneEvent {
-    Joined(Conn),
-    Sent(Sent),
-}
-
-async fn recv_opt<T>(r: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
-    match r {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
+        drop(events);
+        while running.join_next().await.is_some() {}
+    });
 }
 
 async fn send_lane(
@@ -330,22 +348,22 @@ pub(crate) enum Arrived {
         /// The content hash, or what the payload hashed to when the tag did not match.
         verdict: std::result::Result<ChunkHash, ChunkHash>,
     },
+    /// A lane joined and is running.
+    Joined,
     Failed(Error),
 }
 
 /// The receiving driver's lanes.
 pub(crate) struct RecvLanes {
-    incoming: Option<mpsc::Receiver<Conn>>,
     pub moved: Arc<AtomicU64>,
-    faults: Option<Arc<FaultPlan>>,
-    arrived_tx: mpsc::Sender<Arrived>,
+    /// Bytes of `Data` frames read on the lanes so far, including frames
+    /// still arriving (progress the receiver reports in its keepalives).
+    data_in: Arc<AtomicU64>,
     arrived_rx: mpsc::Receiver<Arrived>,
-    tasks: JoinSet<()>,
+    /// The joiner, which owns the lanes' tasks: dropping it ends them.
+    _tasks: JoinSet<()>,
     count: usize,
-    cap: usize,
-    alg: HashAlg,
     id: TransferId,
-    stall: Duration,
 }
 
 impl RecvLanes {
@@ -359,74 +377,69 @@ impl RecvLanes {
         // Chunks wait for the one writer here: few, so memory stays bounded
         // (each lane holds one more while it waits).
         let (arrived_tx, arrived_rx) = mpsc::channel(2);
-        let (incoming, moved, faults) = match lanes {
-            Some(l) => (Some(l.incoming), l.moved, l.faults),
-            None => (None, Arc::new(AtomicU64::new(0)), None),
+        let data_in = Arc::new(AtomicU64::new(0));
+        let mut tasks = JoinSet::new();
+        let moved = match lanes {
+            Some(l) => {
+                let (out, faults, meter) = (arrived_tx.clone(), l.faults, data_in.clone());
+                spawn_joiner(
+                    &mut tasks,
+                    l.incoming,
+                    lane_cap(chunk_size),
+                    arrived_tx,
+                    || Arrived::Joined,
+                    move |mut conn| {
+                        conn.rd.meter(meter.clone());
+                        let (out, faults) = (out.clone(), faults.clone());
+                        async move {
+                            if let Err(e) = recv_lane(conn, &out, alg, id, stall, faults).await {
+                                let _ = out.send(Arrived::Failed(e)).await;
+                            }
+                        }
+                    },
+                );
+                l.moved
+            }
+            None => Arc::new(AtomicU64::new(0)),
         };
         Self {
-            incoming,
             moved,
-            faults,
-            arrived_tx,
+            data_in,
             arrived_rx,
-            tasks: JoinSet::new(),
+            _tasks: tasks,
             count: 0,
-            cap: lane_cap(chunk_size),
-            alg,
             id,
-            stall,
         }
     }
 
-    /// Starts a lane on `conn`, or closes it past the limit (then false).
-    pub fn add(&mut self, conn: Conn) -> bool {
-        if self.count >= self.cap {
-            warn!(peer = %conn.peer, "more data lanes than allowed; closing this one");
-            return false;
+    /// A lane's report: joined, a chunk, failed.
+    pub async fn next(&mut self) -> Arrived {
+        match self.arrived_rx.recv().await {
+            Some(a) => a,
+            // The joiner and every lane are gone (they hold senders).
+            None => std::future::pending().await,
         }
+    }
+
+    /// Notes a lane the joiner started.
+    pub fn joined(&mut self) {
         self.count += 1;
         debug!(transfer = %self.id, lanes = self.count, "data lane joined");
-        let (out, alg, id, stall, faults) = (
-            self.arrived_tx.clone(),
-            self.alg,
-            self.id,
-            self.stall,
-            self.faults.clone(),
-        );
-        self.tasks.spawn(async move {
-            if let Err(e) = recv_lane(conn, &out, alg, id, stall, faults).await {
-                let _ = out.send(Arrived::Failed(e)).await;
-            }
-        });
-        true
     }
 
-    /// A new lane or a chunk, whichever comes first.
-    pub async fn next(&mut self) -> RecvEvent {
-        loop {
-            tokio::select! {
-                c = recv_opt(&mut self.incoming) => match c {
-                    Some(c) => return RecvEvent::Joined(c),
-                    None => self.incoming = None,
-                },
-                Some(a) = self.arrived_rx.recv() => return RecvEvent::Arrived(a),
-            }
-        }
-    }
-
-    /// Lanes running now.
+    /// Lanes running now (as far as the driver has heard).
     pub fn count(&self) -> usize {
         self.count
+    }
+
+    /// Bytes of `Data` frames read on the lanes, whole or still arriving.
+    pub fn data_in(&self) -> u64 {
+        self.data_in.load(Ordering::Relaxed)
     }
 
     pub fn count_moved(&self, n: u64) {
         self.moved.fetch_add(n, Ordering::Relaxed);
     }
-}
-
-pub(crate) enum RecvEvent {
-    Joined(Conn),
-    Arrived(Arrived),
 }
 
 async fn recv_lane(

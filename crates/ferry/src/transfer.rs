@@ -20,9 +20,7 @@ use tracing::{debug, info, warn};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::lanes::{
-    Arrived, Job, LaneEvent, Lanes, RecvEvent, RecvLanes, SendLanes, Sent, SourceRef,
-};
+use crate::lanes::{Arrived, Job, Lanes, RecvLanes, SendLanes, Sent, SourceRef};
 use crate::progress::{FileProgress, Progress};
 use crate::store::{HeldChunks, Store};
 
@@ -287,24 +285,22 @@ pub(crate) fn peer_progress(m: &Message, peer_received: &mut u64, last_progress:
 
 /// A lane joined, sent a chunk, or failed.
 fn lane_event(
-    ev: LaneEvent,
+    ev: Sent,
     tx: &mut Sender,
     lanes: &mut SendLanes,
     progress: &FileProgress,
     last_progress: &mut Instant,
 ) -> Result<()> {
     match ev {
-        LaneEvent::Joined(c) => {
-            if !lanes.add(c) {
-                return Ok(());
-            }
+        Sent::Joined => {
+            lanes.joined();
             Progress::add(&progress.lanes, 1);
             // Each lane reads one chunk, one more waits in the queue, and the
             // control connection carries data too when the lanes are all busy.
             tx.set_lanes(lanes.count() + 2);
             info!(transfer = %tx.id(), connections = lanes.count() + 1, "sending on several connections");
         }
-        LaneEvent::Sent(Sent::Chunk { index, content }) => {
+        Sent::Chunk { index, content } => {
             tx.chunk_read(index, content).map_err(|e| match e {
                 ProtoError::SourceChanged { .. } => {
                     Error::Proto(ProtoError::SourceChanged { chunk: index })
@@ -314,7 +310,7 @@ fn lane_event(
             Progress::add(&progress.bytes_sent, u64::from(tx.layout().len(index)));
             *last_progress = Instant::now();
         }
-        LaneEvent::Sent(Sent::Failed(e)) => {
+        Sent::Failed(e) => {
             if tx.acked().count() == u64::from(tx.layout().count()) {
                 debug!(transfer = %tx.id(), error = %e, "a data lane closed after the last chunk");
             } else {
@@ -693,17 +689,16 @@ async fn receive_loop(
                 }
             }
             ev = lanes.next() => match ev {
-                RecvEvent::Joined(c) => {
-                    if lanes.add(c) {
-                        Progress::add(&progress.lanes, 1);
-                    }
+                Arrived::Joined => {
+                    lanes.joined();
+                    Progress::add(&progress.lanes, 1);
                     info!(transfer = %tid, connections = lanes.count() + 1, "receiving on several connections");
                 }
-                RecvEvent::Arrived(Arrived::Failed(e)) => {
+                Arrived::Failed(e) => {
                     warn!(transfer = %tid, error = %e, "a data lane failed");
                     return Err(e);
                 }
-                RecvEvent::Arrived(Arrived::Chunk { index, offset, payload, verdict }) => {
+                Arrived::Chunk { index, offset, payload, verdict } => {
                     last_heard = Instant::now();
                     match rx.accept_data(index, offset, payload.len()).map_err(Error::Proto)? {
                         DataVerdict::Duplicate => {}
@@ -731,7 +726,7 @@ async fn receive_loop(
                 if last_write.elapsed() >= conn.timeouts.keepalive {
                     // With what has arrived so far: a chunk may take longer
                     // than the sender's acknowledgement limit on a slow link.
-                    let received = conn.rd.data_in() + lanes.moved.load(Ordering::Relaxed);
+                    let received = conn.rd.data_in() + lanes.data_in();
                     conn.send(&Message::Ping { nonce: 2, received: Some(received) }).await?;
                     last_write = Instant::now();
                 }

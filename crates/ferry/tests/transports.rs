@@ -551,11 +551,24 @@ async fn idle_lanes_are_kept_alive_for_the_peers_stall_limit() {
 /// A proxy that passes client-to-server bytes at `rate` bytes per second and
 /// the other direction as fast as it can.
 async fn slow_proxy(target: SocketAddr, rate: usize) -> SocketAddr {
+    slow_proxy_first(target, rate, rate).await
+}
+
+/// [`slow_proxy`] that passes the first connection at `first` bytes per second.
+async fn slow_proxy_first(target: SocketAddr, first: usize, rate: usize) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A small receive buffer keeps the sender from parking megabytes in
+    // socket buffers, as a real slow link's window would.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(64 * 1024).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(64).unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
+        let mut accepted = 0;
         while let Ok((c, _)) = l.accept().await {
+            accepted += 1;
+            let rate = if accepted == 1 { first } else { rate };
             tokio::spawn(async move {
                 let Ok(s) = tokio::net::TcpStream::connect(target).await else {
                     return;
@@ -671,6 +684,37 @@ async fn a_chunk_slower_than_the_senders_ack_limit_is_not_a_stuck_receiver() {
             f
         );
     }
+    srv.stop().await;
+}
+
+/// The same on data lanes: the control connection runs at 1 MiB/s, its three
+/// lanes as slow as the link above, each carrying 256 KiB chunks that take
+/// ~2.6 s against the sender's 2 s acknowledgement limit. Once the control
+/// connection has sent its share, only the lanes move data: what they have
+/// read counts as progress too (the receiver's keepalives add it), so the
+/// copy ends on its first attempt.
+#[tokio::test]
+async fn chunks_on_lanes_slower_than_the_ack_limit_are_not_a_stuck_receiver() {
+    log_to_test_output();
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), false).await;
+    let proxy = slow_proxy_first(srv.addr, 2048 * 1024, 50 * 1024).await;
+    let src = dir.path().join("lanes.bin");
+    let data = random_file(&src, 64 * CHUNK, 8);
+    let mut o = opts(dir.path(), Kind::Tcp.dialer());
+    o.client.streams = Streams::Fixed(4);
+    o.client.timeouts = ferry::conn::Timeouts::with_stall(Duration::from_secs(2));
+    o.retry.max_attempts = 1;
+    let s = cp(
+        &[src.display().to_string()],
+        &format!("ferry://{proxy}/lanes.bin"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.retries, 0);
+    assert_eq!(s.data_lanes, 3);
+    assert_eq!(std::fs::read(srv.root.join("lanes.bin")).unwrap(), data);
     srv.stop().await;
 }
 
