@@ -181,13 +181,14 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
 /// declared stalled and torn down (the transfer then resumes on a new one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// Nothing heard from the peer, or a write that cannot move, for this long.
+    /// Nothing heard from the peer for this long.
     pub stall: std::time::Duration,
     /// Send a keepalive after this long without writing.
     pub keepalive: std::time::Duration,
     /// A sender with data outstanding that sees no chunk acknowledged for this
     /// long, while the connection itself is alive (keepalives answered), tears
     /// it down and resumes on a new one: the receiver is stuck, not the link.
+    /// A write that cannot move for this long (or `stall`, if longer) fails too.
     pub ack: std::time::Duration,
 }
 
@@ -362,7 +363,12 @@ impl Conn {
 
     pub fn set_timeouts(&mut self, t: Timeouts) {
         self.timeouts = t;
-        self.wr.stall = t.stall;
+        // A write that cannot move means the peer is not reading: a stuck
+        // receiver, given the same time as the acknowledgement watchdog. A
+        // moving link frees a blocked writer only in steps (over TCP, ~128
+        // KiB; see `transport::tcp::NOTSENT_LOWAT`), which on a slow link may
+        // take longer than the read stall limit.
+        self.wr.stall = t.ack.max(t.stall);
     }
 
     /// Sends and flushes one message.

@@ -718,6 +718,39 @@ async fn chunks_on_lanes_slower_than_the_ack_limit_are_not_a_stuck_receiver() {
     srv.stop().await;
 }
 
+/// A writer waiting on a full TCP send buffer is woken only once enough of
+/// it has left; with autotuning's 4 MiB that is ~1.3 MiB without
+/// `TCP_NOTSENT_LOWAT`, which at 1 MiB/s takes longer than the 1 s this
+/// test lets a write block, so a moving link looked stuck. With the socket's
+/// unsent bytes bounded, a write wakes after ~128 KiB has left.
+#[tokio::test]
+async fn a_full_send_buffer_on_a_moving_link_is_not_a_stall() {
+    log_to_test_output();
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), false).await;
+    let proxy = slow_proxy(srv.addr, 1024 * 1024).await;
+    let src = dir.path().join("full.bin");
+    let data = random_file(&src, 48 * CHUNK, 9);
+    let mut o = opts(dir.path(), Kind::Tcp.dialer());
+    o.client.streams = Streams::Fixed(1);
+    o.client.timeouts = ferry::conn::Timeouts {
+        stall: Duration::from_secs(1),
+        keepalive: Duration::from_millis(300),
+        ack: Duration::from_secs(1),
+    };
+    o.retry.max_attempts = 1;
+    let s = cp(
+        &[src.display().to_string()],
+        &format!("ferry://{proxy}/full.bin"),
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.retries, 0);
+    assert_eq!(std::fs::read(srv.root.join("full.bin")).unwrap(), data);
+    srv.stop().await;
+}
+
 async fn fresh_transfers(kind: Kind) {
     let dir = TempDir::new().unwrap();
     let srv = TestServer::start(dir.path(), true).await;
