@@ -365,9 +365,9 @@ impl Conn {
         self.timeouts = t;
         // A write that cannot move means the peer is not reading: a stuck
         // receiver, given the same time as the acknowledgement watchdog. A
-        // moving link frees a blocked writer only in steps (over TCP, ~128
-        // KiB; see `transport::tcp::NOTSENT_LOWAT`), which on a slow link may
-        // take longer than the read stall limit.
+        // moving link frees a blocked writer only in steps (over TCP, once a
+        // third of the send buffer has left: ~1.3 MiB of autotuning's 4 MiB),
+        // which on a slow link takes longer than the read stall limit.
         self.wr.stall = t.ack.max(t.stall);
     }
 

@@ -83,22 +83,11 @@ impl Listener for TcpTlsListener {
     }
 }
 
-/// Unsent bytes a socket holds before a write waits (`TCP_NOTSENT_LOWAT`).
-/// Without it a full send buffer (autotuning grows it to 4 MiB) wakes a
-/// waiting writer only once a third of it has left, which on a 20 KB/s link
-/// takes longer than a write may block (`Timeouts::ack`, 60 s), so a slow
-/// but moving link looked stuck. With it, a writer wakes once the unsent
-/// bytes fall below half of this: up to ~128 KiB (with the last segment
-/// queued) has to leave. Bytes in flight are not limited (the congestion
-/// window is), so a long fat path stays full.
-pub const NOTSENT_LOWAT: u32 = 128 * 1024;
-
-/// Nagle off, unsent bytes bounded, the send buffer where asking beats autotuning, and the
+/// Nagle off, the send buffer where asking beats autotuning, and the
 /// congestion controller ferry prefers (see the module docs). Each is an
 /// optimisation: a failure is ignored.
 pub fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
-    let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(NOTSENT_LOWAT);
     if let Some(size) = send_buffer_request() {
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(tcp, size);
     }
