@@ -332,6 +332,7 @@ fn read_token(file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    ferry::fsutil::raise_fd_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -8,12 +8,22 @@
 //! whole (`BatchData`), and on `BatchCommit` the receiver makes them durable
 //! and visible together:
 //!
-//! 1. every file of the batch was written to its hidden `.NAME.ferry.part`,
-//!    verified against its digest first (a bad one is never written);
+//! 1. every file of the batch was written, verified against its digest first
+//!    (a bad one is never written), to an unnamed file in its directory
+//!    (`O_TMPFILE`), or where that cannot be had to its hidden
+//!    `.NAME.ferry.part`;
 //! 2. one `syncfs` per filesystem makes all of their data durable (instead of
 //!    one fsync per file);
-//! 3. each part is renamed over its final name (atomic);
+//! 3. each unnamed file is linked in under its final name (atomic; over an
+//!    existing file it is linked to its part name and renamed over it), each
+//!    named part renamed over its final name (atomic);
 //! 4. each directory that received a file is fsynced once.
+//!
+//! Unnamed files save a name created and renamed away per file (~20 % of the
+//! filesystem time for 10,000 files of 4 KiB on ext4), and a crash before
+//! step 3 leaves nothing behind. Each holds a file descriptor until the commit,
+//! so they are used while this process has descriptors to spare (see
+//! [`anon_budget`]).
 //!
 //! Where `syncfs` is refused, each part is fsynced instead. A batch whose
 //! directories span filesystems (a mount point inside the tree) gets one
@@ -69,43 +79,194 @@ pub fn already_there(path: &Path, f: &BatchFile, alg: HashAlg) -> Result<bool> {
     Ok(true)
 }
 
-/// Writes one verified file of a batch to its `.part` (not yet durable).
-pub fn write_part(final_path: &Path, f: &BatchFile, data: &[u8]) -> Result<PathBuf> {
-    let part = fsutil::part_path(final_path);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&part)
-        .map_err(|e| Error::local(&part, e))?;
-    file.write_all(data).map_err(|e| Error::local(&part, e))?;
-    fsutil::apply_meta(&file, &part, f.mode, f.mtime_ns)?;
-    Ok(part)
+/// A file of a batch written but not yet in place.
+pub struct Part {
+    /// Where it goes.
+    pub fin: PathBuf,
+    kind: PartKind,
 }
 
-/// Makes written parts durable and renames them into place; returns, for each
-/// `(part, final)` pair in order, whether it is now in place.
-pub fn commit(written: &[(PathBuf, PathBuf)]) -> Vec<Result<()>> {
-    if written.is_empty() {
+enum PartKind {
+    /// A hidden `.NAME.ferry.part` beside the final name.
+    Named(PathBuf),
+    /// An unnamed file in the final name's directory, and its descriptor's
+    /// share of the budget.
+    Anon(File, AnonSlot),
+}
+
+impl Part {
+    /// The part file's name, if it has one (tests, logs).
+    pub fn part_path(&self) -> Option<&Path> {
+        match &self.kind {
+            PartKind::Named(p) => Some(p),
+            PartKind::Anon(..) => None,
+        }
+    }
+}
+
+/// Descriptors held by unnamed parts in this process now.
+static ANON_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many unnamed parts may be open at once: half the descriptors this
+/// process may open (`RLIMIT_NOFILE`), so connections, the journal and
+/// everything else keep the other half; none where `/proc/self/fd` (which
+/// `linkat` names them by) is missing.
+fn anon_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        if !Path::new("/proc/self/fd").is_dir() {
+            return 0;
+        }
+        match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+            Some(n) => usize::try_from(n / 2).unwrap_or(usize::MAX),
+            None => usize::MAX,
+        }
+    })
+}
+
+/// One unnamed part's share of [`anon_budget`], given back when dropped.
+struct AnonSlot;
+
+impl AnonSlot {
+    fn take() -> Option<AnonSlot> {
+        use std::sync::atomic::Ordering;
+        let budget = anon_budget();
+        let mut held = ANON_HELD.load(Ordering::Relaxed);
+        loop {
+            if held >= budget {
+                return None;
+            }
+            match ANON_HELD.compare_exchange_weak(
+                held,
+                held + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(AnonSlot),
+                Err(now) => held = now,
+            }
+        }
+    }
+}
+
+impl Drop for AnonSlot {
+    fn drop(&mut self) {
+        ANON_HELD.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Writes one verified file of a batch (not yet durable, not yet visible).
+pub fn write_part(final_path: &Path, f: &BatchFile, data: &[u8]) -> Result<Part> {
+    write_part_as(final_path, f, data, true)
+}
+
+fn write_part_as(final_path: &Path, f: &BatchFile, data: &[u8], anon: bool) -> Result<Part> {
+    // Created with its final mode where the umask leaves it whole (one
+    // `fchmod` less per file); otherwise, or for a leftover named part, the
+    // mode is set after.
+    let want = f.mode & 0o777;
+    let exact = f.mode != 0 && fsutil::umask().is_some_and(|u| want & u == 0);
+    let create_mode = if exact { want } else { 0o600 };
+    let slot = if anon { AnonSlot::take() } else { None };
+    let anon = slot.and_then(|slot| open_anon(final_path, create_mode).map(|f| (f, slot)));
+    let (mut file, named, set_mode) = match anon {
+        Some((file, slot)) => (file, Err(slot), !exact),
+        None => {
+            let part = fsutil::part_path(final_path);
+            let fresh = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(create_mode)
+                .open(&part);
+            match fresh {
+                Ok(file) => (file, Ok(part), !exact),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(&part)
+                        .map_err(|e| Error::local(&part, e))?;
+                    (file, Ok(part), true)
+                }
+                Err(e) => return Err(Error::local(&part, e)),
+            }
+        }
+    };
+    let shown = named.as_ref().map_or(final_path, |p| p.as_path());
+    file.write_all(data).map_err(|e| Error::local(shown, e))?;
+    fsutil::apply_meta(&file, shown, if set_mode { f.mode } else { 0 }, f.mtime_ns)?;
+    let kind = match named {
+        Ok(part) => PartKind::Named(part),
+        Err(slot) => PartKind::Anon(file, slot),
+    };
+    Ok(Part {
+        fin: final_path.to_path_buf(),
+        kind,
+    })
+}
+
+/// An unnamed file in `final_path`'s directory, or `None` where the
+/// filesystem has none (the caller writes a named part instead).
+fn open_anon(final_path: &Path, mode: u32) -> Option<File> {
+    use rustix::fs::{Mode, OFlags};
+    let dir = fsutil::parent_of(final_path);
+    let fd = rustix::fs::open(
+        &dir,
+        OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_bits_truncate(mode),
+    )
+    .ok()?;
+    Some(File::from(fd))
+}
+
+/// Makes written parts durable and puts them in place; returns, for each
+/// part in order, whether it is now in place.
+pub fn commit(parts: &[Part]) -> Vec<Result<()>> {
+    if parts.is_empty() {
         return Vec::new();
     }
     // Durability order: every part's data, then the names.
-    let dirs: BTreeSet<PathBuf> = written.iter().map(|(_, f)| fsutil::parent_of(f)).collect();
-    if let Err(e) = sync_data(&dirs, written) {
-        return written.iter().map(|_| Err(e.clone_io())).collect();
+    let dirs: BTreeSet<PathBuf> = parts.iter().map(|p| fsutil::parent_of(&p.fin)).collect();
+    if let Err(e) = sync_data(&dirs, parts) {
+        return parts.iter().map(|_| Err(e.clone_io())).collect();
     }
-    let out: Vec<Result<()>> = written
-        .iter()
-        .map(|(part, fin)| std::fs::rename(part, fin).map_err(|e| Error::local(fin, e)))
-        .collect();
+    let out: Vec<Result<()>> = parts.iter().map(put_in_place).collect();
     if let Err(e) = sync_names(&dirs) {
-        // The renames happened but may not survive a crash: report them
+        // The names are in place but may not survive a crash: report them
         // as failed so the client sends them again (idempotent).
         tracing::warn!(error = %e, "directory fsync failed");
-        return written.iter().map(|_| Err(e.clone_io())).collect();
+        return parts.iter().map(|_| Err(e.clone_io())).collect();
     }
     out
+}
+
+/// Gives a durable part its final name, atomically.
+fn put_in_place(p: &Part) -> Result<()> {
+    use rustix::fs::{linkat, AtFlags, CWD};
+    let fin = &p.fin;
+    match &p.kind {
+        PartKind::Named(part) => std::fs::rename(part, fin).map_err(|e| Error::local(fin, e)),
+        PartKind::Anon(file, _) => {
+            use std::os::fd::AsRawFd;
+            let me = format!("/proc/self/fd/{}", file.as_raw_fd());
+            match linkat(CWD, &me, CWD, fin, AtFlags::SYMLINK_FOLLOW) {
+                Ok(()) => Ok(()),
+                Err(rustix::io::Errno::EXIST) => {
+                    // Replacing a file: link to the part name, rename over.
+                    let part = fsutil::part_path(fin);
+                    match std::fs::remove_file(&part) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(Error::local(&part, e)),
+                    }
+                    linkat(CWD, &me, CWD, &part, AtFlags::SYMLINK_FOLLOW)
+                        .map_err(|e| Error::local(&part, e.into()))?;
+                    std::fs::rename(&part, fin).map_err(|e| Error::local(fin, e))
+                }
+                Err(e) => Err(Error::local(fin, e.into())),
+            }
+        }
+    }
 }
 
 /// One `syncfs` per filesystem the batch wrote to: far cheaper than an fsync
@@ -131,20 +292,27 @@ fn syncfs_each(dirs: &BTreeSet<PathBuf>) -> Option<Result<()>> {
 }
 
 /// Every written part's data durable.
-fn sync_data(dirs: &BTreeSet<PathBuf>, written: &[(PathBuf, PathBuf)]) -> Result<()> {
+fn sync_data(dirs: &BTreeSet<PathBuf>, parts: &[Part]) -> Result<()> {
     match syncfs_each(dirs) {
         Some(r) => r,
         None => {
-            for (part, _) in written {
-                let f = File::open(part).map_err(|e| Error::local(part, e))?;
-                f.sync_all().map_err(|e| Error::local(part, e))?;
+            for p in parts {
+                match &p.kind {
+                    PartKind::Named(part) => {
+                        let f = File::open(part).map_err(|e| Error::local(part, e))?;
+                        f.sync_all().map_err(|e| Error::local(part, e))?;
+                    }
+                    PartKind::Anon(file, _) => {
+                        file.sync_all().map_err(|e| Error::local(&p.fin, e))?
+                    }
+                }
             }
             Ok(())
         }
     }
 }
 
-/// The renames durable: each directory that holds one fsynced once. (One
+/// The new names durable: each directory that holds one fsynced once. (One
 /// more `syncfs` instead measured no faster for 100 directories a batch,
 /// and would flush everything else on the filesystem too.)
 fn sync_names(dirs: &BTreeSet<PathBuf>) -> Result<()> {
@@ -154,10 +322,13 @@ fn sync_names(dirs: &BTreeSet<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Removes parts written for a batch that will not be committed.
-pub fn discard(written: &[(PathBuf, PathBuf)]) {
-    for (part, _) in written {
-        let _ = std::fs::remove_file(part);
+/// Removes parts written for a batch that will not be committed (an
+/// unnamed one vanishes when its descriptor closes).
+pub fn discard(parts: Vec<Part>) {
+    for p in parts {
+        if let PartKind::Named(part) = &p.kind {
+            let _ = std::fs::remove_file(part);
+        }
     }
 }
 
@@ -269,18 +440,106 @@ mod tests {
             let fin = dir.join(format!("f{i}"));
             let body = vec![i as u8; 100 + i];
             let part = write_part(&fin, &file(&fin, &body), &body).unwrap();
-            assert!(part.exists() && !fin.exists());
-            written.push((part, fin));
+            assert!(!fin.exists());
+            written.push(part);
         }
         let results = commit(&written);
         assert_eq!(results.len(), 3);
-        for ((part, fin), r) in written.iter().zip(results) {
+        for (part, r) in written.iter().zip(results) {
             r.unwrap();
-            assert!(!part.exists());
+            let fin = &part.fin;
             let i = fin.file_name().unwrap().to_string_lossy()[1..]
                 .parse::<usize>()
                 .unwrap();
             assert_eq!(std::fs::read(fin).unwrap(), vec![i as u8; 100 + i]);
         }
+        drop(written);
+        for dir in [a.path(), b.path()] {
+            let names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert!(names.iter().all(|n| !n.ends_with(".part")), "{names:?}");
+        }
+    }
+
+    fn meta(body: &[u8], mode: u32, mtime_ns: i64) -> BatchFile {
+        BatchFile {
+            path: String::new(),
+            size: body.len() as u64,
+            mtime_ns,
+            mode,
+            digest: small_file_digest(HashAlg::Blake3, body),
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Unnamed and named parts alike: invisible until committed, then in
+    /// place with their mode and mtime, replacing what was there; a named
+    /// part left over from before (another mode) is reused and fixed.
+    #[test]
+    fn parts_of_either_kind_replace_and_carry_metadata() {
+        use std::os::unix::fs::PermissionsExt;
+        for anon in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let old = d.path().join("old");
+            std::fs::write(&old, b"previous content").unwrap();
+            let new = d.path().join("new");
+            let stale = fsutil::part_path(&new);
+            std::fs::write(&stale, b"a leftover part").unwrap();
+            std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let mut parts = Vec::new();
+            for (fin, body, mode) in [(&old, &b"fresh"[..], 0o640), (&new, &b"made"[..], 0o644)] {
+                let p = write_part_as(fin, &meta(body, mode, 1_000_000_000), body, anon).unwrap();
+                assert_eq!(p.part_path().is_none(), anon, "anon={anon}");
+                parts.push(p);
+            }
+            assert_eq!(std::fs::read(&old).unwrap(), b"previous content");
+            assert!(!new.exists());
+            for r in commit(&parts) {
+                r.unwrap();
+            }
+            drop(parts);
+            for (fin, body, mode) in [(&old, &b"fresh"[..], 0o640), (&new, &b"made"[..], 0o644)] {
+                assert_eq!(std::fs::read(fin).unwrap(), body, "anon={anon}");
+                let md = std::fs::metadata(fin).unwrap();
+                assert_eq!(md.permissions().mode() & 0o777, mode, "anon={anon}");
+                assert_eq!(fsutil::mtime_ns(&md), 1_000_000_000, "anon={anon}");
+            }
+            // The unnamed part never used the stale part's name.
+            let want: Vec<String> = if anon {
+                vec!["new".into(), ".new.ferry.part".into(), "old".into()]
+            } else {
+                vec!["new".into(), "old".into()]
+            };
+            let mut want = want;
+            want.sort();
+            assert_eq!(names(d.path()), want, "anon={anon}");
+        }
+    }
+
+    /// A batch given up leaves nothing behind: named parts are removed,
+    /// unnamed ones vanish with their descriptor, and the budget is returned.
+    #[test]
+    fn discarded_parts_leave_nothing() {
+        use std::sync::atomic::Ordering;
+        let d = tempfile::tempdir().unwrap();
+        let mut parts = Vec::new();
+        for (i, anon) in [true, false, true].into_iter().enumerate() {
+            let fin = d.path().join(format!("f{i}"));
+            parts.push(write_part_as(&fin, &meta(b"x", 0o644, 0), b"x", anon).unwrap());
+        }
+        assert!(ANON_HELD.load(Ordering::Relaxed) >= 2);
+        assert_eq!(names(d.path()), vec![".f1.ferry.part".to_string()]);
+        discard(parts);
+        assert!(names(d.path()).is_empty());
     }
 }

@@ -1405,7 +1405,7 @@ impl<'j> Fetched<'j> {
                 match payload {
                     Some(data) => match crate::batch::write_part(&local, &file, &data) {
                         Ok(part) => {
-                            written.push((part, local));
+                            written.push(part);
                             written_at.push((i, file, data.len() as u64));
                         }
                         Err(e) => out.push((i, file, 0, Err(e))),

@@ -212,6 +212,32 @@ pub fn source_key(path: &str, source_id: &[u8], chunk_size: u32, alg: &str) -> [
     k
 }
 
+/// Raises this process's soft limit on open files to its hard limit (at most
+/// 65,536), as a server with many connections, and batches holding unnamed
+/// parts open until they commit, want. Best effort: the limit stays where it
+/// was if raising it is refused. Call it before anything is running.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    let want = l.maximum.map_or(65_536, |m| m.min(65_536));
+    if l.current.is_some_and(|c| c < want) {
+        l.current = Some(want);
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
+/// This process's umask, read once from `/proc/self/status` (`umask(2)`
+/// cannot be read without setting it, which races with other threads);
+/// `None` where that is not available.
+pub fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
+}
+
 #[cfg(test)]
 mod lock_tests {
     use super::*;

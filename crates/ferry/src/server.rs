@@ -917,7 +917,7 @@ async fn serve_batch(
     .await?;
     let t_receive = std::time::Instant::now();
     // Receive the needed files, verify, write their parts.
-    let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut written: Vec<crate::batch::Part> = Vec::new();
     let mut written_idx: Vec<u32> = Vec::new();
     let mut got = RangeSet::new();
     // Verified files waiting to be written, in one blocking call per few MiB.
@@ -1016,12 +1016,12 @@ async fn serve_batch(
     }
     if let Err(e) = r {
         let w = std::mem::take(&mut written);
-        let _ = tokio::task::spawn_blocking(move || crate::batch::discard(&w)).await;
+        let _ = tokio::task::spawn_blocking(move || crate::batch::discard(w)).await;
         return Err(RequestError::Fatal(e));
     }
     if got != need {
         let w = std::mem::take(&mut written);
-        let _ = tokio::task::spawn_blocking(move || crate::batch::discard(&w)).await;
+        let _ = tokio::task::spawn_blocking(move || crate::batch::discard(w)).await;
         return Err(RequestError::Fatal(Error::Proto(
             ferry_proto::ProtoError::PeerMisbehaved("batch committed with files missing".into()),
         )));
@@ -1031,9 +1031,9 @@ async fn serve_batch(
     let results = tokio::task::spawn_blocking(move || {
         let results = crate::batch::commit(&written);
         // A stale chunked partial of the same destination no longer applies.
-        for ((_, fin), r) in written.iter().zip(&results) {
+        for (part, r) in written.iter().zip(&results) {
             if r.is_ok() {
-                let key = fin.to_string_lossy();
+                let key = part.fin.to_string_lossy();
                 if let Ok(Some(_)) = store.partial(&key) {
                     let _ = store.remove_partial(&key);
                 }
@@ -1063,19 +1063,14 @@ async fn serve_batch(
     Ok(())
 }
 
-type WriteJob = tokio::task::JoinHandle<Vec<(u32, Result<(PathBuf, PathBuf)>)>>;
+type WriteJob = tokio::task::JoinHandle<Vec<(u32, Result<crate::batch::Part>)>>;
 
 /// Writes verified batch files to their parts on a blocking thread.
 fn spawn_writes(pending: Vec<(u32, PathBuf, BatchFile, bytes::Bytes)>) -> WriteJob {
     tokio::task::spawn_blocking(move || {
         pending
             .into_iter()
-            .map(|(index, full, f, data)| {
-                (
-                    index,
-                    crate::batch::write_part(&full, &f, &data).map(|part| (part, full)),
-                )
-            })
+            .map(|(index, full, f, data)| (index, crate::batch::write_part(&full, &f, &data)))
             .collect()
     })
 }
@@ -1083,15 +1078,15 @@ fn spawn_writes(pending: Vec<(u32, PathBuf, BatchFile, bytes::Bytes)>) -> WriteJ
 /// Waits for a group of writes and records what each did.
 async fn absorb(
     job: WriteJob,
-    written: &mut Vec<(PathBuf, PathBuf)>,
+    written: &mut Vec<crate::batch::Part>,
     written_idx: &mut Vec<u32>,
     failures: &mut Vec<BatchFailure>,
 ) -> Result<()> {
     let results = job.await.map_err(|e| Error::Store(e.to_string()))?;
     for (index, r) in results {
         match r {
-            Ok(pair) => {
-                written.push(pair);
+            Ok(part) => {
+                written.push(part);
                 written_idx.push(index);
             }
             Err(e) => failures.push(BatchFailure {
