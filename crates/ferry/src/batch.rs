@@ -250,7 +250,12 @@ fn put_in_place(p: &Part) -> Result<()> {
             use std::os::fd::AsRawFd;
             let me = format!("/proc/self/fd/{}", file.as_raw_fd());
             match linkat(CWD, &me, CWD, fin, AtFlags::SYMLINK_FOLLOW) {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    // A part left by an earlier attempt (a crash, or a
+                    // chunked transfer of the same file) is garbage now.
+                    let _ = std::fs::remove_file(fsutil::part_path(fin));
+                    Ok(())
+                }
                 Err(rustix::io::Errno::EXIST) => {
                     // Replacing a file: link to the part name, rename over.
                     let part = fsutil::part_path(fin);
@@ -484,7 +489,8 @@ mod tests {
 
     /// Unnamed and named parts alike: invisible until committed, then in
     /// place with their mode and mtime, replacing what was there; a named
-    /// part left over from before (another mode) is reused and fixed.
+    /// part left over from before (another mode) is reused and fixed, or
+    /// removed once an unnamed one is in place.
     #[test]
     fn parts_of_either_kind_replace_and_carry_metadata() {
         use std::os::unix::fs::PermissionsExt;
@@ -514,15 +520,8 @@ mod tests {
                 assert_eq!(md.permissions().mode() & 0o777, mode, "anon={anon}");
                 assert_eq!(fsutil::mtime_ns(&md), 1_000_000_000, "anon={anon}");
             }
-            // The unnamed part never used the stale part's name.
-            let want: Vec<String> = if anon {
-                vec!["new".into(), ".new.ferry.part".into(), "old".into()]
-            } else {
-                vec!["new".into(), "old".into()]
-            };
-            let mut want = want;
-            want.sort();
-            assert_eq!(names(d.path()), want, "anon={anon}");
+            // No part is left, the stale one included.
+            assert_eq!(names(d.path()), vec!["new", "old"], "anon={anon}");
         }
     }
 
