@@ -51,11 +51,28 @@ use crate::fsutil;
 /// mode and mtime are brought in line, as a fresh copy would have them. A
 /// directory in the way is an error.
 pub fn already_there(path: &Path, f: &BatchFile, alg: HashAlg) -> Result<bool> {
+    already_there_seen(path, crate::paths::Seen::Unknown, f, alg)
+}
+
+/// [`already_there`] given what resolving the path saw there (one `stat`
+/// less per file). A stale `Found` is safe: the content is read and
+/// compared; a stale `Missing` only sends the file again.
+pub fn already_there_seen(
+    path: &Path,
+    seen: crate::paths::Seen,
+    f: &BatchFile,
+    alg: HashAlg,
+) -> Result<bool> {
+    use crate::paths::Seen;
     use std::os::unix::fs::MetadataExt;
-    let md = match std::fs::symlink_metadata(path) {
-        Ok(md) => md,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(Error::local(path, e)),
+    let md = match seen {
+        Seen::Missing => return Ok(false),
+        Seen::Found(md) => md,
+        Seen::Unknown => match std::fs::symlink_metadata(path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::local(path, e)),
+        },
     };
     if md.is_dir() {
         return Err(Error::Usage(format!("{:?} is a directory", f.path)));

@@ -76,9 +76,28 @@ pub fn resolve_cached(
     p: &str,
     cache: &mut std::collections::HashMap<String, PathBuf>,
 ) -> Result<PathBuf, PathError> {
+    resolve_cached_seen(root, p, cache).map(|(path, _)| path)
+}
+
+/// What resolving saw at the last component: the caller may skip its own
+/// `stat` of the path (it can be stale by the time it is used).
+#[derive(Debug)]
+pub enum Seen {
+    Missing,
+    Found(std::fs::Metadata),
+    /// A symlink (followed) or the root: not looked at as the final path.
+    Unknown,
+}
+
+/// [`resolve_cached`], also saying what is at the resolved path.
+pub fn resolve_cached_seen(
+    root: &Path,
+    p: &str,
+    cache: &mut std::collections::HashMap<String, PathBuf>,
+) -> Result<(PathBuf, Seen), PathError> {
     let parts = split_relative(p)?;
     let Some((last, parents)) = parts.split_last() else {
-        return Ok(root.to_path_buf());
+        return Ok((root.to_path_buf(), Seen::Unknown));
     };
     let key = parents.join("/");
     let mut cur = match cache.get(&key) {
@@ -92,13 +111,13 @@ pub fn resolve_cached(
             c
         }
     };
-    step(root, &mut cur, last, p)?;
-    Ok(cur)
+    let seen = step(root, &mut cur, last, p)?;
+    Ok((cur, seen))
 }
 
 /// Appends one component, checking what is there: a symlink must resolve
 /// inside the root, a special file is refused.
-fn step(root: &Path, cur: &mut PathBuf, part: &str, p: &str) -> Result<(), PathError> {
+fn step(root: &Path, cur: &mut PathBuf, part: &str, p: &str) -> Result<Seen, PathError> {
     cur.push(part);
     match std::fs::symlink_metadata(&*cur) {
         Ok(md) => {
@@ -118,16 +137,18 @@ fn step(root: &Path, cur: &mut PathBuf, part: &str, p: &str) -> Result<(), PathE
                     }
                 }
                 *cur = real;
+                Ok(Seen::Unknown)
             } else if ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket()
             {
-                return Err(PathError::Device(p.into()));
+                Err(PathError::Device(p.into()))
+            } else {
+                Ok(Seen::Found(md))
             }
         }
-        Err(_) => {
-            // Does not exist (yet): the rest is created by us, under root.
-        }
+        // Does not exist (yet): the rest is created by us, under root.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Seen::Missing),
+        Err(_) => Ok(Seen::Unknown),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -786,29 +786,34 @@ async fn serve_batch(
     let mut targets: Vec<Option<PathBuf>> = Vec::with_capacity(n);
     let mut held: Vec<usize> = Vec::new();
     let mut resolved_parents = HashMap::new();
+    // What resolving saw at each target (saves `already_there` a stat).
+    let mut seen_at: HashMap<usize, crate::paths::Seen> = HashMap::new();
     for (i, f) in files.iter().enumerate() {
-        let full = match crate::paths::resolve_cached(&shared.root, &f.path, &mut resolved_parents)
-        {
-            Ok(p) if p != shared.root => p,
-            Ok(_) => {
-                fail(
-                    &mut failures,
-                    i,
-                    Failure::new(FailureCode::BadRequest, "the root is a directory"),
-                );
-                targets.push(None);
-                continue;
-            }
-            Err(e) => {
-                fail(
-                    &mut failures,
-                    i,
-                    Failure::new(FailureCode::PermissionDenied, e.to_string()),
-                );
-                targets.push(None);
-                continue;
-            }
-        };
+        let full =
+            match crate::paths::resolve_cached_seen(&shared.root, &f.path, &mut resolved_parents) {
+                Ok((p, seen)) if p != shared.root => {
+                    seen_at.insert(i, seen);
+                    p
+                }
+                Ok(_) => {
+                    fail(
+                        &mut failures,
+                        i,
+                        Failure::new(FailureCode::BadRequest, "the root is a directory"),
+                    );
+                    targets.push(None);
+                    continue;
+                }
+                Err(e) => {
+                    fail(
+                        &mut failures,
+                        i,
+                        Failure::new(FailureCode::PermissionDenied, e.to_string()),
+                    );
+                    targets.push(None);
+                    continue;
+                }
+            };
         match claims.try_take(&full, batch_id)? {
             Take::Taken => {}
             Take::HeldByOther => held.push(i),
@@ -838,6 +843,9 @@ async fn serve_batch(
             if let Some(full) = targets[i].clone() {
                 if claims.try_take(&full, batch_id)? != Take::Taken {
                     still.push(i);
+                } else {
+                    // Its holder may have changed it meanwhile.
+                    seen_at.remove(&i);
                 }
             }
         }
@@ -868,17 +876,20 @@ async fn serve_batch(
     // Which files are already in place? (Blocking work, off the runtime.)
     let t_check = std::time::Instant::now();
     let root = shared.root.clone();
-    let check: Vec<(usize, PathBuf, BatchFile)> = targets
+    let check: Vec<(usize, PathBuf, BatchFile, crate::paths::Seen)> = targets
         .iter()
         .enumerate()
-        .filter_map(|(i, t)| t.clone().map(|p| (i, p, files[i].clone())))
+        .filter_map(|(i, t)| {
+            let seen = seen_at.remove(&i).unwrap_or(crate::paths::Seen::Unknown);
+            t.clone().map(|p| (i, p, files[i].clone(), seen))
+        })
         .collect();
     let checked = tokio::task::spawn_blocking(move || {
         // Parents made sure of in this batch (most files share a few).
         let mut ensured: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
         check
             .into_iter()
-            .map(|(i, full, f)| {
+            .map(|(i, full, f, seen)| {
                 let parent = fsutil::parent_of(&full);
                 let r = (|| {
                     if !ensured.contains(&parent) {
@@ -891,7 +902,7 @@ async fn serve_batch(
                         }
                         ensured.insert(parent.clone());
                     }
-                    crate::batch::already_there(&full, &f, alg)
+                    crate::batch::already_there_seen(&full, seen, &f, alg)
                 })();
                 (i, r)
             })
