@@ -431,22 +431,12 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut a, b) = tokio::io::duplex(1 << 20);
         let mut rd = FramedRead::new(b, "test".into());
-        let ping = Message::Ping {
-            nonce: 0,
-            received: None,
-        }
-        .encode();
+        let ping = ping_frame();
         a.write_all(&ping).await.unwrap();
         assert!(matches!(rd.expect().await.unwrap(), Message::Ping { .. }));
         assert_eq!(rd.data_in(), 0);
         assert_eq!(rd.bytes_in, ping.len() as u64);
-        let data = Message::Data {
-            index: 0,
-            offset: 0,
-            tag: ferry_proto::hash::ChunkHash([7; 32]),
-            payload: bytes::Bytes::from(vec![1u8; 1000]),
-        }
-        .encode();
+        let data = data_frame();
         // Half of it: still arriving, but counted.
         a.write_all(&data[..500]).await.unwrap();
         let r = tokio::time::timeout(std::time::Duration::from_millis(50), rd.next()).await;
@@ -459,6 +449,25 @@ mod tests {
         assert_eq!(rd.data_in(), data.len() as u64);
     }
 
+    /// A 1000-byte chunk's frame.
+    fn data_frame() -> bytes::Bytes {
+        Message::Data {
+            index: 0,
+            offset: 0,
+            tag: ferry_proto::hash::ChunkHash([7; 32]),
+            payload: bytes::Bytes::from(vec![1u8; 1000]),
+        }
+        .encode()
+    }
+
+    fn ping_frame() -> bytes::Bytes {
+        Message::Ping {
+            nonce: 0,
+            received: None,
+        }
+        .encode()
+    }
+
     /// Two connections' `data_in` add up on one meter as bytes arrive, a
     /// frame still arriving included, keepalives left out.
     #[tokio::test]
@@ -466,18 +475,8 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         use tokio::io::AsyncWriteExt;
         let meter = std::sync::Arc::new(AtomicU64::new(0));
-        let data = Message::Data {
-            index: 0,
-            offset: 0,
-            tag: ferry_proto::hash::ChunkHash([7; 32]),
-            payload: bytes::Bytes::from(vec![1u8; 1000]),
-        }
-        .encode();
-        let ping = Message::Ping {
-            nonce: 0,
-            received: None,
-        }
-        .encode();
+        let data = data_frame();
+        let ping = ping_frame();
         let mut sides = Vec::new();
         for _ in 0..2 {
             let (mut a, b) = tokio::io::duplex(1 << 20);
