@@ -186,8 +186,13 @@ fn write_part_as(final_path: &Path, f: &BatchFile, data: &[u8], anon: bool) -> R
     let create_mode = if exact { want } else { 0o600 };
     let slot = if anon { AnonSlot::take() } else { None };
     let anon = slot.and_then(|slot| open_anon(final_path, create_mode).map(|f| (f, slot)));
-    let (mut file, named, set_mode) = match anon {
-        Some((file, slot)) => (file, Err(slot), !exact),
+    // Which kind of part, before it has its file.
+    enum Kind {
+        Anon(AnonSlot),
+        Named(PathBuf),
+    }
+    let (mut file, kind, set_mode) = match anon {
+        Some((file, slot)) => (file, Kind::Anon(slot), !exact),
         None => {
             let part = fsutil::part_path(final_path);
             let fresh = OpenOptions::new()
@@ -196,25 +201,28 @@ fn write_part_as(final_path: &Path, f: &BatchFile, data: &[u8], anon: bool) -> R
                 .mode(create_mode)
                 .open(&part);
             match fresh {
-                Ok(file) => (file, Ok(part), !exact),
+                Ok(file) => (file, Kind::Named(part), !exact),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let file = OpenOptions::new()
                         .write(true)
                         .truncate(true)
                         .open(&part)
                         .map_err(|e| Error::local(&part, e))?;
-                    (file, Ok(part), true)
+                    (file, Kind::Named(part), true)
                 }
                 Err(e) => return Err(Error::local(&part, e)),
             }
         }
     };
-    let shown = named.as_ref().map_or(final_path, |p| p.as_path());
+    let shown = match &kind {
+        Kind::Named(part) => part.as_path(),
+        Kind::Anon(_) => final_path,
+    };
     file.write_all(data).map_err(|e| Error::local(shown, e))?;
     fsutil::apply_meta(&file, shown, if set_mode { f.mode } else { 0 }, f.mtime_ns)?;
-    let kind = match named {
-        Ok(part) => PartKind::Named(part),
-        Err(slot) => PartKind::Anon(file, slot),
+    let kind = match kind {
+        Kind::Named(part) => PartKind::Named(part),
+        Kind::Anon(slot) => PartKind::Anon(file, slot),
     };
     Ok(Part {
         fin: final_path.to_path_buf(),
