@@ -112,8 +112,9 @@ enum PartKind {
 }
 
 impl Part {
-    /// The part file's name, if it has one (tests, logs).
-    pub fn part_path(&self) -> Option<&Path> {
+    /// The part file's name, if it has one.
+    #[cfg(test)]
+    fn part_path(&self) -> Option<&Path> {
         match &self.kind {
             PartKind::Named(p) => Some(p),
             PartKind::Anon(..) => None,
@@ -485,10 +486,7 @@ mod tests {
         }
         drop(written);
         for dir in [a.path(), b.path()] {
-            let names: Vec<_> = std::fs::read_dir(dir)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
+            let names = names(dir);
             assert!(names.iter().all(|n| !n.ends_with(".part")), "{names:?}");
         }
     }

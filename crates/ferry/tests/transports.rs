@@ -619,22 +619,39 @@ async fn a_chunk_slower_than_the_stall_limit_is_not_a_stall() {
     // One chunk goes in a batch (small files), three as a chunked transfer.
     for (name, chunks, streams) in [("one.bin", 1, 1), ("three.bin", 3, 1)] {
         let src = dir.path().join(name);
-        let data = random_file(&src, chunks * CHUNK, chunks);
+        random_file(&src, chunks * CHUNK, chunks);
         let mut o = opts(dir.path(), Kind::Tcp.dialer());
         o.client.streams = Streams::Fixed(streams);
         o.retry.max_attempts = 1;
-        let s = cp(
-            &[src.display().to_string()],
-            &format!("ferry://{proxy}/{name}"),
-            &o,
-        )
-        .await
-        .unwrap();
-        assert_eq!(s.retries, 0, "{name}");
+        let s = upload_on_first_attempt(&srv, proxy, &src, name, &o).await;
         assert_eq!(s.data_lanes as usize, streams - 1, "{name}");
-        assert_eq!(std::fs::read(srv.root.join(name)).unwrap(), data, "{name}");
     }
     srv.stop().await;
+}
+
+/// Uploads `src` as `name` through `proxy` and checks that it landed byte
+/// for byte on the first attempt.
+async fn upload_on_first_attempt(
+    srv: &TestServer,
+    proxy: SocketAddr,
+    src: &Path,
+    name: &str,
+    o: &CopyOptions,
+) -> CopySummary {
+    let s = cp(
+        &[src.display().to_string()],
+        &format!("ferry://{proxy}/{name}"),
+        o,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.retries, 0, "{name}");
+    assert_eq!(
+        std::fs::read(srv.root.join(name)).unwrap(),
+        std::fs::read(src).unwrap(),
+        "{name}"
+    );
+    s
 }
 
 /// The sender's acknowledgement watchdog (twice its stall limit: here 2 s)
@@ -649,20 +666,12 @@ async fn a_chunk_slower_than_the_senders_ack_limit_is_not_a_stuck_receiver() {
     let srv = TestServer::start(dir.path(), false).await;
     let proxy = slow_proxy(srv.addr, 100 * 1024).await;
     let src = dir.path().join("three.bin");
-    let data = random_file(&src, 3 * CHUNK, 3);
+    random_file(&src, 3 * CHUNK, 3);
     let mut o = opts(dir.path(), Kind::Tcp.dialer());
     o.client.streams = Streams::Fixed(1);
     o.client.timeouts = ferry::conn::Timeouts::with_stall(Duration::from_secs(1));
     o.retry.max_attempts = 1;
-    let s = cp(
-        &[src.display().to_string()],
-        &format!("ferry://{proxy}/three.bin"),
-        &o,
-    )
-    .await
-    .unwrap();
-    assert_eq!(s.retries, 0);
-    assert_eq!(std::fs::read(srv.root.join("three.bin")).unwrap(), data);
+    upload_on_first_attempt(&srv, proxy, &src, "three.bin", &o).await;
     // Small files go in one batch (600 KiB, ~6 s on this link): the client
     // is done writing long before the result comes, and waits on the
     // server's keepalives, which say the batch is still arriving.
@@ -700,21 +709,13 @@ async fn chunks_on_lanes_slower_than_the_ack_limit_are_not_a_stuck_receiver() {
     let srv = TestServer::start(dir.path(), false).await;
     let proxy = slow_proxy_first(srv.addr, 2048 * 1024, 50 * 1024).await;
     let src = dir.path().join("lanes.bin");
-    let data = random_file(&src, 64 * CHUNK, 8);
+    random_file(&src, 64 * CHUNK, 8);
     let mut o = opts(dir.path(), Kind::Tcp.dialer());
     o.client.streams = Streams::Fixed(4);
     o.client.timeouts = ferry::conn::Timeouts::with_stall(Duration::from_secs(2));
     o.retry.max_attempts = 1;
-    let s = cp(
-        &[src.display().to_string()],
-        &format!("ferry://{proxy}/lanes.bin"),
-        &o,
-    )
-    .await
-    .unwrap();
-    assert_eq!(s.retries, 0);
+    let s = upload_on_first_attempt(&srv, proxy, &src, "lanes.bin", &o).await;
     assert_eq!(s.data_lanes, 3);
-    assert_eq!(std::fs::read(srv.root.join("lanes.bin")).unwrap(), data);
     srv.stop().await;
 }
 
@@ -730,7 +731,7 @@ async fn a_full_send_buffer_on_a_moving_link_is_not_a_stall() {
     let srv = TestServer::start(dir.path(), false).await;
     let proxy = slow_proxy(srv.addr, 1024 * 1024).await;
     let src = dir.path().join("full.bin");
-    let data = random_file(&src, 48 * CHUNK, 9);
+    random_file(&src, 48 * CHUNK, 9);
     let mut o = opts(dir.path(), Kind::Tcp.dialer());
     o.client.streams = Streams::Fixed(1);
     o.client.timeouts = ferry::conn::Timeouts {
@@ -739,15 +740,7 @@ async fn a_full_send_buffer_on_a_moving_link_is_not_a_stall() {
         ack: Duration::from_secs(3),
     };
     o.retry.max_attempts = 1;
-    let s = cp(
-        &[src.display().to_string()],
-        &format!("ferry://{proxy}/full.bin"),
-        &o,
-    )
-    .await
-    .unwrap();
-    assert_eq!(s.retries, 0);
-    assert_eq!(std::fs::read(srv.root.join("full.bin")).unwrap(), data);
+    upload_on_first_attempt(&srv, proxy, &src, "full.bin", &o).await;
     srv.stop().await;
 }
 
