@@ -59,27 +59,34 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
         self.dec.set_limit(limit);
     }
 
+    /// The next message if a whole one has already been read off the
+    /// stream; never waits. A server takes a pipelined run of requests in
+    /// together with it.
+    pub fn next_buffered(&mut self) -> Result<Option<Message>, Error> {
+        let held = self.buf.len();
+        let m = self
+            .dec
+            .decode(&mut self.buf)
+            .map_err(|e| Error::Proto(e.into()))?;
+        if !matches!(m, Some(Message::Data { .. })) {
+            // Keepalives, control frames and skipped optional frames.
+            self.control_in += (held - self.buf.len()) as u64;
+        }
+        if let Some(meter) = &self.meter {
+            // Only growth: a control frame, once whole, leaves `data_in`.
+            let d = self.bytes_in - self.control_in;
+            if d > self.metered {
+                meter.fetch_add(d - self.metered, std::sync::atomic::Ordering::Relaxed);
+                self.metered = d;
+            }
+        }
+        Ok(m)
+    }
+
     /// The next message; `Ok(None)` on a clean end of stream between frames.
     pub async fn next(&mut self) -> Result<Option<Message>, Error> {
         loop {
-            let held = self.buf.len();
-            let m = self
-                .dec
-                .decode(&mut self.buf)
-                .map_err(|e| Error::Proto(e.into()))?;
-            if !matches!(m, Some(Message::Data { .. })) {
-                // Keepalives, control frames and skipped optional frames.
-                self.control_in += (held - self.buf.len()) as u64;
-            }
-            if let Some(meter) = &self.meter {
-                // Only growth: a control frame, once whole, leaves `data_in`.
-                let d = self.bytes_in - self.control_in;
-                if d > self.metered {
-                    meter.fetch_add(d - self.metered, std::sync::atomic::Ordering::Relaxed);
-                    self.metered = d;
-                }
-            }
-            if let Some(m) = m {
+            if let Some(m) = self.next_buffered()? {
                 return Ok(Some(m));
             }
             if let Some(need) = FrameDecoder::needed(&self.buf) {

@@ -1147,9 +1147,8 @@ impl<'a> Runner<'a> {
 
     async fn download(&mut self, addr: &str, files: Vec<FileJob>, dirs: Vec<DirJob>) -> Result<()> {
         self.count(&files);
-        for d in &dirs {
-            fsutil::create_dirs_durable(&d.local).map_err(|e| Error::local(&d.local, e))?;
-        }
+        fsutil::create_dirs_durable_many(dirs.iter().map(|d| d.local.as_path()))
+            .map_err(|(p, e)| Error::local(&p, e))?;
         let batching = self
             .with_session(addr, |s| Box::pin(async move { Ok(s.supports_batch()) }))
             .await?;

@@ -326,16 +326,38 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
     .await?;
     conn.rd.set_frame_limit(None);
     info!(agent = %agent, version = ?negotiated.version, "client authenticated");
+    // A request read while taking in a run of `Mkdir`, not yet handled.
+    let mut next = None;
     loop {
-        let req = match tokio::time::timeout(REQUEST_IDLE, conn.rd.next()).await {
-            Err(_) => return Ok(()),
-            Ok(r) => match r? {
-                None => return Ok(()),
-                Some(m) => m,
+        let req = match next.take() {
+            Some(m) => m,
+            None => match tokio::time::timeout(REQUEST_IDLE, conn.rd.next()).await {
+                Err(_) => return Ok(()),
+                Ok(r) => match r? {
+                    None => return Ok(()),
+                    Some(m) => m,
+                },
             },
         };
         if let Message::Lane { id } = req {
             return join_lane(conn, id, &shared).await;
+        }
+        if let Message::Mkdir { .. } = req {
+            // The client pipelines them (a whole tree): the ones already
+            // here are made together, each parent fsynced once.
+            let mut run = vec![req];
+            while run.len() < MKDIR_RUN {
+                match conn.rd.next_buffered()? {
+                    Some(m @ Message::Mkdir { .. }) => run.push(m),
+                    Some(m) => {
+                        next = Some(m);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            mkdir_run(&mut conn, run, &shared).await?;
+            continue;
         }
         match handle_request(&mut conn, req, &shared).await {
             Ok(()) => {}
@@ -350,6 +372,68 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
             }
         }
     }
+}
+
+/// At most this many pipelined `Mkdir` are made together (the client keeps
+/// up to 256 in flight).
+const MKDIR_RUN: usize = 256;
+
+/// Makes a run of directories (`Mkdir` requests) off the runtime, fsyncs
+/// each directory that gained an entry once, then answers each request in
+/// order: `Ok` only once its directory is durable.
+async fn mkdir_run(conn: &mut Conn, run: Vec<Message>, shared: &Arc<Shared>) -> Result<()> {
+    let root = shared.root.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        let mut grew = std::collections::BTreeSet::new();
+        let mut results: Vec<std::result::Result<(), Failure>> = run
+            .into_iter()
+            .map(|m| match m {
+                Message::Mkdir {
+                    path,
+                    mode,
+                    mtime_ns,
+                } => mkdir_one(&root, &path, mode, mtime_ns, &mut grew),
+                m => Err(Failure::new(
+                    FailureCode::Internal,
+                    format!("not a directory request: {m:?}"),
+                )),
+            })
+            .collect();
+        if let Err((dir, e)) = fsutil::fsync_dirs(&grew) {
+            // Which of them it concerns is not known: none is durable.
+            let f = failure_for(&Error::local(&dir, e));
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(f.clone());
+            }
+        }
+        results
+    })
+    .await
+    .map_err(|e| Error::Store(e.to_string()))?;
+    for r in results {
+        match r {
+            Ok(()) => conn.wr.send_batched(&Message::Ok).await?,
+            Err(f) => {
+                warn!(code = ?f.code, message = %f.message, "request refused");
+                conn.wr.send_batched(&Message::Failure(f)).await?;
+            }
+        }
+    }
+    conn.wr.flush().await
+}
+
+/// One `Mkdir` of a run: creates it (and missing parents), noting in
+/// `grew` what must be fsynced, and sets its mode and mtime.
+fn mkdir_one(
+    root: &Path,
+    path: &str,
+    mode: u32,
+    mtime_ns: i64,
+    grew: &mut std::collections::BTreeSet<PathBuf>,
+) -> std::result::Result<(), Failure> {
+    let full = resolve(root, path).map_err(path_refused)?;
+    fsutil::create_dirs_noting(&full, grew).map_err(|e| failure_for(&Error::local(path, e)))?;
+    fsutil::apply_dir_meta(&full, mode, mtime_ns).map_err(|e| failure_for(&e))
 }
 
 enum RequestError {
@@ -404,7 +488,11 @@ fn io_failure_code(e: &std::io::Error) -> FailureCode {
 }
 
 fn path_failure(e: PathError) -> RequestError {
-    RequestError::Reply(Failure::new(FailureCode::PermissionDenied, e.to_string()))
+    RequestError::Reply(path_refused(e))
+}
+
+fn path_refused(e: PathError) -> Failure {
+    Failure::new(FailureCode::PermissionDenied, e.to_string())
 }
 
 fn entry_for(path: String, md: &std::fs::Metadata) -> Entry {
@@ -524,18 +612,7 @@ async fn handle_request(
             }
             conn.wr.flush().await?;
         }
-        Message::Mkdir {
-            path,
-            mode,
-            mtime_ns,
-        } => {
-            let full = resolve(root, &path).map_err(path_failure)?;
-            fsutil::create_dirs_durable(&full)
-                .map_err(|e| RequestError::Reply(failure_for(&Error::local(&path, e))))?;
-            fsutil::apply_dir_meta(&full, mode, mtime_ns)
-                .map_err(|e| RequestError::Reply(failure_for(&e)))?;
-            conn.send(&Message::Ok).await?;
-        }
+        m @ Message::Mkdir { .. } => mkdir_run(conn, vec![m], shared).await?,
         Message::PutOpen { id, path, meta } => {
             let full = resolve(root, &path).map_err(path_failure)?;
             if full == *root || full.is_dir() {

@@ -600,6 +600,40 @@ async fn paths_outside_the_root_are_refused_and_server_stays_up() {
 }
 
 #[tokio::test]
+async fn a_pipelined_run_of_directories_is_answered_one_by_one_in_order() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let outside = TempDir::new().unwrap();
+    std::os::unix::fs::symlink(outside.path(), srv.root.join("escape")).unwrap();
+    std::fs::write(srv.root.join("blocker"), b"a file").unwrap();
+    let opts = client_opts(dir.path(), None);
+    let mut s = Session::connect(&srv.addr.to_string(), &opts.client)
+        .await
+        .unwrap();
+    // Made together on the server (one run), refused ones in the middle.
+    let mut dirs: Vec<(String, u32, i64)> = vec![
+        ("t".into(), 0o755, 0),
+        ("escape/x".into(), 0o755, 0),
+        ("blocker/y".into(), 0o755, 0),
+    ];
+    dirs.extend((0..300).map(|i| (format!("t/d{i:03}/e"), 0o750, 0)));
+    let e = s.mkdir_many(&dirs).await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Auth, "the first refusal: {e}");
+    for i in 0..300 {
+        let d = srv.root.join(format!("t/d{i:03}/e"));
+        let md = std::fs::metadata(&d).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o750, "{}", d.display());
+    }
+    assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    // One answer per request: the next reply on this connection is the
+    // next request's, not a late answer to a directory.
+    let entry = s.stat("t/d299/e").await.unwrap();
+    assert_eq!(entry.kind, ferry_proto::message::EntryKind::Dir);
+    assert_eq!(entry.mode, 0o750);
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn garbage_and_hostile_frames_close_only_that_connection() {
     let dir = TempDir::new().unwrap();
     let srv = TestServer::start(dir.path()).await;
