@@ -1158,19 +1158,33 @@ impl<'a> Runner<'a> {
             (Vec::new(), files.iter().collect())
         };
         let mut fallback = Vec::new();
-        // Group k is written and committed on a blocking thread while group
-        // k+1 is fetched.
-        let mut storing: Option<Storing<'_>> = None;
+        // Groups are written and committed on blocking threads while the
+        // next one is fetched. Two at a time: one writes its files while the
+        // other waits for its `syncfs`, which leaves the CPU idle.
+        const STORING: usize = 2;
+        let mut storing: std::collections::VecDeque<Storing<'_>> = Default::default();
+        let mut fetch_failed = None;
         for group in batch_groups(&small) {
-            let fetched = self.fetch_batch(addr, group).await;
-            // The previous group is taken in even when this fetch failed.
-            if let Some(prev) = storing.take() {
-                fallback.extend(self.stored_batch(prev).await?);
+            let fetched = match self.fetch_batch(addr, group).await {
+                Ok(f) => f,
+                Err(e) => {
+                    fetch_failed = Some(e);
+                    break;
+                }
+            };
+            if storing.len() == STORING {
+                if let Some(prev) = storing.pop_front() {
+                    fallback.extend(self.stored_batch(prev).await?);
+                }
             }
-            storing = Some(fetched?.store(self.opts.alg));
+            storing.push_back(fetched.store(self.opts.alg));
         }
-        if let Some(prev) = storing.take() {
+        // Groups being stored are taken in even when a fetch failed.
+        while let Some(prev) = storing.pop_front() {
             fallback.extend(self.stored_batch(prev).await?);
+        }
+        if let Some(e) = fetch_failed {
+            return Err(e);
         }
         self.transfer_files(addr, fallback.into_iter().chain(large).collect(), false)
             .await?;
