@@ -389,10 +389,15 @@ pub fn read_for_get(
     alg: HashAlg,
     cache: &mut std::collections::HashMap<String, PathBuf>,
 ) -> Result<(BatchFile, Option<bytes::Bytes>)> {
+    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
-    let full = crate::paths::resolve_cached(root, &want.path, cache)
+    let (full, seen) = crate::paths::resolve_cached_seen(root, &want.path, cache)
         .map_err(|e| Error::Usage(e.to_string()))?;
-    let md = std::fs::metadata(&full).map_err(|e| Error::local(&full, e))?;
+    // What resolving saw is this file's metadata unless it was a symlink.
+    let md = match seen {
+        crate::paths::Seen::Found(md) => md,
+        _ => std::fs::metadata(&full).map_err(|e| Error::local(&full, e))?,
+    };
     if !md.is_file() {
         return Err(Error::NotFound(format!("{:?} is not a file", want.path)));
     }
@@ -402,7 +407,15 @@ pub fn read_for_get(
             want.path
         )));
     }
-    let data = std::fs::read(&full).map_err(|e| Error::local(&full, e))?;
+    // Read with the size already known (no second stat), and at most one
+    // byte past the limit.
+    let mut data = Vec::with_capacity(md.len() as usize + 1);
+    std::fs::File::open(&full)
+        .and_then(|f| {
+            f.take(ferry_proto::message::MAX_BATCH_FILE + 1)
+                .read_to_end(&mut data)
+        })
+        .map_err(|e| Error::local(&full, e))?;
     if data.len() as u64 > ferry_proto::message::MAX_BATCH_FILE {
         return Err(Error::Usage(format!(
             "{:?} grew too large for a batch",

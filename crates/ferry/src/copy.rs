@@ -1208,14 +1208,13 @@ impl<'a> Runner<'a> {
             .map(|j| (j.local.clone(), j.remote.clone(), j.size))
             .collect();
         let want = tokio::task::spawn_blocking(move || {
+            // Each parent once: a batch spans few directories.
+            let parents: std::collections::BTreeSet<&Path> =
+                locals.iter().filter_map(|(l, _, _)| l.parent()).collect();
+            let _ = fsutil::create_dirs_durable_many(parents);
             locals
                 .iter()
-                .map(|(l, r, size)| {
-                    if let Some(p) = l.parent() {
-                        let _ = fsutil::create_dirs_durable(p);
-                    }
-                    crate::batch::local_view(l, r, *size, alg)
-                })
+                .map(|(l, r, size)| crate::batch::local_view(l, r, *size, alg))
                 .collect::<Vec<_>>()
         })
         .await
