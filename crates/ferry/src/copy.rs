@@ -574,16 +574,95 @@ async fn file_worker(
     }
 }
 
-/// Batch workers for small-file uploads (see `Runner::upload_batches`): two
-/// are enough to keep one batch on the wire while the other is committed.
+/// Batch workers for small files (see `Runner::batches`): two are enough to
+/// keep one batch on the wire while the other is committed.
 const BATCH_WORKERS: usize = 2;
 
-/// One batch worker: takes groups from `queue` until it is empty, reading
-/// the next group while the current one is sent.
+/// Which way a batch worker moves its groups.
+#[derive(Clone, Copy)]
+enum Way {
+    Up,
+    /// Down, with this many groups being stored at once by one worker.
+    Down {
+        storing: usize,
+    },
+}
+
+/// Groups of small files waiting for a batch worker.
+type GroupQueue<'j> = std::sync::Mutex<std::collections::VecDeque<&'j Vec<&'j FileJob>>>;
+
 async fn batch_worker<'j>(
     w: &mut Runner<'_>,
     addr: &str,
-    queue: &std::sync::Mutex<std::collections::VecDeque<&'j Vec<&'j FileJob>>>,
+    queue: &GroupQueue<'j>,
+    failed: &std::sync::atomic::AtomicBool,
+    way: Way,
+) -> Result<Vec<&'j FileJob>> {
+    match way {
+        Way::Up => up_worker(w, addr, queue, failed).await,
+        Way::Down { storing } => down_worker(w, addr, queue, failed, storing).await,
+    }
+}
+
+/// One download batch worker: takes groups from `queue` until it is empty;
+/// up to `depth` fetched groups are written and committed on blocking
+/// threads while the next is fetched (one writes its files while another
+/// waits on its `syncfs`, which leaves the CPU idle).
+async fn down_worker<'j>(
+    w: &mut Runner<'_>,
+    addr: &str,
+    queue: &GroupQueue<'j>,
+    failed: &std::sync::atomic::AtomicBool,
+    depth: usize,
+) -> Result<Vec<&'j FileJob>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let take = || queue.lock().ok().and_then(|mut q| q.pop_front());
+    let mut fallback = Vec::new();
+    let mut storing = std::collections::VecDeque::new();
+    let mut fetch_failed = None;
+    while let Some(group) = take() {
+        if failed.load(Relaxed) {
+            break;
+        }
+        let fetched = match w.fetch_batch(addr, group.clone()).await {
+            Ok(f) => f,
+            Err(e) => {
+                failed.store(true, Relaxed);
+                fetch_failed = Some(e);
+                break;
+            }
+        };
+        if storing.len() >= depth.max(1) {
+            if let Some(prev) = storing.pop_front() {
+                fallback.extend(
+                    w.stored_batch(prev)
+                        .await
+                        .inspect_err(|_| failed.store(true, Relaxed))?,
+                );
+            }
+        }
+        storing.push_back(fetched.store(w.opts.alg));
+    }
+    // Groups being stored are taken in even when a fetch failed.
+    while let Some(prev) = storing.pop_front() {
+        fallback.extend(
+            w.stored_batch(prev)
+                .await
+                .inspect_err(|_| failed.store(true, Relaxed))?,
+        );
+    }
+    match fetch_failed {
+        Some(e) => Err(e),
+        None => Ok(fallback),
+    }
+}
+
+/// One upload batch worker: takes groups from `queue` until it is empty,
+/// reading the next group while the current one is sent.
+async fn up_worker<'j>(
+    w: &mut Runner<'_>,
+    addr: &str,
+    queue: &GroupQueue<'j>,
     failed: &std::sync::atomic::AtomicBool,
 ) -> Result<Vec<&'j FileJob>> {
     use std::sync::atomic::Ordering::Relaxed;
@@ -866,7 +945,7 @@ impl<'a> Runner<'a> {
             (Vec::new(), files.iter().collect())
         };
         let groups = batch_groups(&small);
-        let fallback = self.upload_batches(addr, &groups).await?;
+        let fallback = self.batches(addr, &groups, true).await?;
         self.transfer_files(addr, fallback.into_iter().chain(large).collect(), true)
             .await?;
         // Directory metadata last, deepest first, since adding files changes mtimes.
@@ -884,32 +963,41 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// Sends groups of small files as batches. With two groups or more (and
-    /// more than one stream allowed), two batch workers on two connections
-    /// take groups in turn, so one batch moves while the server makes the
-    /// other durable (its `syncfs` and renames); each reads (and hashes) its
-    /// next group while its current one is in flight. Returns the files that
-    /// must go the ordinary way instead.
-    async fn upload_batches<'j>(
+    /// Moves groups of small files as batches, up (`upload`) or down. With
+    /// two groups or more (and more than one stream allowed), two batch
+    /// workers on two connections take groups in turn, so one batch moves
+    /// while the receiving end makes the other durable (its `syncfs` and
+    /// links); an uploading worker reads (and hashes) its next group while
+    /// its current one is in flight. Returns the files that must go the
+    /// ordinary way instead.
+    async fn batches<'j>(
         &mut self,
         addr: &str,
         groups: &'j [Vec<&'j FileJob>],
+        upload: bool,
     ) -> Result<Vec<&'j FileJob>> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
         let workers = self.file_workers(groups.len()).min(BATCH_WORKERS);
-        let queue = std::sync::Mutex::new(groups.iter().collect::<std::collections::VecDeque<_>>());
+        let queue: GroupQueue<'j> = std::sync::Mutex::new(groups.iter().collect());
         let failed = std::sync::atomic::AtomicBool::new(false);
+        // Two groups being stored in all.
+        let way = match upload {
+            true => Way::Up,
+            false => Way::Down {
+                storing: 2 / workers.max(1),
+            },
+        };
         if workers <= 1 {
-            return batch_worker(self, addr, &queue, &failed).await;
+            return batch_worker(self, addr, &queue, &failed, way).await;
         }
         let mut forks: Vec<Runner<'a>> = (1..workers).map(|_| self.fork()).collect();
         let mut fallback = Vec::new();
         let mut first_err = None;
         {
             let mut running = FuturesUnordered::new();
-            running.push(batch_worker(self, addr, &queue, &failed));
+            running.push(batch_worker(self, addr, &queue, &failed, way));
             for w in forks.iter_mut() {
-                running.push(batch_worker(w, addr, &queue, &failed));
+                running.push(batch_worker(w, addr, &queue, &failed, way));
             }
             while let Some(r) = running.next().await {
                 match r {
@@ -1157,35 +1245,8 @@ impl<'a> Runner<'a> {
         } else {
             (Vec::new(), files.iter().collect())
         };
-        let mut fallback = Vec::new();
-        // Groups are written and committed on blocking threads while the
-        // next one is fetched. Two at a time: one writes its files while the
-        // other waits for its `syncfs`, which leaves the CPU idle.
-        const STORING: usize = 2;
-        let mut storing: std::collections::VecDeque<Storing<'_>> = Default::default();
-        let mut fetch_failed = None;
-        for group in batch_groups(&small) {
-            let fetched = match self.fetch_batch(addr, group).await {
-                Ok(f) => f,
-                Err(e) => {
-                    fetch_failed = Some(e);
-                    break;
-                }
-            };
-            if storing.len() == STORING {
-                if let Some(prev) = storing.pop_front() {
-                    fallback.extend(self.stored_batch(prev).await?);
-                }
-            }
-            storing.push_back(fetched.store(self.opts.alg));
-        }
-        // Groups being stored are taken in even when a fetch failed.
-        while let Some(prev) = storing.pop_front() {
-            fallback.extend(self.stored_batch(prev).await?);
-        }
-        if let Some(e) = fetch_failed {
-            return Err(e);
-        }
+        let groups = batch_groups(&small);
+        let fallback = self.batches(addr, &groups, false).await?;
         self.transfer_files(addr, fallback.into_iter().chain(large).collect(), false)
             .await?;
         for d in dirs.iter().rev() {

@@ -1365,6 +1365,25 @@ async fn small_file_batches_on_two_connections_survive_cuts() {
         assert_eq!(&std::fs::read(back.join(rel)).unwrap(), data, "{rel}");
     }
     no_partials(&back);
+    // Down again on two connections (each worker fetching and storing its
+    // own groups), with both of its first requests cut.
+    let proxy = FaultProxy::start(srv.addr, vec![20_000, 90_000])
+        .await
+        .unwrap();
+    let opts = client_opts(dir.path(), Some(proxy.addr().to_string()));
+    let back2 = dir.path().join("back2");
+    let down2 = cp(&[srv.url("small")], &back2.display().to_string(), &opts)
+        .await
+        .unwrap();
+    assert_eq!(proxy.cuts.load(Ordering::SeqCst), 2);
+    assert!(down2.retries >= 1, "cuts were retried");
+    assert_eq!(down2.files, 2100);
+    assert_eq!(down2.bytes_sent, total, "each file came down once");
+    assert_eq!(down2.digest, up.digest);
+    for (rel, data) in &want {
+        assert_eq!(&std::fs::read(back2.join(rel)).unwrap(), data, "{rel}");
+    }
+    no_partials(&back2);
     srv.stop().await;
 }
 
