@@ -147,6 +147,60 @@ pub fn open_part(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Alignment of `O_DIRECT` writes (offset, length and memory): 4096 covers
+/// devices with 512-byte and 4 KiB logical blocks.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A second descriptor on a partial file for writes that bypass the page
+/// cache (`O_DIRECT`), or `None` where the filesystem refuses it or
+/// `FERRY_DIRECT_IO=0`. Received chunks are fsynced anyway and never read
+/// back, so the page cache only costs a copy (and, in VMs that hand freed
+/// memory back to the host, a fault per fresh page: on this test VM a
+/// buffered 2 GiB write took 8-10 s and 6-9 CPU s, an `O_DIRECT` one
+/// 2.1-2.6 s and 0.6 CPU s). The caller's descriptor keeps the lock and
+/// does the fsyncs, which cover both (they act on the file).
+pub fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::env::var("FERRY_DIRECT_IO").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(path)
+        .ok()
+}
+
+/// Whether a write at `offset` of `len` bytes can go through `O_DIRECT`.
+pub fn direct_aligned(offset: u64, len: usize) -> bool {
+    len > 0 && offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
+}
+
+/// Writes `data` at `offset` through an `O_DIRECT` descriptor, from a
+/// per-thread buffer aligned to [`DIRECT_ALIGN`] (reused, so its pages
+/// stay in place). `EINVAL` means the write was refused as it is: the
+/// caller writes it through the page cache instead.
+pub fn write_direct(f: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < data.len() + DIRECT_ALIGN {
+            b.resize(data.len() + DIRECT_ALIGN, 0);
+        }
+        let start = b.as_ptr().align_offset(DIRECT_ALIGN);
+        let Some(buf) = b.get_mut(start..start + data.len()) else {
+            return Err(std::io::Error::from_raw_os_error(
+                rustix::io::Errno::INVAL.raw_os_error(),
+            ));
+        };
+        buf.copy_from_slice(data);
+        f.write_all_at(buf, offset)
+    })
+}
+
 /// One writer per partial file, across processes: an exclusive advisory lock
 /// held as long as the file is open. A second `ferry` writing the same
 /// destination (two downloads to one local path, two servers on one root) is
@@ -291,7 +345,7 @@ mod lock_tests {
 }
 
 #[cfg(test)]
-mod dir_tests {
+mod tests {
     use super::*;
 
     #[test]
@@ -329,5 +383,32 @@ mod dir_tests {
         assert_eq!(at, bad);
         assert_eq!(e.kind(), std::io::ErrorKind::NotADirectory, "{e}");
         assert!(ok.is_dir(), "the ones before it are made");
+    }
+
+    #[test]
+    fn direct_writes_land_and_misaligned_ones_are_refused_with_einval() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(".x.ferry.part");
+        let part = open_part(&p).unwrap();
+        part.set_len(3 * DIRECT_ALIGN as u64).unwrap();
+        let Some(direct) = open_direct(&p) else {
+            eprintln!("no O_DIRECT on this filesystem: nothing to check");
+            return;
+        };
+        let data: Vec<u8> = (0..2 * DIRECT_ALIGN).map(|i| (i % 251) as u8).collect();
+        assert!(direct_aligned(DIRECT_ALIGN as u64, data.len()));
+        write_direct(&direct, &data, DIRECT_ALIGN as u64).unwrap();
+        let mut back = vec![0u8; data.len()];
+        part.read_exact_at(&mut back, DIRECT_ALIGN as u64).unwrap();
+        assert_eq!(back, data);
+        // What the receiver writes through the page cache instead.
+        assert!(!direct_aligned(100, data.len()));
+        let e = write_direct(&direct, &data, 100).unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(rustix::io::Errno::INVAL.raw_os_error()),
+            "{e}"
+        );
     }
 }

@@ -419,6 +419,9 @@ pub struct DestFile {
     pub final_path: PathBuf,
     pub part_path: PathBuf,
     pub file: Arc<File>,
+    /// The partial file opened for `O_DIRECT` writes, where allowed
+    /// (see [`fsutil::open_direct`]).
+    pub direct: Option<Arc<File>>,
     /// Key of this destination in the journal.
     pub key: String,
     pub mode: u32,
@@ -456,6 +459,7 @@ pub async fn drive_receiver(
         rx.layout().chunk_size(),
         conn.timeouts.stall,
     );
+    let mut writes = Writes::default();
     let r = tokio::select! {
         r = receive_loop(
             conn,
@@ -467,6 +471,7 @@ pub async fn drive_receiver(
             throttle,
             &mut checkpoint,
             &mut lanes,
+            &mut writes,
         ) => r,
         _ = notified_opt(superseded) => Err(Error::Io {
             addr: conn.peer.clone(),
@@ -476,6 +481,10 @@ pub async fn drive_receiver(
             ),
         }),
     };
+    // However it ended: no write may land after this (a new writer of the
+    // partial could otherwise be overwritten by an old chunk).
+    let drained = writes.drain(rx, dest, progress, &lanes).await;
+    let r = r.and_then(|ok| drained.map(|()| ok));
     // Only when the link failed: after a protocol or integrity error the
     // partial may be reset, and must not gain chunks behind that reset.
     if let Err(Error::Io { .. } | Error::Timeout(_)) = &r {
@@ -538,6 +547,7 @@ async fn receive_loop(
     mut throttle: Option<Throttle>,
     checkpoint: &mut Option<CheckpointTask>,
     lanes: &mut RecvLanes,
+    writes: &mut Writes,
 ) -> Result<Received> {
     let tid = rx.id();
     let alg = rx.alg();
@@ -612,6 +622,7 @@ async fn receive_loop(
                     rx.stale_checked(&results);
                 }
                 ReceiverEvent::Finalize { digest } => {
+                    writes.drain(rx, dest, progress, lanes).await?;
                     let file = dest.file.clone();
                     let (part, fin, key, mode, mtime) = (
                         dest.part_path.clone(),
@@ -666,9 +677,10 @@ async fn receive_loop(
                                     _ => payload,
                                 };
                                 let verdict = verify_chunk(alg, &tid, index, offset, &payload, &tag);
-                                write_chunk(rx, dest, progress, lanes, index, offset, &payload, verdict)?;
+                                let n = payload.len() as u64;
+                                write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, verdict).await?;
                                 if let Some(t) = throttle.as_mut() {
-                                    t.consume(payload.len() as u64).await;
+                                    t.consume(n).await;
                                 }
                             }
                         }
@@ -702,10 +714,13 @@ async fn receive_loop(
                     last_heard = Instant::now();
                     match rx.accept_data(index, offset, payload.len()).map_err(Error::Proto)? {
                         DataVerdict::Duplicate => {}
-                        DataVerdict::Write => write_chunk(rx, dest, progress, lanes, index, offset, &payload, verdict)?,
+                        DataVerdict::Write => write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, verdict).await?,
                     }
                 }
             },
+            Some(done) = futures_util::StreamExt::next(&mut writes.running), if !writes.running.is_empty() => {
+                written(rx, dest, progress, lanes, done)?;
+            }
             r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
                 *checkpoint = None;
                 let list = r.map_err(|e| Error::Store(e.to_string()))??;
@@ -735,35 +750,128 @@ async fn receive_loop(
     }
 }
 
+/// Chunk writes at most under way at once (see [`Writes`]).
+const WRITES_IN_FLIGHT: usize = 4;
+
+/// What a chunk write under way gives back: index, offset, content hash,
+/// the bytes (written again through the page cache if `O_DIRECT` refused
+/// them), and how the write went.
+type Written = (u32, u64, ChunkHash, bytes::Bytes, std::io::Result<()>);
+
+/// Chunk writes under way on blocking threads (`O_DIRECT`, which waits for
+/// the disk), at most [`WRITES_IN_FLIGHT`], so the disk's time overlaps
+/// receiving and verifying the next chunks. A chunk counts as written (and
+/// goes into a checkpoint, whose `fdatasync` follows) only once its write
+/// returned. Each write also holds the partial file's locked descriptor:
+/// no other writer can lock the file before the last write is done.
+#[derive(Default)]
+struct Writes {
+    running: futures_util::stream::FuturesUnordered<tokio::task::JoinHandle<Written>>,
+}
+
+impl Writes {
+    /// Waits for every write under way and takes each in; the first error
+    /// is returned after all are done.
+    async fn drain(
+        &mut self,
+        rx: &mut Receiver,
+        dest: &DestFile,
+        progress: &FileProgress,
+        lanes: &RecvLanes,
+    ) -> Result<()> {
+        use futures_util::StreamExt;
+        let mut first = Ok(());
+        while let Some(done) = self.running.next().await {
+            let r = written(rx, dest, progress, lanes, done);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
 /// Writes a verified chunk into the partial file, or asks for it again.
+/// An aligned chunk with an `O_DIRECT` descriptor is written on a blocking
+/// thread ([`Writes`]); anything else here and now.
 #[allow(clippy::too_many_arguments)]
-fn write_chunk(
+async fn write_chunk(
     rx: &mut Receiver,
     dest: &DestFile,
     progress: &FileProgress,
     lanes: &RecvLanes,
+    writes: &mut Writes,
     index: u32,
     offset: u64,
-    payload: &[u8],
+    payload: bytes::Bytes,
     verdict: std::result::Result<ChunkHash, ChunkHash>,
 ) -> Result<()> {
+    use futures_util::StreamExt;
     match verdict {
-        Ok(content) => {
-            dest.file
-                .write_all_at(payload, offset)
-                .map_err(|e| Error::local(&dest.part_path, e))?;
-            let n = payload.len() as u64;
-            Progress::add(&progress.bytes_sent, n);
-            progress.done(n);
-            lanes.count_moved(n);
-            rx.chunk_written(Instant::now().into_std(), index, content);
-        }
+        Ok(content) => match &dest.direct {
+            Some(direct) if fsutil::direct_aligned(offset, payload.len()) => {
+                let (direct, locked) = (direct.clone(), dest.file.clone());
+                writes.running.push(tokio::task::spawn_blocking(move || {
+                    let r = fsutil::write_direct(&direct, &payload, offset);
+                    drop(locked);
+                    (index, offset, content, payload, r)
+                }));
+                while writes.running.len() >= WRITES_IN_FLIGHT {
+                    if let Some(done) = writes.running.next().await {
+                        written(rx, dest, progress, lanes, done)?;
+                    }
+                }
+            }
+            _ => {
+                dest.file
+                    .write_all_at(&payload, offset)
+                    .map_err(|e| Error::local(&dest.part_path, e))?;
+                chunk_in(rx, progress, lanes, index, payload.len() as u64, content);
+            }
+        },
         Err(actual) => {
             warn!(transfer = %rx.id(), chunk = index, offset, len = payload.len(), actual = %actual, "chunk failed verification; asking for it again");
             rx.chunk_corrupt(index);
         }
     }
     Ok(())
+}
+
+/// Takes in a chunk write that finished on a blocking thread.
+fn written(
+    rx: &mut Receiver,
+    dest: &DestFile,
+    progress: &FileProgress,
+    lanes: &RecvLanes,
+    done: std::result::Result<Written, tokio::task::JoinError>,
+) -> Result<()> {
+    let (index, offset, content, payload, r) = done.map_err(|e| Error::Store(e.to_string()))?;
+    match r {
+        Ok(()) => {}
+        // Refused as it is (alignment, filesystem): through the page cache.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => dest
+            .file
+            .write_all_at(&payload, offset)
+            .map_err(|e| Error::local(&dest.part_path, e))?,
+        Err(e) => return Err(Error::local(&dest.part_path, e)),
+    }
+    chunk_in(rx, progress, lanes, index, payload.len() as u64, content);
+    Ok(())
+}
+
+/// A chunk is in the partial file (not yet durable): progress and the receiver.
+fn chunk_in(
+    rx: &mut Receiver,
+    progress: &FileProgress,
+    lanes: &RecvLanes,
+    index: u32,
+    n: u64,
+    content: ChunkHash,
+) {
+    Progress::add(&progress.bytes_sent, n);
+    progress.done(n);
+    lanes.count_moved(n);
+    rx.chunk_written(Instant::now().into_std(), index, content);
 }
 
 async fn join_opt<T>(
@@ -915,6 +1023,7 @@ pub fn prepare_receive(
                         final_path: final_path.to_path_buf(),
                         part_path,
                         file: Arc::new(file),
+                        direct: None,
                         key,
                         mode: meta.mode,
                         mtime_ns: meta.mtime_ns,
@@ -934,6 +1043,7 @@ pub fn prepare_receive(
                     final_path: final_path.to_path_buf(),
                     part_path,
                     file: Arc::new(file),
+                    direct: None,
                     key,
                     mode: meta.mode,
                     mtime_ns: meta.mtime_ns,
@@ -960,6 +1070,7 @@ pub fn prepare_receive(
                 let rx = Receiver::new(id, layout, alg, cfg, held);
                 let dest = DestFile {
                     final_path: final_path.to_path_buf(),
+                    direct: fsutil::open_direct(&part_path).map(Arc::new),
                     part_path,
                     file: Arc::new(file),
                     key,
@@ -981,6 +1092,7 @@ pub fn prepare_receive(
     let rx = Receiver::new(id, layout, alg, cfg, Vec::new());
     let dest = DestFile {
         final_path: final_path.to_path_buf(),
+        direct: fsutil::open_direct(&part_path).map(Arc::new),
         part_path,
         file: Arc::new(file),
         key,
