@@ -3,8 +3,13 @@
 # of SIZE_MIB (default 4096) on loopback: ferry beside scp and rsync over ssh.
 # Client CPU and peak RSS come from /usr/bin/time; the server side is measured
 # as the whole machine's CPU time during the copy (/proc/stat) minus the
-# client's, which also covers sshd and the remote scp or rsync; ferry's server
-# peak RSS is read from its /proc/PID/status (VmHWM, fresh server per run).
+# client's, which also covers sshd and the remote scp or rsync, and the kernel's
+# writeback (which ferry's fsyncs pull into the copy, while the peers leave
+# dirty pages to be written after it). So the server processes alone are also
+# shown: the ferry server's own CPU time (/proc/PID/stat, fresh server per run)
+# against the private sshd's, with the session processes it reaped (sshd and
+# the remote scp or rsync: cutime + cstime). ferry's server peak RSS is read
+# from its /proc/PID/status (VmHWM).
 # A benchmark, not a test: it prints figures and never fails on a timing.
 #
 # Usage: scripts/bench-cpu.sh       (root: starts a private sshd on 127.0.0.1:$SSH_PORT)
@@ -41,14 +46,16 @@ StrictModes no
 UsePAM no
 Subsystem sftp internal-sftp
 CFG
-/usr/sbin/sshd -D -f "$W/ssh/sshd_config" -E "$W/ssh/sshd.log" & PIDS+=($!)
+/usr/sbin/sshd -D -f "$W/ssh/sshd_config" -E "$W/ssh/sshd.log" & SSHD=$!; PIDS+=($SSHD)
 SSHO="-i $W/ssh/clientkey -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=error"
 sleep 0.5
 
 cpu_total() { awk '/^cpu / { print $2+$3+$4+$7+$8 }' /proc/stat; }   # user nice system irq softirq, ticks
+# A process's CPU ticks, with those of the children it reaped (utime stime cutime cstime).
+proc_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12+$13+$14+$15 }'; }
 GIB=$(echo "$SIZE_MIB / 1024" | bc -l)
 printf "\n%s MiB upload on loopback: CPU seconds per GiB and peak RSS\n" "$SIZE_MIB"
-printf "  %-10s %8s %12s %12s %12s %12s\n" tool wall_s client_s/GiB server_s/GiB client_RSS server_RSS
+printf "  %-10s %8s %12s %12s %12s %12s %12s\n" tool wall_s client_s/GiB server_s/GiB srv_proc/GiB client_RSS server_RSS
 for tool in ferry scp rsync-ssh; do
   rm -f "$W"/dst/*; sync
   srv_rss=n/a
@@ -62,9 +69,12 @@ for tool in ferry scp rsync-ssh; do
   else
     cmd=(rsync -a -e "ssh -p $SSH_PORT $SSHO" "$W/src.bin" "root@127.0.0.1:$W/dst/x.bin")
   fi
-  c0=$(cpu_total); t0=$(date +%s.%N)
+  if [[ $tool = ferry ]]; then SRV=$SP; else SRV=$SSHD; fi
+  p0=$(proc_ticks $SRV); c0=$(cpu_total); t0=$(date +%s.%N)
   /usr/bin/time -o "$W/time" -f "%U %S %M" "${cmd[@]}"
   t1=$(date +%s.%N); c1=$(cpu_total)
+  sleep 0.5   # the session's processes reaped by sshd
+  p1=$(proc_ticks $SRV)
   read -r cu cs crss <"$W/time"
   if [[ $tool = ferry ]]; then
     srv_rss="$(awk '/VmHWM/ { printf "%.1fMB", $2/1024 }' /proc/$SP/status)"
@@ -74,5 +84,6 @@ for tool in ferry scp rsync-ssh; do
   wall=$(echo "$t1 - $t0" | bc -l)
   client=$(echo "($cu + $cs) / $GIB" | bc -l)
   server=$(echo "(($c1 - $c0) / $TCK - $cu - $cs) / $GIB" | bc -l)
-  printf "  %-10s %8.2f %12.2f %12.2f %12s %12s\n" "$tool" "$wall" "$client" "$server" "$(echo "$crss/1024" | bc)MB" "$srv_rss"
+  proc=$(echo "($p1 - $p0) / $TCK / $GIB" | bc -l)
+  printf "  %-10s %8.2f %12.2f %12.2f %12.2f %12s %12s\n" "$tool" "$wall" "$client" "$server" "$proc" "$(echo "$crss/1024" | bc)MB" "$srv_rss"
 done

@@ -9,6 +9,9 @@
 #   directory, the speed of a durable copy on this disk. ferry fsyncs what it
 #   receives; the peers do not, so on disk this is ferry's ceiling
 #   (PB_DSTDIR=/dev/shm/... takes the disk out of every figure).
+#   rsyncd-fsync (not in the default list) is the rsync daemon told to fsync
+#   what it writes (`rsync --fsync`, rsync >= 3.2.4): the daemon held to
+#   ferry's durability.
 # Env:   PB_SIZE_MIB (1024), PB_RUNS (3), PB_DIR (/tmp/peerbench), PEERS (path to peers.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,13 +49,26 @@ UP_PORT=${FERRY_UP_PORT:-7790}
 DOWN_PORT=${FERRY_DOWN_PORT:-7791}
 "$BIN" -q serve --root "$DSTDIR" --listen 127.0.0.1:$UP_PORT --state-dir "$STATE/up" --no-auth >/dev/null & PIDS+=($!)
 "$BIN" -q serve --root "$PB_DIR/ferry-src" --listen 127.0.0.1:$DOWN_PORT --state-dir "$STATE/down" --no-auth >/dev/null & PIDS+=($!)
+RSYNCD_FSYNC_PORT=${RSYNCD_FSYNC_PORT:-8731}
+if printf '%s\n' "${TOOLS[@]}" | grep -qx rsyncd-fsync; then
+  cat >"$STATE/rsyncd.conf" <<EOF
+use chroot = no
+[dst]
+  path = $DSTDIR
+  read only = no
+  uid = root
+  gid = root
+EOF
+  rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNCD_FSYNC_PORT" --config="$STATE/rsyncd.conf" & PIDS+=($!)
+fi
 sleep 0.5
 
 export PB_EXTRA="ferry-up=$BIN cp -q --no-progress --state-dir $STATE/c1 \"\$SRC\" ferry://127.0.0.1:$UP_PORT/ferry-up.bin
 ferry-down=$BIN cp -q --no-progress --state-dir $STATE/c2 ferry://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\"
 ferry-quic-up=$BIN cp -q --no-progress --state-dir $STATE/c3 \"\$SRC\" ferry+quic://127.0.0.1:$UP_PORT/ferry-quic-up.bin
 ferry-quic-down=$BIN cp -q --no-progress --state-dir $STATE/c4 ferry+quic://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\"
-dd-fsync=dd if=\"\$SRC\" of=\"\$DST\" bs=4M conv=fsync status=none"
+dd-fsync=dd if=\"\$SRC\" of=\"\$DST\" bs=4M conv=fsync status=none
+rsyncd-fsync=rsync -W --fsync \"\$SRC\" rsync://127.0.0.1:$RSYNCD_FSYNC_PORT/dst/rsyncd-fsync.bin"
 
 OUT=$(bash "$PEERS" "${TOOLS[@]}")
 echo
