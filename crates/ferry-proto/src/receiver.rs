@@ -95,6 +95,9 @@ pub struct Receiver {
     /// Verified and written, not yet durable.
     pending: Vec<(u32, ChunkHash)>,
     pending_set: RangeSet,
+    /// Chunks verified and handed to a write that has not returned yet
+    /// (see [`Receiver::chunk_writing`]): neither missing nor written.
+    writing: RangeSet,
     pending_bytes: u64,
     pending_since: Option<Instant>,
     checkpoint_running: bool,
@@ -134,6 +137,7 @@ impl Receiver {
             stale_check_running: false,
             pending: Vec::new(),
             pending_set: RangeSet::new(),
+            writing: RangeSet::new(),
             pending_bytes: 0,
             pending_since: None,
             checkpoint_running: false,
@@ -248,14 +252,28 @@ impl Receiver {
                 "Data for chunk {index} at offset {offset} with {len} bytes does not fit the file layout"
             )));
         }
-        if self.have[index as usize].is_some() || self.pending_set.contains(index) {
+        if self.have[index as usize].is_some()
+            || self.pending_set.contains(index)
+            || self.writing.contains(index)
+        {
             return Ok(DataVerdict::Duplicate);
         }
         Ok(DataVerdict::Write)
     }
 
+    /// A chunk passed verification and its write was started, to be
+    /// reported with [`Receiver::chunk_written`] once it returns. Meanwhile
+    /// the chunk is not asked for again (a copy arriving is a duplicate) and
+    /// the transfer does not finish.
+    pub fn chunk_writing(&mut self, index: u32) {
+        if (index as usize) < self.have.len() {
+            self.writing.insert(index);
+        }
+    }
+
     /// A chunk passed verification and was written (not yet durable).
     pub fn chunk_written(&mut self, now: Instant, index: u32, content: ChunkHash) {
+        self.writing.remove(index);
         if (index as usize) >= self.have.len()
             || self.pending_set.contains(index)
             || self.have[index as usize].is_some()
@@ -268,7 +286,10 @@ impl Receiver {
         self.pending_bytes += len;
         self.received_bytes += len;
         self.pending_since.get_or_insert(now);
-        if self.pending_bytes >= self.cfg.checkpoint_bytes {
+        // After `Done`, the last write to return checkpoints at once.
+        if self.pending_bytes >= self.cfg.checkpoint_bytes
+            || (self.done.is_some() && self.writing.is_empty())
+        {
             self.start_checkpoint();
         }
     }
@@ -391,6 +412,7 @@ impl Receiver {
             || self.checkpoint_running
             || self.stale_check_running
             || !self.pending.is_empty()
+            || !self.writing.is_empty()
         {
             return;
         }

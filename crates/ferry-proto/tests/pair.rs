@@ -703,3 +703,95 @@ fn lanes_interleave_freely_and_send_each_chunk_once() {
         assert_eq!(sent, size, "seed {seed}: every byte sent exactly once");
     }
 }
+
+/// A chunk whose write has started (`chunk_writing`) but not returned is
+/// neither missing nor written: `Done` arriving meanwhile asks for nothing
+/// again, a copy arriving is a duplicate, and once the write returns the
+/// receiver checkpoints and finishes without waiting for a timer.
+#[test]
+fn a_chunk_being_written_is_not_asked_for_again() {
+    let size = 3 * CHUNK as u64;
+    let src = data(size, 9);
+    let layout = ChunkLayout::new(size, CHUNK).unwrap();
+    let alg = HashAlg::Blake3;
+    let mut rx = Receiver::new(
+        TransferId::default(),
+        layout,
+        alg,
+        ReceiverConfig::default(),
+        [],
+    );
+    rx.handle(Message::Agreed {
+        ranges: RangeSet::new(),
+    })
+    .unwrap();
+    // Virtual time: no timer is let run in this test.
+    #[allow(clippy::disallowed_methods)]
+    let t0 = Instant::now();
+    let hash = |i: u32| alg.hash(&src[layout.offset(i) as usize..][..layout.len(i) as usize]);
+    for i in 0..2 {
+        rx.chunk_written(t0, i, hash(i));
+    }
+    // The last chunk's write is under way.
+    assert_eq!(
+        rx.accept_data(2, layout.offset(2), layout.len(2) as usize)
+            .unwrap(),
+        DataVerdict::Write
+    );
+    rx.chunk_writing(2);
+    let hashes: Vec<ChunkHash> = (0..3).map(hash).collect();
+    let digest = hash::file_digest(alg, size, CHUNK, hashes.iter());
+    rx.handle(Message::Done { digest }).unwrap();
+    assert_eq!(
+        rx.accept_data(2, layout.offset(2), layout.len(2) as usize)
+            .unwrap(),
+        DataVerdict::Duplicate,
+        "a copy of a chunk being written"
+    );
+    let mut events = Vec::new();
+    let mut sent = Vec::new();
+    let pump = |rx: &mut Receiver, events: &mut Vec<ReceiverEvent>, sent: &mut Vec<Message>| {
+        while let Some(m) = rx.poll_transmit() {
+            sent.push(m);
+        }
+        while let Some(e) = rx.poll_event() {
+            events.push(e);
+        }
+    };
+    pump(&mut rx, &mut events, &mut sent);
+    assert!(
+        !sent.iter().any(|m| matches!(m, Message::Need { .. })),
+        "nothing asked for again: {sent:?}"
+    );
+    // Chunks 0 and 1 are checkpointed on `Done`; the write returns later.
+    let first: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            ReceiverEvent::Checkpoint(list) => Some(list.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(first.len(), 1, "{events:?}");
+    rx.checkpoint_committed(&first[0]);
+    rx.chunk_written(t0, 2, hash(2));
+    events.clear();
+    pump(&mut rx, &mut events, &mut sent);
+    let second: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            ReceiverEvent::Checkpoint(list) => Some(list.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(second.len(), 1, "checkpointed at once: {events:?}");
+    rx.checkpoint_committed(&second[0]);
+    events.clear();
+    pump(&mut rx, &mut events, &mut sent);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ReceiverEvent::Finalize { digest: d } if *d == digest)),
+        "{events:?}"
+    );
+    assert!(!sent.iter().any(|m| matches!(m, Message::Need { .. })));
+}

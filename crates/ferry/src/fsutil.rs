@@ -176,29 +176,48 @@ pub fn direct_aligned(offset: u64, len: usize) -> bool {
     len > 0 && offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
 }
 
-/// Writes `data` at `offset` through an `O_DIRECT` descriptor, from a
-/// per-thread buffer aligned to [`DIRECT_ALIGN`] (reused, so its pages
-/// stay in place). `EINVAL` means the write was refused as it is: the
-/// caller writes it through the page cache instead.
-pub fn write_direct(f: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    BUF.with(|b| {
-        let mut b = b.borrow_mut();
-        if b.len() < data.len() + DIRECT_ALIGN {
-            b.resize(data.len() + DIRECT_ALIGN, 0);
+/// Bytes copied into memory aligned for `O_DIRECT` (to [`DIRECT_ALIGN`]),
+/// in an allocation that can be reused for the next chunk.
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A copy of `data`, in `reuse` if given (grown as needed).
+    pub fn copy_of(data: &[u8], reuse: Option<Vec<u8>>) -> Self {
+        let mut raw = reuse.unwrap_or_default();
+        if raw.len() < data.len() + DIRECT_ALIGN {
+            raw.resize(data.len() + DIRECT_ALIGN, 0);
         }
-        let start = b.as_ptr().align_offset(DIRECT_ALIGN);
-        let Some(buf) = b.get_mut(start..start + data.len()) else {
-            return Err(std::io::Error::from_raw_os_error(
-                rustix::io::Errno::INVAL.raw_os_error(),
-            ));
-        };
-        buf.copy_from_slice(data);
-        f.write_all_at(buf, offset)
-    })
+        // Never past the slack (an unaligned start only makes the kernel
+        // refuse the write with EINVAL, and the page cache takes it).
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        raw[start..start + data.len()].copy_from_slice(data);
+        Self {
+            raw,
+            start,
+            len: data.len(),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    /// The allocation, for the next [`AlignedBuf::copy_of`].
+    pub fn into_raw(self) -> Vec<u8> {
+        self.raw
+    }
+}
+
+/// Writes `buf` at `offset` through an `O_DIRECT` descriptor. `EINVAL`
+/// means the write was refused as it is: the caller writes it through the
+/// page cache instead.
+pub fn write_direct(f: &File, buf: &AlignedBuf, offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(buf.bytes(), offset)
 }
 
 /// One writer per partial file, across processes: an exclusive advisory lock
@@ -398,13 +417,17 @@ mod tests {
         };
         let data: Vec<u8> = (0..2 * DIRECT_ALIGN).map(|i| (i % 251) as u8).collect();
         assert!(direct_aligned(DIRECT_ALIGN as u64, data.len()));
-        write_direct(&direct, &data, DIRECT_ALIGN as u64).unwrap();
+        let buf = AlignedBuf::copy_of(&data, None);
+        write_direct(&direct, &buf, DIRECT_ALIGN as u64).unwrap();
         let mut back = vec![0u8; data.len()];
         part.read_exact_at(&mut back, DIRECT_ALIGN as u64).unwrap();
         assert_eq!(back, data);
         // What the receiver writes through the page cache instead.
         assert!(!direct_aligned(100, data.len()));
-        let e = write_direct(&direct, &data, 100).unwrap_err();
+        // The allocation is reused for the next chunk.
+        let buf = AlignedBuf::copy_of(&data, Some(buf.into_raw()));
+        assert_eq!(buf.bytes(), &data[..]);
+        let e = write_direct(&direct, &buf, 100).unwrap_err();
         assert_eq!(
             e.raw_os_error(),
             Some(rustix::io::Errno::INVAL.raw_os_error()),

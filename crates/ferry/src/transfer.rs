@@ -719,7 +719,8 @@ async fn receive_loop(
                 }
             },
             Some(done) = futures_util::StreamExt::next(&mut writes.running), if !writes.running.is_empty() => {
-                written(rx, dest, progress, lanes, done)?;
+                let raw = written(rx, dest, progress, lanes, done)?;
+                writes.free.push(raw);
             }
             r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
                 *checkpoint = None;
@@ -750,16 +751,17 @@ async fn receive_loop(
     }
 }
 
-/// Chunk writes at most under way at once (see [`Writes`]).
-const WRITES_IN_FLIGHT: usize = 4;
+/// Bytes of chunk writes under way at once (see [`Writes`]): 2 to 4 writes,
+/// fewer of larger chunks, so memory stays bounded.
+const WRITES_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 
 /// What a chunk write under way gives back: index, offset, content hash,
 /// the bytes (written again through the page cache if `O_DIRECT` refused
 /// them), and how the write went.
-type Written = (u32, u64, ChunkHash, bytes::Bytes, std::io::Result<()>);
+type Written = (u32, u64, ChunkHash, fsutil::AlignedBuf, std::io::Result<()>);
 
 /// Chunk writes under way on blocking threads (`O_DIRECT`, which waits for
-/// the disk), at most [`WRITES_IN_FLIGHT`], so the disk's time overlaps
+/// the disk), bounded by [`WRITES_IN_FLIGHT_BYTES`], so the disk's time overlaps
 /// receiving and verifying the next chunks. A chunk counts as written (and
 /// goes into a checkpoint, whose `fdatasync` follows) only once its write
 /// returned. Each write also holds the partial file's locked descriptor:
@@ -767,6 +769,8 @@ type Written = (u32, u64, ChunkHash, bytes::Bytes, std::io::Result<()>);
 #[derive(Default)]
 struct Writes {
     running: futures_util::stream::FuturesUnordered<tokio::task::JoinHandle<Written>>,
+    /// Aligned buffers of finished writes, for the next chunks.
+    free: Vec<Vec<u8>>,
 }
 
 impl Writes {
@@ -782,9 +786,10 @@ impl Writes {
         use futures_util::StreamExt;
         let mut first = Ok(());
         while let Some(done) = self.running.next().await {
-            let r = written(rx, dest, progress, lanes, done);
-            if first.is_ok() {
-                first = r;
+            match written(rx, dest, progress, lanes, done) {
+                Ok(raw) => self.free.push(raw),
+                Err(e) if first.is_ok() => first = Err(e),
+                Err(_) => {}
             }
         }
         first
@@ -810,17 +815,23 @@ async fn write_chunk(
     match verdict {
         Ok(content) => match &dest.direct {
             Some(direct) if fsutil::direct_aligned(offset, payload.len()) => {
-                let (direct, locked) = (direct.clone(), dest.file.clone());
-                writes.running.push(tokio::task::spawn_blocking(move || {
-                    let r = fsutil::write_direct(&direct, &payload, offset);
-                    drop(locked);
-                    (index, offset, content, payload, r)
-                }));
-                while writes.running.len() >= WRITES_IN_FLIGHT {
+                let most = (WRITES_IN_FLIGHT_BYTES / payload.len()).clamp(2, 4);
+                while writes.running.len() >= most {
                     if let Some(done) = writes.running.next().await {
-                        written(rx, dest, progress, lanes, done)?;
+                        let raw = written(rx, dest, progress, lanes, done)?;
+                        writes.free.push(raw);
                     }
                 }
+                // The received frame is let go; the copy is what is written.
+                let buf = fsutil::AlignedBuf::copy_of(&payload, writes.free.pop());
+                drop(payload);
+                let (direct, locked) = (direct.clone(), dest.file.clone());
+                rx.chunk_writing(index);
+                writes.running.push(tokio::task::spawn_blocking(move || {
+                    let r = fsutil::write_direct(&direct, &buf, offset);
+                    drop(locked);
+                    (index, offset, content, buf, r)
+                }));
             }
             _ => {
                 dest.file
@@ -837,26 +848,34 @@ async fn write_chunk(
     Ok(())
 }
 
-/// Takes in a chunk write that finished on a blocking thread.
+/// Takes in a chunk write that finished on a blocking thread; gives back
+/// its buffer's allocation.
 fn written(
     rx: &mut Receiver,
     dest: &DestFile,
     progress: &FileProgress,
     lanes: &RecvLanes,
     done: std::result::Result<Written, tokio::task::JoinError>,
-) -> Result<()> {
-    let (index, offset, content, payload, r) = done.map_err(|e| Error::Store(e.to_string()))?;
+) -> Result<Vec<u8>> {
+    let (index, offset, content, buf, r) = done.map_err(|e| Error::Store(e.to_string()))?;
     match r {
         Ok(()) => {}
         // Refused as it is (alignment, filesystem): through the page cache.
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => dest
             .file
-            .write_all_at(&payload, offset)
+            .write_all_at(buf.bytes(), offset)
             .map_err(|e| Error::local(&dest.part_path, e))?,
         Err(e) => return Err(Error::local(&dest.part_path, e)),
     }
-    chunk_in(rx, progress, lanes, index, payload.len() as u64, content);
-    Ok(())
+    chunk_in(
+        rx,
+        progress,
+        lanes,
+        index,
+        buf.bytes().len() as u64,
+        content,
+    );
+    Ok(buf.into_raw())
 }
 
 /// A chunk is in the partial file (not yet durable): progress and the receiver.
