@@ -342,13 +342,22 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
         if let Message::Lane { id } = req {
             return join_lane(conn, id, &shared).await;
         }
-        if let Message::Mkdir { .. } = req {
+        if let Message::Mkdir {
+            path,
+            mode,
+            mtime_ns,
+        } = req
+        {
             // The client pipelines them (a whole tree): the ones already
             // here are made together, each parent fsynced once.
-            let mut run = vec![req];
+            let mut run = vec![(path, mode, mtime_ns)];
             while run.len() < MKDIR_RUN {
                 match conn.rd.next_buffered()? {
-                    Some(m @ Message::Mkdir { .. }) => run.push(m),
+                    Some(Message::Mkdir {
+                        path,
+                        mode,
+                        mtime_ns,
+                    }) => run.push((path, mode, mtime_ns)),
                     Some(m) => {
                         next = Some(m);
                         break;
@@ -378,26 +387,19 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
 /// up to 256 in flight).
 const MKDIR_RUN: usize = 256;
 
+/// One `Mkdir` request: path, mode, mtime.
+type DirRequest = (String, u32, i64);
+
 /// Makes a run of directories (`Mkdir` requests) off the runtime, fsyncs
 /// each directory that gained an entry once, then answers each request in
 /// order: `Ok` only once its directory is durable.
-async fn mkdir_run(conn: &mut Conn, run: Vec<Message>, shared: &Arc<Shared>) -> Result<()> {
+async fn mkdir_run(conn: &mut Conn, run: Vec<DirRequest>, shared: &Arc<Shared>) -> Result<()> {
     let root = shared.root.clone();
     let results = tokio::task::spawn_blocking(move || {
         let mut grew = std::collections::BTreeSet::new();
         let mut results: Vec<std::result::Result<(), Failure>> = run
             .into_iter()
-            .map(|m| match m {
-                Message::Mkdir {
-                    path,
-                    mode,
-                    mtime_ns,
-                } => mkdir_one(&root, &path, mode, mtime_ns, &mut grew),
-                m => Err(Failure::new(
-                    FailureCode::Internal,
-                    format!("not a directory request: {m:?}"),
-                )),
-            })
+            .map(|(path, mode, mtime_ns)| mkdir_one(&root, &path, mode, mtime_ns, &mut grew))
             .collect();
         if let Err((dir, e)) = fsutil::fsync_dirs(&grew) {
             // Which of them it concerns is not known: none is durable.
@@ -612,7 +614,11 @@ async fn handle_request(
             }
             conn.wr.flush().await?;
         }
-        m @ Message::Mkdir { .. } => mkdir_run(conn, vec![m], shared).await?,
+        Message::Mkdir {
+            path,
+            mode,
+            mtime_ns,
+        } => mkdir_run(conn, vec![(path, mode, mtime_ns)], shared).await?,
         Message::PutOpen { id, path, meta } => {
             let full = resolve(root, &path).map_err(path_failure)?;
             if full == *root || full.is_dir() {

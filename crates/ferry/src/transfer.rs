@@ -719,8 +719,7 @@ async fn receive_loop(
                 }
             },
             Some(done) = futures_util::StreamExt::next(&mut writes.running), if !writes.running.is_empty() => {
-                let raw = written(rx, dest, progress, lanes, done)?;
-                writes.free.push(raw);
+                writes.take_in(rx, dest, progress, lanes, done)?;
             }
             r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
                 *checkpoint = None;
@@ -786,13 +785,44 @@ impl Writes {
         use futures_util::StreamExt;
         let mut first = Ok(());
         while let Some(done) = self.running.next().await {
-            match written(rx, dest, progress, lanes, done) {
-                Ok(raw) => self.free.push(raw),
-                Err(e) if first.is_ok() => first = Err(e),
-                Err(_) => {}
+            let r = self.take_in(rx, dest, progress, lanes, done);
+            if first.is_ok() {
+                first = r;
             }
         }
         first
+    }
+
+    /// Takes in a write that finished on a blocking thread: if `O_DIRECT`
+    /// refused it, writes it through the page cache; then the chunk counts
+    /// as written and its buffer is kept for the next one.
+    fn take_in(
+        &mut self,
+        rx: &mut Receiver,
+        dest: &DestFile,
+        progress: &FileProgress,
+        lanes: &RecvLanes,
+        done: std::result::Result<Written, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let (index, offset, content, buf, r) = done.map_err(|e| Error::Store(e.to_string()))?;
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => dest
+                .file
+                .write_all_at(buf.bytes(), offset)
+                .map_err(|e| Error::local(&dest.part_path, e))?,
+            Err(e) => return Err(Error::local(&dest.part_path, e)),
+        }
+        chunk_in(
+            rx,
+            progress,
+            lanes,
+            index,
+            buf.bytes().len() as u64,
+            content,
+        );
+        self.free.push(buf.into_raw());
+        Ok(())
     }
 }
 
@@ -818,8 +848,7 @@ async fn write_chunk(
                 let most = (WRITES_IN_FLIGHT_BYTES / payload.len()).clamp(2, 4);
                 while writes.running.len() >= most {
                     if let Some(done) = writes.running.next().await {
-                        let raw = written(rx, dest, progress, lanes, done)?;
-                        writes.free.push(raw);
+                        writes.take_in(rx, dest, progress, lanes, done)?;
                     }
                 }
                 // The received frame is let go; the copy is what is written.
@@ -846,36 +875,6 @@ async fn write_chunk(
         }
     }
     Ok(())
-}
-
-/// Takes in a chunk write that finished on a blocking thread; gives back
-/// its buffer's allocation.
-fn written(
-    rx: &mut Receiver,
-    dest: &DestFile,
-    progress: &FileProgress,
-    lanes: &RecvLanes,
-    done: std::result::Result<Written, tokio::task::JoinError>,
-) -> Result<Vec<u8>> {
-    let (index, offset, content, buf, r) = done.map_err(|e| Error::Store(e.to_string()))?;
-    match r {
-        Ok(()) => {}
-        // Refused as it is (alignment, filesystem): through the page cache.
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => dest
-            .file
-            .write_all_at(buf.bytes(), offset)
-            .map_err(|e| Error::local(&dest.part_path, e))?,
-        Err(e) => return Err(Error::local(&dest.part_path, e)),
-    }
-    chunk_in(
-        rx,
-        progress,
-        lanes,
-        index,
-        buf.bytes().len() as u64,
-        content,
-    );
-    Ok(buf.into_raw())
 }
 
 /// A chunk is in the partial file (not yet durable): progress and the receiver.
