@@ -294,8 +294,16 @@ impl Receiver {
         }
     }
 
-    /// A chunk failed verification: ask for it again.
+    /// A chunk failed verification (maybe after [`Receiver::chunk_writing`]):
+    /// ask for it again. A `Done` already in hand no longer holds: the sender
+    /// sends the chunk again and then a new `Done`, which is waited for
+    /// (finishing on the old one would meet the new one after the end).
     pub fn chunk_corrupt(&mut self, index: u32) {
+        self.writing.remove(index);
+        if self.done.take().is_some() {
+            // The chunks written meanwhile need not wait for that `Done`.
+            self.start_checkpoint();
+        }
         self.out.push_back(Message::Reject { index });
     }
 
@@ -324,7 +332,10 @@ impl Receiver {
         if !acked.is_empty() {
             self.out.push_back(Message::Ack { ranges: acked });
         }
-        if self.pending_bytes >= self.cfg.checkpoint_bytes {
+        // After `Done`, what was written meanwhile goes at once: nothing more
+        // is coming to fill a checkpoint, and waiting for the timer would
+        // hold the transfer's end back by the whole interval.
+        if self.pending_bytes >= self.cfg.checkpoint_bytes || self.done.is_some() {
             self.start_checkpoint();
         }
         self.try_finish();

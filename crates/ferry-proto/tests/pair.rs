@@ -795,3 +795,147 @@ fn a_chunk_being_written_is_not_asked_for_again() {
     );
     assert!(!sent.iter().any(|m| matches!(m, Message::Need { .. })));
 }
+
+#[test]
+fn a_chunk_failing_verification_after_done_waits_for_the_next_done() {
+    let size = 3 * CHUNK as u64;
+    let src = data(size, 11);
+    let layout = ChunkLayout::new(size, CHUNK).unwrap();
+    let alg = HashAlg::Blake3;
+    let mut rx = Receiver::new(
+        TransferId::default(),
+        layout,
+        alg,
+        ReceiverConfig::default(),
+        [],
+    );
+    rx.handle(Message::Agreed {
+        ranges: RangeSet::new(),
+    })
+    .unwrap();
+    // Virtual time: no timer is let run in this test.
+    #[allow(clippy::disallowed_methods)]
+    let t0 = Instant::now();
+    let hash = |i: u32| alg.hash(&src[layout.offset(i) as usize..][..layout.len(i) as usize]);
+    let hashes: Vec<ChunkHash> = (0..3).map(hash).collect();
+    let digest = hash::file_digest(alg, size, CHUNK, hashes.iter());
+    let mut sent = Vec::new();
+    let mut events = Vec::new();
+    // Commits every checkpoint asked for, as a driver would.
+    let pump = |rx: &mut Receiver, events: &mut Vec<ReceiverEvent>, sent: &mut Vec<Message>| loop {
+        while let Some(m) = rx.poll_transmit() {
+            sent.push(m);
+        }
+        let Some(e) = rx.poll_event() else { break };
+        if let ReceiverEvent::Checkpoint(list) = &e {
+            rx.checkpoint_committed(list);
+        }
+        events.push(e);
+    };
+    rx.chunk_written(t0, 0, hash(0));
+    // Chunks 1 and 2 are being verified and written when `Done` comes.
+    rx.chunk_writing(1);
+    rx.chunk_writing(2);
+    rx.handle(Message::Done { digest }).unwrap();
+    rx.chunk_written(t0, 1, hash(1));
+    // Chunk 2 turns out damaged: asked for again, once, by `Reject`.
+    rx.chunk_corrupt(2);
+    pump(&mut rx, &mut events, &mut sent);
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, Message::Reject { index: 2 })),
+        "{sent:?}"
+    );
+    assert!(
+        !sent.iter().any(|m| matches!(m, Message::Need { .. })),
+        "asked for once, not twice: {sent:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ReceiverEvent::Finalize { .. })),
+        "{events:?}"
+    );
+    // The sender sends chunk 2 again, then a new `Done`.
+    assert_eq!(
+        rx.accept_data(2, layout.offset(2), layout.len(2) as usize)
+            .unwrap(),
+        DataVerdict::Write
+    );
+    rx.chunk_writing(2);
+    rx.chunk_written(t0, 2, hash(2));
+    pump(&mut rx, &mut events, &mut sent);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ReceiverEvent::Finalize { .. })),
+        "finishing waits for the new Done: {events:?}"
+    );
+    rx.handle(Message::Done { digest })
+        .expect("the new Done is in the data phase");
+    pump(&mut rx, &mut events, &mut sent);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ReceiverEvent::Finalize { digest: d } if *d == digest)),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn chunks_written_during_the_last_checkpoint_are_checkpointed_when_it_ends() {
+    let size = 4 * CHUNK as u64;
+    let src = data(size, 12);
+    let layout = ChunkLayout::new(size, CHUNK).unwrap();
+    let alg = HashAlg::Blake3;
+    let mut rx = Receiver::new(
+        TransferId::default(),
+        layout,
+        alg,
+        ReceiverConfig::default(),
+        [],
+    );
+    rx.handle(Message::Agreed {
+        ranges: RangeSet::new(),
+    })
+    .unwrap();
+    // Virtual time: the checkpoint timer is never let run here.
+    #[allow(clippy::disallowed_methods)]
+    let t0 = Instant::now();
+    let hash = |i: u32| alg.hash(&src[layout.offset(i) as usize..][..layout.len(i) as usize]);
+    let hashes: Vec<ChunkHash> = (0..4).map(hash).collect();
+    let digest = hash::file_digest(alg, size, CHUNK, hashes.iter());
+    let checkpoints = |rx: &mut Receiver| {
+        let mut out = Vec::new();
+        while let Some(e) = rx.poll_event() {
+            match e {
+                ReceiverEvent::Checkpoint(list) => out.push(list),
+                ReceiverEvent::Finalize { .. } => out.push(Vec::new()),
+                _ => {}
+            }
+        }
+        out
+    };
+    for i in 0..2 {
+        rx.chunk_written(t0, i, hash(i));
+    }
+    rx.chunk_writing(2);
+    rx.chunk_writing(3);
+    // `Done` starts a checkpoint of chunks 0 and 1; 2 and 3 are still being written.
+    rx.handle(Message::Done { digest }).unwrap();
+    let first = checkpoints(&mut rx);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // Both writes return while that checkpoint runs.
+    rx.chunk_written(t0, 2, hash(2));
+    rx.chunk_written(t0, 3, hash(3));
+    assert!(checkpoints(&mut rx).is_empty(), "one checkpoint at a time");
+    rx.checkpoint_committed(&first[0]);
+    let second = checkpoints(&mut rx);
+    assert_eq!(
+        second.first().map(|l| l.len()),
+        Some(2),
+        "chunks 2 and 3 go at once, not when the timer fires: {second:?}"
+    );
+    rx.checkpoint_committed(&second[0]);
+    assert_eq!(checkpoints(&mut rx), vec![Vec::new()], "then it finalizes");
+}

@@ -676,9 +676,8 @@ async fn receive_loop(
                                     }
                                     _ => payload,
                                 };
-                                let verdict = verify_chunk(alg, &tid, index, offset, &payload, &tag);
                                 let n = payload.len() as u64;
-                                write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, verdict).await?;
+                                write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, Check::Tag(tag)).await?;
                                 if let Some(t) = throttle.as_mut() {
                                     t.consume(n).await;
                                 }
@@ -714,7 +713,7 @@ async fn receive_loop(
                     last_heard = Instant::now();
                     match rx.accept_data(index, offset, payload.len()).map_err(Error::Proto)? {
                         DataVerdict::Duplicate => {}
-                        DataVerdict::Write => write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, verdict).await?,
+                        DataVerdict::Write => write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, Check::Done(verdict)).await?,
                     }
                 }
             },
@@ -754,17 +753,33 @@ async fn receive_loop(
 /// fewer of larger chunks, so memory stays bounded.
 const WRITES_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 
-/// What a chunk write under way gives back: index, offset, content hash,
-/// the bytes (written again through the page cache if `O_DIRECT` refused
-/// them), and how the write went.
-type Written = (u32, u64, ChunkHash, fsutil::AlignedBuf, std::io::Result<()>);
+/// What a chunk write under way gives back: how the chunk verified (its
+/// content hash, or the hash of what came instead), the aligned copy if it
+/// went through `O_DIRECT` (written again through the page cache if that
+/// refused it), and how the write went.
+struct Written {
+    index: u32,
+    offset: u64,
+    len: u64,
+    verdict: std::result::Result<ChunkHash, ChunkHash>,
+    aligned: Option<fsutil::AlignedBuf>,
+    io: std::io::Result<()>,
+}
 
-/// Chunk writes under way on blocking threads (`O_DIRECT`, which waits for
-/// the disk), bounded by [`WRITES_IN_FLIGHT_BYTES`], so the disk's time overlaps
-/// receiving and verifying the next chunks. A chunk counts as written (and
-/// goes into a checkpoint, whose `fdatasync` follows) only once its write
-/// returned. Each write also holds the partial file's locked descriptor:
-/// no other writer can lock the file before the last write is done.
+/// How a chunk is to be checked before it is written.
+enum Check {
+    /// Against the tag its frame carried, with the write (off the receive task).
+    Tag(ChunkHash),
+    /// Already checked (a data lane verifies on its own task).
+    Done(std::result::Result<ChunkHash, ChunkHash>),
+}
+
+/// Chunks being verified and written on blocking threads, bounded by
+/// [`WRITES_IN_FLIGHT_BYTES`]: hashing and the disk's time overlap receiving
+/// and decrypting the next chunks. A chunk counts as written (and goes into
+/// a checkpoint, whose `fdatasync` follows) only once its write returned.
+/// Each write also holds the partial file's locked descriptor: no other
+/// writer can lock the file before the last write is done.
 #[derive(Default)]
 struct Writes {
     running: futures_util::stream::FuturesUnordered<tokio::task::JoinHandle<Written>>,
@@ -793,9 +808,10 @@ impl Writes {
         first
     }
 
-    /// Takes in a write that finished on a blocking thread: if `O_DIRECT`
-    /// refused it, writes it through the page cache; then the chunk counts
-    /// as written and its buffer is kept for the next one.
+    /// Takes in a chunk that was verified and written on a blocking thread:
+    /// one that failed verification is asked for again; if `O_DIRECT`
+    /// refused the write, it goes through the page cache; then the chunk
+    /// counts as written and its buffer is kept for the next one.
     fn take_in(
         &mut self,
         rx: &mut Receiver,
@@ -804,31 +820,38 @@ impl Writes {
         lanes: &RecvLanes,
         done: std::result::Result<Written, tokio::task::JoinError>,
     ) -> Result<()> {
-        let (index, offset, content, buf, r) = done.map_err(|e| Error::Store(e.to_string()))?;
-        match r {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => dest
-                .file
-                .write_all_at(buf.bytes(), offset)
-                .map_err(|e| Error::local(&dest.part_path, e))?,
-            Err(e) => return Err(Error::local(&dest.part_path, e)),
+        let w = done.map_err(|e| Error::Store(e.to_string()))?;
+        let content = match w.verdict {
+            Ok(content) => content,
+            Err(actual) => {
+                warn!(transfer = %rx.id(), chunk = w.index, offset = w.offset, len = w.len, actual = %actual, "chunk failed verification; asking for it again");
+                rx.chunk_corrupt(w.index);
+                self.free
+                    .extend(w.aligned.map(fsutil::AlignedBuf::into_raw));
+                return Ok(());
+            }
+        };
+        match (w.io, &w.aligned) {
+            (Ok(()), _) => {}
+            (Err(e), Some(buf))
+                if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
+            {
+                dest.file
+                    .write_all_at(buf.bytes(), w.offset)
+                    .map_err(|e| Error::local(&dest.part_path, e))?
+            }
+            (Err(e), _) => return Err(Error::local(&dest.part_path, e)),
         }
-        chunk_in(
-            rx,
-            progress,
-            lanes,
-            index,
-            buf.bytes().len() as u64,
-            content,
-        );
-        self.free.push(buf.into_raw());
+        chunk_in(rx, progress, lanes, w.index, w.len, content);
+        self.free
+            .extend(w.aligned.map(fsutil::AlignedBuf::into_raw));
         Ok(())
     }
 }
 
-/// Writes a verified chunk into the partial file, or asks for it again.
-/// An aligned chunk with an `O_DIRECT` descriptor is written on a blocking
-/// thread ([`Writes`]); anything else here and now.
+/// Verifies a chunk and writes it into the partial file on a blocking thread
+/// ([`Writes`]), or asks for it again. An aligned chunk with an `O_DIRECT`
+/// descriptor is copied into aligned memory and written past the page cache.
 #[allow(clippy::too_many_arguments)]
 async fn write_chunk(
     rx: &mut Receiver,
@@ -839,41 +862,54 @@ async fn write_chunk(
     index: u32,
     offset: u64,
     payload: bytes::Bytes,
-    verdict: std::result::Result<ChunkHash, ChunkHash>,
+    check: Check,
 ) -> Result<()> {
     use futures_util::StreamExt;
-    match verdict {
-        Ok(content) => match &dest.direct {
-            Some(direct) if fsutil::direct_aligned(offset, payload.len()) => {
-                let most = (WRITES_IN_FLIGHT_BYTES / payload.len()).clamp(2, 4);
-                while writes.running.len() >= most {
-                    if let Some(done) = writes.running.next().await {
-                        writes.take_in(rx, dest, progress, lanes, done)?;
-                    }
-                }
-                // The received frame is let go; the copy is what is written.
-                let buf = fsutil::AlignedBuf::copy_of(&payload, writes.free.pop());
-                drop(payload);
-                let (direct, locked) = (direct.clone(), dest.file.clone());
-                rx.chunk_writing(index);
-                writes.running.push(tokio::task::spawn_blocking(move || {
-                    let r = fsutil::write_direct(&direct, &buf, offset);
-                    drop(locked);
-                    (index, offset, content, buf, r)
-                }));
-            }
-            _ => {
-                dest.file
-                    .write_all_at(&payload, offset)
-                    .map_err(|e| Error::local(&dest.part_path, e))?;
-                chunk_in(rx, progress, lanes, index, payload.len() as u64, content);
-            }
-        },
-        Err(actual) => {
-            warn!(transfer = %rx.id(), chunk = index, offset, len = payload.len(), actual = %actual, "chunk failed verification; asking for it again");
-            rx.chunk_corrupt(index);
+    if let Check::Done(Err(actual)) = check {
+        warn!(transfer = %rx.id(), chunk = index, offset, len = payload.len(), actual = %actual, "chunk failed verification; asking for it again");
+        rx.chunk_corrupt(index);
+        return Ok(());
+    }
+    let most = (WRITES_IN_FLIGHT_BYTES / payload.len().max(1)).clamp(2, 4);
+    while writes.running.len() >= most {
+        if let Some(done) = writes.running.next().await {
+            writes.take_in(rx, dest, progress, lanes, done)?;
         }
     }
+    let direct = dest
+        .direct
+        .clone()
+        .filter(|_| fsutil::direct_aligned(offset, payload.len()));
+    let reuse = direct.as_ref().and_then(|_| writes.free.pop());
+    let (alg, tid, locked) = (rx.alg(), rx.id(), dest.file.clone());
+    rx.chunk_writing(index);
+    writes.running.push(tokio::task::spawn_blocking(move || {
+        let len = payload.len() as u64;
+        let verdict = match check {
+            Check::Tag(tag) => verify_chunk(alg, &tid, index, offset, &payload, &tag),
+            Check::Done(v) => v,
+        };
+        let (aligned, io) = match (&verdict, direct) {
+            (Err(_), _) => (None, Ok(())),
+            (Ok(_), Some(direct)) => {
+                // The received frame is let go; the copy is what is written.
+                let buf = fsutil::AlignedBuf::copy_of(&payload, reuse);
+                drop(payload);
+                let r = fsutil::write_direct(&direct, &buf, offset);
+                (Some(buf), r)
+            }
+            (Ok(_), None) => (None, locked.write_all_at(&payload, offset)),
+        };
+        drop(locked);
+        Written {
+            index,
+            offset,
+            len,
+            verdict,
+            aligned,
+            io,
+        }
+    }));
     Ok(())
 }
 
