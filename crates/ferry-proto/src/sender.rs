@@ -92,6 +92,9 @@ pub struct Sender {
     /// How many chunks the driver may be reading at once (one per connection
     /// carrying data).
     max_reads: usize,
+    /// How many chunks the driver may read ahead on the control connection
+    /// (see [`Sender::set_read_ahead`]).
+    read_ahead: usize,
     /// `Done` waits until every chunk is acknowledged: set when data travels on
     /// more than one connection, where `Done` could overtake it.
     done_after_acks: bool,
@@ -133,6 +136,7 @@ impl Sender {
             retries: HashMap::new(),
             awaiting_read: RangeSet::new(),
             max_reads: 1,
+            read_ahead: 1,
             done_after_acks: false,
             heard_ack: false,
             out: VecDeque::new(),
@@ -166,12 +170,20 @@ impl Sender {
         self.heard_ack && self.max_reads > 1
     }
 
+    /// The driver reads up to `n` chunks ahead for the control connection
+    /// (at least 1), so reading and hashing the next chunks overlap sending
+    /// this one. Their `Data` frames still go out in the order read.
+    pub fn set_read_ahead(&mut self, n: usize) {
+        self.read_ahead = n.max(1);
+    }
+
     fn read_slots(&self) -> u64 {
-        if self.heard_ack {
-            self.max_reads as u64
+        let lanes = if self.heard_ack {
+            self.max_reads.saturating_sub(1)
         } else {
-            1
-        }
+            0
+        };
+        (self.read_ahead + lanes) as u64
     }
 
     pub fn layout(&self) -> ChunkLayout {

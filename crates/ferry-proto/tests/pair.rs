@@ -939,3 +939,52 @@ fn chunks_written_during_the_last_checkpoint_are_checkpointed_when_it_ends() {
     rx.checkpoint_committed(&second[0]);
     assert_eq!(checkpoints(&mut rx), vec![Vec::new()], "then it finalizes");
 }
+
+#[test]
+fn chunks_are_read_ahead_and_done_waits_for_every_read() {
+    let size = 4 * CHUNK as u64;
+    let src = data(size, 13);
+    let layout = ChunkLayout::new(size, CHUNK).unwrap();
+    let alg = HashAlg::Blake3;
+    let mut tx = Sender::new(
+        TransferId::default(),
+        layout,
+        alg,
+        SenderConfig::default(),
+        [],
+    );
+    tx.set_read_ahead(3);
+    tx.handle(Message::Offer {
+        ranges: RangeSet::new(),
+        hashes: Vec::new().into(),
+        more: false,
+    })
+    .unwrap();
+    assert!(matches!(
+        tx.poll_transmit(),
+        Some(Transmit::Message(Message::Agreed { .. }))
+    ));
+    let mut asked = Vec::new();
+    while let Some(Transmit::Chunk { index, .. }) = tx.poll_transmit() {
+        asked.push(index);
+    }
+    assert_eq!(asked, [0, 1, 2], "three reads under way at once, no more");
+    let hash = |i: u32| alg.hash(&src[layout.offset(i) as usize..][..layout.len(i) as usize]);
+    tx.chunk_read(0, hash(0)).unwrap();
+    assert!(matches!(
+        tx.poll_transmit(),
+        Some(Transmit::Chunk { index: 3, .. })
+    ));
+    tx.chunk_read(1, hash(1)).unwrap();
+    tx.chunk_read(3, hash(3)).unwrap();
+    assert_eq!(
+        tx.poll_transmit(),
+        None,
+        "no Done while chunk 2 is being read"
+    );
+    tx.chunk_read(2, hash(2)).unwrap();
+    assert!(matches!(
+        tx.poll_transmit(),
+        Some(Transmit::Message(Message::Done { .. }))
+    ));
+}

@@ -103,10 +103,6 @@ pub(crate) fn read_source(
 }
 
 impl SourceFile {
-    fn read_chunk(&self, offset: u64, len: u32, buf: &mut Vec<u8>) -> Result<()> {
-        read_source(&self.file, &self.path, offset, len, buf)
-    }
-
     /// Fails if the source is no longer the version that was opened.
     pub fn check_unchanged(&self) -> Result<()> {
         let md = std::fs::metadata(&self.path).map_err(|e| Error::local(&self.path, e))?;
@@ -141,7 +137,11 @@ pub async fn drive_sender(
         tx.layout().chunk_size(),
         conn.timeouts.keepalive,
     );
-    let mut buf = Vec::new();
+    // Chunks read and hashed on blocking threads ahead of sending, in order.
+    let ahead = (READ_AHEAD_BYTES / tx.layout().chunk_size().max(1) as usize).clamp(2, 4);
+    tx.set_read_ahead(ahead);
+    let mut reads = std::collections::VecDeque::new();
+    let mut free: Vec<Vec<u8>> = Vec::new();
     let mut last_write = Instant::now();
     let mut last_heard = Instant::now();
     // Last time the transfer moved: a chunk sent or acknowledged.
@@ -193,7 +193,13 @@ pub async fn drive_sender(
         if !acked_hashes.is_empty() {
             store.add_source_hashes(&src.key, &acked_hashes)?;
         }
-        match tx.poll_transmit() {
+        // The oldest read goes out once it is done, when as many are under
+        // way as may be, or when there is nothing else to do.
+        let oldest_due = reads
+            .front()
+            .is_some_and(|r: &ChunkRead| r.is_finished() || reads.len() >= ahead);
+        let next = if oldest_due { None } else { tx.poll_transmit() };
+        match next {
             Some(Transmit::Message(m)) => {
                 if matches!(m, Message::Done { .. }) {
                     src.check_unchanged()?;
@@ -210,22 +216,35 @@ pub async fn drive_sender(
                         continue;
                     }
                 }
-                src.read_chunk(offset, len, &mut buf)?;
-                let content = src.alg.hash(&buf);
-                let tag = tx.chunk_read(index, content).map_err(|e| match e {
-                    ProtoError::SourceChanged { .. } => {
-                        Error::Proto(ProtoError::SourceChanged { chunk: index })
-                    }
-                    e => Error::Proto(e),
-                })?;
-                conn.wr.send_data(index, offset, &tag, &buf).await?;
-                last_progress = Instant::now();
-                Progress::add(&progress.bytes_sent, u64::from(len));
-                if let Some(t) = throttle.as_mut() {
-                    conn.wr.flush().await?;
-                    t.consume(u64::from(len)).await;
+                let (file, path, alg) = (src.file.clone(), src.path.clone(), src.alg);
+                let mut buf = free.pop().unwrap_or_default();
+                reads.push_back(tokio::task::spawn_blocking(move || {
+                    let read = read_source(&file, &path, offset, len, &mut buf).map(|()| {
+                        let content = alg.hash(&buf);
+                        (buf, content)
+                    });
+                    (index, offset, read)
+                }));
+            }
+            None if !reads.is_empty() => {
+                if let Some(r) = reads.pop_front() {
+                    let (index, offset, read) = r.await.map_err(|e| Error::Store(e.to_string()))?;
+                    let (buf, content) = read?;
+                    send_read(
+                        conn,
+                        tx,
+                        progress,
+                        throttle.as_mut(),
+                        index,
+                        offset,
+                        &buf,
+                        content,
+                    )
+                    .await?;
+                    free.push(buf);
+                    last_progress = Instant::now();
+                    last_write = Instant::now();
                 }
-                last_write = Instant::now();
             }
             None => {
                 conn.wr.flush().await?;
@@ -265,6 +284,42 @@ pub async fn drive_sender(
             }
         }
     }
+}
+
+/// Bytes of source read and hashed ahead of sending (see `drive_sender`):
+/// 2 to 4 chunks.
+const READ_AHEAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// A chunk being read and hashed on a blocking thread: index, offset, and
+/// the bytes with their content hash.
+type ChunkRead = tokio::task::JoinHandle<(u32, u64, Result<(Vec<u8>, ChunkHash)>)>;
+
+/// Sends a chunk that was read and hashed: the sender core gives its tag
+/// (or finds the source changed), then the `Data` frame goes out.
+#[allow(clippy::too_many_arguments)]
+async fn send_read(
+    conn: &mut Conn,
+    tx: &mut Sender,
+    progress: &FileProgress,
+    throttle: Option<&mut Throttle>,
+    index: u32,
+    offset: u64,
+    buf: &[u8],
+    content: ChunkHash,
+) -> Result<()> {
+    let tag = tx.chunk_read(index, content).map_err(|e| match e {
+        ProtoError::SourceChanged { .. } => {
+            Error::Proto(ProtoError::SourceChanged { chunk: index })
+        }
+        e => Error::Proto(e),
+    })?;
+    conn.wr.send_data(index, offset, &tag, buf).await?;
+    Progress::add(&progress.bytes_sent, buf.len() as u64);
+    if let Some(t) = throttle {
+        conn.wr.flush().await?;
+        t.consume(buf.len() as u64).await;
+    }
+    Ok(())
 }
 
 /// A receiver's keepalive may say how much it has read so far: more than
