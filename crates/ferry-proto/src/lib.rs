@@ -29,7 +29,7 @@ mod wire;
 pub use chunk::ChunkLayout;
 pub use error::{DecodeError, ProtoError};
 pub use hash::{ChunkHash, HashAlg, TransferId};
-pub use message::{Failure, FailureCode, FrameDecoder, Message};
+pub use message::{DataHeader, Failure, FailureCode, FrameDecoder, Message};
 pub use ranges::RangeSet;
 pub use receiver::{DataVerdict, Receiver, ReceiverConfig, ReceiverEvent};
 pub use sender::{Sender, SenderConfig, SenderEvent, Transmit};

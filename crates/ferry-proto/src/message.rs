@@ -1303,6 +1303,17 @@ pub fn encode_data_header(
     out
 }
 
+/// A `Data` frame's header (see [`FrameDecoder::data_header`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    pub index: u32,
+    pub offset: u64,
+    pub tag: ChunkHash,
+    /// Where the payload starts, counted from the frame's first byte.
+    pub payload_start: usize,
+    pub payload_len: usize,
+}
+
 /// Splits frames off a byte buffer.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
@@ -1338,6 +1349,61 @@ impl FrameDecoder {
             MAX_CONTROL_FRAME + 1
         };
         Some(4 + len.min(cap) as usize)
+    }
+
+    /// Whether `buf` starts with (the first bytes of) a `Data` frame.
+    pub fn starts_data(buf: &[u8]) -> bool {
+        buf.get(4) == Some(&kind::DATA)
+    }
+
+    /// The header of a `Data` frame at the front of `buf`, once it is
+    /// buffered, when the payload is the frame's last field (as
+    /// [`encode_data_header`] writes it): a driver may then read the payload
+    /// straight into memory of its own. `None` for anything else (another
+    /// frame, a header not yet whole, a field after the payload, a frame over
+    /// a bound): [`FrameDecoder::decode`] takes those, and its errors.
+    pub fn data_header(&self, buf: &[u8]) -> Option<DataHeader> {
+        let head = buf.get(..5)?;
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        if head[4] != kind::DATA
+            || len == 0
+            || len > MAX_FRAME
+            || self.limit.is_some_and(|l| len > l)
+        {
+            return None;
+        }
+        let end = 4 + len as usize;
+        let (mut index, mut offset, mut tag) = (None, None, None);
+        let mut pos = 5;
+        loop {
+            let (field, a) = get_varint(buf.get(pos..)?).ok()?;
+            let (flen, b) = get_varint(buf.get(pos + a..)?).ok()?;
+            let start = pos + a + b;
+            let flen = usize::try_from(flen).ok()?;
+            if field == 4 {
+                if start.checked_add(flen)? != end {
+                    return None;
+                }
+                return Some(DataHeader {
+                    index: index?,
+                    offset: offset?,
+                    tag: tag?,
+                    payload_start: start,
+                    payload_len: flen,
+                });
+            }
+            let value = buf.get(start..start.checked_add(flen)?)?;
+            match field {
+                1 => index = Some(as_u32(value).ok()?),
+                2 => offset = Some(as_u64(value).ok()?),
+                3 => tag = Some(ChunkHash(as_array(value).ok()?)),
+                _ => {}
+            }
+            pos = start + flen;
+            if pos >= end {
+                return None;
+            }
+        }
     }
 
     /// Takes one message off the front of `buf`. `Ok(None)` means more bytes
@@ -1686,6 +1752,62 @@ mod tests {
         assert!(FrameDecoder::new()
             .decode(&mut BytesMut::from(&m.encode()[..]))
             .is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn data_header_agrees_with_decode(
+            index: u32,
+            offset: u64,
+            tag: [u8; 32],
+            payload in proptest::collection::vec(any::<u8>(), 0..3000),
+            cut in 0usize..200,
+        ) {
+            let tag = ChunkHash(tag);
+            let mut frame = encode_data_header(index, offset, &tag, payload.len());
+            let head_len = frame.len();
+            frame.extend_from_slice(&payload);
+            let dec = FrameDecoder::new();
+            let h = dec.data_header(&frame).expect("a whole header");
+            prop_assert_eq!((h.index, h.offset, h.tag), (index, offset, tag));
+            prop_assert_eq!((h.payload_start, h.payload_len), (head_len, payload.len()));
+            prop_assert_eq!(&frame[h.payload_start..], &payload[..]);
+            // A header not yet whole gives nothing; bytes of payload missing do not matter.
+            let part = dec.data_header(&frame[..cut.min(frame.len())]);
+            prop_assert_eq!(part.is_some(), cut >= head_len);
+            let mut buf = frame.clone();
+            let m = FrameDecoder::new().decode(&mut buf).unwrap();
+            prop_assert_eq!(m, Some(Message::Data { index, offset, tag, payload: Bytes::from(payload) }));
+        }
+
+        #[test]
+        fn data_header_never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = FrameDecoder::new().data_header(&data);
+        }
+    }
+
+    #[test]
+    fn data_header_leaves_a_payload_that_is_not_last_to_decode() {
+        let tag = ChunkHash([7; 32]);
+        let mut w = FieldWriter::new();
+        w.u64(1, 3)
+            .u64(2, 4096)
+            .bytes(3, &tag.0)
+            .bytes(4, b"abcd")
+            .u64(9, 1);
+        let body = w.finish();
+        let mut frame = BytesMut::new();
+        frame.put_u32(1 + body.len() as u32);
+        frame.put_u8(kind::DATA);
+        frame.extend_from_slice(&body);
+        assert_eq!(FrameDecoder::new().data_header(&frame), None);
+        let m = FrameDecoder::new().decode(&mut frame).unwrap();
+        assert!(matches!(m, Some(Message::Data { index: 3, .. })));
+        // Bounded like decode: over the limit before authentication, nothing.
+        let mut limited = FrameDecoder::new();
+        limited.set_limit(Some(16));
+        let big = encode_data_header(1, 0, &tag, 100);
+        assert_eq!(limited.data_header(&big), None);
     }
 
     proptest! {

@@ -1,7 +1,7 @@
 //! Framed message I/O over any byte stream (TCP+TLS today; QUIC, WebSocket or
 //! an in-memory duplex tomorrow).
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use ferry_proto::message::encode_data_header;
 use ferry_proto::{ChunkHash, FrameDecoder, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -28,7 +28,24 @@ pub struct FramedRead<R> {
     meter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// How much of `data_in` the meter has been given.
     metered: u64,
+    /// Where `Data` payloads are read straight into (see [`FramedRead::pool_payloads`]).
+    pool: Option<crate::fsutil::BufPool>,
+    /// A `Data` frame whose payload is being read into aligned memory.
+    partial: Option<PartialData>,
 }
+
+/// A `Data` payload being read straight into aligned memory: kept in the
+/// reader, not in the future reading it, so a `next` dropped halfway (a
+/// `select!` taking another branch) loses nothing.
+struct PartialData {
+    header: ferry_proto::DataHeader,
+    buf: crate::fsutil::AlignedBuf,
+    filled: usize,
+    pool: crate::fsutil::BufPool,
+}
+
+/// Payloads at least this long are read straight into aligned memory.
+const DIRECT_PAYLOAD_MIN: usize = 64 * 1024;
 
 impl<R: AsyncRead + Unpin> FramedRead<R> {
     pub fn new(inner: R, peer: String) -> Self {
@@ -41,6 +58,50 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             control_in: 0,
             meter: None,
             metered: 0,
+            pool: None,
+            partial: None,
+        }
+    }
+
+    /// Reads the payloads of large `Data` frames straight into aligned
+    /// memory from `pool` (or stops, with `None`): no copy out of the frame
+    /// buffer, and a payload can go to an `O_DIRECT` write as it is. Each
+    /// allocation goes back to the pool when its payload is dropped.
+    pub fn pool_payloads(&mut self, pool: Option<crate::fsutil::BufPool>) {
+        self.pool = pool;
+    }
+
+    /// If a large `Data` frame's header is buffered, starts reading its
+    /// payload straight into aligned memory, with what is buffered of it.
+    fn start_direct(&mut self) {
+        let Some(pool) = &self.pool else { return };
+        let Some(h) = self.dec.data_header(&self.buf) else {
+            return;
+        };
+        if h.payload_len < DIRECT_PAYLOAD_MIN {
+            return;
+        }
+        let mut buf = crate::fsutil::AlignedBuf::with_len(h.payload_len, pool.take());
+        let have = (self.buf.len() - h.payload_start).min(h.payload_len);
+        buf.bytes_mut()[..have].copy_from_slice(&self.buf[h.payload_start..h.payload_start + have]);
+        self.buf.advance(h.payload_start + have);
+        self.partial = Some(PartialData {
+            header: h,
+            buf,
+            filled: have,
+            pool: pool.clone(),
+        });
+    }
+
+    /// Gives the meter what `data_in` grew by.
+    fn update_meter(&mut self) {
+        if let Some(meter) = &self.meter {
+            // Only growth: a control frame, once whole, leaves `data_in`.
+            let d = self.bytes_in - self.control_in;
+            if d > self.metered {
+                meter.fetch_add(d - self.metered, std::sync::atomic::Ordering::Relaxed);
+                self.metered = d;
+            }
         }
     }
 
@@ -72,24 +133,58 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             // Keepalives, control frames and skipped optional frames.
             self.control_in += (held - self.buf.len()) as u64;
         }
-        if let Some(meter) = &self.meter {
-            // Only growth: a control frame, once whole, leaves `data_in`.
-            let d = self.bytes_in - self.control_in;
-            if d > self.metered {
-                meter.fetch_add(d - self.metered, std::sync::atomic::Ordering::Relaxed);
-                self.metered = d;
-            }
-        }
+        self.update_meter();
         Ok(m)
     }
 
     /// The next message; `Ok(None)` on a clean end of stream between frames.
     pub async fn next(&mut self) -> Result<Option<Message>, Error> {
         loop {
+            if self.partial.is_none() {
+                self.start_direct();
+            }
+            if let Some(p) = &mut self.partial {
+                if p.filled == p.header.payload_len {
+                    if let Some(p) = self.partial.take() {
+                        let h = p.header;
+                        return Ok(Some(Message::Data {
+                            index: h.index,
+                            offset: h.offset,
+                            tag: h.tag,
+                            payload: p.buf.into_bytes(&p.pool),
+                        }));
+                    }
+                    continue;
+                }
+                let n = self
+                    .inner
+                    .read(&mut p.buf.bytes_mut()[p.filled..])
+                    .await
+                    .map_err(|e| Error::Io {
+                        addr: self.peer.clone(),
+                        source: e,
+                    })?;
+                if n == 0 {
+                    return Err(Error::Io {
+                        addr: self.peer.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "connection closed in the middle of a frame",
+                        ),
+                    });
+                }
+                p.filled += n;
+                self.bytes_in += n as u64;
+                self.update_meter();
+                continue;
+            }
             if let Some(m) = self.next_buffered()? {
                 return Ok(Some(m));
             }
-            if let Some(need) = FrameDecoder::needed(&self.buf) {
+            // A large `Data` frame read into pooled memory needs room for its
+            // header only.
+            let direct = self.pool.is_some() && FrameDecoder::starts_data(&self.buf);
+            if let Some(need) = FrameDecoder::needed(&self.buf).filter(|_| !direct) {
                 if need > self.buf.capacity() {
                     self.buf.reserve(need - self.buf.len());
                 }
@@ -457,6 +552,61 @@ mod tests {
     }
 
     /// A 1000-byte chunk's frame.
+    #[tokio::test]
+    async fn a_large_payload_read_into_pooled_memory_survives_cancelled_reads() {
+        use tokio::io::AsyncWriteExt;
+        let payload: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let frame = Message::Data {
+            index: 3,
+            offset: 3 << 20,
+            tag: ferry_proto::hash::ChunkHash([9; 32]),
+            payload: bytes::Bytes::from(payload.clone()),
+        }
+        .encode();
+        let ping = ping_frame();
+        let (mut a, b) = tokio::io::duplex(16 * 1024);
+        let pool = crate::fsutil::BufPool::default();
+        let mut rd = FramedRead::new(b, "test".into());
+        rd.pool_payloads(Some(pool.clone()));
+        let (f, p) = (frame.clone(), ping.clone());
+        let writer = tokio::spawn(async move {
+            for piece in f.chunks(7000).chain(p.chunks(5)) {
+                a.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            a
+        });
+        // Every read is cut short by a timer now and then: nothing may be lost.
+        let mut got = Vec::new();
+        let mut cancelled = 0;
+        while got.len() < 2 {
+            tokio::select! {
+                r = rd.next() => got.push(r.unwrap().unwrap()),
+                _ = tokio::task::yield_now() => cancelled += 1,
+            }
+        }
+        assert!(cancelled > 0, "the reads were cancelled at times");
+        let _a = writer.await.unwrap();
+        match &got[0] {
+            Message::Data {
+                index,
+                offset,
+                payload: p,
+                ..
+            } => {
+                assert_eq!((*index, *offset), (3, 3 << 20));
+                assert!(p[..] == payload[..], "payload intact");
+                assert!(crate::fsutil::direct_memory(p), "in aligned memory");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(got[1], Message::Ping { .. }));
+        assert_eq!(rd.data_in(), frame.len() as u64);
+        assert_eq!(rd.bytes_in, (frame.len() + ping.len()) as u64);
+        drop(got);
+        assert!(pool.take().is_some(), "the memory went back to the pool");
+    }
+
     fn data_frame() -> bytes::Bytes {
         Message::Data {
             index: 0,

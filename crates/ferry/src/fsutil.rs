@@ -176,8 +176,8 @@ pub fn direct_aligned(offset: u64, len: usize) -> bool {
     len > 0 && offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
 }
 
-/// Bytes copied into memory aligned for `O_DIRECT` (to [`DIRECT_ALIGN`]),
-/// in an allocation that can be reused for the next chunk.
+/// Bytes in memory aligned for `O_DIRECT` (to [`DIRECT_ALIGN`]), in an
+/// allocation that can be reused for the next chunk.
 pub struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,
@@ -185,39 +185,101 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    /// A copy of `data`, in `reuse` if given (grown as needed).
-    pub fn copy_of(data: &[u8], reuse: Option<Vec<u8>>) -> Self {
+    /// `len` bytes (zeroes, or what `reuse` held) to be filled in.
+    pub fn with_len(len: usize, reuse: Option<Vec<u8>>) -> Self {
         let mut raw = reuse.unwrap_or_default();
-        if raw.len() < data.len() + DIRECT_ALIGN {
-            raw.resize(data.len() + DIRECT_ALIGN, 0);
+        if raw.len() < len + DIRECT_ALIGN {
+            raw.resize(len + DIRECT_ALIGN, 0);
         }
         // Never past the slack (an unaligned start only makes the kernel
         // refuse the write with EINVAL, and the page cache takes it).
         let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        raw[start..start + data.len()].copy_from_slice(data);
-        Self {
-            raw,
-            start,
-            len: data.len(),
-        }
+        Self { raw, start, len }
+    }
+
+    /// A copy of `data`, in `reuse` if given (grown as needed).
+    pub fn copy_of(data: &[u8], reuse: Option<Vec<u8>>) -> Self {
+        let mut b = Self::with_len(data.len(), reuse);
+        b.bytes_mut().copy_from_slice(data);
+        b
     }
 
     pub fn bytes(&self) -> &[u8] {
         &self.raw[self.start..self.start + self.len]
     }
 
-    /// The allocation, for the next [`AlignedBuf::copy_of`].
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+
+    /// The allocation, for the next [`AlignedBuf::with_len`].
     pub fn into_raw(self) -> Vec<u8> {
         self.raw
+    }
+
+    /// These bytes as [`bytes::Bytes`]; the allocation goes back to `pool`
+    /// when the last reference is dropped.
+    pub fn into_bytes(self, pool: &BufPool) -> bytes::Bytes {
+        bytes::Bytes::from_owner(Pooled {
+            buf: self,
+            pool: pool.clone(),
+        })
+    }
+}
+
+/// Allocations for chunk payloads, handed back when a payload is dropped
+/// (see [`AlignedBuf::into_bytes`]) and reused: a fresh multi-megabyte
+/// allocation per chunk costs a page fault per page, and the allocator
+/// keeps what it freed, so memory grew with the chunk size. Holds at most
+/// [`BufPool::KEEP`] free allocations.
+#[derive(Clone, Default)]
+pub struct BufPool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl BufPool {
+    pub const KEEP: usize = 4;
+
+    pub fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().ok()?.pop()
+    }
+
+    pub fn give(&self, raw: Vec<u8>) {
+        if let Ok(mut free) = self.0.lock() {
+            if free.len() < Self::KEEP {
+                free.push(raw);
+            }
+        }
+    }
+}
+
+/// An [`AlignedBuf`] inside [`bytes::Bytes`], going back to its pool when dropped.
+struct Pooled {
+    buf: AlignedBuf,
+    pool: BufPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.bytes()
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf.raw));
     }
 }
 
 /// Writes `buf` at `offset` through an `O_DIRECT` descriptor. `EINVAL`
-/// means the write was refused as it is: the caller writes it through the
-/// page cache instead.
-pub fn write_direct(f: &File, buf: &AlignedBuf, offset: u64) -> std::io::Result<()> {
+/// means the write was refused as it is (memory, offset or length not
+/// aligned): the caller writes it through the page cache instead.
+pub fn write_direct(f: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    f.write_all_at(buf.bytes(), offset)
+    f.write_all_at(buf, offset)
+}
+
+/// Whether `buf` sits in memory aligned for `O_DIRECT`.
+pub fn direct_memory(buf: &[u8]) -> bool {
+    buf.as_ptr().align_offset(DIRECT_ALIGN) == 0
 }
 
 /// One writer per partial file, across processes: an exclusive advisory lock
@@ -418,7 +480,7 @@ mod tests {
         let data: Vec<u8> = (0..2 * DIRECT_ALIGN).map(|i| (i % 251) as u8).collect();
         assert!(direct_aligned(DIRECT_ALIGN as u64, data.len()));
         let buf = AlignedBuf::copy_of(&data, None);
-        write_direct(&direct, &buf, DIRECT_ALIGN as u64).unwrap();
+        write_direct(&direct, buf.bytes(), DIRECT_ALIGN as u64).unwrap();
         let mut back = vec![0u8; data.len()];
         part.read_exact_at(&mut back, DIRECT_ALIGN as u64).unwrap();
         assert_eq!(back, data);
@@ -427,7 +489,7 @@ mod tests {
         // The allocation is reused for the next chunk.
         let buf = AlignedBuf::copy_of(&data, Some(buf.into_raw()));
         assert_eq!(buf.bytes(), &data[..]);
-        let e = write_direct(&direct, &buf, 100).unwrap_err();
+        let e = write_direct(&direct, buf.bytes(), 100).unwrap_err();
         assert_eq!(
             e.raw_os_error(),
             Some(rustix::io::Errno::INVAL.raw_os_error()),

@@ -515,6 +515,7 @@ pub async fn drive_receiver(
         conn.timeouts.stall,
     );
     let mut writes = Writes::default();
+    conn.rd.pool_payloads(Some(writes.pool.clone()));
     let r = tokio::select! {
         r = receive_loop(
             conn,
@@ -539,6 +540,7 @@ pub async fn drive_receiver(
     // However it ended: no write may land after this (a new writer of the
     // partial could otherwise be overwritten by an old chunk).
     let drained = writes.drain(rx, dest, progress, &lanes).await;
+    conn.rd.pool_payloads(None);
     let r = r.and_then(|ok| drained.map(|()| ok));
     // Only when the link failed: after a protocol or integrity error the
     // partial may be reset, and must not gain chunks behind that reset.
@@ -806,18 +808,18 @@ async fn receive_loop(
 
 /// Bytes of chunk writes under way at once (see [`Writes`]): 2 to 4 writes,
 /// fewer of larger chunks, so memory stays bounded.
-const WRITES_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
+const WRITES_IN_FLIGHT_BYTES: usize = 8 * 1024 * 1024;
 
 /// What a chunk write under way gives back: how the chunk verified (its
-/// content hash, or the hash of what came instead), the aligned copy if it
-/// went through `O_DIRECT` (written again through the page cache if that
-/// refused it), and how the write went.
+/// content hash, or the hash of what came instead), the bytes if they went
+/// to `O_DIRECT` (written again through the page cache if that refused
+/// them), and how the write went.
 struct Written {
     index: u32,
     offset: u64,
     len: u64,
     verdict: std::result::Result<ChunkHash, ChunkHash>,
-    aligned: Option<fsutil::AlignedBuf>,
+    direct: Option<bytes::Bytes>,
     io: std::io::Result<()>,
 }
 
@@ -838,8 +840,9 @@ enum Check {
 #[derive(Default)]
 struct Writes {
     running: futures_util::stream::FuturesUnordered<tokio::task::JoinHandle<Written>>,
-    /// Aligned buffers of finished writes, for the next chunks.
-    free: Vec<Vec<u8>>,
+    /// Aligned memory for payloads, read into by the connection (see
+    /// [`crate::conn::FramedRead::pool_payloads`]) or copied into here.
+    pool: fsutil::BufPool,
 }
 
 impl Writes {
@@ -866,7 +869,7 @@ impl Writes {
     /// Takes in a chunk that was verified and written on a blocking thread:
     /// one that failed verification is asked for again; if `O_DIRECT`
     /// refused the write, it goes through the page cache; then the chunk
-    /// counts as written and its buffer is kept for the next one.
+    /// counts as written (its memory goes back to the pool once dropped).
     fn take_in(
         &mut self,
         rx: &mut Receiver,
@@ -881,25 +884,21 @@ impl Writes {
             Err(actual) => {
                 warn!(transfer = %rx.id(), chunk = w.index, offset = w.offset, len = w.len, actual = %actual, "chunk failed verification; asking for it again");
                 rx.chunk_corrupt(w.index);
-                self.free
-                    .extend(w.aligned.map(fsutil::AlignedBuf::into_raw));
                 return Ok(());
             }
         };
-        match (w.io, &w.aligned) {
+        match (w.io, &w.direct) {
             (Ok(()), _) => {}
             (Err(e), Some(buf))
                 if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
             {
                 dest.file
-                    .write_all_at(buf.bytes(), w.offset)
+                    .write_all_at(buf, w.offset)
                     .map_err(|e| Error::local(&dest.part_path, e))?
             }
             (Err(e), _) => return Err(Error::local(&dest.part_path, e)),
         }
         chunk_in(rx, progress, lanes, w.index, w.len, content);
-        self.free
-            .extend(w.aligned.map(fsutil::AlignedBuf::into_raw));
         Ok(())
     }
 }
@@ -935,7 +934,7 @@ async fn write_chunk(
         .direct
         .clone()
         .filter(|_| fsutil::direct_aligned(offset, payload.len()));
-    let reuse = direct.as_ref().and_then(|_| writes.free.pop());
+    let pool = writes.pool.clone();
     let (alg, tid, locked) = (rx.alg(), rx.id(), dest.file.clone());
     rx.chunk_writing(index);
     writes.running.push(tokio::task::spawn_blocking(move || {
@@ -944,14 +943,18 @@ async fn write_chunk(
             Check::Tag(tag) => verify_chunk(alg, &tid, index, offset, &payload, &tag),
             Check::Done(v) => v,
         };
-        let (aligned, io) = match (&verdict, direct) {
+        let (direct, io) = match (&verdict, direct) {
             (Err(_), _) => (None, Ok(())),
             (Ok(_), Some(direct)) => {
-                // The received frame is let go; the copy is what is written.
-                let buf = fsutil::AlignedBuf::copy_of(&payload, reuse);
-                drop(payload);
-                let r = fsutil::write_direct(&direct, &buf, offset);
-                (Some(buf), r)
+                // Payloads are mostly read straight into aligned memory;
+                // others are copied (the received frame is let go).
+                let data = if fsutil::direct_memory(&payload) {
+                    payload
+                } else {
+                    fsutil::AlignedBuf::copy_of(&payload, pool.take()).into_bytes(&pool)
+                };
+                let r = fsutil::write_direct(&direct, &data, offset);
+                (Some(data), r)
             }
             (Ok(_), None) => (None, locked.write_all_at(&payload, offset)),
         };
@@ -961,7 +964,7 @@ async fn write_chunk(
             offset,
             len,
             verdict,
-            aligned,
+            direct,
             io,
         }
     }));
