@@ -124,6 +124,10 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
     /// stream; never waits. A server takes a pipelined run of requests in
     /// together with it.
     pub fn next_buffered(&mut self) -> Result<Option<Message>, Error> {
+        if self.partial.is_some() {
+            // A payload still arriving comes first.
+            return Ok(None);
+        }
         let held = self.buf.len();
         let m = self
             .dec
