@@ -704,14 +704,11 @@ fn lanes_interleave_freely_and_send_each_chunk_once() {
     }
 }
 
-/// A chunk whose write has started (`chunk_writing`) but not returned is
-/// neither missing nor written: `Done` arriving meanwhile asks for nothing
-/// again, a copy arriving is a duplicate, and once the write returns the
-/// receiver checkpoints and finishes without waiting for a timer.
-#[test]
-fn a_chunk_being_written_is_not_asked_for_again() {
-    let size = 3 * CHUNK as u64;
-    let src = data(size, 9);
+/// A receiver of `n` chunks of seeded data in its data phase (past `Agreed`),
+/// with each chunk's content hash and the file's digest.
+fn receiving(n: u32, seed: u64) -> (Receiver, ChunkLayout, Vec<ChunkHash>, ChunkHash) {
+    let size = u64::from(n) * u64::from(CHUNK);
+    let src = data(size, seed);
     let layout = ChunkLayout::new(size, CHUNK).unwrap();
     let alg = HashAlg::Blake3;
     let mut rx = Receiver::new(
@@ -725,10 +722,24 @@ fn a_chunk_being_written_is_not_asked_for_again() {
         ranges: RangeSet::new(),
     })
     .unwrap();
+    let hashes: Vec<ChunkHash> = (0..n)
+        .map(|i| alg.hash(&src[layout.offset(i) as usize..][..layout.len(i) as usize]))
+        .collect();
+    let digest = hash::file_digest(alg, size, CHUNK, hashes.iter());
+    (rx, layout, hashes, digest)
+}
+
+/// A chunk whose write has started (`chunk_writing`) but not returned is
+/// neither missing nor written: `Done` arriving meanwhile asks for nothing
+/// again, a copy arriving is a duplicate, and once the write returns the
+/// receiver checkpoints and finishes without waiting for a timer.
+#[test]
+fn a_chunk_being_written_is_not_asked_for_again() {
+    let (mut rx, layout, hashes, digest) = receiving(3, 9);
     // Virtual time: no timer is let run in this test.
     #[allow(clippy::disallowed_methods)]
     let t0 = Instant::now();
-    let hash = |i: u32| alg.hash(&src[layout.offset(i) as usize..][..layout.len(i) as usize]);
+    let hash = |i: u32| hashes[i as usize];
     for i in 0..2 {
         rx.chunk_written(t0, i, hash(i));
     }
@@ -739,8 +750,6 @@ fn a_chunk_being_written_is_not_asked_for_again() {
         DataVerdict::Write
     );
     rx.chunk_writing(2);
-    let hashes: Vec<ChunkHash> = (0..3).map(hash).collect();
-    let digest = hash::file_digest(alg, size, CHUNK, hashes.iter());
     rx.handle(Message::Done { digest }).unwrap();
     assert_eq!(
         rx.accept_data(2, layout.offset(2), layout.len(2) as usize)
@@ -798,27 +807,11 @@ fn a_chunk_being_written_is_not_asked_for_again() {
 
 #[test]
 fn a_chunk_failing_verification_after_done_waits_for_the_next_done() {
-    let size = 3 * CHUNK as u64;
-    let src = data(size, 11);
-    let layout = ChunkLayout::new(size, CHUNK).unwrap();
-    let alg = HashAlg::Blake3;
-    let mut rx = Receiver::new(
-        TransferId::default(),
-        layout,
-        alg,
-        ReceiverConfig::default(),
-        [],
-    );
-    rx.handle(Message::Agreed {
-        ranges: RangeSet::new(),
-    })
-    .unwrap();
+    let (mut rx, layout, hashes, digest) = receiving(3, 11);
     // Virtual time: no timer is let run in this test.
     #[allow(clippy::disallowed_methods)]
     let t0 = Instant::now();
-    let hash = |i: u32| alg.hash(&src[layout.offset(i) as usize..][..layout.len(i) as usize]);
-    let hashes: Vec<ChunkHash> = (0..3).map(hash).collect();
-    let digest = hash::file_digest(alg, size, CHUNK, hashes.iter());
+    let hash = |i: u32| hashes[i as usize];
     let mut sent = Vec::new();
     let mut events = Vec::new();
     // Commits every checkpoint asked for, as a driver would.
@@ -884,27 +877,11 @@ fn a_chunk_failing_verification_after_done_waits_for_the_next_done() {
 
 #[test]
 fn chunks_written_during_the_last_checkpoint_are_checkpointed_when_it_ends() {
-    let size = 4 * CHUNK as u64;
-    let src = data(size, 12);
-    let layout = ChunkLayout::new(size, CHUNK).unwrap();
-    let alg = HashAlg::Blake3;
-    let mut rx = Receiver::new(
-        TransferId::default(),
-        layout,
-        alg,
-        ReceiverConfig::default(),
-        [],
-    );
-    rx.handle(Message::Agreed {
-        ranges: RangeSet::new(),
-    })
-    .unwrap();
+    let (mut rx, _, hashes, digest) = receiving(4, 12);
     // Virtual time: the checkpoint timer is never let run here.
     #[allow(clippy::disallowed_methods)]
     let t0 = Instant::now();
-    let hash = |i: u32| alg.hash(&src[layout.offset(i) as usize..][..layout.len(i) as usize]);
-    let hashes: Vec<ChunkHash> = (0..4).map(hash).collect();
-    let digest = hash::file_digest(alg, size, CHUNK, hashes.iter());
+    let hash = |i: u32| hashes[i as usize];
     let checkpoints = |rx: &mut Receiver| {
         let mut out = Vec::new();
         while let Some(e) = rx.poll_event() {

@@ -164,18 +164,9 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
                     .inner
                     .read(&mut p.buf.bytes_mut()[p.filled..])
                     .await
-                    .map_err(|e| Error::Io {
-                        addr: self.peer.clone(),
-                        source: e,
-                    })?;
+                    .map_err(|e| read_error(&self.peer, e))?;
                 if n == 0 {
-                    return Err(Error::Io {
-                        addr: self.peer.clone(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "connection closed in the middle of a frame",
-                        ),
-                    });
+                    return Err(read_error(&self.peer, cut_off()));
                 }
                 p.filled += n;
                 self.bytes_in += n as u64;
@@ -200,21 +191,12 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
                 .inner
                 .read_buf(&mut self.buf)
                 .await
-                .map_err(|e| Error::Io {
-                    addr: self.peer.clone(),
-                    source: e,
-                })?;
+                .map_err(|e| read_error(&self.peer, e))?;
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                return Err(Error::Io {
-                    addr: self.peer.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "connection closed in the middle of a frame",
-                    ),
-                });
+                return Err(read_error(&self.peer, cut_off()));
             }
             self.bytes_in += n as u64;
         }
@@ -281,6 +263,22 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             _ = std::future::ready(()) => Ok(None),
         }
     }
+}
+
+/// A failed read from `peer`.
+fn read_error(peer: &str, source: std::io::Error) -> Error {
+    Error::Io {
+        addr: peer.to_string(),
+        source,
+    }
+}
+
+/// The stream ended inside a frame.
+fn cut_off() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "connection closed in the middle of a frame",
+    )
 }
 
 /// How long silence or a blocked write may last before a connection is
