@@ -729,6 +729,17 @@ fn receiving(n: u32, seed: u64) -> (Receiver, ChunkLayout, Vec<ChunkHash>, Chunk
     (rx, layout, hashes, digest)
 }
 
+/// The chunk lists of the checkpoints among `events`.
+fn checkpoints_in(events: &[ReceiverEvent]) -> Vec<Vec<(u32, ChunkHash)>> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ReceiverEvent::Checkpoint(list) => Some(list.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A chunk whose write has started (`chunk_writing`) but not returned is
 /// neither missing nor written: `Done` arriving meanwhile asks for nothing
 /// again, a copy arriving is a duplicate, and once the write returns the
@@ -773,25 +784,13 @@ fn a_chunk_being_written_is_not_asked_for_again() {
         "nothing asked for again: {sent:?}"
     );
     // Chunks 0 and 1 are checkpointed on `Done`; the write returns later.
-    let first: Vec<_> = events
-        .iter()
-        .filter_map(|e| match e {
-            ReceiverEvent::Checkpoint(list) => Some(list.clone()),
-            _ => None,
-        })
-        .collect();
+    let first = checkpoints_in(&events);
     assert_eq!(first.len(), 1, "{events:?}");
     rx.checkpoint_committed(&first[0]);
     rx.chunk_written(t0, 2, hash(2));
     events.clear();
     pump(&mut rx, &mut events, &mut sent);
-    let second: Vec<_> = events
-        .iter()
-        .filter_map(|e| match e {
-            ReceiverEvent::Checkpoint(list) => Some(list.clone()),
-            _ => None,
-        })
-        .collect();
+    let second = checkpoints_in(&events);
     assert_eq!(second.len(), 1, "checkpointed at once: {events:?}");
     rx.checkpoint_committed(&second[0]);
     events.clear();

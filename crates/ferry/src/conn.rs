@@ -147,19 +147,17 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
             if self.partial.is_none() {
                 self.start_direct();
             }
+            let whole = |p: &PartialData| p.filled == p.header.payload_len;
+            if let Some(p) = self.partial.take_if(|p| whole(p)) {
+                let h = p.header;
+                return Ok(Some(Message::Data {
+                    index: h.index,
+                    offset: h.offset,
+                    tag: h.tag,
+                    payload: p.buf.into_bytes(&p.pool),
+                }));
+            }
             if let Some(p) = &mut self.partial {
-                if p.filled == p.header.payload_len {
-                    if let Some(p) = self.partial.take() {
-                        let h = p.header;
-                        return Ok(Some(Message::Data {
-                            index: h.index,
-                            offset: h.offset,
-                            tag: h.tag,
-                            payload: p.buf.into_bytes(&p.pool),
-                        }));
-                    }
-                    continue;
-                }
                 let n = self
                     .inner
                     .read(&mut p.buf.bytes_mut()[p.filled..])

@@ -212,11 +212,6 @@ impl AlignedBuf {
         &mut self.raw[self.start..self.start + self.len]
     }
 
-    /// The allocation, for the next [`AlignedBuf::with_len`].
-    pub fn into_raw(self) -> Vec<u8> {
-        self.raw
-    }
-
     /// These bytes as [`bytes::Bytes`]; the allocation goes back to `pool`
     /// when the last reference is dropped.
     pub fn into_bytes(self, pool: &BufPool) -> bytes::Bytes {
@@ -486,8 +481,10 @@ mod tests {
         assert_eq!(back, data);
         // What the receiver writes through the page cache instead.
         assert!(!direct_aligned(100, data.len()));
-        // The allocation is reused for the next chunk.
-        let buf = AlignedBuf::copy_of(&data, Some(buf.into_raw()));
+        // The allocation goes back to its pool once dropped, for the next chunk.
+        let pool = BufPool::default();
+        drop(buf.into_bytes(&pool));
+        let buf = AlignedBuf::copy_of(&data, pool.take());
         assert_eq!(buf.bytes(), &data[..]);
         let e = write_direct(&direct, buf.bytes(), 100).unwrap_err();
         assert_eq!(

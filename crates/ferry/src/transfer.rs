@@ -882,8 +882,7 @@ impl Writes {
         let content = match w.verdict {
             Ok(content) => content,
             Err(actual) => {
-                warn!(transfer = %rx.id(), chunk = w.index, offset = w.offset, len = w.len, actual = %actual, "chunk failed verification; asking for it again");
-                rx.chunk_corrupt(w.index);
+                corrupt(rx, w.index, w.offset, w.len, actual);
                 return Ok(());
             }
         };
@@ -903,9 +902,16 @@ impl Writes {
     }
 }
 
+/// A chunk failed verification: ask for it again.
+fn corrupt(rx: &mut Receiver, index: u32, offset: u64, len: u64, actual: ChunkHash) {
+    warn!(transfer = %rx.id(), chunk = index, offset, len, actual = %actual, "chunk failed verification; asking for it again");
+    rx.chunk_corrupt(index);
+}
+
 /// Verifies a chunk and writes it into the partial file on a blocking thread
 /// ([`Writes`]), or asks for it again. An aligned chunk with an `O_DIRECT`
-/// descriptor is copied into aligned memory and written past the page cache.
+/// descriptor is written past the page cache, from the pooled memory it was
+/// read into (or, from a data lane, from an aligned copy).
 #[allow(clippy::too_many_arguments)]
 async fn write_chunk(
     rx: &mut Receiver,
@@ -920,8 +926,7 @@ async fn write_chunk(
 ) -> Result<()> {
     use futures_util::StreamExt;
     if let Check::Done(Err(actual)) = check {
-        warn!(transfer = %rx.id(), chunk = index, offset, len = payload.len(), actual = %actual, "chunk failed verification; asking for it again");
-        rx.chunk_corrupt(index);
+        corrupt(rx, index, offset, payload.len() as u64, actual);
         return Ok(());
     }
     let most = (WRITES_IN_FLIGHT_BYTES / payload.len().max(1)).clamp(2, 4);
