@@ -920,8 +920,9 @@ async fn switch_wss_to_quic() {
 }
 
 /// `auto` against a server whose UDP port swallows everything (a firewall
-/// that drops UDP): it falls back to TCP within the probe time, and later
-/// connections go straight to TCP.
+/// that drops UDP): TCP joins after QUIC's head start and carries the copy
+/// well within QUIC's handshake limit; so does the next copy. (That QUIC is
+/// then skipped for a while is tested in `transport::auto` on a paused clock.)
 #[tokio::test]
 async fn auto_falls_back_to_tcp_when_udp_is_blocked() {
     let dir = TempDir::new().unwrap();
@@ -936,10 +937,15 @@ async fn auto_falls_back_to_tcp_when_udp_is_blocked() {
     cp(&[src.display().to_string()], &srv.url("a.bin"), &o)
         .await
         .unwrap();
+    // TCP joined the race after QUIC's head start: the copy did not wait for
+    // QUIC's whole handshake limit.
     let first = t0.elapsed();
-    assert!(first < Duration::from_secs(8), "fallback took {first:?}");
+    assert!(
+        first < ferry::transport::auto::QUIC_PROBE,
+        "fallback took {first:?}"
+    );
     assert_eq!(std::fs::read(srv.root.join("a.bin")).unwrap(), data);
-    // The dialer remembers: the next copy does not wait for QUIC again.
+    // Nor does the next one.
     let t1 = Instant::now();
     cp(&[src.display().to_string()], &srv.url("b.bin"), &o)
         .await
