@@ -1296,7 +1296,7 @@ pub fn encode_data_header(
     let mut head = w.finish();
     put_varint(&mut head, 4);
     put_varint(&mut head, payload_len as u64);
-    let mut out = BytesMut::with_capacity(5 + head.len() + payload_len);
+    let mut out = BytesMut::with_capacity(5 + head.len());
     out.put_u32((1 + head.len() + payload_len) as u32);
     out.put_u8(kind::DATA);
     out.extend_from_slice(&head);
@@ -1784,6 +1784,15 @@ mod tests {
         fn data_header_never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = FrameDecoder::new().data_header(&data);
         }
+    }
+
+    /// The header of an 8 MiB chunk holds the header, not room for the chunk:
+    /// reserving it cost an mmap and a munmap per chunk sent.
+    #[test]
+    fn a_data_header_does_not_reserve_its_payload() {
+        let head = encode_data_header(7, 8 << 20, &ChunkHash([1; 32]), 8 << 20);
+        assert!(head.len() < 64, "{}", head.len());
+        assert!(head.capacity() < 4096, "{}", head.capacity());
     }
 
     #[test]
