@@ -236,11 +236,24 @@ impl Store {
         Ok(out)
     }
 
-    pub fn add_source_hashes(&self, key: &[u8; 16], hashes: &[(u32, ChunkHash)]) -> Result<()> {
-        if hashes.is_empty() {
+    /// Remembers chunk hashes of a source version. They are a cache (lost,
+    /// they cost a re-hash on resume, never a wrong result), so a commit
+    /// that is not `durable` skips the fsync: it is visible at once and
+    /// reaches the disk with the next durable commit. An empty durable call
+    /// makes the earlier ones durable.
+    pub fn add_source_hashes(
+        &self,
+        key: &[u8; 16],
+        hashes: &[(u32, ChunkHash)],
+        durable: bool,
+    ) -> Result<()> {
+        if hashes.is_empty() && !durable {
             return Ok(());
         }
-        let tx = self.db.begin_write()?;
+        let mut tx = self.db.begin_write()?;
+        if !durable {
+            tx.set_durability(Durability::None);
+        }
         {
             let mut t = tx.open_table(SOURCE_HASHES)?;
             for (i, h) in hashes {
@@ -307,11 +320,14 @@ mod tests {
         s.remove_partial("/a").unwrap();
         assert!(s.partial("/a").unwrap().is_none());
         let key = [5u8; 16];
-        s.add_source_hashes(&key, &[(1, ChunkHash([9; 32]))])
+        s.add_source_hashes(&key, &[(1, ChunkHash([9; 32]))], true)
+            .unwrap();
+        s.add_source_hashes(&key, &[(2, ChunkHash([8; 32]))], false)
             .unwrap();
         assert_eq!(
             s.source_hashes(&key).unwrap(),
-            vec![(1, ChunkHash([9; 32]))]
+            vec![(1, ChunkHash([9; 32])), (2, ChunkHash([8; 32]))],
+            "a commit without fsync is visible at once"
         );
         s.drop_source_hashes(&key).unwrap();
         assert!(s.source_hashes(&key).unwrap().is_empty());
