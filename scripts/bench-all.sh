@@ -62,8 +62,10 @@ if [[ -s $OUT/loopback.txt ]]; then
   row "loopback 1 GiB: ferry upload / rsync daemon" "$(ratio "$up" "$(val loopback rsyncd)")" 0.9
   row "loopback 1 GiB: ferry upload / socat into a file" "$(ratio "$up" "$(val loopback socat-file)")" 0.75
   row "loopback 1 GiB: ferry download / scp" "$(ratio "$(val loopback ferry-down)" "$(val loopback scp)")" 3
-  printf '  %-58s %9s  (no target: dd conv=fsync is the durable-copy ceiling on this disk)\n' \
+  printf '  %-58s %9s  (no target: a plain durable copy on this disk)\n' \
     "loopback 1 GiB: ferry upload / dd conv=fsync" "$(ratio "$up" "$(val loopback dd-fsync)")"
+  printf '  %-58s %9s  (no target: what the disk takes, one write at a time)\n' \
+    "loopback 1 GiB: ferry upload / dd oflag=direct" "$(ratio "$up" "$(val loopback dd-direct)")"
 fi
 if [[ -s $OUT/wan.txt ]]; then
   sed -n '/issue 5 targets/,$p' "$OUT/wan.txt" | tail -n +2 | sed 's/^/  /'

@@ -4,11 +4,14 @@
 # A benchmark, not a test: it prints figures and ratios, it never fails on a timing.
 #
 # Usage: scripts/bench.sh [tool ...]
-#   (default: ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file dd-fsync iperf3)
-#   dd-fsync is no transfer: `dd conv=fsync` of the file into the destination
-#   directory, the speed of a durable copy on this disk. ferry fsyncs what it
-#   receives; the peers do not, so on disk this is ferry's ceiling
-#   (PB_DSTDIR=/dev/shm/... takes the disk out of every figure).
+#   (default: ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file dd-fsync dd-direct iperf3)
+#   dd-fsync and dd-direct are no transfers: `dd conv=fsync` of the file into the
+#   destination directory (through the page cache, then one fsync: a plain durable
+#   copy), and the same with `oflag=direct` (4 MiB writes bypassing the page cache,
+#   one at a time: what the disk itself takes). ferry writes received chunks
+#   O_DIRECT, up to four at once, and fsyncs; the peers do neither, so on disk
+#   these show what durability costs (PB_DSTDIR=/dev/shm/... takes the disk out
+#   of every figure).
 #   rsyncd-fsync (not in the default list) is the rsync daemon told to fsync
 #   what it writes (`rsync --fsync`, rsync >= 3.2.4): the daemon held to
 #   ferry's durability.
@@ -22,7 +25,7 @@ export PB_DIR=${PB_DIR:-/tmp/peerbench}
 export PB_SIZE_MIB=${PB_SIZE_MIB:-1024}
 DSTDIR=${PB_DSTDIR:-$PB_DIR/dst}
 TOOLS=("$@")
-[[ ${#TOOLS[@]} -gt 0 ]] || TOOLS=(ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file dd-fsync iperf3)
+[[ ${#TOOLS[@]} -gt 0 ]] || TOOLS=(ferry-up ferry-down ferry-quic-up ferry-quic-down scp sftp rsync-ssh rsyncd rclone-sftp socat-file dd-fsync dd-direct iperf3)
 
 # Peer tools (bench only; the test suite does not need them).
 missing=()
@@ -68,6 +71,7 @@ ferry-down=$BIN cp -q --no-progress --state-dir $STATE/c2 ferry://127.0.0.1:$DOW
 ferry-quic-up=$BIN cp -q --no-progress --state-dir $STATE/c3 \"\$SRC\" ferry+quic://127.0.0.1:$UP_PORT/ferry-quic-up.bin
 ferry-quic-down=$BIN cp -q --no-progress --state-dir $STATE/c4 ferry+quic://127.0.0.1:$DOWN_PORT/src.bin \"\$DST\"
 dd-fsync=dd if=\"\$SRC\" of=\"\$DST\" bs=4M conv=fsync status=none
+dd-direct=dd if=\"\$SRC\" of=\"\$DST\" bs=4M oflag=direct conv=fsync status=none
 rsyncd-fsync=rsync -W --fsync \"\$SRC\" rsync://127.0.0.1:$RSYNCD_FSYNC_PORT/dst/rsyncd-fsync.bin"
 
 OUT=$(bash "$PEERS" "${TOOLS[@]}")
