@@ -301,7 +301,7 @@ struct Remembered {
 }
 
 /// How [`Remembered::add`] committed: with an fsync or without.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Durable(bool);
 
 impl Remembered {
@@ -1339,39 +1339,26 @@ mod tests {
         let key = [3u8; 16];
         let h = |i: u32| (i, ChunkHash([i as u8; 32]));
         let mut r = Remembered::new();
-        assert_eq!(
-            r.add(&store, &key, &[h(0)], false).unwrap(),
-            Some(Durable(false))
-        );
-        assert_eq!(
-            r.add(&store, &key, &[], false).unwrap(),
-            None,
-            "nothing to commit"
-        );
-        tokio::time::sleep(REMEMBER_DURABLY_EVERY / 2).await;
-        assert_eq!(
-            r.add(&store, &key, &[h(1)], false).unwrap(),
-            Some(Durable(false))
-        );
-        tokio::time::sleep(REMEMBER_DURABLY_EVERY / 2).await;
-        assert_eq!(
-            r.add(&store, &key, &[h(2)], false).unwrap(),
-            Some(Durable(true))
-        );
-        assert_eq!(
-            r.add(&store, &key, &[], true).unwrap(),
-            None,
-            "all durable already"
-        );
-        assert_eq!(
-            r.add(&store, &key, &[h(3)], false).unwrap(),
-            Some(Durable(false))
-        );
-        assert_eq!(
-            r.add(&store, &key, &[], true).unwrap(),
-            Some(Durable(true)),
-            "the end syncs"
-        );
+        let (now, half) = (Duration::ZERO, REMEMBER_DURABLY_EVERY / 2);
+        let (lazy, synced) = (Some(Durable(false)), Some(Durable(true)));
+        // (wait first, chunks acknowledged, last, how it commits, why)
+        let steps = [
+            (now, vec![h(0)], false, lazy, "within the second"),
+            (now, vec![], false, None, "nothing to commit"),
+            (half, vec![h(1)], false, lazy, "still within it"),
+            (half, vec![h(2)], false, synced, "a second on"),
+            (now, vec![], true, None, "all durable already"),
+            (now, vec![h(3)], false, lazy, "within the next"),
+            (now, vec![], true, synced, "the end syncs"),
+        ];
+        for (wait, hashes, last, commits, why) in steps {
+            tokio::time::sleep(wait).await;
+            assert_eq!(
+                r.add(&store, &key, &hashes, last).unwrap(),
+                commits,
+                "{why}"
+            );
+        }
         let all: Vec<_> = (0..4).map(h).collect();
         assert_eq!(store.source_hashes(&key).unwrap(), all);
     }

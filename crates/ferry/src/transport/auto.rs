@@ -270,33 +270,41 @@ mod tests {
         (t0.elapsed(), r)
     }
 
+    /// An auto dialer racing these two.
+    fn race(quic: Arc<Fake>, tcp: Arc<Fake>) -> (Arc<Fake>, Arc<Fake>, AutoDialer) {
+        let auto = AutoDialer::new(quic.clone(), tcp.clone());
+        (quic, tcp, auto)
+    }
+
+    /// Dials once, which must connect; returns how long it took.
+    async fn connects(auto: &AutoDialer) -> Duration {
+        let (took, r) = dial(auto).await;
+        assert!(r.is_ok(), "{:?}", r.err());
+        took
+    }
+
     fn calls(f: &Fake) -> u32 {
         f.calls.load(Ordering::SeqCst)
     }
 
     #[tokio::test(start_paused = true)]
     async fn quic_that_connects_within_its_head_start_is_used_and_tcp_is_never_dialed() {
-        let (quic, tcp) = (fake(30, Then::Connect), fake(5, Then::Connect));
-        let auto = AutoDialer::new(quic.clone(), tcp.clone());
-        let (took, r) = dial(&auto).await;
-        assert!(r.is_ok());
+        let (quic, tcp, auto) = race(fake(30, Then::Connect), fake(5, Then::Connect));
+        let took = connects(&auto).await;
         assert_eq!(took, Duration::from_millis(30));
         assert_eq!((calls(&quic), calls(&tcp)), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn blocked_udp_costs_the_head_start_and_then_quic_is_skipped() {
-        let (quic, tcp) = (fake(0, Then::Silence), fake(10, Then::Connect));
-        let auto = AutoDialer::new(quic.clone(), tcp.clone());
-        let (took, r) = dial(&auto).await;
-        assert!(r.is_ok());
+        let (quic, tcp, auto) = race(fake(0, Then::Silence), fake(10, Then::Connect));
+        let took = connects(&auto).await;
         assert_eq!(took, QUIC_HEAD_START + Duration::from_millis(10));
         // Until the probe runs out, QUIC might still be slow, not blocked.
         assert!(auto.quic_allowed());
         tokio::time::sleep(QUIC_PROBE).await;
         assert!(!auto.quic_allowed());
-        let (took, r) = dial(&auto).await;
-        assert!(r.is_ok());
+        let took = connects(&auto).await;
         assert_eq!(took, Duration::from_millis(10), "straight to TCP");
         assert_eq!((calls(&quic), calls(&tcp)), (1, 2));
         // After a while QUIC is tried again.
@@ -308,10 +316,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn quic_that_loses_the_race_but_connects_is_tried_again_next_time() {
         // A high-latency path: TCP wins once, QUIC connects later.
-        let (quic, tcp) = (fake(400, Then::Connect), fake(100, Then::Connect));
-        let auto = AutoDialer::new(quic.clone(), tcp.clone());
-        let (took, r) = dial(&auto).await;
-        assert!(r.is_ok());
+        let (quic, _, auto) = race(fake(400, Then::Connect), fake(100, Then::Connect));
+        let took = connects(&auto).await;
         assert_eq!(took, QUIC_HEAD_START + Duration::from_millis(100));
         tokio::time::sleep(QUIC_PROBE).await;
         assert_eq!(quic.connected.load(Ordering::SeqCst), 1, "seen out");
@@ -322,20 +328,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_quic_refusal_goes_to_tcp_at_once_and_skips_quic_if_tcp_connects() {
-        let (quic, tcp) = (fake(5, Then::Refuse), fake(10, Then::Connect));
-        let auto = AutoDialer::new(quic.clone(), tcp.clone());
-        let (took, r) = dial(&auto).await;
-        assert!(r.is_ok());
+        let (_, _, auto) = race(fake(5, Then::Refuse), fake(10, Then::Connect));
+        let took = connects(&auto).await;
         assert_eq!(took, Duration::from_millis(15));
         assert!(!auto.quic_allowed());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_quic_refusal_after_tcp_joined_keeps_that_tcp_attempt() {
-        let (quic, tcp) = (fake(300, Then::Refuse), fake(200, Then::Connect));
-        let auto = AutoDialer::new(quic.clone(), tcp.clone());
-        let (took, r) = dial(&auto).await;
-        assert!(r.is_ok());
+        let (_, tcp, auto) = race(fake(300, Then::Refuse), fake(200, Then::Connect));
+        let took = connects(&auto).await;
         assert_eq!(took, QUIC_HEAD_START + Duration::from_millis(200));
         assert_eq!(
             calls(&tcp),
@@ -348,8 +350,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_tls_refusal_over_quic_is_returned_not_hidden_by_tcp() {
         for after in [10, 400] {
-            let (quic, tcp) = (fake(after, Then::RefuseTls), fake(300, Then::Refuse));
-            let auto = AutoDialer::new(quic.clone(), tcp.clone());
+            let (_, _, auto) = race(fake(after, Then::RefuseTls), fake(300, Then::Refuse));
             let (_, r) = dial(&auto).await;
             assert!(matches!(r, Err(Error::Tls(_))), "after {after} ms");
         }
@@ -357,18 +358,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn when_tcp_fails_a_slower_quic_still_carries_the_session() {
-        let (quic, tcp) = (fake(800, Then::Connect), fake(0, Then::Refuse));
-        let auto = AutoDialer::new(quic.clone(), tcp.clone());
-        let (took, r) = dial(&auto).await;
-        assert!(r.is_ok());
+        let (_, _, auto) = race(fake(800, Then::Connect), fake(0, Then::Refuse));
+        let took = connects(&auto).await;
         assert_eq!(took, Duration::from_millis(800));
         assert!(auto.quic_allowed());
     }
 
     #[tokio::test(start_paused = true)]
     async fn when_both_fail_the_tcp_error_is_returned_and_quic_is_not_skipped() {
-        let (quic, tcp) = (fake(0, Then::Silence), fake(0, Then::Refuse));
-        let auto = AutoDialer::new(quic.clone(), tcp.clone());
+        let (_, _, auto) = race(fake(0, Then::Silence), fake(0, Then::Refuse));
         let (took, r) = dial(&auto).await;
         assert!(matches!(r, Err(Error::Connect { .. })), "{:?}", r.err());
         assert_eq!(took, QUIC_PROBE);
@@ -377,8 +375,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dial_dropped_midway_aborts_its_quic_attempt() {
-        let (quic, tcp) = (fake(1000, Then::Connect), fake(5000, Then::Connect));
-        let auto = AutoDialer::new(quic.clone(), tcp.clone());
+        let (quic, _, auto) = race(fake(1000, Then::Connect), fake(5000, Then::Connect));
         let cut = tokio::time::timeout(Duration::from_millis(500), auto.dial(target())).await;
         assert!(cut.is_err());
         tokio::time::sleep(Duration::from_secs(2)).await;
