@@ -729,6 +729,43 @@ fn receiving(n: u32, seed: u64) -> (Receiver, ChunkLayout, Vec<ChunkHash>, Chunk
     (rx, layout, hashes, digest)
 }
 
+/// One instant for the receiver tests, which never let a timer run (virtual
+/// time): a write reported later must not find a checkpoint timer expired.
+#[allow(clippy::disallowed_methods)]
+fn t0() -> Instant {
+    static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
+
+/// Reports chunk `i`'s write as returned, with its hash from `hashes`.
+fn written(rx: &mut Receiver, hashes: &[ChunkHash], i: u32) {
+    rx.chunk_written(t0(), i, hashes[i as usize]);
+}
+
+/// Takes what the receiver has to send and its events.
+fn pump(rx: &mut Receiver, events: &mut Vec<ReceiverEvent>, sent: &mut Vec<Message>) {
+    while let Some(m) = rx.poll_transmit() {
+        sent.push(m);
+    }
+    while let Some(e) = rx.poll_event() {
+        events.push(e);
+    }
+}
+
+/// [`pump`], committing every checkpoint asked for as a driver would.
+fn pump_committing(rx: &mut Receiver, events: &mut Vec<ReceiverEvent>, sent: &mut Vec<Message>) {
+    loop {
+        while let Some(m) = rx.poll_transmit() {
+            sent.push(m);
+        }
+        let Some(e) = rx.poll_event() else { break };
+        if let ReceiverEvent::Checkpoint(list) = &e {
+            rx.checkpoint_committed(list);
+        }
+        events.push(e);
+    }
+}
+
 /// The chunk lists of the checkpoints among `events`.
 fn checkpoints_in(events: &[ReceiverEvent]) -> Vec<Vec<(u32, ChunkHash)>> {
     events
@@ -747,12 +784,8 @@ fn checkpoints_in(events: &[ReceiverEvent]) -> Vec<Vec<(u32, ChunkHash)>> {
 #[test]
 fn a_chunk_being_written_is_not_asked_for_again() {
     let (mut rx, layout, hashes, digest) = receiving(3, 9);
-    // Virtual time: no timer is let run in this test.
-    #[allow(clippy::disallowed_methods)]
-    let t0 = Instant::now();
-    let hash = |i: u32| hashes[i as usize];
     for i in 0..2 {
-        rx.chunk_written(t0, i, hash(i));
+        written(&mut rx, &hashes, i);
     }
     // The last chunk's write is under way.
     assert_eq!(
@@ -770,14 +803,6 @@ fn a_chunk_being_written_is_not_asked_for_again() {
     );
     let mut events = Vec::new();
     let mut sent = Vec::new();
-    let pump = |rx: &mut Receiver, events: &mut Vec<ReceiverEvent>, sent: &mut Vec<Message>| {
-        while let Some(m) = rx.poll_transmit() {
-            sent.push(m);
-        }
-        while let Some(e) = rx.poll_event() {
-            events.push(e);
-        }
-    };
     pump(&mut rx, &mut events, &mut sent);
     assert!(
         !sent.iter().any(|m| matches!(m, Message::Need { .. })),
@@ -787,7 +812,7 @@ fn a_chunk_being_written_is_not_asked_for_again() {
     let first = checkpoints_in(&events);
     assert_eq!(first.len(), 1, "{events:?}");
     rx.checkpoint_committed(&first[0]);
-    rx.chunk_written(t0, 2, hash(2));
+    written(&mut rx, &hashes, 2);
     events.clear();
     pump(&mut rx, &mut events, &mut sent);
     let second = checkpoints_in(&events);
@@ -807,32 +832,17 @@ fn a_chunk_being_written_is_not_asked_for_again() {
 #[test]
 fn a_chunk_failing_verification_after_done_waits_for_the_next_done() {
     let (mut rx, layout, hashes, digest) = receiving(3, 11);
-    // Virtual time: no timer is let run in this test.
-    #[allow(clippy::disallowed_methods)]
-    let t0 = Instant::now();
-    let hash = |i: u32| hashes[i as usize];
     let mut sent = Vec::new();
     let mut events = Vec::new();
-    // Commits every checkpoint asked for, as a driver would.
-    let pump = |rx: &mut Receiver, events: &mut Vec<ReceiverEvent>, sent: &mut Vec<Message>| loop {
-        while let Some(m) = rx.poll_transmit() {
-            sent.push(m);
-        }
-        let Some(e) = rx.poll_event() else { break };
-        if let ReceiverEvent::Checkpoint(list) = &e {
-            rx.checkpoint_committed(list);
-        }
-        events.push(e);
-    };
-    rx.chunk_written(t0, 0, hash(0));
+    written(&mut rx, &hashes, 0);
     // Chunks 1 and 2 are being verified and written when `Done` comes.
     rx.chunk_writing(1);
     rx.chunk_writing(2);
     rx.handle(Message::Done { digest }).unwrap();
-    rx.chunk_written(t0, 1, hash(1));
+    written(&mut rx, &hashes, 1);
     // Chunk 2 turns out damaged: asked for again, once, by `Reject`.
     rx.chunk_corrupt(2);
-    pump(&mut rx, &mut events, &mut sent);
+    pump_committing(&mut rx, &mut events, &mut sent);
     assert!(
         sent.iter()
             .any(|m| matches!(m, Message::Reject { index: 2 })),
@@ -855,8 +865,8 @@ fn a_chunk_failing_verification_after_done_waits_for_the_next_done() {
         DataVerdict::Write
     );
     rx.chunk_writing(2);
-    rx.chunk_written(t0, 2, hash(2));
-    pump(&mut rx, &mut events, &mut sent);
+    written(&mut rx, &hashes, 2);
+    pump_committing(&mut rx, &mut events, &mut sent);
     assert!(
         !events
             .iter()
@@ -865,7 +875,7 @@ fn a_chunk_failing_verification_after_done_waits_for_the_next_done() {
     );
     rx.handle(Message::Done { digest })
         .expect("the new Done is in the data phase");
-    pump(&mut rx, &mut events, &mut sent);
+    pump_committing(&mut rx, &mut events, &mut sent);
     assert!(
         events
             .iter()
@@ -877,10 +887,6 @@ fn a_chunk_failing_verification_after_done_waits_for_the_next_done() {
 #[test]
 fn chunks_written_during_the_last_checkpoint_are_checkpointed_when_it_ends() {
     let (mut rx, _, hashes, digest) = receiving(4, 12);
-    // Virtual time: the checkpoint timer is never let run here.
-    #[allow(clippy::disallowed_methods)]
-    let t0 = Instant::now();
-    let hash = |i: u32| hashes[i as usize];
     let checkpoints = |rx: &mut Receiver| {
         let mut out = Vec::new();
         while let Some(e) = rx.poll_event() {
@@ -893,7 +899,7 @@ fn chunks_written_during_the_last_checkpoint_are_checkpointed_when_it_ends() {
         out
     };
     for i in 0..2 {
-        rx.chunk_written(t0, i, hash(i));
+        written(&mut rx, &hashes, i);
     }
     rx.chunk_writing(2);
     rx.chunk_writing(3);
@@ -902,8 +908,8 @@ fn chunks_written_during_the_last_checkpoint_are_checkpointed_when_it_ends() {
     let first = checkpoints(&mut rx);
     assert_eq!(first.len(), 1, "{first:?}");
     // Both writes return while that checkpoint runs.
-    rx.chunk_written(t0, 2, hash(2));
-    rx.chunk_written(t0, 3, hash(3));
+    written(&mut rx, &hashes, 2);
+    written(&mut rx, &hashes, 3);
     assert!(checkpoints(&mut rx).is_empty(), "one checkpoint at a time");
     rx.checkpoint_committed(&first[0]);
     let second = checkpoints(&mut rx);
