@@ -35,9 +35,8 @@
 //! itself, compared by digest, says what is already there.
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ferry_proto::hash::small_file_digest;
@@ -104,8 +103,9 @@ pub struct Part {
 }
 
 enum PartKind {
-    /// A hidden `.NAME.ferry.part` beside the final name.
-    Named(PathBuf),
+    /// A hidden `.NAME.ferry.part` beside the final name, and which file it
+    /// was when written (only that file is put in place).
+    Named(PathBuf, fsutil::FileIdent),
     /// An unnamed file in the final name's directory, and its descriptor's
     /// share of the budget.
     Anon(File, AnonSlot),
@@ -116,7 +116,7 @@ impl Part {
     #[cfg(test)]
     fn part_path(&self) -> Option<&Path> {
         match &self.kind {
-            PartKind::Named(p) => Some(p),
+            PartKind::Named(p, _) => Some(p),
             PartKind::Anon(..) => None,
         }
     }
@@ -195,24 +195,10 @@ fn write_part_as(final_path: &Path, f: &BatchFile, data: &[u8], anon: bool) -> R
     let (mut file, kind, set_mode) = match anon {
         Some((file, slot)) => (file, Kind::Anon(slot), !exact),
         None => {
+            // Never through whatever is at the part's name: see create_part.
             let part = fsutil::part_path(final_path);
-            let fresh = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(create_mode)
-                .open(&part);
-            match fresh {
-                Ok(file) => (file, Kind::Named(part), !exact),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let file = OpenOptions::new()
-                        .write(true)
-                        .truncate(true)
-                        .open(&part)
-                        .map_err(|e| Error::local(&part, e))?;
-                    (file, Kind::Named(part), true)
-                }
-                Err(e) => return Err(Error::local(&part, e)),
-            }
+            let file = fsutil::create_part(&part)?;
+            (file, Kind::Named(part), true)
         }
     };
     let shown = match &kind {
@@ -222,7 +208,10 @@ fn write_part_as(final_path: &Path, f: &BatchFile, data: &[u8], anon: bool) -> R
     file.write_all(data).map_err(|e| Error::local(shown, e))?;
     fsutil::apply_meta(&file, shown, if set_mode { f.mode } else { 0 }, f.mtime_ns)?;
     let kind = match kind {
-        Kind::Named(part) => PartKind::Named(part),
+        Kind::Named(part) => {
+            let ident = fsutil::FileIdent::of_file(&file, &part)?;
+            PartKind::Named(part, ident)
+        }
         Kind::Anon(slot) => PartKind::Anon(file, slot),
     };
     Ok(Part {
@@ -271,7 +260,19 @@ fn put_in_place(p: &Part) -> Result<()> {
     use rustix::fs::{linkat, AtFlags, CWD};
     let fin = &p.fin;
     match &p.kind {
-        PartKind::Named(part) => std::fs::rename(part, fin).map_err(|e| Error::local(fin, e)),
+        PartKind::Named(part, ident) => {
+            let named = std::fs::symlink_metadata(part).map_err(|e| Error::local(part, e))?;
+            if !named.file_type().is_file() || fsutil::FileIdent::of(&named) != *ident {
+                return Err(Error::local(
+                    part,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the partial file was replaced while it was written; not putting it in place",
+                    ),
+                ));
+            }
+            std::fs::rename(part, fin).map_err(|e| Error::local(fin, e))
+        }
         PartKind::Anon(file, _) => {
             use std::os::fd::AsRawFd;
             let me = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -329,7 +330,7 @@ fn sync_data(dirs: &BTreeSet<PathBuf>, parts: &[Part]) -> Result<()> {
         None => {
             for p in parts {
                 match &p.kind {
-                    PartKind::Named(part) => {
+                    PartKind::Named(part, _) => {
                         let f = File::open(part).map_err(|e| Error::local(part, e))?;
                         f.sync_all().map_err(|e| Error::local(part, e))?;
                     }
@@ -357,7 +358,7 @@ fn sync_names(dirs: &BTreeSet<PathBuf>) -> Result<()> {
 /// unnamed one vanishes when its descriptor closes).
 pub fn discard(parts: Vec<Part>) {
     for p in parts {
-        if let PartKind::Named(part) = &p.kind {
+        if let PartKind::Named(part, _) = &p.kind {
             let _ = std::fs::remove_file(part);
         }
     }
@@ -521,6 +522,45 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// Named and unnamed parts alike never write through a link planted at
+    /// the part's name (a symlink or a hard link to a file elsewhere), and a
+    /// named part swapped for a link after it was written is not put in place.
+    #[test]
+    fn links_planted_at_a_part_name_are_never_followed() {
+        for anon in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let victim = d.path().join("victim");
+            std::fs::write(&victim, b"not yours").unwrap();
+            for (i, hard) in [false, true].into_iter().enumerate() {
+                let fin = d.path().join(format!("f{i}"));
+                let part = fsutil::part_path(&fin);
+                if hard {
+                    std::fs::hard_link(&victim, &part).unwrap();
+                } else {
+                    std::os::unix::fs::symlink(&victim, &part).unwrap();
+                }
+                let body = b"batch file body";
+                let p = write_part_as(&fin, &meta(body, 0o644, 0), body, anon).unwrap();
+                for r in commit(&[p]) {
+                    r.unwrap();
+                }
+                assert_eq!(std::fs::read(&victim).unwrap(), b"not yours", "anon={anon}");
+                let md = std::fs::symlink_metadata(&fin).unwrap();
+                assert!(md.file_type().is_file(), "anon={anon}");
+                assert_eq!(std::fs::read(&fin).unwrap(), body);
+            }
+        }
+        // Swapped after writing: refused, nothing put in place.
+        let d = tempfile::tempdir().unwrap();
+        let fin = d.path().join("g");
+        let p = write_part_as(&fin, &meta(b"x", 0o644, 0), b"x", false).unwrap();
+        let part = fsutil::part_path(&fin);
+        std::fs::remove_file(&part).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &part).unwrap();
+        assert!(commit(&[p]).remove(0).is_err());
+        assert!(!fin.exists());
     }
 
     /// Unnamed and named parts alike: invisible until committed, then in

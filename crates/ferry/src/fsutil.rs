@@ -133,18 +133,135 @@ pub fn is_part_name(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".ferry.part")
 }
 
-/// Opens (creating if needed) a partial file for writing at offsets, and
-/// takes its lock (see [`lock_part`]).
-pub fn open_part(path: &Path) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| Error::local(path, e))?;
+/// Which file a descriptor or a name refers to: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileIdent {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileIdent {
+    pub fn of(md: &std::fs::Metadata) -> Self {
+        FileIdent {
+            dev: md.dev(),
+            ino: md.ino(),
+        }
+    }
+
+    /// The identity of an open file.
+    pub fn of_file(f: &File, path: &Path) -> Result<Self> {
+        Ok(Self::of(&f.metadata().map_err(|e| Error::local(path, e))?))
+    }
+}
+
+/// Options for a partial file: read and write, never through a link at the
+/// last component (`O_NOFOLLOW`), without blocking on a FIFO planted there.
+fn part_options() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).custom_flags(
+        (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC)
+            .bits() as i32,
+    );
+    o
+}
+
+/// Whether `f`, opened at `path`, is a partial file ferry can write without
+/// touching anything else: a regular file with one name.
+fn is_private_regular(f: &File, path: &Path) -> Result<bool> {
+    let md = f.metadata().map_err(|e| Error::local(path, e))?;
+    Ok(md.file_type().is_file() && md.nlink() == 1)
+}
+
+/// Creates a fresh partial file at `path`, for this transfer alone, and takes
+/// its lock (see [`lock_part`]). Whatever was at that name before (a part of
+/// an earlier run, or a symlink, hard link, FIFO or device someone planted) is
+/// never opened for writing: its name is removed (removing a link leaves its
+/// target alone) and the part is created anew with `O_EXCL | O_NOFOLLOW`, so
+/// the bytes written land in a file that nobody else can reach. A part that
+/// another ferry process holds is refused, not removed.
+pub fn create_part(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    for _ in 0..4 {
+        match part_options().create_new(true).mode(0o600).open(path) {
+            Ok(f) => {
+                lock_part(&f, path)?;
+                return Ok(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let md = std::fs::symlink_metadata(path).map_err(|e| Error::local(path, e))?;
+                if md.is_dir() {
+                    return Err(Error::local(
+                        path,
+                        std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "a directory is in the way of the partial file",
+                        ),
+                    ));
+                }
+                if md.file_type().is_file() {
+                    // Ours from an earlier run, possibly still being written
+                    // by another process: its lock tells.
+                    if let Ok(old) = part_options().open(path) {
+                        lock_part(&old, path)?;
+                    }
+                }
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::local(path, e)),
+                }
+            }
+            Err(e) => return Err(Error::local(path, e)),
+        }
+    }
+    Err(Error::local(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "something keeps appearing at the partial file's name",
+        ),
+    ))
+}
+
+/// Opens the partial file at `path` to resume it, only if it is still the
+/// file this transfer made: a regular file with one name, not reached
+/// through a link, and (where the journal recorded it) the same inode.
+/// `None` means it is missing or not to be trusted: start afresh with
+/// [`create_part`].
+pub fn reopen_part(path: &Path, expect: Option<FileIdent>) -> Result<Option<File>> {
+    let f = match part_options().open(path) {
+        Ok(f) => f,
+        Err(_) => return Ok(None),
+    };
+    if !is_private_regular(&f, path)? {
+        return Ok(None);
+    }
+    if let Some(want) = expect {
+        if FileIdent::of_file(&f, path)? != want {
+            return Ok(None);
+        }
+    }
     lock_part(&f, path)?;
-    Ok(f)
+    Ok(Some(f))
+}
+
+/// Opens the partial file at `path` for writing at offsets, resuming it if it
+/// is a private regular file (see [`reopen_part`]), else creating it afresh
+/// (see [`create_part`]); takes its lock either way.
+pub fn open_part(path: &Path) -> Result<File> {
+    match reopen_part(path, None)? {
+        Some(f) => Ok(f),
+        None => create_part(path),
+    }
+}
+
+/// Whether `path` still names the open file `f` (nothing was swapped in).
+pub fn still_named(f: &File, path: &Path) -> bool {
+    let (Ok(named), Ok(open)) = (std::fs::symlink_metadata(path), f.metadata()) else {
+        return false;
+    };
+    named.file_type().is_file() && FileIdent::of(&named) == FileIdent::of(&open)
 }
 
 /// Alignment of `O_DIRECT` writes (offset, length and memory): 4096 covers
@@ -159,15 +276,18 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// buffered 2 GiB write took 8-10 s and 6-9 CPU s, an `O_DIRECT` one
 /// 2.1-2.6 s and 0.6 CPU s). The caller's descriptor keeps the lock and
 /// does the fsyncs, which cover both (they act on the file).
-pub fn open_direct(path: &Path) -> Option<File> {
+pub fn open_direct(part: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     if std::env::var("FERRY_DIRECT_IO").is_ok_and(|v| v == "0") {
         return None;
     }
+    // Reopened through the descriptor, not the name: the name may have been
+    // replaced since, the descriptor cannot.
     OpenOptions::new()
         .write(true)
         .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(path)
+        .open(format!("/proc/self/fd/{}", part.as_raw_fd()))
         .ok()
 }
 
@@ -345,16 +465,37 @@ pub fn apply_dir_meta(path: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
     Ok(())
 }
 
-/// Finalises a verified partial file: fsync, metadata, atomic rename, dir fsync.
+/// Finalises a verified partial file: cut to its expected `size` (bytes past
+/// it are never part of a file), metadata, fsync, atomic rename, dir fsync.
+/// The rename happens only while `part_path` still names the file that was
+/// written and verified, so nothing swapped in under that name is ever put in
+/// place.
 pub fn finalize_part(
     part: &File,
     part_path: &Path,
     final_path: &Path,
+    size: u64,
     mode: u32,
     mtime_ns: i64,
 ) -> Result<()> {
+    let len = part
+        .metadata()
+        .map_err(|e| Error::local(part_path, e))?
+        .len();
+    if len != size {
+        part.set_len(size).map_err(|e| Error::local(part_path, e))?;
+    }
     apply_meta(part, part_path, mode, mtime_ns)?;
     part.sync_all().map_err(|e| Error::local(part_path, e))?;
+    if !still_named(part, part_path) {
+        return Err(Error::local(
+            part_path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the partial file was replaced while it was written; not putting it in place",
+            ),
+        ));
+    }
     std::fs::rename(part_path, final_path).map_err(|e| Error::local(final_path, e))?;
     fsync_dir(&parent_of(final_path))
 }
@@ -468,7 +609,7 @@ mod tests {
         let p = dir.path().join(".x.ferry.part");
         let part = open_part(&p).unwrap();
         part.set_len(3 * DIRECT_ALIGN as u64).unwrap();
-        let Some(direct) = open_direct(&p) else {
+        let Some(direct) = open_direct(&part) else {
             eprintln!("no O_DIRECT on this filesystem: nothing to check");
             return;
         };

@@ -37,6 +37,11 @@ pub struct PartialRecord {
     pub source_id: String,
     /// Set once the file is in place under its final name.
     pub finalized: bool,
+    /// The partial file this record's chunks were written to: a resume
+    /// trusts only that file (absent in records of older versions, whose
+    /// partials are then started afresh).
+    #[serde(default)]
+    pub part: Option<crate::fsutil::FileIdent>,
 }
 
 /// Chunk index and content hash, as the journal keeps them.
@@ -302,6 +307,7 @@ mod tests {
             mode: 0o644,
             source_id: "ab".into(),
             finalized: false,
+            part: Some(crate::fsutil::FileIdent { dev: 1, ino: 2 }),
         };
         {
             let s = Store::open(dir.path()).unwrap();

@@ -525,6 +525,8 @@ pub struct DestFile {
     pub direct: Option<Arc<File>>,
     /// Key of this destination in the journal.
     pub key: String,
+    /// The file's size: what the partial is cut to before it is put in place.
+    pub size: u64,
     pub mode: u32,
     pub mtime_ns: i64,
 }
@@ -727,16 +729,17 @@ async fn receive_loop(
                 ReceiverEvent::Finalize { digest } => {
                     writes.drain(rx, dest, progress, lanes).await?;
                     let file = dest.file.clone();
-                    let (part, fin, key, mode, mtime) = (
+                    let (part, fin, key, size, mode, mtime) = (
                         dest.part_path.clone(),
                         dest.final_path.clone(),
                         dest.key.clone(),
+                        dest.size,
                         dest.mode,
                         dest.mtime_ns,
                     );
                     let store2 = store.clone();
                     tokio::task::spawn_blocking(move || {
-                        fsutil::finalize_part(&file, &part, &fin, mode, mtime)?;
+                        fsutil::finalize_part(&file, &part, &fin, size, mode, mtime)?;
                         store2.mark_finalized(&key)
                     })
                     .await
@@ -1143,6 +1146,87 @@ pub fn prepare_receive(
     let key = final_path.to_string_lossy().into_owned();
     let part_path = fsutil::part_path(final_path);
     let source_hex = fsutil::hex(&meta.source_id);
+    let same_source = |r: &PartialRecord| {
+        r.source_id == source_hex
+            && r.size == meta.size
+            && r.chunk_size == meta.chunk_size
+            && r.alg == meta.alg
+    };
+    let dest = |file: File, direct: Option<File>| DestFile {
+        final_path: final_path.to_path_buf(),
+        part_path: part_path.clone(),
+        file: Arc::new(file),
+        direct: direct.map(Arc::new),
+        key: key.clone(),
+        size: meta.size,
+        mode: meta.mode,
+        mtime_ns: meta.mtime_ns,
+    };
+    if let Some((old, chunks)) = store.partial(&key)? {
+        let whole = chunks.len() as u32 == layout.count();
+        if same_source(&old) && whole && (old.finalized || !part_path.exists()) {
+            // Finalised earlier (the sender did not hear, or the same copy
+            // is run again), or killed between the rename and the journal
+            // saying so. A file still carrying the mtime and size we gave it
+            // is trusted after a finalised record; anything else (edited,
+            // touched, replaced) is re-hashed against the journal first.
+            // Either way it must be a regular file under that name, never
+            // something reached through a link.
+            if let Some(file) = open_final(final_path) {
+                let md = file.metadata().map_err(|e| Error::local(final_path, e))?;
+                let untouched = old.finalized
+                    && md.len() == meta.size
+                    && fsutil::mtime_ns(&md) == meta.mtime_ns;
+                let rx = if untouched {
+                    Some(Receiver::already_final(
+                        id,
+                        layout,
+                        alg,
+                        cfg.clone(),
+                        chunks.iter().copied(),
+                    ))
+                } else {
+                    confirm_in_place(store, &key, &file, id, layout, alg, &cfg, &chunks)?
+                };
+                if let Some(rx) = rx {
+                    return Ok((rx, dest(file, None)));
+                }
+            }
+            info!(path = %final_path.display(), "the file in place no longer matches what was sent; sending it again");
+        } else if same_source(&old) && !old.finalized {
+            // Resume only the very file the journal's chunks were written to.
+            if let Some(file) = fsutil::reopen_part(&part_path, Some(old.part.unwrap_or(NO_IDENT)))?
+            {
+                let len = file
+                    .metadata()
+                    .map_err(|e| Error::local(&part_path, e))?
+                    .len();
+                if len > meta.size {
+                    // Bytes past the file's end are never part of it.
+                    file.set_len(meta.size)
+                        .map_err(|e| Error::local(&part_path, e))?;
+                    file.sync_all().map_err(|e| Error::local(&part_path, e))?;
+                    warn!(path = %final_path.display(), extra = len - meta.size, "partial file had grown past the file's size; cut back");
+                }
+                // A partial shorter than a chunk's end lost that chunk (truncation).
+                let held: Vec<_> = chunks
+                    .into_iter()
+                    .filter(|(i, _)| layout.offset(*i) + u64::from(layout.len(*i)) <= len)
+                    .collect();
+                info!(transfer = %id, path = %final_path.display(), held = held.len(), "resuming partial file");
+                let rx = Receiver::new(id, layout, alg, cfg, held);
+                let direct = fsutil::open_direct(&file);
+                return Ok((rx, dest(file, direct)));
+            }
+            info!(path = %final_path.display(), "the partial file is not the one this transfer wrote; starting over");
+        } else if !same_source(&old) {
+            info!(path = %final_path.display(), "source changed since the partial file was started; starting over");
+        }
+    }
+    let file = fsutil::create_part(&part_path)?;
+    file.set_len(meta.size)
+        .map_err(|e| Error::local(&part_path, e))?;
+    fsutil::fsync_dir(&fsutil::parent_of(&part_path))?;
     let rec = PartialRecord {
         transfer_id: id.to_hex(),
         size: meta.size,
@@ -1152,117 +1236,27 @@ pub fn prepare_receive(
         mode: meta.mode,
         source_id: source_hex.clone(),
         finalized: false,
+        part: Some(fsutil::FileIdent::of_file(&file, &part_path)?),
     };
-    let same_source = |r: &PartialRecord| {
-        r.source_id == source_hex
-            && r.size == meta.size
-            && r.chunk_size == meta.chunk_size
-            && r.alg == meta.alg
-    };
-    if let Some((old, chunks)) = store.partial(&key)? {
-        if same_source(&old) && old.finalized && chunks.len() as u32 == layout.count() {
-            // Finalised earlier; the sender did not hear, or the same copy is
-            // run again. The file still carries the mtime we gave it and its
-            // size: trust it. Anything else (edited, touched, replaced):
-            // re-hash it against the journal before saying it is there.
-            let untouched = std::fs::metadata(final_path).is_ok_and(|md| {
-                md.is_file() && md.len() == meta.size && fsutil::mtime_ns(&md) == meta.mtime_ns
-            });
-            let rx = if untouched {
-                Some(Receiver::already_final(
-                    id,
-                    layout,
-                    alg,
-                    cfg.clone(),
-                    chunks.iter().copied(),
-                ))
-            } else {
-                confirm_in_place(store, &key, final_path, id, layout, alg, &cfg, &chunks)?
-            };
-            if let Some(rx) = rx {
-                {
-                    let file = File::open(final_path).map_err(|e| Error::local(final_path, e))?;
-                    let dest = DestFile {
-                        final_path: final_path.to_path_buf(),
-                        part_path,
-                        file: Arc::new(file),
-                        direct: None,
-                        key,
-                        mode: meta.mode,
-                        mtime_ns: meta.mtime_ns,
-                    };
-                    return Ok((rx, dest));
-                }
-            }
-            info!(path = %final_path.display(), "the file in place no longer matches what was sent; sending it again");
-        } else if same_source(&old) && !part_path.exists() && chunks.len() as u32 == layout.count()
-        {
-            // Killed between the rename and the journal saying so: prove the file in place.
-            if let Some(rx) =
-                confirm_in_place(store, &key, final_path, id, layout, alg, &cfg, &chunks)?
-            {
-                let file = File::open(final_path).map_err(|e| Error::local(final_path, e))?;
-                let dest = DestFile {
-                    final_path: final_path.to_path_buf(),
-                    part_path,
-                    file: Arc::new(file),
-                    direct: None,
-                    key,
-                    mode: meta.mode,
-                    mtime_ns: meta.mtime_ns,
-                };
-                return Ok((rx, dest));
-            }
-        } else if same_source(&old) {
-            if let Ok(file) = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&part_path)
-            {
-                fsutil::lock_part(&file, &part_path)?;
-                let len = file
-                    .metadata()
-                    .map_err(|e| Error::local(&part_path, e))?
-                    .len();
-                // A partial shorter than a chunk's end lost that chunk (truncation).
-                let held: Vec<_> = chunks
-                    .into_iter()
-                    .filter(|(i, _)| layout.offset(*i) + u64::from(layout.len(*i)) <= len)
-                    .collect();
-                info!(transfer = %id, path = %final_path.display(), held = held.len(), "resuming partial file");
-                let rx = Receiver::new(id, layout, alg, cfg, held);
-                let dest = DestFile {
-                    final_path: final_path.to_path_buf(),
-                    direct: fsutil::open_direct(&part_path).map(Arc::new),
-                    part_path,
-                    file: Arc::new(file),
-                    key,
-                    mode: meta.mode,
-                    mtime_ns: meta.mtime_ns,
-                };
-                return Ok((rx, dest));
-            }
-        } else {
-            info!(path = %final_path.display(), "source changed since the partial file was started; starting over");
-        }
-    }
     store.start_partial(&key, &rec)?;
-    let file = fsutil::open_part(&part_path)?;
-    file.set_len(0).map_err(|e| Error::local(&part_path, e))?;
-    file.set_len(meta.size)
-        .map_err(|e| Error::local(&part_path, e))?;
-    fsutil::fsync_dir(&fsutil::parent_of(&part_path))?;
     let rx = Receiver::new(id, layout, alg, cfg, Vec::new());
-    let dest = DestFile {
-        final_path: final_path.to_path_buf(),
-        direct: fsutil::open_direct(&part_path).map(Arc::new),
-        part_path,
-        file: Arc::new(file),
-        key,
-        mode: meta.mode,
-        mtime_ns: meta.mtime_ns,
-    };
-    Ok((rx, dest))
+    let direct = fsutil::open_direct(&file);
+    Ok((rx, dest(file, direct)))
+}
+
+/// A record of an older version names no partial file: no file matches it.
+const NO_IDENT: fsutil::FileIdent = fsutil::FileIdent { dev: 0, ino: 0 };
+
+/// The final file, opened for reading only if that name is a regular file
+/// itself (not a link to one elsewhere).
+fn open_final(path: &std::path::Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)
+        .ok()?;
+    f.metadata().ok()?.file_type().is_file().then_some(f)
 }
 
 /// [`prepare_receive`] off the async threads (it may re-hash a whole file that
@@ -1294,16 +1288,13 @@ pub async fn prepare_receive_live(
 fn confirm_in_place(
     store: &Store,
     key: &str,
-    final_path: &std::path::Path,
+    file: &File,
     id: ferry_proto::TransferId,
     layout: ferry_proto::ChunkLayout,
     alg: HashAlg,
     cfg: &ferry_proto::ReceiverConfig,
     chunks: &HeldChunks,
 ) -> Result<Option<Receiver>> {
-    let Ok(file) = File::open(final_path) else {
-        return Ok(None);
-    };
     if file.metadata().map(|m| m.len()).unwrap_or(0) != layout.size() {
         return Ok(None);
     }
@@ -1315,7 +1306,7 @@ fn confirm_in_place(
         }
     }
     store.mark_finalized(key)?;
-    info!(transfer = %id, path = %final_path.display(), "file was already in place and verifies");
+    info!(transfer = %id, path = %key, "file was already in place and verifies");
     Ok(Some(Receiver::already_final(
         id,
         layout,

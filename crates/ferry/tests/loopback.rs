@@ -1437,3 +1437,145 @@ async fn many_files_move_several_at_once_and_survive_cuts() {
     assert_eq!(up.digest, down.digest);
     srv.stop().await;
 }
+
+/// Whether `p` is a regular file itself (not a link) holding `data`.
+fn regular_with(p: &Path, data: &[u8]) {
+    let md = std::fs::symlink_metadata(p).unwrap();
+    assert!(
+        md.file_type().is_file(),
+        "{} is not a regular file",
+        p.display()
+    );
+    assert_eq!(md.nlink(), 1, "{} has other names", p.display());
+    assert_eq!(std::fs::read(p).unwrap(), data, "{}", p.display());
+}
+
+/// Links planted at a partial's name (a symlink out of the root, a hard link
+/// to a file elsewhere), before a first run or in place of a partial between
+/// runs, are never written through nor put in place: uploads and downloads,
+/// chunked files and batched small ones.
+#[tokio::test]
+async fn links_planted_at_partial_names_are_never_followed() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let victim = |name: &str| {
+        let p = outside.join(name);
+        std::fs::write(&p, b"not yours").unwrap();
+        p
+    };
+    let untouched = |p: &Path| assert_eq!(std::fs::read(p).unwrap(), b"not yours");
+    let size = 3 * 1024 * 1024;
+    std::fs::create_dir_all(&srv.root).unwrap();
+
+    // Upload: a symlink and a hard link at the part names, a chunked file
+    // and a small one.
+    let (sym, hard, small) = (victim("sym"), victim("hard"), victim("small"));
+    std::os::unix::fs::symlink(&sym, srv.root.join(".s.bin.ferry.part")).unwrap();
+    std::fs::hard_link(&hard, srv.root.join(".h.bin.ferry.part")).unwrap();
+    std::os::unix::fs::symlink(&small, srv.root.join(".t.txt.ferry.part")).unwrap();
+    for (name, len, seed) in [("s.bin", size, 20), ("h.bin", size, 21), ("t.txt", 100, 22)] {
+        let src = dir.path().join(name);
+        let data = random_file(&src, len, seed);
+        cp(
+            &[src.display().to_string()],
+            &srv.url(name),
+            &client_opts(dir.path(), None),
+        )
+        .await
+        .unwrap();
+        regular_with(&srv.root.join(name), &data);
+    }
+    for p in [&sym, &hard, &small] {
+        untouched(p);
+    }
+
+    // Between runs: the partial of an interrupted upload replaced by a link
+    // to a file that holds the very same bytes.
+    let src = dir.path().join("r.bin");
+    let data = random_file(&src, 20 * 1024 * 1024, 23);
+    interrupted_upload(dir.path(), &srv, &src, "r.bin", 15 * 1024 * 1024).await;
+    let part = srv.root.join(".r.bin.ferry.part");
+    let decoy = outside.join("decoy");
+    std::fs::copy(&part, &decoy).unwrap();
+    let before = std::fs::read(&decoy).unwrap();
+    std::fs::remove_file(&part).unwrap();
+    std::os::unix::fs::symlink(&decoy, &part).unwrap();
+    cp(
+        &[src.display().to_string()],
+        &srv.url("r.bin"),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
+    regular_with(&srv.root.join("r.bin"), &data);
+    assert_eq!(
+        std::fs::read(&decoy).unwrap(),
+        before,
+        "decoy written through"
+    );
+
+    // Download: a symlink at the local part name.
+    let data = random_file(&srv.root.join("d.bin"), size, 24);
+    let local = dir.path().join("down");
+    std::fs::create_dir_all(&local).unwrap();
+    let dsym = victim("dsym");
+    std::os::unix::fs::symlink(&dsym, local.join(".d.bin.ferry.part")).unwrap();
+    cp(
+        &[srv.url("d.bin")],
+        &local.display().to_string(),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
+    regular_with(&local.join("d.bin"), &data);
+    untouched(&dsym);
+    srv.stop().await;
+}
+
+/// A partial extended past the file's size between runs is cut back before
+/// it is trusted: the final file has exactly the source's bytes, both ways.
+#[tokio::test]
+async fn a_partial_grown_past_the_file_size_is_cut_back_both_ways() {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path()).await;
+    let size = 20 * 1024 * 1024;
+    let append = |p: &Path| {
+        let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+        std::io::Write::write_all(&mut f, b"junk after the end").unwrap();
+    };
+    // Upload.
+    let src = dir.path().join("g.bin");
+    let data = random_file(&src, size, 30);
+    interrupted_upload(dir.path(), &srv, &src, "g.bin", size * 3 / 4).await;
+    append(&srv.root.join(".g.bin.ferry.part"));
+    let s = cp(
+        &[src.display().to_string()],
+        &srv.url("g.bin"),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
+    assert!(s.bytes_resumed > 0, "the kept chunks are still used");
+    regular_with(&srv.root.join("g.bin"), &data);
+    // Download.
+    let data = random_file(&srv.root.join("gd.bin"), size, 31);
+    let local = dir.path().join("gd.bin");
+    let proxy = FaultProxy::start(srv.addr, vec![600]).await.unwrap();
+    let mut opts = client_opts(dir.path(), Some(proxy.addr().to_string()));
+    opts.retry.max_attempts = 1;
+    let _ = cp(&[srv.url("gd.bin")], &local.display().to_string(), &opts).await;
+    let part = dir.path().join(".gd.bin.ferry.part");
+    assert!(part.exists(), "the cut download left its partial");
+    append(&part);
+    cp(
+        &[srv.url("gd.bin")],
+        &local.display().to_string(),
+        &client_opts(dir.path(), None),
+    )
+    .await
+    .unwrap();
+    regular_with(&local, &data);
+    srv.stop().await;
+}

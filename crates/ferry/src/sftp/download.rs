@@ -377,7 +377,7 @@ pub async fn download(
             });
         }
     }
-    fsutil::finalize_part(&part, &part_path, &local, mode, mtime_ns)?;
+    fsutil::finalize_part(&part, &part_path, &local, size, mode, mtime_ns)?;
     sidecar::remove(store, &key)?;
     // The file's BLAKE3 from the digests of its ranges (no second pass).
     let digest = sidecar::file_digest(size, &digests).ok_or_else(|| {
