@@ -603,3 +603,88 @@ fn sigkill_of_the_server_during_a_quic_copy() {
     assert_eq!(std::fs::read(env.p("root/q/dst.bin")).unwrap(), data);
     kill9(&mut server);
 }
+
+/// Requests that can never work fail at once with one line that says what is
+/// wrong, exit 2 (usage) or 3 (refused), and leave nothing queued: they are
+/// not outages to retry.
+#[test]
+fn hopeless_requests_fail_at_once_and_nothing_is_queued() {
+    let env = Env::new();
+    let mut server = env.server();
+    random_file(&env.p("f"), 10, 9);
+    let f = env.p("f").display().to_string();
+    let long_path = format!("ferry://127.0.0.1:{}/{}", env.port, "d/".repeat(3000));
+    let wrong_fp = format!("SHA256:{}", "ab".repeat(32));
+    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+        (
+            vec![f.clone(), "ferry://127.0.0.1:http/x".into()],
+            2,
+            "not a number",
+        ),
+        (vec![f.clone(), "ferry://[::1/x".into()], 2, "unclosed"),
+        (
+            vec![f.clone(), "ferry://127.0.0.1:0/x".into()],
+            2,
+            "not a number",
+        ),
+        (
+            vec![f.clone(), "ferry://127.0.0.1:65536/x".into()],
+            2,
+            "not a number",
+        ),
+        (
+            vec![
+                "--fingerprint".into(),
+                "SHA256:xyz".into(),
+                f.clone(),
+                env.url("f"),
+            ],
+            2,
+            "not a server fingerprint",
+        ),
+        (vec![f.clone(), long_path], 2, "at most 4096"),
+        (
+            vec!["--fingerprint".into(), wrong_fp, f.clone(), env.url("f")],
+            3,
+            "--fingerprint",
+        ),
+    ];
+    let mut commands: Vec<(Command, String, i32, &str)> = cases
+        .into_iter()
+        .map(|(args, code, says)| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            (env.cp(&args), args.join(" "), code, says)
+        })
+        .collect();
+    let mut long_token = Command::new(BIN);
+    long_token
+        .args(["cp", "--no-progress", "--state-dir"])
+        .arg(env.p("client-state"))
+        .env("FERRY_TOKEN", "t".repeat(5000))
+        .args([&f, &env.url("f")]);
+    commands.push((
+        long_token,
+        "FERRY_TOKEN=5000 bytes".into(),
+        2,
+        "token is 5000 bytes",
+    ));
+    for (mut cmd, args, code, says) in commands {
+        let start = Instant::now();
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{args:?} took {:?}",
+            start.elapsed()
+        );
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("known_servers"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("queued"), "{args:?}: {stderr}");
+        let queued = std::fs::read_dir(env.p("client-state/queue"))
+            .map(|rd| rd.count())
+            .unwrap_or(0);
+        assert_eq!(queued, 0, "{args:?} left a queue entry");
+    }
+    kill9(&mut server);
+}

@@ -22,6 +22,8 @@ pub const MAX_FRAME: u32 = MAX_CHUNK + 64 * 1024;
 pub const MAX_CONTROL_FRAME: u32 = 1024 * 1024;
 /// Longest path, in bytes, that a peer may send.
 pub const MAX_PATH: usize = 4096;
+/// Longest token a `Hello` may carry.
+pub const MAX_TOKEN: usize = 1024;
 /// Most chunk entries in one `Offer` frame.
 pub const MAX_OFFER_CHUNKS: u32 = 16 * 1024;
 /// Most ranges in one range-set field.
@@ -902,11 +904,11 @@ impl Message {
                         }
                         2 if caps.len() < MAX_LIST => caps.push(as_string(&v, 64)?),
                         3 => {
-                            if v.len() > 1024 {
+                            if v.len() > MAX_TOKEN {
                                 return Err(DecodeError::TooLarge {
                                     what: "token",
                                     len: v.len() as u64,
-                                    max: 1024,
+                                    max: MAX_TOKEN as u64,
                                 });
                             }
                             token = v

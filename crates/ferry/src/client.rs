@@ -115,11 +115,23 @@ fn unexpected(m: &Message) -> Error {
 
 impl Session {
     pub async fn connect(addr: &str, cfg: &ClientConfig) -> Result<Session> {
-        let expected = cfg
+        let given = cfg
             .fingerprint
             .as_deref()
             .map(normalize_fingerprint)
-            .or_else(|| cfg.known_servers.lookup(addr));
+            .transpose()?;
+        let token = cfg.token.as_deref().unwrap_or(b"");
+        if token.len() > ferry_proto::message::MAX_TOKEN {
+            return Err(Error::Usage(format!(
+                "the token is {} bytes long; a server accepts at most {} (check --token-file or FERRY_TOKEN)",
+                token.len(),
+                ferry_proto::message::MAX_TOKEN
+            )));
+        }
+        let pinned_file = given
+            .is_none()
+            .then(|| cfg.known_servers.path().display().to_string());
+        let expected = given.or_else(|| cfg.known_servers.lookup(addr));
         let (tls_cfg, seen) = client_config(expected.clone())?;
         let dial = cfg.via.as_deref().unwrap_or(addr);
         let target = DialTarget {
@@ -143,7 +155,7 @@ impl Session {
                             host: addr.to_string(),
                             expected: exp.clone(),
                             actual: got,
-                            file: cfg.known_servers.path().display().to_string(),
+                            file: pinned_file,
                         });
                     }
                 }
@@ -161,7 +173,7 @@ impl Session {
         let mut conn = Conn::new(stream, addr.to_string());
         conn.set_timeouts(cfg.timeouts);
         conn.send(&client_hello(
-            cfg.token.as_deref().unwrap_or(b""),
+            token,
             &format!("ferry/{}", env!("CARGO_PKG_VERSION")),
             cfg.timeouts.stall,
         ))

@@ -53,19 +53,16 @@ impl Endpoint {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, ""),
         };
-        if hostport.is_empty() {
-            return Err(Error::Usage(format!("{s}: missing host")));
+        let (host, port) = crate::hostport::parse(hostport, DEFAULT_PORT)
+            .map_err(|why| Error::Usage(format!("{s}: {why}")))?;
+        let addr = crate::hostport::join(&host, port);
+        if path.len() > ferry_proto::message::MAX_PATH {
+            return Err(Error::Usage(format!(
+                "{s}: the path is {} bytes long; at most {} can be sent",
+                path.len(),
+                ferry_proto::message::MAX_PATH
+            )));
         }
-        let has_port = if hostport.starts_with('[') {
-            hostport.contains("]:")
-        } else {
-            hostport.contains(':')
-        };
-        let addr = if has_port {
-            hostport.to_string()
-        } else {
-            format!("{hostport}:{DEFAULT_PORT}")
-        };
         Ok(Endpoint::Remote {
             addr,
             path: path.to_string(),
@@ -229,6 +226,20 @@ pub async fn copy(
             for s in &srcs {
                 let Endpoint::Local(p) = s else { continue };
                 plan_upload(p, path, into_dir, opts.recursive, &mut files, &mut dirs)?;
+            }
+            let remote_paths = files
+                .iter()
+                .map(|f| &f.remote)
+                .chain(dirs.iter().map(|d| &d.remote));
+            if let Some(long) = remote_paths
+                .into_iter()
+                .find(|p| p.len() > ferry_proto::message::MAX_PATH)
+            {
+                return Err(Error::Usage(format!(
+                    "{long}: the path is {} bytes long; at most {} can be sent",
+                    long.len(),
+                    ferry_proto::message::MAX_PATH
+                )));
             }
             runner.upload(&addr, files, dirs).await?;
         }

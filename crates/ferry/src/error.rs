@@ -33,12 +33,14 @@ pub enum Error {
     Io { addr: String, source: io::Error },
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("server certificate fingerprint for {host} is {actual}, but {expected} was expected (known servers file: {file}); if the server's key really changed, remove that line")]
+    #[error("server certificate fingerprint for {host} is {actual}, but {expected} was expected{}", fingerprint_hint(.file))]
     FingerprintMismatch {
         host: String,
         expected: String,
         actual: String,
-        file: String,
+        /// The known-servers file the expected fingerprint came from; `None`
+        /// when it was given with `--fingerprint`.
+        file: Option<String>,
     },
     #[error("timed out: {0}")]
     Timeout(String),
@@ -91,6 +93,16 @@ pub enum Error {
     /// Data on the SFTP server did not verify after it was written.
     #[error("sftp {path}: verification failed: {detail}")]
     SftpIntegrity { path: String, detail: String },
+}
+
+/// What to do about a fingerprint mismatch, by where the expected one came from.
+fn fingerprint_hint(file: &Option<String>) -> String {
+    match file {
+        Some(f) => format!(
+            " (known servers file: {f}); if the server's key really changed, remove that line"
+        ),
+        None => " (given with --fingerprint); check the value, or ask the server's operator for `ferry serve`'s fingerprint line".into(),
+    }
 }
 
 impl Error {

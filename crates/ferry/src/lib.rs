@@ -15,6 +15,7 @@
 //! * [`queue`]: the durable outbox of copies that could not finish yet.
 //! * [`status`]: records of unfinished transfers for `ferry status`.
 //! * [`paths`]: confining peer-supplied paths to the server root.
+//! * [`hostport`]: `HOST[:PORT]` in URLs, checked before anything is dialed.
 //! * [`fsutil`]: durable writes, atomic renames, file identity.
 //! * [`progress`]: counters a UI polls.
 //! * [`sftp`]: `ferry cp` to and from SFTP servers (resumable, verified).
@@ -28,6 +29,7 @@ pub mod copy;
 pub mod demo;
 pub mod error;
 pub mod fsutil;
+pub mod hostport;
 pub mod lanes;
 pub mod paths;
 pub mod progress;

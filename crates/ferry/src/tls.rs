@@ -29,14 +29,21 @@ pub fn fingerprint(cert: &[u8]) -> String {
     format!("SHA256:{}", hex(&Sha256::digest(cert)))
 }
 
-/// Normalises a user-given fingerprint (case, optional prefix, colons).
-pub fn normalize_fingerprint(s: &str) -> String {
+/// Normalises a user-given fingerprint (case, optional prefix, colons), or
+/// says why it is not one: a SHA-256 is 64 hex digits.
+pub fn normalize_fingerprint(s: &str) -> Result<String> {
     let body = s
         .trim()
         .strip_prefix("SHA256:")
         .or_else(|| s.trim().strip_prefix("sha256:"))
         .unwrap_or(s.trim());
-    format!("SHA256:{}", body.replace(':', "").to_ascii_lowercase())
+    let hex = body.replace(':', "").to_ascii_lowercase();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Usage(format!(
+            "--fingerprint {s:?} is not a server fingerprint: expected SHA256: and 64 hex digits, as `ferry serve` prints it"
+        )));
+    }
+    Ok(format!("SHA256:{hex}"))
 }
 
 /// The server's identity: certificate and key, made once and kept.
