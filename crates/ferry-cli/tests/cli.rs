@@ -688,3 +688,51 @@ fn hopeless_requests_fail_at_once_and_nothing_is_queued() {
     }
     kill9(&mut server);
 }
+
+/// A state store cut short (a crash of the disk, a full disk) stops `serve`
+/// and `cp` with one line that names the file and what to do: exit 6, never
+/// a panic (exit 101), nothing written.
+#[test]
+fn a_damaged_state_store_is_reported_not_a_panic() {
+    let env = Env::new();
+    let mut server = env.server();
+    random_file(&env.p("f"), 300_000, 10);
+    let f = env.p("f").display().to_string();
+    let out = env.cp(&[&f, &env.url("f")]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kill9(&mut server);
+    let cut = |p: PathBuf| {
+        let file = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.set_len(len / 2).unwrap();
+        p
+    };
+    let client_db = cut(env.p("client-state/state.redb"));
+    let server_db = cut(env.p("server-state/state.redb"));
+    let check = |out: std::process::Output, db: &Path| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.contains(&db.display().to_string()), "{stderr}");
+        assert!(stderr.contains("damaged"), "{stderr}");
+    };
+    let out = Command::new(BIN)
+        .args(["serve", "--root"])
+        .arg(env.p("root"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", env.port),
+            "--state-dir",
+        ])
+        .arg(env.p("server-state"))
+        .arg("--token-file")
+        .arg(env.p("token"))
+        .output()
+        .unwrap();
+    check(out, &server_db);
+    check(env.cp(&[&f, &env.url("g")]).output().unwrap(), &client_db);
+}

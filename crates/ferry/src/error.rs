@@ -50,6 +50,10 @@ pub enum Error {
     LocalIo { path: String, source: io::Error },
     #[error("state store: {0}")]
     Store(String),
+    /// The state store's file is damaged (a crash of the disk, a full disk):
+    /// nothing is written on the strength of it.
+    #[error("state store {path} is damaged ({detail}); nothing was written. Move it aside and run again (mv {path} {path}.damaged): transfers then start over from what the other side verified")]
+    StoreDamaged { path: String, detail: String },
     #[error("source {path} changed during the transfer; it was restarted {times} times and kept changing")]
     SourceUnstable { path: String, times: u32 },
     #[error("{0}")]
@@ -121,6 +125,7 @@ impl Error {
             Error::Proto(p) => p.is_retryable(),
             Error::LocalIo { .. } | Error::Usage(_) | Error::FingerprintMismatch { .. } => false,
             Error::Store(_) | Error::SourceUnstable { .. } | Error::NotFound(_) => false,
+            Error::StoreDamaged { .. } => false,
             Error::RetriesExhausted { .. } => false,
             Error::Ssh { .. } => true,
             Error::HostKeyUnknown { .. } | Error::HostKeyChanged { .. } | Error::SshAuth { .. } => {
@@ -148,7 +153,9 @@ impl Error {
                 ErrorClass::Unreachable
             }
             Error::FingerprintMismatch { .. } => ErrorClass::Auth,
-            Error::LocalIo { .. } | Error::Store(_) => ErrorClass::LocalIo,
+            Error::LocalIo { .. } | Error::Store(_) | Error::StoreDamaged { .. } => {
+                ErrorClass::LocalIo
+            }
             Error::SourceUnstable { .. } => ErrorClass::Integrity,
             Error::HostKeyUnknown { .. } | Error::HostKeyChanged { .. } | Error::SshAuth { .. } => {
                 ErrorClass::Auth
@@ -185,14 +192,39 @@ impl Error {
 
 impl From<redb::Error> for Error {
     fn from(e: redb::Error) -> Self {
-        Error::Store(e.to_string())
+        match e {
+            redb::Error::Corrupted(detail) => damaged(detail),
+            e => Error::Store(e.to_string()),
+        }
+    }
+}
+
+/// A damaged store; the file's path is filled in by the store's guard.
+fn damaged(detail: String) -> Error {
+    Error::StoreDamaged {
+        path: String::new(),
+        detail,
+    }
+}
+
+impl From<redb::StorageError> for Error {
+    fn from(e: redb::StorageError) -> Self {
+        match e {
+            redb::StorageError::Corrupted(detail) => damaged(detail),
+            e => Error::Store(e.to_string()),
+        }
     }
 }
 
 macro_rules! store_from {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
-            fn from(e: $t) -> Self { Error::Store(e.to_string()) }
+            fn from(e: $t) -> Self {
+                match e.into() {
+                    redb::Error::Corrupted(detail) => damaged(detail),
+                    e => Error::Store(e.to_string()),
+                }
+            }
         }
     )*};
 }
@@ -200,7 +232,6 @@ store_from!(
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,
-    redb::StorageError,
     redb::CommitError
 );
 
