@@ -1111,6 +1111,8 @@ impl<'a> Runner<'a> {
             &job.local.display().to_string(),
             job.size,
         ));
+        // What this file counts for in the total; follows its real size.
+        let counted = std::sync::atomic::AtomicU64::new(job.size);
         let mut attempt = 0u32;
         let mut restarts = 0u32;
         let mut start = Instant::now();
@@ -1133,12 +1135,7 @@ impl<'a> Runner<'a> {
                 }
             }
             last_source = Some(src.source_id.clone());
-            if meta.size != job.size {
-                Progress::add(
-                    &self.progress.bytes_total,
-                    meta.size.saturating_sub(job.size),
-                );
-            }
+            self.progress.resize_file(&counted, meta.size);
             fp.show(&job.local.display().to_string(), meta.size);
             // Join the unfinished transfer of this same file version, if any.
             let source_hex = fsutil::hex(&src.source_id);
@@ -1374,6 +1371,8 @@ impl<'a> Runner<'a> {
         if local.is_dir() {
             return Err(Error::Usage(format!("{} is a directory", local.display())));
         }
+        // What this file counts for in the total; follows its real size.
+        let counted = Arc::new(std::sync::atomic::AtomicU64::new(job.size));
         let local_key = local.display().to_string();
         let fp = Arc::new(FileProgress::start(
             &self.progress,
@@ -1408,15 +1407,13 @@ impl<'a> Runner<'a> {
             let progress = fp.clone();
             let (remote_path, local2) = (job.remote.clone(), local.clone());
             let total = self.progress.clone();
-            let job_size = job.size;
+            let counted = counted.clone();
             let alg = self.opts.alg;
             let r = self
                 .run_tracked(addr, &mut rec, &fp, |s| {
                     Box::pin(async move {
                         s.get(id, alg, &remote_path, &local2, &store, &progress, |m| {
-                            if m.size != job_size {
-                                Progress::add(&total.bytes_total, m.size.saturating_sub(job_size));
-                            }
+                            total.resize_file(&counted, m.size);
                         })
                         .await
                     })

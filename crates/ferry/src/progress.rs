@@ -41,6 +41,21 @@ impl Progress {
         counter.load(Relaxed)
     }
 
+    /// A file first counted as `counted` bytes in `bytes_total` turned out to
+    /// be `size` (it grew or shrank since it was planned): the total follows,
+    /// and `counted` becomes `size`, so a file seen again is not counted twice.
+    pub fn resize_file(&self, counted: &AtomicU64, size: u64) {
+        let old = counted.swap(size, Relaxed);
+        if size >= old {
+            self.bytes_total.fetch_add(size - old, Relaxed);
+        } else {
+            let less = old - size;
+            let _ = self
+                .bytes_total
+                .fetch_update(Relaxed, Relaxed, |t| Some(t.saturating_sub(less)));
+        }
+    }
+
     pub fn start_file(&self, name: &str, size: u64) {
         if let Ok(mut n) = self.current_name.lock() {
             *n = name.to_string();
@@ -149,5 +164,23 @@ impl std::ops::Deref for FileProgress {
     type Target = Progress;
     fn deref(&self) -> &Progress {
         &self.run
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file planned at one size that grows, shrinks, or is seen again at
+    /// the same size on a retry moves the total by what changed, once.
+    #[test]
+    fn the_total_follows_a_file_that_grew_or_shrank() {
+        let p = Progress::default();
+        Progress::add(&p.bytes_total, 1000 + 50);
+        let counted = AtomicU64::new(1000);
+        for (size, total) in [(400, 450), (400, 450), (1200, 1250), (0, 50)] {
+            p.resize_file(&counted, size);
+            assert_eq!(Progress::get(&p.bytes_total), total, "to {size}");
+        }
     }
 }
