@@ -873,6 +873,72 @@ async fn auth_failures(kind: Kind) {
     srv.stop().await;
 }
 
+/// Links planted at partial names (chunked and batched files, both ways)
+/// are never written through, and a partial grown past its file's size is
+/// cut back before the resume: storage behaves the same on every transport.
+async fn hostile_partials(kind: Kind) {
+    let dir = TempDir::new().unwrap();
+    let srv = TestServer::start(dir.path(), true).await;
+    let o = opts(dir.path(), kind.dialer());
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"not yours").unwrap();
+    let regular = |p: &Path, data: &[u8]| {
+        let md = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(md.file_type().is_file(), "{}", p.display());
+        assert_eq!(std::fs::read(p).unwrap(), data, "{}", p.display());
+    };
+    // Upload of a tree: a chunked file and a batched one, links planted.
+    let src = dir.path().join("src");
+    let big = random_file(&src.join("p.bin"), 3 << 20, 40);
+    let small = random_file(&src.join("t.txt"), 100, 41);
+    let up = srv.root.join("up");
+    std::fs::create_dir_all(&up).unwrap();
+    for name in [".p.bin.ferry.part", ".t.txt.ferry.part"] {
+        std::os::unix::fs::symlink(&victim, up.join(name)).unwrap();
+    }
+    let files = ["p.bin", "t.txt"].map(|n| src.join(n).display().to_string());
+    cp(&files, &srv.url_for(kind, "up/"), &o).await.unwrap();
+    regular(&up.join("p.bin"), &big);
+    regular(&up.join("t.txt"), &small);
+    // Download into a directory with a link planted at the part's name.
+    let down = dir.path().join("down");
+    std::fs::create_dir_all(&down).unwrap();
+    std::os::unix::fs::symlink(&victim, down.join(".p.bin.ferry.part")).unwrap();
+    cp(
+        &[srv.url_for(kind, "up/p.bin")],
+        &format!("{}/", down.display()),
+        &o,
+    )
+    .await
+    .unwrap();
+    regular(&down.join("p.bin"), &big);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not yours");
+    // A cut upload whose partial then grows past the file's size.
+    let size = 20 << 20;
+    let g = dir.path().join("g.bin");
+    let data = random_file(&g, size, 42);
+    let mut cut = opts(dir.path(), cutting(kind, size * 3 / 4));
+    cut.retry.max_attempts = 1;
+    cp(
+        &[g.display().to_string()],
+        &srv.url_for(kind, "g.bin"),
+        &cut,
+    )
+    .await
+    .unwrap_err();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut part = std::fs::OpenOptions::new()
+        .append(true)
+        .open(srv.root.join(".g.bin.ferry.part"))
+        .unwrap();
+    std::io::Write::write_all(&mut part, b"junk after the end").unwrap();
+    cp(&[g.display().to_string()], &srv.url_for(kind, "g.bin"), &o)
+        .await
+        .unwrap();
+    regular(&srv.root.join("g.bin"), &data);
+    srv.stop().await;
+}
+
 macro_rules! conformance {
     ($($name:ident: $kind:expr;)*) => {$(
         mod $name {
@@ -887,6 +953,8 @@ macro_rules! conformance {
             async fn wrong_token_and_wrong_key_are_refused() { super::auth_failures($kind).await }
             #[tokio::test]
             async fn one_file_on_four_connections() { super::lanes($kind).await }
+            #[tokio::test]
+            async fn planted_links_and_grown_partials_are_not_trusted() { super::hostile_partials($kind).await }
         }
     )*};
 }
