@@ -276,6 +276,7 @@ fn user() -> String {
 fn copy_opts(state: &Path) -> CopyOptions {
     CopyOptions {
         recursive: true,
+        follow_links: false,
         state_dir: state.to_path_buf(),
         client: ferry::client::ClientConfig {
             streams: ferry::lanes::Streams::Auto,
