@@ -784,7 +784,7 @@ fn list_tree(dir: &Path) -> std::io::Result<Vec<Entry>> {
             };
             let os_name = e.file_name();
             let Some(name) = os_name.to_str().map(str::to_string) else {
-                if md.is_dir() || md.is_file() {
+                if md.is_dir() || md.is_file() || md.file_type().is_symlink() {
                     let shown = crate::walk::escape_bytes(os_name.as_bytes());
                     let mut path = crate::walk::join(&rel, &shown);
                     // Within the wire's path limit, on a character boundary.

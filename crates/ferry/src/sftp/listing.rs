@@ -133,14 +133,24 @@ pub async fn list(c: &Conn, t: &SftpTarget, opts: WalkOptions) -> Result<Listing
             }
             let mut ty = file_type(&attrs);
             let mut size = attrs.len();
+            if ty == Some(S_IFLNK) && !opts.follow_links {
+                skip(
+                    &mut out,
+                    format!("skipping symlink {url} (use -L to follow links)"),
+                );
+                continue;
+            }
+            // Before a link is followed: its lossy name leads nowhere.
+            if name.contains('\u{fffd}') && matches!(ty, Some(S_IFDIR | S_IFREG | S_IFLNK)) {
+                fail(
+                    &mut out,
+                    format!(
+                        "{url}: not copied: the name is not valid UTF-8 (shown with U+FFFD), which ferry cannot carry (rename it there)"
+                    ),
+                );
+                continue;
+            }
             if ty == Some(S_IFLNK) {
-                if !opts.follow_links {
-                    skip(
-                        &mut out,
-                        format!("skipping symlink {url} (use -L to follow links)"),
-                    );
-                    continue;
-                }
                 match c.raw.stat(path.clone()).await {
                     Ok(a) => {
                         ty = file_type(&a.attrs);
@@ -155,15 +165,6 @@ pub async fn list(c: &Conn, t: &SftpTarget, opts: WalkOptions) -> Result<Listing
                     }
                     Err(e) => return Err(sftp_err("stat", &path, &host, e)),
                 }
-            }
-            if name.contains('\u{fffd}') {
-                fail(
-                    &mut out,
-                    format!(
-                        "{url}: not copied: the name is not valid UTF-8 (shown with U+FFFD), which ferry cannot carry (rename it there)"
-                    ),
-                );
-                continue;
             }
             if crate::fsutil::is_part_name(&name) {
                 skip(
