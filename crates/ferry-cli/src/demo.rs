@@ -96,6 +96,7 @@ pub async fn run(
     // 4. The copy, with retries fast enough for a demo.
     let opts = CopyOptions {
         recursive: false,
+        follow_links: false,
         state_dir: tmp.path().join("client-state"),
         client: ferry::client::ClientConfig {
             streams: ferry::lanes::Streams::Fixed(1),

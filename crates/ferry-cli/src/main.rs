@@ -169,6 +169,7 @@ impl ClientArgs {
         }
         Ok(CopyOptions {
             recursive,
+            follow_links: false,
             state_dir: state_dir.clone(),
             client: ferry::client::ClientConfig {
                 token: read_token(self.token_file.as_deref())?,
@@ -249,6 +250,11 @@ enum Cmd {
         /// Copy directories recursively.
         #[arg(short, long)]
         recursive: bool,
+        /// Follow symlinks inside trees (a link back into its own path or to a
+        /// directory copied already is skipped); by default they are skipped
+        /// with a warning. Symlinks named as sources are always followed.
+        #[arg(short = 'L', long)]
+        copy_links: bool,
         /// Print a JSON summary as the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -498,6 +504,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Cp {
             recursive,
+            copy_links,
             json,
             hash,
             client,
@@ -513,12 +520,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let alg = HashAlg::from_name(&hash).ok_or_else(|| {
                 UsageError(format!("unknown hash {hash:?}: use blake3 or sha256"))
             })?;
-            let opts = client.options(recursive, alg)?;
+            let mut opts = client.options(recursive, alg)?;
+            opts.follow_links = copy_links;
             // Local paths are kept absolute, so `ferry resume` works from anywhere.
             let paths: Vec<String> = paths.iter().map(|p| absolutize(p)).collect();
             let dst = absolutize(&dst);
             let queue = Queue::new(&opts.state_dir);
             let mut entry = queue.entry_for(&paths, &dst, recursive, alg.name());
+            entry.follow_links = copy_links;
             if paths.iter().chain([&dst]).any(|p| p.starts_with("sftp://")) {
                 entry.ssh = Some(ferry::queue::QueuedSsh {
                     identities: ssh.identity.clone(),
@@ -528,16 +537,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, multi);
-            let summary = run_entry(&queue, entry, &opts, display).await?;
-            if json {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else if !cli.quiet {
-                for l in ui::per_file_lines(&summary) {
-                    println!("{l}");
+            let print = |summary: &CopySummary| -> anyhow::Result<()> {
+                if json {
+                    println!("{}", serde_json::to_string(summary)?);
+                } else if !cli.quiet {
+                    for l in ui::per_file_lines(summary) {
+                        println!("{l}");
+                    }
+                    println!("{}", ui::summary_line(summary));
                 }
-                println!("{}", ui::summary_line(&summary));
+                Ok(())
+            };
+            match run_entry(&queue, entry, &opts, display).await {
+                Ok(summary) => print(&summary),
+                Err(e) => {
+                    // What was copied still gets its summary; the error line says what was not.
+                    if let Some(Error::NotAllCopied { summary, .. }) = e.downcast_ref::<Error>() {
+                        print(summary)?;
+                    }
+                    Err(e)
+                }
             }
-            Ok(())
         }
         Cmd::Resume { ids, all, client } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
@@ -562,7 +582,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut failed = None;
             for e in entries {
                 let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
-                let opts = client.options(e.recursive, alg)?;
+                let mut opts = client.options(e.recursive, alg)?;
+                opts.follow_links = e.follow_links;
                 let id = e.id.clone();
                 match run_entry(&queue, e, &opts, None).await {
                     Ok(s) => {
@@ -787,7 +808,8 @@ async fn agent(client: &ClientArgs, poll: f64, exit_when_empty: bool) -> anyhow:
             }
             reported_empty = false;
             let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
-            let opts = client.options(e.recursive, alg)?;
+            let mut opts = client.options(e.recursive, alg)?;
+            opts.follow_links = e.follow_links;
             let what = format!("{} ({} -> {})", e.id, e.srcs.join(" "), e.dst);
             match run_entry(&queue, e, &opts, None).await {
                 Ok(s) => {

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use ferry_proto::message::{BatchFile, Entry, EntryKind, MAX_BATCH_FILE, MAX_BATCH_FILES};
 use ferry_proto::{ChunkHash, HashAlg, TransferId};
 use rand::{Rng, SeedableRng};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::client::{BatchItem, ClientConfig, Session};
 use crate::error::{Error, Result};
@@ -24,6 +24,7 @@ use crate::status::{StatusDir, TransferRecord};
 use crate::store::Store;
 use crate::transfer::prepare_send;
 use crate::transport::Transport;
+use crate::walk::{Claims, Kind, Plan, Planned};
 use ferry_proto::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 
 /// One side of a copy.
@@ -81,6 +82,9 @@ impl Endpoint {
 #[derive(Debug, Clone)]
 pub struct CopyOptions {
     pub recursive: bool,
+    /// Follow symlinks met inside trees (`-L`), with loop detection; by
+    /// default they are skipped with a warning (see [`crate::walk`]).
+    pub follow_links: bool,
     pub state_dir: PathBuf,
     pub client: ClientConfig,
     pub retry: RetryPolicy,
@@ -106,10 +110,27 @@ pub struct CopySummary {
     /// The whole-file digest for one file; for several, a digest over (path, digest) pairs.
     pub digest: String,
     pub alg: String,
+    /// Symlinks and special files left out of trees (each was warned about).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: u64,
     /// SFTP copies: what happened to each file (fresh, resumed, repaired, ...)
     /// and how it was verified. Empty, and absent from JSON, for native copies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_file: Vec<crate::sftp::FileReport>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl CopyOptions {
+    /// How local trees are walked for an upload.
+    pub fn walk(&self) -> crate::walk::WalkOptions {
+        crate::walk::WalkOptions {
+            recursive: self.recursive,
+            follow_links: self.follow_links,
+        }
+    }
 }
 
 /// One file to move.
@@ -127,15 +148,6 @@ struct DirJob {
     remote: String,
     mode: u32,
     mtime_ns: i64,
-}
-
-fn join_remote(base: &str, rel: &str) -> String {
-    let base = base.trim_end_matches('/');
-    match (base.is_empty(), rel.is_empty()) {
-        (true, _) => rel.to_string(),
-        (_, true) => base.to_string(),
-        _ => format!("{base}/{rel}"),
-    }
 }
 
 fn base_name(p: &str) -> String {
@@ -210,6 +222,8 @@ pub async fn copy(
         peers: PeerStatus::new(&opts.state_dir),
         deadline: None,
         files_at_once: 0,
+        skipped: 0,
+        failed: 0,
     };
     let dst_is_dir_hint = dst.ends_with('/') || srcs.len() > 1;
     match (&srcs[0], &dst_ep) {
@@ -222,31 +236,26 @@ pub async fn copy(
                 .with_session(&addr, |s| Box::pin(s.stat_owned(path.clone())))
                 .await?;
             let into_dir = dst_is_dir_hint || dst_entry.kind == EntryKind::Dir || path.is_empty();
-            let (mut files, mut dirs) = (Vec::new(), Vec::new());
+            let mut plan = Plan::with_check(server_accepts);
             for s in &srcs {
                 let Endpoint::Local(p) = s else { continue };
-                plan_upload(p, path, into_dir, opts.recursive, &mut files, &mut dirs)?;
+                plan.add_source(p, path, into_dir, opts.walk())?;
             }
-            let remote_paths = files
-                .iter()
-                .map(|f| &f.remote)
-                .chain(dirs.iter().map(|d| &d.remote));
-            if let Some(long) = remote_paths
-                .into_iter()
-                .find(|p| p.len() > ferry_proto::message::MAX_PATH)
-            {
-                return Err(Error::Usage(format!(
-                    "{long}: the path is {} bytes long; at most {} can be sent",
-                    long.len(),
-                    ferry_proto::message::MAX_PATH
-                )));
-            }
+            let (files, dirs) = upload_jobs(plan.items);
+            runner.skipped += plan.skipped.len() as u64;
+            runner.failed += plan.failed.len() as u64;
             runner.upload(&addr, files, dirs).await?;
         }
         (Endpoint::Remote { addr, .. }, Endpoint::Local(dst_path)) => {
             let addr = addr.clone();
             let dst_is_dir = dst_is_dir_hint || dst_path.is_dir();
             let (mut files, mut dirs) = (Vec::new(), Vec::new());
+            let mut down = DownloadPlan {
+                addr: addr.clone(),
+                claims: Claims::default(),
+                skipped: 0,
+                failed: 0,
+            };
             for s in &srcs {
                 let Endpoint::Remote { addr: a, path } = s else {
                     return Err(Error::Usage("all sources must be on the same side".into()));
@@ -265,6 +274,15 @@ pub async fn copy(
                 } else {
                     dst_path.clone()
                 };
+                if let Err(line) = down.claims.claim(
+                    &target.to_string_lossy(),
+                    &s.display(),
+                    entry.kind == EntryKind::Dir,
+                ) {
+                    error!("{line}");
+                    down.failed += 1;
+                    continue;
+                }
                 match entry.kind {
                     EntryKind::Missing => {
                         return Err(Error::NotFound(format!(
@@ -294,10 +312,12 @@ pub async fn copy(
                             mode: entry.mode,
                             mtime_ns: entry.mtime_ns,
                         });
-                        plan_download(&entries, path, &target, &mut files, &mut dirs);
+                        down.plan(&entries, path, &target, &mut files, &mut dirs);
                     }
                 }
             }
+            runner.skipped += down.skipped;
+            runner.failed += down.failed;
             runner.download(&addr, files, dirs).await?;
         }
         (Endpoint::Local(_), Endpoint::Local(_)) => {
@@ -328,7 +348,7 @@ pub async fn copy(
         }
         h.to_hex()
     };
-    Ok(CopySummary {
+    let summary = CopySummary {
         files: runner.digests.len() as u64,
         bytes_total: Progress::get(&progress.bytes_total),
         bytes_sent: Progress::get(&progress.bytes_sent),
@@ -339,114 +359,137 @@ pub async fn copy(
         duration_s: started.elapsed().as_secs_f64(),
         digest,
         alg: opts.alg.name().to_string(),
+        skipped: runner.skipped,
         per_file: Vec::new(),
-    })
-}
-
-fn plan_upload(
-    src: &Path,
-    dst: &str,
-    into_dir: bool,
-    recursive: bool,
-    files: &mut Vec<FileJob>,
-    dirs: &mut Vec<DirJob>,
-) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata(src).map_err(|e| Error::local(src, e))?;
-    let name = src
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let target = if into_dir {
-        join_remote(dst, &name)
-    } else {
-        dst.trim_end_matches('/').to_string()
     };
-    if md.is_file() {
-        files.push(FileJob {
-            local: src.to_path_buf(),
-            remote: target,
-            size: md.len(),
-        });
-        return Ok(());
-    }
-    if !md.is_dir() {
-        return Err(Error::Usage(format!(
-            "{} is not a regular file or directory",
-            src.display()
-        )));
-    }
-    if !recursive {
-        return Err(Error::Usage(format!(
-            "{} is a directory (use -r)",
-            src.display()
-        )));
-    }
-    let mut stack = vec![(src.to_path_buf(), target)];
-    while let Some((dir, remote)) = stack.pop() {
-        let dmd = std::fs::metadata(&dir).map_err(|e| Error::local(&dir, e))?;
-        dirs.push(DirJob {
-            local: dir.clone(),
-            remote: remote.clone(),
-            mode: dmd.mode() & 0o7777,
-            mtime_ns: fsutil::mtime_ns(&dmd),
-        });
-        let mut items: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(|e| Error::local(&dir, e))?
-            .flatten()
-            .collect();
-        items.sort_by_key(|e| e.file_name());
-        for e in items {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let path = e.path();
-            let Ok(md) = std::fs::metadata(&path) else {
-                warn!(path = %path.display(), "skipping unreadable entry");
-                continue;
-            };
-            if md.is_dir() {
-                stack.push((path, join_remote(&remote, &name)));
-            } else if md.is_file() {
-                files.push(FileJob {
-                    local: path,
-                    remote: join_remote(&remote, &name),
-                    size: md.len(),
-                });
-            } else {
-                warn!(path = %path.display(), "skipping special file");
-            }
-        }
-    }
-    Ok(())
+    finish(summary, runner.failed)
 }
 
-fn plan_download(
-    entries: &[Entry],
-    base: &str,
-    target: &Path,
-    files: &mut Vec<FileJob>,
-    dirs: &mut Vec<DirJob>,
-) {
-    for e in entries {
-        // Entries come from the server: never let one climb out of the target.
-        if crate::paths::split_relative(&e.path).is_err() || e.path.is_empty() {
-            warn!(path = %e.path, "server listed an unsafe path; skipped");
-            continue;
+/// The summary, or [`Error::NotAllCopied`] carrying it when some files
+/// could not be copied.
+pub(crate) fn finish(summary: CopySummary, failed: u64) -> Result<CopySummary> {
+    if failed > 0 {
+        return Err(Error::NotAllCopied {
+            failed,
+            summary: Box::new(summary),
+        });
+    }
+    Ok(summary)
+}
+
+/// Whether a ferry server takes `dest` as a path (it refuses some names a
+/// local file system allows: backslashes, device names, partial-file names).
+fn server_accepts(dest: &str) -> std::result::Result<(), String> {
+    let max = ferry_proto::message::MAX_PATH;
+    if dest.len() > max {
+        return Err(format!(
+            "the path is {} bytes long; at most {max} can be sent",
+            dest.len()
+        ));
+    }
+    crate::paths::split_relative(dest)
+        .map(|_| ())
+        .map_err(|e| format!("the server refuses this name: {e}"))
+}
+
+/// Native upload jobs from a walk's plan.
+fn upload_jobs(items: Vec<Planned>) -> (Vec<FileJob>, Vec<DirJob>) {
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    for it in items {
+        match it.kind {
+            Kind::File { size } => files.push(FileJob {
+                local: it.local,
+                remote: it.dest,
+                size,
+            }),
+            Kind::Dir { mode, mtime_ns } => dirs.push(DirJob {
+                local: it.local,
+                remote: it.dest,
+                mode,
+                mtime_ns,
+            }),
         }
-        let local = target.join(&e.path);
-        let remote = join_remote(base, &e.path);
-        match e.kind {
-            EntryKind::Dir => dirs.push(DirJob {
-                local,
-                remote,
-                mode: e.mode,
-                mtime_ns: e.mtime_ns,
-            }),
-            EntryKind::File => files.push(FileJob {
-                local,
-                remote,
-                size: e.size,
-            }),
-            EntryKind::Missing => {}
+    }
+    (files, dirs)
+}
+
+/// Planning a native download from a server's listing.
+struct DownloadPlan {
+    addr: String,
+    claims: Claims,
+    skipped: u64,
+    failed: u64,
+}
+
+/// `st_mode` type bits of a symlink: a `Missing` entry a server lists with
+/// them is a symlink it did not follow.
+const S_IFLNK: u32 = 0o120000;
+const S_IFMT: u32 = 0o170000;
+
+impl DownloadPlan {
+    fn plan(
+        &mut self,
+        entries: &[Entry],
+        base: &str,
+        target: &Path,
+        files: &mut Vec<FileJob>,
+        dirs: &mut Vec<DirJob>,
+    ) {
+        let url = |p: &str| format!("ferry://{}/{}", self.addr, crate::walk::join(base, p));
+        for e in entries {
+            if e.kind == EntryKind::Missing {
+                // Listed but not served: a symlink (the server does not
+                // follow links inside a tree), or a name that is not UTF-8
+                // (its path shows the bytes escaped).
+                if e.mode & S_IFMT == S_IFLNK {
+                    warn!(
+                        "skipping symlink {} (ferry servers do not follow links inside a tree)",
+                        url(&e.path)
+                    );
+                    self.skipped += 1;
+                } else {
+                    error!(
+                        "{}: not copied: the name on the server is not valid UTF-8, which ferry cannot carry (rename it there)",
+                        url(&e.path)
+                    );
+                    self.failed += 1;
+                }
+                continue;
+            }
+            // Entries come from the server: never let one climb out of the target.
+            if crate::paths::split_relative(&e.path).is_err() || e.path.is_empty() {
+                error!(
+                    "{}: not copied: the server listed an unsafe path",
+                    url(&e.path)
+                );
+                self.failed += 1;
+                continue;
+            }
+            let local = target.join(&e.path);
+            let remote = crate::walk::join(base, &e.path);
+            if let Err(line) = self.claims.claim(
+                &local.to_string_lossy(),
+                &url(&e.path),
+                e.kind == EntryKind::Dir,
+            ) {
+                error!("{line}");
+                self.failed += 1;
+                continue;
+            }
+            match e.kind {
+                EntryKind::Dir => dirs.push(DirJob {
+                    local,
+                    remote,
+                    mode: e.mode,
+                    mtime_ns: e.mtime_ns,
+                }),
+                EntryKind::File => files.push(FileJob {
+                    local,
+                    remote,
+                    size: e.size,
+                }),
+                EntryKind::Missing => {}
+            }
         }
     }
 }
@@ -536,6 +579,10 @@ struct Runner<'a> {
     deadline: Option<Instant>,
     /// Most file workers that ran at once.
     files_at_once: usize,
+    /// Left out of trees on purpose (symlinks, special files).
+    skipped: u64,
+    /// Could not be copied (reported one by one as planned).
+    failed: u64,
 }
 
 type BoxFut<'s, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 's>>;
@@ -713,6 +760,8 @@ impl<'a> Runner<'a> {
             peers: self.peers.clone(),
             deadline: None,
             files_at_once: 0,
+            skipped: 0,
+            failed: 0,
         }
     }
 

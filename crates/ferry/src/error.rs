@@ -94,6 +94,28 @@ pub enum Error {
         code: u32,
         msg: String,
     },
+    /// An SFTP write failed and the server's file system is (nearly) full.
+    #[error("no space left on {host}:{path} ({avail} bytes free there); free some space and run the copy again (it resumes)")]
+    NoSpace {
+        host: String,
+        path: String,
+        avail: u64,
+    },
+    /// The SSH host key is marked `@revoked` in the known-hosts file: always refused.
+    #[error("host key of {host} ({fingerprint}) is marked @revoked in {file} line {line}; refusing to connect")]
+    HostKeyRevoked {
+        host: String,
+        fingerprint: String,
+        file: String,
+        line: usize,
+    },
+    /// Some files could not be copied (each was reported on its own line);
+    /// the rest were. `summary` tells what was copied.
+    #[error("{failed} file(s) could not be copied (see the errors above); {} copied", summary.files)]
+    NotAllCopied {
+        failed: u64,
+        summary: Box<crate::copy::CopySummary>,
+    },
     /// Data on the SFTP server did not verify after it was written.
     #[error("sftp {path}: verification failed: {detail}")]
     SftpIntegrity { path: String, detail: String },
@@ -132,6 +154,9 @@ impl Error {
                 false
             }
             Error::SftpStatus { .. } | Error::SftpIntegrity { .. } => false,
+            Error::NoSpace { .. } | Error::HostKeyRevoked { .. } | Error::NotAllCopied { .. } => {
+                false
+            }
         }
     }
 
@@ -165,6 +190,10 @@ impl Error {
             Error::SftpStatus { code: 3, .. } => ErrorClass::Auth,
             Error::SftpStatus { .. } => ErrorClass::Protocol,
             Error::SftpIntegrity { .. } => ErrorClass::Integrity,
+            Error::NoSpace { .. } => ErrorClass::LocalIo,
+            Error::HostKeyRevoked { .. } => ErrorClass::Auth,
+            // Names that cannot be carried, or two sources for one destination.
+            Error::NotAllCopied { .. } => ErrorClass::Usage,
             Error::RetriesExhausted { last, .. } => match last.class() {
                 ErrorClass::Protocol => ErrorClass::Unreachable,
                 c => c,

@@ -5,6 +5,7 @@
 //! * [`server`]: accepts TLS connections and serves requests under a root.
 //! * [`client`]: connects (TLS, pinning, token) and issues requests.
 //! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it with retries.
+//! * [`walk`]: the local tree walk of uploads: symlink policy, names the wire cannot carry.
 //! * [`batch`]: small files stored many at a time, durable with one sync.
 //! * [`transfer`]: the drivers that run a `Sender` or `Receiver` over a connection.
 //! * [`lanes`]: extra connections carrying one large file's data (`--streams`).
@@ -41,6 +42,7 @@ pub mod store;
 pub mod tls;
 pub mod transfer;
 pub mod transport;
+pub mod walk;
 
 pub use error::{Error, ErrorClass, Result};
 pub use ferry_proto::retry;

@@ -21,6 +21,9 @@ pub struct QueueEntry {
     pub srcs: Vec<String>,
     pub dst: String,
     pub recursive: bool,
+    /// `-L`: symlinks inside trees are followed.
+    #[serde(default)]
+    pub follow_links: bool,
     pub alg: String,
     /// "running", "queued".
     pub state: String,
@@ -84,6 +87,7 @@ impl Queue {
             srcs: srcs.to_vec(),
             dst: dst.to_string(),
             recursive,
+            follow_links: false,
             alg: alg.to_string(),
             state: "running".into(),
             attempts: 0,

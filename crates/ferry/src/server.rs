@@ -755,31 +755,54 @@ fn admit_upload(
 /// Lists files and directories under `dir` (or `dir` itself if a file), with
 /// paths relative to `dir`. Symlinks, special files and partials are skipped.
 fn list_tree(dir: &Path) -> std::io::Result<Vec<Entry>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    // The requested path itself is followed (`resolve` kept it in the root).
     let md = std::fs::metadata(dir)?;
     if md.is_file() {
         return Ok(vec![entry_for(String::new(), &md)]);
     }
+    // A `Missing` entry is something listed but not served, for the client to
+    // report: a symlink (mode S_IFLNK; links inside a tree are never
+    // followed, so no walk can loop), or a name that is not UTF-8 (its path
+    // shows the bytes escaped, as no UTF-8 path can name it).
+    let missing = |path: String, mode: u32| Entry {
+        path,
+        kind: EntryKind::Missing,
+        size: 0,
+        mtime_ns: 0,
+        mode,
+    };
     let mut out = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), String::new())];
     while let Some((d, rel)) = stack.pop() {
         let mut items: Vec<_> = std::fs::read_dir(&d)?.flatten().collect();
         items.sort_by_key(|e| e.file_name());
         for e in items {
-            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let os_name = e.file_name();
+            let Some(name) = os_name.to_str().map(str::to_string) else {
+                if md.is_dir() || md.is_file() || md.file_type().is_symlink() {
+                    let shown = crate::walk::escape_bytes(os_name.as_bytes());
+                    let mut path = crate::walk::join(&rel, &shown);
+                    // Within the wire's path limit, on a character boundary.
+                    while path.len() > 4000 {
+                        path.pop();
+                    }
+                    warn!(dir = %d.display(), name = %shown, "not listed: the name is not UTF-8");
+                    out.push(missing(path, md.mode() & 0o170000));
+                }
                 continue;
             };
             if fsutil::is_part_name(&name) {
                 continue;
             }
-            let Ok(md) = std::fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            let rel_path = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
-            };
-            if md.is_dir() {
+            let rel_path = crate::walk::join(&rel, &name);
+            if md.file_type().is_symlink() {
+                out.push(missing(rel_path, 0o120000));
+            } else if md.is_dir() {
                 out.push(entry_for(rel_path.clone(), &md));
                 stack.push((e.path(), rel_path));
             } else if md.is_file() {

@@ -95,6 +95,7 @@ impl TestServer {
 fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
     CopyOptions {
         recursive: true,
+        follow_links: false,
         state_dir: dir.join("client-state"),
         client: ClientConfig {
             streams: ferry::lanes::Streams::Auto,

@@ -276,6 +276,7 @@ fn user() -> String {
 fn copy_opts(state: &Path) -> CopyOptions {
     CopyOptions {
         recursive: true,
+        follow_links: false,
         state_dir: state.to_path_buf(),
         client: ferry::client::ClientConfig {
             streams: ferry::lanes::Streams::Auto,
@@ -1196,4 +1197,285 @@ async fn an_unfinished_upload_is_listed_until_it_completes() {
         .await
         .unwrap();
     assert!(ferry::status::StatusDir::new(&state).list().is_empty());
+}
+
+// Trees, names and server details: symlinks skipped by default and followed
+// with loop detection under -L, names that cannot be carried failed loudly,
+// backslashes copied, @revoked keys refused, missing parents made, and a
+// full disk named as such.
+
+fn os(b: &[u8]) -> &std::ffi::OsStr {
+    std::os::unix::ffi::OsStrExt::from_bytes(b)
+}
+
+async fn cp_tree(
+    src: &Path,
+    dst: &str,
+    state: &Path,
+    o: &SftpOptions,
+    follow_links: bool,
+) -> Result<CopySummary, Error> {
+    let mut opts = copy_opts(state);
+    opts.follow_links = follow_links;
+    ferry::sftp::copy(
+        &[src.display().to_string()],
+        dst,
+        &opts,
+        o,
+        Arc::new(Progress::default()),
+    )
+    .await
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    n.sort();
+    n
+}
+
+#[tokio::test]
+async fn sftp_upload_tree_skips_links_and_fails_names_it_cannot_carry() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let d = t.path().join("d");
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    std::fs::write(d.join("f"), b"f").unwrap();
+    std::fs::write(d.join("sub/g"), b"g").unwrap();
+    std::os::unix::fs::symlink("..", d.join("loop")).unwrap();
+    std::os::unix::fs::symlink("..", d.join("sub/up")).unwrap();
+    std::os::unix::fs::symlink("nowhere", d.join("dangling")).unwrap();
+    std::fs::write(d.join(os(b"a\xff")), b"1").unwrap();
+    std::fs::write(d.join(os(b"a\xfe")), b"2").unwrap();
+    let remote = t.path().join("remote");
+    std::fs::create_dir_all(&remote).unwrap();
+    let e = cp_tree(&d, &s.url(&remote), &state, &s.opts(), false)
+        .await
+        .unwrap_err();
+    let Error::NotAllCopied { failed, summary } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!((*failed, summary.files, summary.skipped), (2, 2, 3), "{e}");
+    assert_eq!(names(&remote.join("d")), ["f", "sub"]);
+    assert_eq!(names(&remote.join("d/sub")), ["g"]);
+    // -L: a link to a directory outside is followed; loops and the dangling link are not.
+    std::fs::create_dir_all(t.path().join("other")).unwrap();
+    std::fs::write(t.path().join("other/x"), b"x").unwrap();
+    std::os::unix::fs::symlink("../other", d.join("linkdir")).unwrap();
+    std::fs::remove_file(d.join(os(b"a\xff"))).unwrap();
+    std::fs::remove_file(d.join(os(b"a\xfe"))).unwrap();
+    let remote2 = t.path().join("remote2");
+    std::fs::create_dir_all(&remote2).unwrap();
+    let sum = cp_tree(&d, &s.url(&remote2), &state, &s.opts(), true)
+        .await
+        .unwrap();
+    assert_eq!((sum.files, sum.skipped), (3, 3));
+    assert_eq!(names(&remote2.join("d")), ["f", "linkdir", "sub"]);
+    assert_eq!(std::fs::read(remote2.join("d/linkdir/x")).unwrap(), b"x");
+}
+
+/// A remote tree with a directory symlink, a dangling one, a loop, a name
+/// with a backslash and a Windows device name.
+fn remote_tree(base: &Path) -> PathBuf {
+    let rt = base.join("rt");
+    std::fs::create_dir_all(rt.join("sub")).unwrap();
+    std::fs::write(rt.join("f"), b"f").unwrap();
+    std::fs::write(rt.join("sub/g"), b"g").unwrap();
+    std::fs::write(rt.join("back\\slash"), b"b").unwrap();
+    std::fs::write(rt.join("con.txt"), b"c").unwrap();
+    std::os::unix::fs::symlink("sub", rt.join("dirlink")).unwrap();
+    std::os::unix::fs::symlink("nowhere", rt.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("..", rt.join("loop")).unwrap();
+    rt
+}
+
+#[tokio::test]
+async fn sftp_download_tree_skips_links_and_keeps_backslash_names() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let rt = remote_tree(t.path());
+    let local = t.path().join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    let sum = cp_tree(
+        Path::new(&s.url(&rt)),
+        local.to_str().unwrap(),
+        &state,
+        &s.opts(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!((sum.files, sum.skipped), (4, 3));
+    assert_eq!(
+        names(&local.join("rt")),
+        ["back\\slash", "con.txt", "f", "sub"]
+    );
+    assert_eq!(std::fs::read(local.join("rt/back\\slash")).unwrap(), b"b");
+    // -L: the directory link is followed (by the server's realpath), the loop
+    // and the dangling link are skipped.
+    let local2 = t.path().join("local2");
+    std::fs::create_dir_all(&local2).unwrap();
+    let sum = cp_tree(
+        Path::new(&s.url(&rt)),
+        local2.to_str().unwrap(),
+        &state,
+        &s.opts(),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!((sum.files, sum.skipped), (5, 2));
+    assert_eq!(
+        names(&local2.join("rt")),
+        ["back\\slash", "con.txt", "dirlink", "f", "sub"]
+    );
+    assert_eq!(std::fs::read(local2.join("rt/dirlink/g")).unwrap(), b"g");
+}
+
+#[tokio::test]
+async fn sftp_download_fails_names_that_are_not_utf8() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let rt = t.path().join("rt");
+    std::fs::create_dir_all(&rt).unwrap();
+    std::fs::write(rt.join(os(b"a\xff")), b"1").unwrap();
+    std::fs::write(rt.join(os(b"a\xfe")), b"2").unwrap();
+    std::fs::write(rt.join("ok"), b"ok").unwrap();
+    let local = t.path().join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    let e = cp_tree(
+        Path::new(&s.url(&rt)),
+        local.to_str().unwrap(),
+        &state,
+        &s.opts(),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::NotAllCopied { failed: 2, summary } if summary.files == 1),
+        "{e}"
+    );
+    assert_eq!(names(&local.join("rt")), ["ok"]);
+}
+
+#[tokio::test]
+async fn revoked_host_key_is_refused() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::write(&src, b"x").unwrap();
+    let host_pub = std::fs::read_to_string(s.dir.path().join("hostkey.pub")).unwrap();
+    let mut p = host_pub.split_whitespace();
+    let (alg, key) = (p.next().unwrap(), p.next().unwrap());
+    let kh = t.path().join("kh");
+    std::fs::write(
+        &kh,
+        format!(
+            "[127.0.0.1]:{} {alg} {key}\n@revoked * {alg} {key}\n",
+            s.port
+        ),
+    )
+    .unwrap();
+    let mut o = s.opts();
+    o.ssh.known_hosts = Some(kh);
+    o.ssh.accept_new_host_key = true;
+    let remote = t.path().join("dst");
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&remote),
+        &t.path().join("state"),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::HostKeyRevoked { line: 2, .. }), "{e}");
+    assert_eq!(e.class(), ferry::ErrorClass::Auth);
+    assert!(!remote.exists());
+}
+
+#[tokio::test]
+async fn upload_makes_missing_parent_directories() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let src = t.path().join("src");
+    std::fs::write(&src, b"deep").unwrap();
+    let remote = t.path().join("remote/new/deeper/file");
+    cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&remote).unwrap(), b"deep");
+    let d = t.path().join("d");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("f"), b"f").unwrap();
+    let into = format!("{}/", s.url(&t.path().join("remote/x/y")));
+    cp_tree(&d, &into, &state, &s.opts(), false).await.unwrap();
+    assert_eq!(
+        std::fs::read(t.path().join("remote/x/y/d/f")).unwrap(),
+        b"f"
+    );
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazily: the server may still hold the partial open.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn full_disk_on_the_server_is_reported_as_no_space() {
+    let Some(s) = start_sshd(Mode::Plain) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let small = t.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    if !mounted {
+        eprintln!("cannot mount a tmpfs here (needs root); skipped");
+        return;
+    }
+    let _fs = SmallFs(small.clone());
+    let src = t.path().join("big");
+    std::fs::write(&src, data(4 * MIB, 5)).unwrap();
+    let e = cp(
+        src.to_str().unwrap(),
+        &s.url(&small.join("big")),
+        &t.path().join("state"),
+        &s.opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::NoSpace { .. }), "{e}");
+    assert_eq!(e.class(), ferry::ErrorClass::LocalIo);
+    assert!(
+        e.to_string()
+            .starts_with(&format!("no space left on 127.0.0.1:{}:", s.port)),
+        "{e}"
+    );
 }

@@ -185,6 +185,7 @@ fn add_client(sim: &mut Sim<'_>, w: &World, seed: u64) -> Client {
     client.dialer = dialer.clone();
     let opts = CopyOptions {
         recursive: false,
+        follow_links: false,
         state_dir: w.client_state.clone(),
         client,
         retry: RetryPolicy {

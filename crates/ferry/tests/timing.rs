@@ -24,6 +24,7 @@ async fn backoff_and_breaker_cooldowns_pace_the_attempts() {
     std::fs::write(&src, b"x").unwrap();
     let opts = CopyOptions {
         recursive: false,
+        follow_links: false,
         state_dir: dir.path().join("state"),
         client: ClientConfig {
             streams: ferry::lanes::Streams::Auto,
@@ -82,6 +83,7 @@ async fn retry_budget_bounds_the_total_time() {
     std::fs::write(&src, b"x").unwrap();
     let mut opts = CopyOptions {
         recursive: false,
+        follow_links: false,
         state_dir: dir.path().join("state"),
         client: ClientConfig {
             streams: ferry::lanes::Streams::Auto,

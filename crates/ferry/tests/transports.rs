@@ -160,6 +160,7 @@ impl TestServer {
 fn opts(dir: &Path, dialer: Arc<dyn Dialer>) -> CopyOptions {
     CopyOptions {
         recursive: true,
+        follow_links: false,
         state_dir: dir.join("client-state"),
         client: ClientConfig {
             streams: ferry::lanes::Streams::Auto,

@@ -113,6 +113,7 @@ impl SshConfig {
 #[derive(Debug, Clone)]
 enum Verdict {
     Unknown { fingerprint: String },
+    Revoked { fingerprint: String, line: usize },
     Changed { fingerprint: String, line: usize },
     Error(String),
 }
@@ -145,6 +146,10 @@ impl client::Handler for Checker {
             return Ok(false);
         };
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        if let Some(line) = revoked_line(&self.file, key) {
+            self.set(Verdict::Revoked { fingerprint, line });
+            return Ok(false);
+        }
         match russh::keys::check_known_hosts_path(&self.host, self.port, key, &self.file) {
             Ok(true) => Ok(true),
             Ok(false) if self.accept_new => {
@@ -184,6 +189,22 @@ impl client::Handler for Checker {
             }
         }
     }
+}
+
+/// The line of the known-hosts `file` that marks `key` `@revoked`, if one
+/// does. Whatever host patterns that line names, the key is refused: OpenSSH
+/// never accepts a revoked key, and russh's check skips such lines.
+fn revoked_line(file: &Path, key: &russh::keys::PublicKey) -> Option<usize> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().enumerate().find_map(|(i, line)| {
+        let mut f = line.split_whitespace();
+        if f.next() != Some("@revoked") {
+            return None;
+        }
+        let (_hosts, _alg, b64) = (f.next(), f.next(), f.next()?);
+        let k = russh::keys::parse_public_key_base64(b64).ok()?;
+        (k.key_data() == key.key_data()).then_some(i + 1)
+    })
 }
 
 /// A connected SFTP session.
@@ -284,6 +305,12 @@ pub async fn connect(t: &SftpTarget, cfg: &SshConfig) -> Result<Conn> {
                     host: t.hostport(),
                     fingerprint,
                     file: file.display().to_string(),
+                },
+                Some(Verdict::Revoked { fingerprint, line }) => Error::HostKeyRevoked {
+                    host: t.hostport(),
+                    fingerprint,
+                    file: file.display().to_string(),
+                    line,
                 },
                 Some(Verdict::Changed { fingerprint, line }) => Error::HostKeyChanged {
                     host: t.hostport(),

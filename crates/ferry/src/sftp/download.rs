@@ -13,18 +13,13 @@ use tracing::{info, warn};
 use super::auth::Conn;
 use super::sidecar::{self, PendingFlush, Sidecar, RANGE_SIZE};
 use super::upload::{range_count, range_len, read_remote_owned, Pieces};
-use super::{
-    is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
-    Verify,
-};
+use super::{sftp_err, FileOutcome, Job, RestartReason, Resume, VerifiedBy, Verify};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::Progress;
 use crate::store::Store;
 
 const CHECKPOINT_RANGES: usize = 4;
-/// Bound on a remote tree listing.
-const MAX_ENTRIES: usize = 1_000_000;
 
 pub fn base_name(p: &str) -> String {
     p.trim_end_matches('/')
@@ -32,77 +27,6 @@ pub fn base_name(p: &str) -> String {
         .next()
         .unwrap_or("")
         .to_string()
-}
-
-/// Files under the target: `("", size)` for a file; relative paths for a
-/// tree (directories as `(rel, u64::MAX)`, parents before children).
-pub async fn list(c: &Conn, t: &SftpTarget, recursive: bool) -> Result<Vec<(String, u64)>> {
-    let host = t.hostport();
-    let a = c.raw.stat(t.path.clone()).await.map_err(|e| {
-        if is_no_such_file(&e) {
-            Error::NotFound(format!("{}: no such file or directory", t.url(&t.path)))
-        } else {
-            sftp_err("stat", &t.path, &host, e)
-        }
-    })?;
-    if !a.attrs.is_dir() {
-        return Ok(vec![(String::new(), a.attrs.size.unwrap_or(0))]);
-    }
-    if !recursive {
-        return Err(Error::Usage(format!(
-            "{} is a directory (use -r)",
-            t.url(&t.path)
-        )));
-    }
-    let mut out = vec![(String::new(), u64::MAX)];
-    let mut stack = vec![String::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = if rel.is_empty() {
-            t.path.clone()
-        } else {
-            format!("{}/{rel}", t.path.trim_end_matches('/'))
-        };
-        let h = c
-            .raw
-            .opendir(dir.clone())
-            .await
-            .map_err(|e| sftp_err("opendir", &dir, &host, e))?
-            .handle;
-        let mut names = Vec::new();
-        loop {
-            match c.raw.readdir(h.clone()).await {
-                Ok(n) => names.extend(n.files),
-                Err(russh_sftp::client::error::Error::Status(s))
-                    if s.status_code == russh_sftp::protocol::StatusCode::Eof =>
-                {
-                    break
-                }
-                Err(e) => return Err(sftp_err("readdir", &dir, &host, e)),
-            }
-            if names.len() + out.len() > MAX_ENTRIES {
-                return Err(Error::Usage(format!("{dir}: too many entries")));
-            }
-        }
-        let _ = c.raw.close(h).await;
-        names.sort_by(|a, b| a.filename.cmp(&b.filename));
-        for n in names {
-            if n.filename == "." || n.filename == ".." || n.filename.contains('/') {
-                continue;
-            }
-            let r = if rel.is_empty() {
-                n.filename.clone()
-            } else {
-                format!("{rel}/{}", n.filename)
-            };
-            if n.attrs.is_dir() {
-                out.push((r.clone(), u64::MAX));
-                stack.push(r);
-            } else if n.attrs.is_regular() {
-                out.push((r, n.attrs.size.unwrap_or(0)));
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Downloads one file; see the module documentation.

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod download;
+pub mod listing;
 pub mod sidecar;
 pub mod upload;
 
@@ -348,6 +349,9 @@ pub async fn copy(
         breakers: std::collections::HashMap::new(),
         peers: PeerStatus::new(&opts.state_dir),
         status: StatusDir::new(&opts.state_dir),
+        made_dirs: std::collections::HashSet::new(),
+        skipped: 0,
+        failed: 0,
     };
     if upload {
         if srcs.iter().any(|s| s.contains("://")) {
@@ -365,10 +369,24 @@ pub async fn copy(
                 })
                 .await?
         };
-        let mut jobs = Vec::new();
+        let mut plan = crate::walk::Plan::new();
         for s in srcs {
-            plan_upload(Path::new(s), &t, into_dir, opts.recursive, &mut jobs)?;
+            plan.add_source(Path::new(s), &t.path, into_dir, opts.walk())?;
         }
+        runner.skipped += plan.skipped.len() as u64;
+        runner.failed += plan.failed.len() as u64;
+        let jobs: Vec<Job> = plan
+            .items
+            .into_iter()
+            .map(|it| Job {
+                local: it.local,
+                remote: t.with_path(it.dest),
+                size: match it.kind {
+                    crate::walk::Kind::File { size } => size,
+                    crate::walk::Kind::Dir { .. } => u64::MAX,
+                },
+            })
+            .collect();
         runner.count(&jobs);
         for j in jobs {
             runner.upload_one(j).await?;
@@ -377,25 +395,38 @@ pub async fn copy(
         let dst_path = PathBuf::from(dst);
         let dst_is_dir = dst.ends_with('/') || srcs.len() > 1 || dst_path.is_dir();
         let mut jobs = Vec::new();
+        let mut claims = crate::walk::Claims::default();
         for s in srcs {
             let t = SftpTarget::parse(s)?;
             let t2 = t.clone();
-            let recursive = opts.recursive;
+            let walk = opts.walk();
             let found = runner
                 .with_conn(&t, move |c| {
                     let t2 = t2.clone();
-                    Box::pin(async move { download::list(&c, &t2, recursive).await })
+                    Box::pin(async move { listing::list(&c, &t2, walk).await })
                 })
                 .await?;
+            runner.skipped += found.skipped.len() as u64;
+            runner.failed += found.failed.len() as u64;
             let base = download::base_name(&t.path);
             let target = if dst_is_dir {
                 dst_path.join(&base)
             } else {
                 dst_path.clone()
             };
-            for (rel, size) in found {
-                if crate::paths::split_relative(&rel).is_err() && !rel.is_empty() {
-                    warn!(path = %rel, "server listed an unsafe path; skipped");
+            for (rel, what) in found.items {
+                let remote = if rel.is_empty() {
+                    t.path.clone()
+                } else {
+                    format!("{}/{rel}", t.path.trim_end_matches('/'))
+                };
+                // Names come from the server: never let one climb out of the target.
+                if !rel.is_empty() && !crate::walk::is_safe_relative(&rel) {
+                    tracing::error!(
+                        "{}: not copied: the server listed an unsafe path",
+                        t.url(&remote)
+                    );
+                    runner.failed += 1;
                     continue;
                 }
                 let local = if rel.is_empty() {
@@ -403,15 +434,19 @@ pub async fn copy(
                 } else {
                     target.join(&rel)
                 };
-                let remote = if rel.is_empty() {
-                    t.path.clone()
-                } else {
-                    format!("{}/{rel}", t.path.trim_end_matches('/'))
-                };
+                let is_dir = what == listing::Listed::Dir;
+                if let Err(line) = claims.claim(&local.to_string_lossy(), &t.url(&remote), is_dir) {
+                    tracing::error!("{line}");
+                    runner.failed += 1;
+                    continue;
+                }
                 jobs.push(Job {
                     local,
                     remote: t.with_path(remote),
-                    size,
+                    size: match what {
+                        listing::Listed::File { size } => size,
+                        listing::Listed::Dir => u64::MAX,
+                    },
                 });
             }
         }
@@ -431,7 +466,7 @@ pub async fn copy(
         }
         h.finalize().to_hex().to_string()
     };
-    Ok(CopySummary {
+    let summary = CopySummary {
         files: runner.digests.len() as u64,
         bytes_total: Progress::get(&progress.bytes_total),
         bytes_sent: Progress::get(&progress.bytes_sent),
@@ -442,8 +477,10 @@ pub async fn copy(
         duration_s: started.elapsed().as_secs_f64(),
         digest,
         alg: "blake3".into(),
+        skipped: runner.skipped,
         per_file: runner.reports,
-    })
+    };
+    crate::copy::finish(summary, runner.failed)
 }
 
 /// One file to move.
@@ -454,83 +491,92 @@ pub struct Job {
     pub size: u64,
 }
 
-fn plan_upload(
-    src: &Path,
-    dst: &SftpTarget,
-    into_dir: bool,
-    recursive: bool,
-    jobs: &mut Vec<Job>,
-) -> Result<()> {
-    let md = std::fs::metadata(src).map_err(|e| Error::local(src, e))?;
-    let name = src
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let join = |base: &str, n: &str| {
-        let base = base.trim_end_matches('/');
-        if base.is_empty() {
-            n.to_string()
-        } else {
-            format!("{base}/{n}")
-        }
-    };
-    let target = if into_dir {
-        join(&dst.path, &name)
+/// The directory holding a remote path, if the path names one (`None` for
+/// a bare name: it goes in the login directory, which exists).
+fn remote_parent(path: &str) -> Option<String> {
+    let p = path.trim_end_matches('/');
+    let i = p.rfind('/')?;
+    Some(if i == 0 {
+        "/".into()
     } else {
-        dst.path.trim_end_matches('/').to_string()
+        p[..i].to_string()
+    })
+}
+
+/// Creates a remote directory and its missing parents (`mkdir -p`); one
+/// that exists already, or that appears meanwhile, is fine.
+async fn mkdir_p(c: &auth::Conn, t: &SftpTarget) -> Result<()> {
+    let host = t.hostport();
+    let is_dir = |a: &russh_sftp::protocol::FileAttributes| {
+        a.permissions.is_some_and(|p| p & 0o170000 == 0o040000)
     };
-    if md.is_file() {
-        jobs.push(Job {
-            local: src.to_path_buf(),
-            remote: dst.with_path(target),
-            size: md.len(),
-        });
-        return Ok(());
+    match c.raw.stat(t.path.clone()).await {
+        Ok(a) if is_dir(&a.attrs) => return Ok(()),
+        Ok(_) => {}
+        Err(e) if is_no_such_file(&e) => {}
+        Err(e) => return Err(sftp_err("stat", &t.path, &host, e)),
     }
-    if !md.is_dir() {
-        return Err(Error::Usage(format!(
-            "{} is not a regular file or directory",
-            src.display()
-        )));
-    }
-    if !recursive {
-        return Err(Error::Usage(format!(
-            "{} is a directory (use -r)",
-            src.display()
-        )));
-    }
-    let mut stack = vec![(src.to_path_buf(), target)];
-    while let Some((dir, remote)) = stack.pop() {
-        let mut items: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(|e| Error::local(&dir, e))?
-            .flatten()
-            .collect();
-        items.sort_by_key(|e| e.file_name());
-        // An empty Job marks a directory to create (size u64::MAX).
-        jobs.push(Job {
-            local: dir.clone(),
-            remote: dst.with_path(remote.clone()),
-            size: u64::MAX,
-        });
-        for e in items {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let p = e.path();
-            let Ok(md) = std::fs::metadata(&p) else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push((p, join(&remote, &n)));
-            } else if md.is_file() {
-                jobs.push(Job {
-                    local: p,
-                    remote: dst.with_path(join(&remote, &n)),
-                    size: md.len(),
-                });
+    let mut prefix = if t.path.starts_with('/') {
+        "/".to_string()
+    } else {
+        String::new()
+    };
+    for part in t.path.split('/').filter(|p| !p.is_empty()) {
+        prefix = crate::walk::join(&prefix, part);
+        match c.raw.stat(prefix.clone()).await {
+            Ok(a) if is_dir(&a.attrs) => continue,
+            Ok(_) => {
+                return Err(Error::Usage(format!(
+                    "{}: exists and is not a directory",
+                    t.url(&prefix)
+                )))
+            }
+            Err(e) if is_no_such_file(&e) => {}
+            Err(e) => return Err(sftp_err("stat", &prefix, &host, e)),
+        }
+        if let Err(e) = c
+            .raw
+            .mkdir(
+                prefix.clone(),
+                russh_sftp::protocol::FileAttributes::default(),
+            )
+            .await
+        {
+            // Made by someone else meanwhile?
+            match c.raw.stat(prefix.clone()).await {
+                Ok(a) if is_dir(&a.attrs) => {}
+                _ => return Err(sftp_err("mkdir", &prefix, &host, e)),
             }
         }
     }
     Ok(())
 }
+
+/// After a write, close or fsync came back with a plain `SSH_FX_FAILURE`:
+/// asks the server how much space is left (`statvfs@openssh.com`) and, if
+/// its file system is (nearly) full, says so. `need` is the file's size.
+async fn explain_failure(c: &auth::Conn, t: &SftpTarget, need: u64, e: Error) -> Error {
+    if !matches!(e, Error::SftpStatus { code: 4, .. }) || !c.has("statvfs@openssh.com") {
+        return e;
+    }
+    let dir = remote_parent(&t.path).unwrap_or_else(|| ".".into());
+    let Ok(v) = c.raw.statvfs(dir).await else {
+        return e;
+    };
+    let avail = v.blocks_avail.saturating_mul(v.fragment_size.max(1));
+    // Nearly full: less left than the file needs, and under 16 MiB.
+    if avail < need.clamp(4096, NEARLY_FULL) {
+        return Error::NoSpace {
+            host: t.hostport(),
+            path: t.path.clone(),
+            avail,
+        };
+    }
+    e
+}
+
+/// Free space under which a failed write is put down to a full disk.
+const NEARLY_FULL: u64 = 16 << 20;
 
 type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
 
@@ -549,6 +595,12 @@ struct Runner<'a> {
     peers: PeerStatus,
     /// Records of unfinished transfers, for `ferry status`.
     status: StatusDir,
+    /// Remote directories known to exist (made or seen by this copy).
+    made_dirs: std::collections::HashSet<String>,
+    /// Left out of trees on purpose (symlinks, special files).
+    skipped: u64,
+    /// Could not be copied (reported one by one as planned).
+    failed: u64,
 }
 
 impl Runner<'_> {
@@ -718,18 +770,33 @@ impl Runner<'_> {
         }
     }
 
+    /// Makes sure the directory `path` exists on the server (`mkdir -p`).
+    async fn ensure_dir(&mut self, t: &SftpTarget, path: String) -> Result<()> {
+        if self.made_dirs.contains(&path) {
+            return Ok(());
+        }
+        let d = t.with_path(path.clone());
+        self.with_conn(t, move |c| {
+            let d = d.clone();
+            Box::pin(async move { mkdir_p(&c, &d).await })
+        })
+        .await?;
+        self.made_dirs.insert(path);
+        Ok(())
+    }
+
     async fn upload_one(&mut self, job: Job) -> Result<()> {
         let t = job.remote.clone();
+        // Missing parents are made, as native copies do.
+        if let Some(parent) = remote_parent(&t.path) {
+            self.ensure_dir(&t, parent).await?;
+        }
         if job.size == u64::MAX {
-            return self
-                .with_conn(&t, move |c| {
-                    let p = job.remote.clone();
-                    Box::pin(async move { upload::mkdir(&c, &p).await })
-                })
-                .await;
+            return self.ensure_dir(&t, t.path.clone()).await;
         }
         self.progress
             .start_file(&job.local.display().to_string(), job.size);
+        let size = job.size;
         let (store, progress, verify) =
             (self.store.clone(), self.progress.clone(), self.sftp.verify);
         let stop = self.sftp.stop_after_ranges;
@@ -743,6 +810,10 @@ impl Runner<'_> {
                 })
             })
             .await;
+        let out = match (out, self.conn.clone()) {
+            (Err(e), Some(c)) => Err(explain_failure(&c, &t, size, e).await),
+            (out, _) => out,
+        };
         self.untrack(rec, &out);
         let out = out?;
         self.finish(&t.path, t.url(&t.path), out);
