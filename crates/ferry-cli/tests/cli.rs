@@ -56,7 +56,7 @@ impl Env {
     /// Starts `ferry serve` and waits until it listens.
     fn server(&self) -> Child {
         let mut child = Command::new(BIN)
-            .args(["serve", "--root"])
+            .args(["serve", "--create-root", "--root"])
             .arg(self.p("root"))
             .args([
                 "--listen",

@@ -31,6 +31,9 @@ pub enum Error {
     Connect { addr: String, source: io::Error },
     #[error("connection to {addr} failed: {source}")]
     Io { addr: String, source: io::Error },
+    /// A server could not bind its listening address.
+    #[error("cannot listen on {addr}: {}", listen_reason(.source))]
+    Listen { addr: String, source: io::Error },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("server certificate fingerprint for {host} is {actual}, but {expected} was expected (known servers file: {file}); if the server's key really changed, remove that line")]
@@ -108,6 +111,7 @@ impl Error {
             Error::Tls(_) => true,
             Error::Proto(p) => p.is_retryable(),
             Error::LocalIo { .. } | Error::Usage(_) | Error::FingerprintMismatch { .. } => false,
+            Error::Listen { .. } => false,
             Error::Store(_) | Error::SourceUnstable { .. } | Error::NotFound(_) => false,
             Error::RetriesExhausted { .. } => false,
             Error::Ssh { .. } => true,
@@ -136,7 +140,7 @@ impl Error {
                 ErrorClass::Unreachable
             }
             Error::FingerprintMismatch { .. } => ErrorClass::Auth,
-            Error::LocalIo { .. } | Error::Store(_) => ErrorClass::LocalIo,
+            Error::LocalIo { .. } | Error::Store(_) | Error::Listen { .. } => ErrorClass::LocalIo,
             Error::SourceUnstable { .. } => ErrorClass::Integrity,
             Error::HostKeyUnknown { .. } | Error::HostKeyChanged { .. } | Error::SshAuth { .. } => {
                 ErrorClass::Auth
@@ -168,6 +172,16 @@ impl Error {
                 _ => ErrorClass::Protocol,
             },
         }
+    }
+}
+
+/// Why a bind failed, in words for whoever started the server.
+fn listen_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "address already in use".into(),
+        io::ErrorKind::AddrNotAvailable => "no such address on this host".into(),
+        io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
     }
 }
 
