@@ -583,8 +583,16 @@ fn mkdir_one(
     if full == root {
         return Ok(());
     }
-    let created =
-        fsutil::create_dirs_noting(&full, grew).map_err(|e| failure_for(&Error::local(path, e)))?;
+    let created = fsutil::create_dirs_noting(&full, grew).map_err(|e| {
+        if full.exists() && !full.is_dir() {
+            Failure::new(
+                FailureCode::BadRequest,
+                format!("{path} exists and is not a directory"),
+            )
+        } else {
+            failure_for(&Error::local(path, e))
+        }
+    })?;
     if !created {
         return Ok(());
     }
