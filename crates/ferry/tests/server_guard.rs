@@ -165,7 +165,7 @@ async fn cp(srcs: &[String], dst: &str, opts: &CopyOptions) -> Result<CopySummar
 }
 
 /// Floods put real load on two shared cores: one at a time.
-static FLOODS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How hard the flooding host pushes (more than the 256 connections the
 /// server once took in all), and for how long at most.
@@ -264,7 +264,7 @@ fn quic_flood_endpoint() -> (quinn::Endpoint, quinn::ClientConfig) {
 /// While one host floods the server over `kind`, a client from another
 /// address copies a file over `kind`, authenticated, within a few seconds.
 async fn flood_does_not_lock_out(kind: Kind, admission: AdmissionConfig, connections: usize) {
-    let _one_at_a_time = FLOODS.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_at_a_time = FLOODS.lock().await;
     ferry::fsutil::raise_fd_limit();
     let dir = TempDir::new().unwrap();
     let server = TestServer::start(dir.path(), admission).await;
