@@ -12,11 +12,18 @@ const STARTUP: i32 = 8;
 
 fn serve(dir: &TempDir, root: &std::path::Path, listen: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["serve", "--no-auth", "--no-quic", "--listen", listen, "--root"])
-        .arg(root)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(extra);
+    c.args([
+        "serve",
+        "--no-auth",
+        "--no-quic",
+        "--listen",
+        listen,
+        "--root",
+    ])
+    .arg(root)
+    .arg("--state-dir")
+    .arg(dir.path().join("state"))
+    .args(extra);
     c
 }
 
@@ -103,7 +110,10 @@ fn a_port_in_use_is_a_startup_error_that_says_so() {
 
 #[test]
 fn admission_limits_are_flags_and_zero_is_a_usage_error() {
-    let help = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    let help = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
     for flag in [
         "--max-unauthenticated-per-source",
