@@ -15,7 +15,7 @@ trap cleanup EXIT
 SIZE=$((SIZE_MIB * 1024 * 1024))
 head -c $SIZE /dev/urandom >"$W/src.bin"
 PORT=${PORT:-7792}
-start_server() { "$BIN" -q serve --root "$W/root" --listen 127.0.0.1:$PORT --state-dir "$W/sstate" --no-auth >/dev/null & SERVER=$!; PIDS+=($SERVER); sleep 0.3; }
+start_server() { "$BIN" -q serve --root "$W/root" --create-root --listen 127.0.0.1:$PORT --state-dir "$W/sstate" --no-auth >/dev/null & SERVER=$!; PIDS+=($SERVER); sleep 0.3; }
 written() { local b; b=$(stat -c %b "$W/root/.dst.bin.ferry.part" 2>/dev/null || echo 0); echo $((b * 512)); }
 wait_written() { while (( $(written) < SIZE * KILL_AT / 100 )); do sleep 0.005; done; }
 

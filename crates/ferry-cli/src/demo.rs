@@ -70,6 +70,7 @@ pub async fn run(
         faults: Some(faults.clone()),
         timeouts: Default::default(),
         min_free_bytes: 0,
+        admission: Default::default(),
     })
     .await?;
     let addr = server.local_addr()?;

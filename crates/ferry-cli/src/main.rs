@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use ferry::admission::AdmissionConfig;
 use ferry::copy::{copy, CopyOptions, CopySummary};
 use ferry::progress::Progress;
 use ferry::queue::{now_unix, Queue, QueueEntry};
@@ -29,6 +30,8 @@ mod exit {
     pub const INTEGRITY: u8 = 5;
     pub const LOCAL_IO: u8 = 6;
     pub const PROTOCOL: u8 = 7;
+    /// `ferry serve` could not start (cannot listen, no root, no state).
+    pub const STARTUP: u8 = 8;
     pub const OTHER: u8 = 1;
 }
 
@@ -213,10 +216,18 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a server that receives uploads into and serves downloads from --root.
+    #[command(
+        after_help = "Exit codes: 0 stopped by Ctrl-C; 2 bad arguments; 8 could not start \
+                      (address in use, --root missing, state directory unusable)."
+    )]
     Serve {
-        /// Directory served; nothing is ever written outside it.
+        /// Directory served; nothing is ever written outside it. It must exist
+        /// (see --create-root).
         #[arg(long)]
         root: PathBuf,
+        /// Create --root (and its parents) if it does not exist.
+        #[arg(long)]
+        create_root: bool,
         #[arg(long, default_value = "0.0.0.0:7787")]
         listen: SocketAddr,
         /// File holding the token clients must present (default: STATE_DIR/token, made on first start).
@@ -244,6 +255,20 @@ enum Cmd {
         /// Also serve WebSocket inside an outer TLS layer (wss) on this address.
         #[arg(long)]
         wss_listen: Option<SocketAddr>,
+        /// Connections not yet authenticated that one source (an IPv4 address,
+        /// an IPv6 /64) may hold at once; more are refused.
+        #[arg(long, default_value_t = AdmissionConfig::default().per_source)]
+        max_unauthenticated_per_source: usize,
+        /// Connections not yet authenticated in all; past this the oldest is dropped.
+        #[arg(long, default_value_t = AdmissionConfig::default().unauthenticated)]
+        max_unauthenticated: usize,
+        /// Authenticated connections in all; past this clients are told to retry later.
+        #[arg(long, default_value_t = AdmissionConfig::default().authenticated)]
+        max_authenticated: usize,
+        /// Longest a source that keeps exceeding its limit or failing
+        /// authentication is refused, in seconds (0: never refuse for that).
+        #[arg(long, default_value_t = AdmissionConfig::default().penalty_max.as_secs())]
+        penalty_max: u64,
     },
     /// Copy files and trees; SRC and DST are local paths or ferry://HOST[:PORT]/PATH.
     Cp {
@@ -398,6 +423,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<UsageError>().is_some() {
             return exit::USAGE;
         }
+        if cause.downcast_ref::<StartupError>().is_some() {
+            return exit::STARTUP;
+        }
     }
     exit::OTHER
 }
@@ -410,6 +438,39 @@ impl std::error::Error for UsageError {}
 impl std::fmt::Display for UsageError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// `ferry serve` could not start; the text says why (exit code 8).
+#[derive(Debug)]
+struct StartupError(String);
+
+impl std::error::Error for StartupError {}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Refuses a `--root` that is not an existing directory, unless it may be
+/// created: a mistyped path would otherwise serve an empty tree.
+fn check_root(root: &Path, create: bool) -> Result<(), StartupError> {
+    match std::fs::metadata(root) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(_) => Err(StartupError(format!(
+            "--root {} is not a directory",
+            root.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StartupError(format!(
+            "--root {} does not exist; create it, or pass --create-root",
+            root.display()
+        ))),
+        Err(e) => Err(StartupError(format!(
+            "cannot use --root {}: {e}",
+            root.display()
+        ))),
     }
 }
 
@@ -431,6 +492,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve {
             root,
+            create_root,
             listen,
             token_file,
             state_dir,
@@ -440,8 +502,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_quic,
             ws_listen,
             wss_listen,
+            max_unauthenticated_per_source,
+            max_unauthenticated,
+            max_authenticated,
+            penalty_max,
         } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
+            let timeouts = timeouts(stall_timeout)?;
+            for (flag, n) in [
+                (
+                    "--max-unauthenticated-per-source",
+                    max_unauthenticated_per_source,
+                ),
+                ("--max-unauthenticated", max_unauthenticated),
+                ("--max-authenticated", max_authenticated),
+            ] {
+                if n == 0 {
+                    return Err(UsageError(format!("{flag} must be at least 1")).into());
+                }
+            }
+            check_root(&root, create_root)?;
+            let admission = AdmissionConfig {
+                per_source: max_unauthenticated_per_source,
+                unauthenticated: max_unauthenticated,
+                authenticated: max_authenticated,
+                penalty_max: Duration::from_secs(penalty_max),
+                ..AdmissionConfig::default()
+            };
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir().join("server"));
             let token = if no_auth {
                 None
@@ -459,10 +546,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
                 receiver: receiver_config_from_env(),
                 faults: None,
-                timeouts: timeouts(stall_timeout)?,
+                timeouts,
                 min_free_bytes: min_free,
+                admission,
             };
-            let mut server = ferry::server::Server::bind(cfg).await?;
+            let startup = |e: ferry::Error| StartupError(e.to_string());
+            let mut server = ferry::server::Server::bind(cfg).await.map_err(startup)?;
             let tcp_addr = server.local_addr()?;
             println!("ferry server listening on {tcp_addr}");
             if !no_quic {
@@ -481,7 +570,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for (addr, secure) in [(ws_listen, false), (wss_listen, true)] {
                 let Some(addr) = addr else { continue };
                 let l = ferry::transport::ws::WsListener::bind(addr, server.tls_config(), secure)
-                    .await?;
+                    .await
+                    .map_err(startup)?;
                 println!(
                     "{} on {}",
                     if secure { "wss" } else { "ws" },

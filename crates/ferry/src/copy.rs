@@ -1292,7 +1292,8 @@ impl<'a> Runner<'a> {
 
     async fn download(&mut self, addr: &str, files: Vec<FileJob>, dirs: Vec<DirJob>) -> Result<()> {
         self.count(&files);
-        fsutil::create_dirs_durable_many(dirs.iter().map(|d| d.local.as_path()))
+        // Only the directories made here take the source's mode and mtime.
+        let made = fsutil::create_dirs_durable_many(dirs.iter().map(|d| d.local.as_path()))
             .map_err(|(p, e)| Error::local(&p, e))?;
         let batching = self
             .with_session(addr, |s| Box::pin(async move { Ok(s.supports_batch()) }))
@@ -1306,7 +1307,7 @@ impl<'a> Runner<'a> {
         let fallback = self.batches(addr, &groups, false).await?;
         self.transfer_files(addr, fallback.into_iter().chain(large).collect(), false)
             .await?;
-        for d in dirs.iter().rev() {
+        for d in dirs.iter().rev().filter(|d| made.contains(&d.local)) {
             fsutil::apply_dir_meta(&d.local, d.mode, d.mtime_ns)?;
         }
         Ok(())

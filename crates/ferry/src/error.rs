@@ -31,6 +31,9 @@ pub enum Error {
     Connect { addr: String, source: io::Error },
     #[error("connection to {addr} failed: {source}")]
     Io { addr: String, source: io::Error },
+    /// A server could not bind its listening address.
+    #[error("cannot listen on {addr}: {}", listen_reason(.source))]
+    Listen { addr: String, source: io::Error },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("server certificate fingerprint for {host} is {actual}, but {expected} was expected{}", fingerprint_hint(.file))]
@@ -146,6 +149,7 @@ impl Error {
             Error::Tls(_) => true,
             Error::Proto(p) => p.is_retryable(),
             Error::LocalIo { .. } | Error::Usage(_) | Error::FingerprintMismatch { .. } => false,
+            Error::Listen { .. } => false,
             Error::Store(_) | Error::SourceUnstable { .. } | Error::NotFound(_) => false,
             Error::StoreDamaged { .. } => false,
             Error::RetriesExhausted { .. } => false,
@@ -178,9 +182,10 @@ impl Error {
                 ErrorClass::Unreachable
             }
             Error::FingerprintMismatch { .. } => ErrorClass::Auth,
-            Error::LocalIo { .. } | Error::Store(_) | Error::StoreDamaged { .. } => {
-                ErrorClass::LocalIo
-            }
+            Error::LocalIo { .. }
+            | Error::Store(_)
+            | Error::StoreDamaged { .. }
+            | Error::Listen { .. } => ErrorClass::LocalIo,
             Error::SourceUnstable { .. } => ErrorClass::Integrity,
             Error::HostKeyUnknown { .. } | Error::HostKeyChanged { .. } | Error::SshAuth { .. } => {
                 ErrorClass::Auth
@@ -216,6 +221,16 @@ impl Error {
                 _ => ErrorClass::Protocol,
             },
         }
+    }
+}
+
+/// Why a bind failed, in words for whoever started the server.
+fn listen_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "address already in use".into(),
+        io::ErrorKind::AddrNotAvailable => "no such address on this host".into(),
+        io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
     }
 }
 

@@ -18,7 +18,9 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 /// its parent is fsynced, so a crash cannot lose a directory that holds
 /// a file we already reported as in place.
 pub fn create_dirs_durable(dir: &Path) -> std::io::Result<()> {
-    create_dirs_durable_many([dir]).map_err(|(_, e)| e)
+    create_dirs_durable_many([dir])
+        .map(|_| ())
+        .map_err(|(_, e)| e)
 }
 
 /// [`create_dirs_durable`] for a whole tree: every directory is created
@@ -26,24 +28,35 @@ pub fn create_dirs_durable(dir: &Path) -> std::io::Result<()> {
 /// directories under one parent cost one fsync of the parent, not a
 /// hundred (on a journalled ext4, ~4 ms instead of ~90). Nothing is
 /// durable until it returns `Ok`; an error names the path it is about.
+/// Returns those of `dirs` it created (the others existed already, and keep
+/// their own mode and mtime).
 pub fn create_dirs_durable_many<'a>(
     dirs: impl IntoIterator<Item = &'a Path>,
-) -> std::result::Result<(), (PathBuf, std::io::Error)> {
+) -> std::result::Result<std::collections::BTreeSet<PathBuf>, (PathBuf, std::io::Error)> {
     let mut grew = std::collections::BTreeSet::new();
+    let mut created = std::collections::BTreeSet::new();
     for dir in dirs {
-        create_dirs_noting(dir, &mut grew).map_err(|e| (dir.to_path_buf(), e))?;
+        if create_dirs_noting(dir, &mut grew).map_err(|e| (dir.to_path_buf(), e))? {
+            created.insert(dir.to_path_buf());
+        }
     }
-    fsync_dirs(&grew)
+    fsync_dirs(&grew)?;
+    Ok(created)
 }
 
 /// `mkdir -p` that does not fsync: adds the directory each new one was
-/// created in to `grew`, for [`fsync_dirs`] once the run is made.
+/// created in to `grew`, for [`fsync_dirs`] once the run is made. Returns
+/// whether `dir` itself was created by this call; an existing
+/// non-directory at `dir` is an error (`NotADirectory`).
 pub fn create_dirs_noting(
     dir: &Path,
     grew: &mut std::collections::BTreeSet<PathBuf>,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     if dir.is_dir() {
-        return Ok(());
+        return Ok(false);
+    }
+    if dir.exists() {
+        return Err(not_a_directory());
     }
     let mut missing = Vec::new();
     let mut cur = dir.to_path_buf();
@@ -54,15 +67,25 @@ pub fn create_dirs_noting(
             _ => break,
         }
     }
+    let mut made_last = false;
     for d in missing.iter().rev() {
-        match std::fs::create_dir(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+        made_last = match std::fs::create_dir(d) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => false,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(not_a_directory())
+            }
             Err(e) => return Err(e),
+        };
+        if made_last {
+            grew.insert(parent_of(d));
         }
-        grew.insert(parent_of(d));
     }
-    Ok(())
+    Ok(made_last)
+}
+
+fn not_a_directory() -> std::io::Error {
+    std::io::Error::from_raw_os_error(rustix::io::Errno::NOTDIR.raw_os_error())
 }
 
 /// fsyncs each of `dirs`; an error names the directory.
@@ -600,6 +623,22 @@ mod tests {
         assert_eq!(at, bad);
         assert_eq!(e.kind(), std::io::ErrorKind::NotADirectory, "{e}");
         assert!(ok.is_dir(), "the ones before it are made");
+    }
+
+    #[test]
+    fn only_directories_made_here_are_reported_made_and_a_file_is_not_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        let new = dir.path().join("new/sub");
+        let made = create_dirs_durable_many([old.as_path(), new.as_path()]).unwrap();
+        assert_eq!(made.into_iter().collect::<Vec<_>>(), [new]);
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let mut grew = std::collections::BTreeSet::new();
+        let e = create_dirs_noting(&file, &mut grew).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotADirectory, "{e}");
+        assert!(grew.is_empty());
     }
 
     #[test]

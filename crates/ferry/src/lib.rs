@@ -3,6 +3,8 @@
 //!
 //! A tour of the modules:
 //! * [`server`]: accepts TLS connections and serves requests under a root.
+//! * [`admission`]: which connections a server takes (per-source limits,
+//!   dropping the oldest unauthenticated, penalties), sans-IO.
 //! * [`client`]: connects (TLS, pinning, token) and issues requests.
 //! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it with retries.
 //! * [`walk`]: the local tree walk of uploads: symlink policy, names the wire cannot carry.
@@ -23,6 +25,7 @@
 //! * [`demo`]: the self-contained showcase behind `ferry demo`.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod batch;
 pub mod client;
 pub mod conn;

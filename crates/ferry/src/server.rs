@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn, Instrument};
 
+use crate::admission::{Admission, AdmissionConfig, Admit, ConnId, NotAdmitted, Refusal};
 use crate::conn::{Conn, Timeouts};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -33,8 +34,6 @@ use crate::transport::{tcp::TcpTlsListener, Incoming, Listener};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_IDLE: Duration = Duration::from_secs(300);
-/// Connections served at once; more are refused (each may buffer up to a frame).
-const MAX_CONNECTIONS: usize = 256;
 
 /// How a server is set up.
 #[derive(Debug, Clone)]
@@ -51,6 +50,8 @@ pub struct ServerConfig {
     /// Refuse new uploads that would leave less free space than this; resumes
     /// and downloads go on.
     pub min_free_bytes: u64,
+    /// Which connections are taken, per source and in total (see [`crate::admission`]).
+    pub admission: AdmissionConfig,
 }
 
 struct Shared {
@@ -65,6 +66,102 @@ struct Shared {
     busy: Mutex<HashMap<PathBuf, (TransferId, Arc<Notify>)>>,
     /// Transfers running now that take data lanes (see [`crate::lanes`]).
     lanes: Mutex<HashMap<TransferId, mpsc::Sender<Conn>>>,
+}
+
+impl Shared {
+    /// `f` as a client may see it: paths relative to the root, never where
+    /// the root is on this machine.
+    fn relative(&self, mut f: Failure) -> Failure {
+        f.message = root_relative(&self.root, &f.message);
+        f
+    }
+
+    /// The failure a client is told for `e`, with root-relative paths.
+    fn failure(&self, e: &Error) -> Failure {
+        self.relative(failure_for(e))
+    }
+}
+
+/// `text` with every path under `root` made relative to it (the root itself
+/// becomes `.`).
+fn root_relative(root: &Path, text: &str) -> String {
+    let r = root.to_string_lossy();
+    if r.is_empty() || r == "/" {
+        return text.to_string();
+    }
+    text.replace(&format!("{r}/"), "").replace(&*r, ".")
+}
+
+/// The admission books (see [`crate::admission`]), shared by the accept loop
+/// and the connections; each unauthenticated connection's handle is the
+/// signal that stops it when it is dropped to make room.
+type Gate = Mutex<Admission<Arc<Notify>>>;
+
+fn lock_gate(gate: &Gate) -> std::sync::MutexGuard<'_, Admission<Arc<Notify>>> {
+    // The books stay consistent whatever panicked while holding them.
+    gate.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A connection's place in the admission books, given back when it ends.
+struct Admitted {
+    gate: Arc<Gate>,
+    id: ConnId,
+    /// Notified when this connection is dropped to make room.
+    evict: Arc<Notify>,
+}
+
+impl Admitted {
+    /// Decides on a new connection from `peer`: its place, or `None` to drop it.
+    fn admit(gate: &Arc<Gate>, peer: &str) -> Option<Admitted> {
+        let ip = peer
+            .parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let evict = Arc::new(Notify::new());
+        let now = tokio::time::Instant::now().into_std();
+        let decision = lock_gate(gate).admit(ip, now, evict.clone());
+        match decision {
+            Admit::Accept { id, evicted } => {
+                if let Some(oldest) = evicted {
+                    tracing::debug!(
+                        peer,
+                        "too many unauthenticated connections; dropping the oldest"
+                    );
+                    oldest.notify_one();
+                }
+                Some(Admitted {
+                    gate: gate.clone(),
+                    id,
+                    evict,
+                })
+            }
+            Admit::Refuse(Refusal::SourceFull {
+                now_penalised: true,
+            }) => {
+                warn!(peer, "this source keeps exceeding its unauthenticated connections; refusing it for a while");
+                None
+            }
+            Admit::Refuse(why) => {
+                tracing::debug!(peer, reason = ?why, "connection refused");
+                None
+            }
+        }
+    }
+
+    fn authenticate(&self) -> std::result::Result<(), NotAdmitted> {
+        lock_gate(&self.gate).authenticate(self.id)
+    }
+
+    fn auth_failed(&self) {
+        let now = tokio::time::Instant::now().into_std();
+        lock_gate(&self.gate).auth_failed(self.id, now);
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        lock_gate(&self.gate).close(self.id);
+    }
 }
 
 /// A transfer's entry in the lane registry, removed when dropped.
@@ -128,7 +225,7 @@ pub struct Server {
     tls: Arc<rustls::ServerConfig>,
     shared: Arc<Shared>,
     fingerprint: String,
-    conn_limit: Arc<tokio::sync::Semaphore>,
+    gate: Arc<Gate>,
 }
 
 impl Server {
@@ -165,7 +262,7 @@ impl Server {
             tls,
             shared,
             fingerprint: identity.fingerprint(),
-            conn_limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            gate: Arc::new(Mutex::new(Admission::new(cfg.admission))),
         })
     }
 
@@ -244,8 +341,7 @@ impl Server {
                     let Some((incoming, peer, transport)) = r else {
                         return Err(Error::Usage("all listeners stopped".into()));
                     };
-                    let Ok(permit) = self.conn_limit.clone().try_acquire_owned() else {
-                        warn!(peer = %peer, "too many connections; refusing one");
+                    let Some(admitted) = Admitted::admit(&self.gate, &peer) else {
                         drop(incoming);
                         continue;
                     };
@@ -253,8 +349,7 @@ impl Server {
                     let span = tracing::info_span!("conn", id = next_conn, peer = %peer, transport);
                     let shared = self.shared.clone();
                     conns.spawn(async move {
-                        let _permit = permit;
-                        match serve_conn(incoming, peer, shared).await {
+                        match serve_conn(incoming, peer, shared, admitted).await {
                             Ok(()) => tracing::debug!("connection closed"),
                             Err(e) if e.is_retryable() => info!(error = %e, "connection lost"),
                             Err(e) => warn!(error = %e, "connection ended with an error"),
@@ -266,7 +361,34 @@ impl Server {
     }
 }
 
-async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Result<()> {
+async fn serve_conn(
+    incoming: Incoming,
+    peer: String,
+    shared: Arc<Shared>,
+    admitted: Admitted,
+) -> Result<()> {
+    let evicted = admitted.evict.clone();
+    let conn = tokio::select! {
+        r = accept_client(incoming, peer, &shared, &admitted) => r?,
+        _ = evicted.notified() => {
+            info!("dropped before authenticating, to make room for a newer connection");
+            return Ok(());
+        }
+    };
+    match conn {
+        Some(conn) => serve_requests(conn, &shared).await,
+        None => Ok(()),
+    }
+}
+
+/// Runs the transport handshake, `Hello` and the token check: the
+/// authenticated connection, or `None` if it was turned away (and told why).
+async fn accept_client(
+    incoming: Incoming,
+    peer: String,
+    shared: &Shared,
+    admitted: &Admitted,
+) -> Result<Option<Conn>> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
         .await
         .map_err(|_| Error::Timeout("TLS handshake".into()))??;
@@ -307,13 +429,28 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
     if let Some(expected) = &shared.token_hash {
         let got = blake3::hash(&token);
         if !bool::from(got.as_bytes().ct_eq(expected)) {
+            admitted.auth_failed();
             conn.send(&Message::Failure(Failure::new(
                 FailureCode::Unauthorized,
                 "authentication failed: wrong or missing token",
             )))
             .await?;
             warn!(agent = %agent, "authentication failed");
-            return Ok(());
+            return Ok(None);
+        }
+    }
+    match admitted.authenticate() {
+        Ok(()) => {}
+        Err(NotAdmitted::Evicted) => return Ok(None),
+        Err(NotAdmitted::Full) => {
+            let mut f = Failure::new(
+                FailureCode::Busy,
+                "the server has as many clients as it takes; try again later",
+            );
+            f.retry_after_ms = Some(1000);
+            conn.send(&Message::Failure(f)).await?;
+            warn!(agent = %agent, "authenticated connection limit reached; turning a client away");
+            return Ok(None);
         }
     }
     conn.timeouts.keepalive = keepalive_for(conn.timeouts.keepalive, stall_ms);
@@ -326,6 +463,11 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
     .await?;
     conn.rd.set_frame_limit(None);
     info!(agent = %agent, version = ?negotiated.version, "client authenticated");
+    Ok(Some(conn))
+}
+
+/// Serves an authenticated connection's requests until it closes or idles out.
+async fn serve_requests(mut conn: Conn, shared: &Arc<Shared>) -> Result<()> {
     // A request read while taking in a run of `Mkdir`, not yet handled.
     let mut next = None;
     loop {
@@ -340,7 +482,7 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
             },
         };
         if let Message::Lane { id } = req {
-            return join_lane(conn, id, &shared).await;
+            return join_lane(conn, id, shared).await;
         }
         if let Message::Mkdir {
             path,
@@ -365,17 +507,17 @@ async fn serve_conn(incoming: Incoming, peer: String, shared: Arc<Shared>) -> Re
                     None => break,
                 }
             }
-            mkdir_run(&mut conn, run, &shared).await?;
+            mkdir_run(&mut conn, run, shared).await?;
             continue;
         }
-        match handle_request(&mut conn, req, &shared).await {
+        match handle_request(&mut conn, req, shared).await {
             Ok(()) => {}
             Err(RequestError::Reply(f)) => {
                 warn!(code = ?f.code, message = %f.message, "request refused");
-                conn.send(&Message::Failure(f)).await?;
+                conn.send(&Message::Failure(shared.relative(f))).await?;
             }
             Err(RequestError::Fatal(e)) => {
-                let f = failure_for(&e);
+                let f = shared.failure(&e);
                 let _ = conn.send(&Message::Failure(f)).await;
                 return Err(e);
             }
@@ -417,7 +559,9 @@ async fn mkdir_run(conn: &mut Conn, run: Vec<DirRequest>, shared: &Arc<Shared>) 
             Ok(()) => conn.wr.send_batched(&Message::Ok).await?,
             Err(f) => {
                 warn!(code = ?f.code, message = %f.message, "request refused");
-                conn.wr.send_batched(&Message::Failure(f)).await?;
+                conn.wr
+                    .send_batched(&Message::Failure(shared.relative(f)))
+                    .await?;
             }
         }
     }
@@ -425,7 +569,9 @@ async fn mkdir_run(conn: &mut Conn, run: Vec<DirRequest>, shared: &Arc<Shared>) 
 }
 
 /// One `Mkdir` of a run: creates it (and missing parents), noting in
-/// `grew` what must be fsynced, and sets its mode and mtime.
+/// `grew` what must be fsynced. Only a directory this request creates takes
+/// the requested mode and mtime: one that exists (the root among them) is
+/// left as it is, and an existing non-directory is refused untouched.
 fn mkdir_one(
     root: &Path,
     path: &str,
@@ -434,7 +580,22 @@ fn mkdir_one(
     grew: &mut std::collections::BTreeSet<PathBuf>,
 ) -> std::result::Result<(), Failure> {
     let full = resolve(root, path).map_err(path_refused)?;
-    fsutil::create_dirs_noting(&full, grew).map_err(|e| failure_for(&Error::local(path, e)))?;
+    if full == root {
+        return Ok(());
+    }
+    let created = fsutil::create_dirs_noting(&full, grew).map_err(|e| {
+        if full.exists() && !full.is_dir() {
+            Failure::new(
+                FailureCode::BadRequest,
+                format!("{path} exists and is not a directory"),
+            )
+        } else {
+            failure_for(&Error::local(path, e))
+        }
+    })?;
+    if !created {
+        return Ok(());
+    }
     fsutil::apply_dir_meta(&full, mode, mtime_ns).map_err(|e| failure_for(&e))
 }
 
@@ -466,22 +627,22 @@ fn failure_for(e: &Error) -> Failure {
     Failure::new(code, e.to_string())
 }
 
-/// What a local I/O error means to the client: whether a later attempt can
-/// succeed without anyone changing anything (`Io`), or the request itself
-/// cannot be met where it points (a file where a directory must be, a name
-/// too long): retrying that only delays the error.
+/// What a local I/O error means to the client. Only an error that the
+/// request itself caused (a file where it asked for a directory, a name too
+/// long, a loop in the path it named) is the client's to fix (`BadRequest`);
+/// what is wrong with the server's own storage is reported as such: full
+/// (`NoSpace`, also for a file or directory past the filesystem's limits),
+/// or any other trouble there (`Io`, which a later attempt may get past).
 fn io_failure_code(e: &std::io::Error) -> FailureCode {
     use std::io::ErrorKind as K;
     match e.kind() {
-        K::StorageFull | K::QuotaExceeded => FailureCode::NoSpace,
-        K::PermissionDenied | K::ReadOnlyFilesystem => FailureCode::PermissionDenied,
-        K::NotADirectory
-        | K::IsADirectory
-        | K::DirectoryNotEmpty
-        | K::InvalidFilename
-        | K::CrossesDevices
-        | K::FileTooLarge
-        | K::TooManyLinks => FailureCode::BadRequest,
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge | K::TooManyLinks => {
+            FailureCode::NoSpace
+        }
+        K::PermissionDenied => FailureCode::PermissionDenied,
+        K::NotADirectory | K::IsADirectory | K::DirectoryNotEmpty | K::InvalidFilename => {
+            FailureCode::BadRequest
+        }
         _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
             FailureCode::BadRequest
         }
@@ -1176,6 +1337,13 @@ async fn serve_batch(
         "batch committed"
     );
     drop(claims);
+    let failures = failures
+        .into_iter()
+        .map(|f| BatchFailure {
+            index: f.index,
+            failure: shared.relative(f.failure),
+        })
+        .collect();
     conn.send(&Message::BatchResult { done, failures }).await?;
     Ok(())
 }
@@ -1275,6 +1443,13 @@ async fn serve_batch_get(
         failed = failures.len(),
         "batch served"
     );
+    let failures = failures
+        .into_iter()
+        .map(|f| BatchFailure {
+            index: f.index,
+            failure: shared.relative(f.failure),
+        })
+        .collect();
     conn.send(&Message::BatchResult { done, failures }).await?;
     Ok(())
 }
@@ -1302,6 +1477,55 @@ fn list_pages(entries: &[Entry]) -> Vec<&[Entry]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorClass;
+
+    /// The class a client gives a failure the server reported for `e`.
+    fn client_class(e: Error) -> ErrorClass {
+        Error::Proto(ferry_proto::ProtoError::Remote(failure_for(&e))).class()
+    }
+
+    #[test]
+    fn server_side_storage_trouble_is_not_the_clients_usage_error() {
+        use rustix::io::Errno;
+        let io = |errno: Errno| {
+            Error::local(
+                "/srv/root/x",
+                std::io::Error::from_raw_os_error(errno.raw_os_error()),
+            )
+        };
+        for errno in [
+            Errno::XDEV,
+            Errno::FBIG,
+            Errno::MLINK,
+            Errno::ROFS,
+            Errno::IO,
+            Errno::NOSPC,
+        ] {
+            let class = client_class(io(errno));
+            assert_eq!(class, ErrorClass::LocalIo, "{errno:?}");
+        }
+        assert_eq!(
+            client_class(Error::Store("redb broke".into())),
+            ErrorClass::Unreachable
+        );
+        // What the request named is still the client's to fix.
+        for errno in [Errno::NOTDIR, Errno::ISDIR, Errno::NAMETOOLONG, Errno::LOOP] {
+            assert_eq!(client_class(io(errno)), ErrorClass::Usage, "{errno:?}");
+        }
+        assert_eq!(client_class(io(Errno::ACCESS)), ErrorClass::Auth);
+    }
+
+    #[test]
+    fn failures_name_paths_relative_to_the_root() {
+        let root = Path::new("/srv/ferry root");
+        assert_eq!(
+            root_relative(root, "/srv/ferry root/a/b: Not a directory (os error 20)"),
+            "a/b: Not a directory (os error 20)"
+        );
+        assert_eq!(root_relative(root, "/srv/ferry root: gone"), ".: gone");
+        assert_eq!(root_relative(root, "a/b is busy"), "a/b is busy");
+        assert_eq!(root_relative(Path::new("/"), "/etc/x"), "/etc/x");
+    }
 
     #[test]
     fn list_pages_fit_in_a_control_frame() {

@@ -57,6 +57,7 @@ impl TestServer {
             faults: Some(faults.clone()),
             timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(2)),
             min_free_bytes,
+            admission: Default::default(),
         })
         .await
         .unwrap();

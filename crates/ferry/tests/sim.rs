@@ -156,6 +156,7 @@ fn add_server_with(sim: &mut Sim<'_>, w: &World, faults: Option<Arc<FaultPlan>>)
                 faults,
                 timeouts: stall(),
                 min_free_bytes: 0,
+                admission: Default::default(),
             })?;
             let inner =
                 turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT)).await?;

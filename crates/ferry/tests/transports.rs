@@ -86,6 +86,7 @@ impl TestServer {
             faults: Some(faults.clone()),
             timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(2)),
             min_free_bytes: 0,
+            admission: Default::default(),
         })
         .unwrap();
         let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();

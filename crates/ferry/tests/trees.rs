@@ -37,6 +37,7 @@ impl TestServer {
             faults: None,
             timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(5)),
             min_free_bytes: 0,
+            admission: Default::default(),
         })
         .await
         .unwrap();

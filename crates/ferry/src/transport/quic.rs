@@ -239,8 +239,8 @@ impl QuicListener {
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         cfg.transport_config(transport_config(cc, 1));
-        let bind_err = |source: std::io::Error| Error::Connect {
-            addr: addr.to_string(),
+        let bind_err = |source: std::io::Error| Error::Listen {
+            addr: format!("udp {addr}"),
             source,
         };
         let endpoint = Endpoint::new(

@@ -52,7 +52,7 @@ pub struct TcpTlsListener {
 
 impl TcpTlsListener {
     pub async fn bind(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Result<Self> {
-        let listener = TcpListener::bind(addr).await.map_err(|e| Error::Connect {
+        let listener = TcpListener::bind(addr).await.map_err(|e| Error::Listen {
             addr: addr.to_string(),
             source: e,
         })?;

@@ -256,7 +256,7 @@ impl WsListener {
         tls: Arc<rustls::ServerConfig>,
         secure: bool,
     ) -> Result<Self> {
-        let listener = TcpListener::bind(addr).await.map_err(|e| Error::Connect {
+        let listener = TcpListener::bind(addr).await.map_err(|e| Error::Listen {
             addr: addr.to_string(),
             source: e,
         })?;
