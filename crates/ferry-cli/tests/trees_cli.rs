@@ -34,7 +34,7 @@ impl Server {
             .unwrap()
             .port();
         let mut child = Command::new(BIN)
-            .args(["serve", "--no-quic", "--root"])
+            .args(["serve", "--no-quic", "--create-root", "--root"])
             .arg(dir.path().join("root"))
             .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
             .arg(dir.path().join("server-state"))
