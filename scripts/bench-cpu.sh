@@ -61,7 +61,7 @@ for tool in ferry scp rsync-ssh; do
   srv_rss=n/a
   if [[ $tool = ferry ]]; then
     rm -rf "$W/state"
-    "$BIN" -q serve --root "$W/dst" --listen 127.0.0.1:$FERRY_PORT --state-dir "$W/state" --no-auth >/dev/null & SP=$!; PIDS+=($SP)
+    "$BIN" -q serve --create-root --root "$W/dst" --listen 127.0.0.1:$FERRY_PORT --state-dir "$W/state" --no-auth >/dev/null & SP=$!; PIDS+=($SP)
     sleep 0.5
     cmd=("$BIN" cp -q --no-progress --state-dir "$W/cstate-$RANDOM" "$W/src.bin" "ferry://127.0.0.1:$FERRY_PORT/x.bin")
   elif [[ $tool = scp ]]; then

@@ -54,8 +54,8 @@ CFG
 SSH="ssh -p $SSH_PORT -i $W/ssh/clientkey -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=error"
 
 mkdir -p "$W/dst"
-"$BIN" -q serve --root "$W/dst" --listen 127.0.0.1:$FERRY_PORT --state-dir "$W/state" --no-auth >/dev/null & PIDS+=($!)
-"$BIN" -q serve --root "$W" --listen 127.0.0.1:$((FERRY_PORT + 1)) --state-dir "$W/state2" --no-auth >/dev/null & PIDS+=($!)
+"$BIN" -q serve --create-root --root "$W/dst" --listen 127.0.0.1:$FERRY_PORT --state-dir "$W/state" --no-auth >/dev/null & PIDS+=($!)
+"$BIN" -q serve --create-root --root "$W" --listen 127.0.0.1:$((FERRY_PORT + 1)) --state-dir "$W/state2" --no-auth >/dev/null & PIDS+=($!)
 mkdir -p "$W/down"
 sleep 0.7
 

@@ -155,7 +155,7 @@ restore() {
 start_servers() {
   ip netns exec $B /usr/sbin/sshd -D -f "$W/ssh/sshd_config" -E "$W/ssh/sshd.log" &
   PIDS+=($!)
-  ip netns exec $B "$BIN" serve --root "$W/dst" --listen $IPB:7787 --state-dir "$W/fstate" --no-auth \
+  ip netns exec $B "$BIN" serve --create-root --root "$W/dst" --listen $IPB:7787 --state-dir "$W/fstate" --no-auth \
     >/dev/null 2>>"$LOG_DIR/ferry-serve.log" &
   PIDS+=($!)
   ip netns exec $B iperf3 -s -B $IPB -p 5201 >/dev/null 2>&1 &

@@ -50,8 +50,8 @@ trap cleanup EXIT
 
 UP_PORT=${FERRY_UP_PORT:-7790}
 DOWN_PORT=${FERRY_DOWN_PORT:-7791}
-"$BIN" -q serve --root "$DSTDIR" --listen 127.0.0.1:$UP_PORT --state-dir "$STATE/up" --no-auth >/dev/null & PIDS+=($!)
-"$BIN" -q serve --root "$PB_DIR/ferry-src" --listen 127.0.0.1:$DOWN_PORT --state-dir "$STATE/down" --no-auth >/dev/null & PIDS+=($!)
+"$BIN" -q serve --create-root --root "$DSTDIR" --listen 127.0.0.1:$UP_PORT --state-dir "$STATE/up" --no-auth >/dev/null & PIDS+=($!)
+"$BIN" -q serve --create-root --root "$PB_DIR/ferry-src" --listen 127.0.0.1:$DOWN_PORT --state-dir "$STATE/down" --no-auth >/dev/null & PIDS+=($!)
 RSYNCD_FSYNC_PORT=${RSYNCD_FSYNC_PORT:-8731}
 if printf '%s\n' "${TOOLS[@]}" | grep -qx rsyncd-fsync; then
   cat >"$STATE/rsyncd.conf" <<EOF
