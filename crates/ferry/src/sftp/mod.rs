@@ -17,7 +17,7 @@
 
 pub mod auth;
 pub mod download;
-mod remote_hash;
+pub mod remote_hash;
 pub mod sidecar;
 pub mod upload;
 

@@ -595,9 +595,11 @@ fn needs_in_order_writes(e: &Error) -> bool {
         if msg.to_ascii_lowercase().contains("illegal seek"))
 }
 
-/// Uploads one file; see the module documentation. A server that fails
-/// writes sent many at a time is remembered (per host, in the state store)
-/// and the file is sent again one write at a time.
+/// Uploads one file; see the module documentation. Some servers need a
+/// second go, remembered per host in the state store: one that fails writes
+/// sent many at a time is sent one write at a time, and one whose partial
+/// no longer holds the bytes proven before this run's writes (rclone's write
+/// cache reopens a file without its content) is sent from byte 0 in one go.
 pub async fn upload(
     c: &Conn,
     job: &Job,
@@ -607,26 +609,49 @@ pub async fn upload(
     stop_after_ranges: Option<usize>,
 ) -> Result<FileOutcome> {
     let host = job.remote.hostport();
-    let first = upload_once(c, job, store, progress, verify, stop_after_ranges).await;
-    match first {
-        Err(e) if needs_in_order_writes(&e) => {
-            let mut caps = sidecar::host_caps(store, &host)?;
-            if caps.in_order_writes {
-                return Err(e);
+    let mut notes = Vec::new();
+    loop {
+        let r = upload_once(c, job, store, progress, verify, stop_after_ranges).await;
+        let mut caps = sidecar::host_caps(store, &host)?;
+        let note = match r {
+            Ok(Attempt::Done(mut out)) => {
+                notes.append(&mut out.notes);
+                out.notes = notes;
+                return Ok(out);
             }
-            warn!(%host, error = %e, "server takes writes only in order; remembered, sending one at a time");
-            caps.in_order_writes = true;
-            sidecar::put_host_caps(store, &host, &caps)?;
-            progress.undo_file();
-            let mut out = upload_once(c, job, store, progress, verify, stop_after_ranges).await?;
-            out.notes.insert(
-                0,
-                format!("{host}: server takes writes only in order ({e}); remembered, sending one write at a time"),
-            );
-            Ok(out)
-        }
-        r => r,
+            Ok(Attempt::KeptBytesLost { range }) if !caps.no_offset_writes => {
+                caps.no_offset_writes = true;
+                format!(
+                    "{host}: range {range} of the partial, proven before this run wrote to it, no longer verified (the server does not keep a file's content when it is reopened); remembered, sending from byte 0"
+                )
+            }
+            Ok(Attempt::KeptBytesLost { range }) => {
+                return Err(Error::SftpIntegrity {
+                    path: format!("{}.part", job.remote.path),
+                    detail: format!("range {range} differs after a fresh upload"),
+                })
+            }
+            Err(e) if needs_in_order_writes(&e) && !caps.in_order_writes => {
+                caps.in_order_writes = true;
+                format!("{host}: server takes writes only in order ({e}); remembered, sending one write at a time")
+            }
+            Err(e) => return Err(e),
+        };
+        warn!("{note}");
+        notes.push(note);
+        sidecar::put_host_caps(store, &host, &caps)?;
+        progress.undo_file();
     }
+}
+
+/// How one go of [`upload_once`] ended.
+enum Attempt {
+    Done(FileOutcome),
+    /// A range kept from an earlier run was proven, then differed after this
+    /// run wrote to the partial.
+    KeptBytesLost {
+        range: u64,
+    },
 }
 
 async fn upload_once(
@@ -636,7 +661,7 @@ async fn upload_once(
     progress: &Progress,
     verify: Verify,
     stop_after_ranges: Option<usize>,
-) -> Result<FileOutcome> {
+) -> Result<Attempt> {
     let host = job.remote.hostport();
     let remote = job.remote.path.clone();
     let part = format!("{remote}.part");
@@ -916,20 +941,37 @@ async fn upload_once(
             times: 1,
         });
     }
-    // Kept ranges were proven above; with `full` the rest are proven now.
+    // With `full` every range, the kept ones again: a server may lose them
+    // when the partial is reopened for writing.
     let check = Check {
         rec: &rec,
         size,
         verify,
-        from: first,
+        from: 0,
         hashing: &hashing,
         src,
     };
     let verified_by = match verify_remote(c, store, &part, &host, check).await? {
-        Some(by) => by,
-        None if verify < Verify::Tail => VerifiedBy::Size,
-        // Every range proven on resume, or an empty file (the size is all there is).
-        None => proof.unwrap_or(VerifiedBy::Readback),
+        Verdict::Proven(Some(by)) => by,
+        Verdict::Proven(None) if verify < Verify::Tail => VerifiedBy::Size,
+        // An empty file: the size is all there is.
+        Verdict::Proven(None) => proof.unwrap_or(VerifiedBy::Readback),
+        Verdict::Differs { range, .. } if range < first => {
+            // Proven on resume, lost since: the next go starts from byte 0
+            // (the record stays, so that it reports a fallback restart).
+            return Ok(Attempt::KeptBytesLost { range });
+        }
+        Verdict::Differs { range, by } => {
+            return Err(Error::SftpIntegrity {
+                path: part.clone(),
+                detail: format!(
+                    "range {range} (bytes {}..{}) differs: {} does not match the source",
+                    range * RANGE_SIZE,
+                    range * RANGE_SIZE + range_len(size, range),
+                    describe(by)
+                ),
+            })
+        }
     };
     if !rename_over(c, &part, &remote, &host).await? {
         notes.push(format!(
@@ -944,12 +986,12 @@ async fn upload_once(
             job.local.display()
         ))
     })?;
-    Ok(FileOutcome {
+    Ok(Attempt::Done(FileOutcome {
         digest: Some(digest),
         notes,
         resume,
         verified_by,
-    })
+    }))
 }
 
 /// Creates the remote partial anew: whatever is at that name is removed
@@ -1058,7 +1100,7 @@ struct Check<'a> {
     rec: &'a Sidecar,
     size: u64,
     verify: Verify,
-    /// With `full`: the first range not yet proven in this run.
+    /// With `full`: the first range to prove.
     from: u64,
     hashing: &'a Hashing,
     src: Local<'a>,
@@ -1078,15 +1120,14 @@ fn describe(by: VerifiedBy) -> &'static str {
 /// of the source's size always; with `tail` its last range, with `full` every
 /// range not proven earlier in this run: hashed by the server where it can
 /// (compared with the same hash of the source), otherwise read back and
-/// compared with the BLAKE3 digests of what was sent. Returns how, or `None`
-/// when no range was checked.
+/// compared with the BLAKE3 digests of what was sent.
 async fn verify_remote(
     c: &Conn,
     store: &Store,
     part: &str,
     host: &str,
     k: Check<'_>,
-) -> Result<Option<VerifiedBy>> {
+) -> Result<Verdict> {
     let integrity = |detail: String| Error::SftpIntegrity {
         path: part.into(),
         detail,
@@ -1103,16 +1144,8 @@ async fn verify_remote(
         _ => n,
     };
     if from >= n {
-        return Ok(None);
+        return Ok(Verdict::Proven(None));
     }
-    let differs = |i: u64, by: VerifiedBy| {
-        integrity(format!(
-            "range {i} (bytes {}..{}) differs: {} does not match the source",
-            i * RANGE_SIZE,
-            i * RANGE_SIZE + range_len(k.size, i),
-            describe(by)
-        ))
-    };
     if let Some((bad, by)) = remote_hash::server_first_mismatch(
         c,
         store,
@@ -1127,9 +1160,9 @@ async fn verify_remote(
     .await?
     {
         if bad < n {
-            return Err(differs(bad, by));
+            return Ok(Verdict::Differs { range: bad, by });
         }
-        return Ok(Some(by));
+        return Ok(Verdict::Proven(Some(by)));
     }
     let h = c
         .raw
@@ -1149,15 +1182,39 @@ async fn verify_remote(
     )
     .await;
     let _ = c.raw.close(h).await;
-    match bad? {
-        b if b < n => Err(differs(b, VerifiedBy::Readback)),
-        _ => Ok(Some(VerifiedBy::Readback)),
-    }
+    Ok(match bad? {
+        b if b < n => Verdict::Differs {
+            range: b,
+            by: VerifiedBy::Readback,
+        },
+        _ => Verdict::Proven(Some(VerifiedBy::Readback)),
+    })
+}
+
+/// What [`verify_remote`] found.
+enum Verdict {
+    /// Every range it was asked to check matched; how (`None`: none checked).
+    Proven(Option<VerifiedBy>),
+    /// This range differs.
+    Differs { range: u64, by: VerifiedBy },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn illegal_seek_on_a_write_asks_for_in_order_writes() {
+        let e = |op, msg: &str| Error::SftpStatus {
+            op,
+            path: "f.part".into(),
+            code: 4,
+            msg: msg.into(),
+        };
+        assert!(needs_in_order_writes(&e("write", "Illegal seek (Failure)")));
+        assert!(!needs_in_order_writes(&e("write", "Permission denied")));
+        assert!(!needs_in_order_writes(&e("open", "Illegal seek")));
+    }
 
     #[test]
     fn check_file_replies() {
