@@ -124,7 +124,7 @@ struct SshArgs {
     accept_new_host_key: bool,
     /// SFTP verification. full (default): every byte kept from an earlier run
     /// and every byte of the finished file is proven before the rename (hashed
-    /// by the server where it can: check-file, b3sum, sha256sum or shasum over
+    /// by the server where it can: check-file, or b3sum, openssl, sha256sum or shasum over
     /// SSH; else read back). tail: only the last range is read back; damage in
     /// earlier ranges goes unnoticed. mtime: size and mtime only, no byte is
     /// checked. size: size only, no byte is checked.

@@ -60,8 +60,8 @@ pub enum Verify {
     Tail,
     /// As `tail`, plus every kept range is proven before appending and every
     /// range of the finished file before the rename: hashed by the server
-    /// where it can (`check-file-handle`, or `b3sum`/`sha256sum`/`shasum`
-    /// over an SSH exec channel) and compared with the same hash of the local
+    /// where it can (`check-file-handle`, or `b3sum`, `openssl dgst -sha256`,
+    /// `sha256sum` or `shasum` over an SSH exec channel) and compared with the same hash of the local
     /// copy, otherwise read back. For downloads the local part is re-hashed
     /// and, where the server hashes, the remote source's kept ranges are
     /// proven unchanged. The default: named `full` because that is the
@@ -310,6 +310,9 @@ pub enum VerifiedBy {
     /// The server ran `b3sum` over the ranges (SSH exec channel).
     #[serde(rename = "b3sum")]
     B3sum,
+    /// The server ran `openssl dgst -sha256` over the ranges (SSH exec channel).
+    #[serde(rename = "openssl-sha256")]
+    OpensslSha256,
     /// The server ran `sha256sum` over the ranges (SSH exec channel).
     #[serde(rename = "sha256sum")]
     Sha256sum,
@@ -325,6 +328,7 @@ impl VerifiedBy {
             VerifiedBy::Readback => "readback",
             VerifiedBy::CheckFile => "check-file",
             VerifiedBy::B3sum => "b3sum",
+            VerifiedBy::OpensslSha256 => "openssl-sha256",
             VerifiedBy::Sha256sum => "sha256sum",
             VerifiedBy::Shasum => "shasum",
         }

@@ -4,7 +4,8 @@
 //!
 //! * `check-file-handle`, an SFTP extension some servers offer (ProFTPD,
 //!   Apache MINA SSHD; not OpenSSH, not rclone);
-//! * an SSH `exec` channel running `b3sum`, `sha256sum` or `shasum -a 256`
+//! * an SSH `exec` channel running `b3sum`, `openssl dgst -sha256`,
+//!   `sha256sum` or `shasum -a 256`
 //!   over `tail -c +OFF -- 'PATH' | head -c LEN`, where the account may run
 //!   commands (OpenSSH with a login shell; not under `ForceCommand
 //!   internal-sftp`, not rclone). The path is single-quoted with embedded
@@ -58,17 +59,21 @@ impl Alg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tool {
     B3sum,
+    /// `openssl dgst -sha256`: SHA-256 with the CPU's SHA instructions
+    /// (1 GiB here: 1.2 s against 4.1 s for coreutils' sha256sum).
+    Openssl,
     Sha256sum,
     Shasum,
 }
 
 impl Tool {
     /// Probed in this order.
-    const ALL: [Tool; 3] = [Tool::B3sum, Tool::Sha256sum, Tool::Shasum];
+    const ALL: [Tool; 4] = [Tool::B3sum, Tool::Openssl, Tool::Sha256sum, Tool::Shasum];
 
     fn command(self) -> &'static str {
         match self {
             Tool::B3sum => "b3sum",
+            Tool::Openssl => "openssl dgst -sha256 -r",
             Tool::Sha256sum => "sha256sum",
             Tool::Shasum => "shasum -a 256",
         }
@@ -77,6 +82,7 @@ impl Tool {
     pub fn name(self) -> &'static str {
         match self {
             Tool::B3sum => "b3sum",
+            Tool::Openssl => "openssl-sha256",
             Tool::Sha256sum => "sha256sum",
             Tool::Shasum => "shasum",
         }
@@ -89,13 +95,14 @@ impl Tool {
     fn alg(self) -> Alg {
         match self {
             Tool::B3sum => Alg::Blake3,
-            Tool::Sha256sum | Tool::Shasum => Alg::Sha256,
+            Tool::Openssl | Tool::Sha256sum | Tool::Shasum => Alg::Sha256,
         }
     }
 
     fn verified_by(self) -> VerifiedBy {
         match self {
             Tool::B3sum => VerifiedBy::B3sum,
+            Tool::Openssl => VerifiedBy::OpensslSha256,
             Tool::Sha256sum => VerifiedBy::Sha256sum,
             Tool::Shasum => VerifiedBy::Shasum,
         }

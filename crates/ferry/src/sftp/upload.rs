@@ -1110,6 +1110,7 @@ fn describe(by: VerifiedBy) -> &'static str {
     match by {
         VerifiedBy::CheckFile => "the server's hash (check-file-handle)",
         VerifiedBy::B3sum => "the server's b3sum",
+        VerifiedBy::OpensslSha256 => "the server's openssl dgst -sha256",
         VerifiedBy::Sha256sum => "the server's sha256sum",
         VerifiedBy::Shasum => "the server's shasum -a 256",
         VerifiedBy::Readback | VerifiedBy::Size => "what was read back",
