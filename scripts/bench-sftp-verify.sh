@@ -61,7 +61,10 @@ trap cleanup EXIT
 if [ "$NETEM" = 1 ]; then
   ip netns add "$NS"
   ip netns exec "$NS" ip link set lo up
-  ip netns exec "$NS" tc qdisc add dev lo root netem delay 25ms limit 100000
+  ip netns exec "$NS" tc qdisc add dev lo root netem delay 25ms limit 100000 || {
+    echo "bench-sftp-verify.sh: tc netem unavailable here (kernel module sch_netem); run without NETEM=1" >&2
+    exit 1
+  }
   IN=(ip netns exec "$NS")
 fi
 "${IN[@]}" /usr/sbin/sshd -D -f "$DIR/ssh/sshd_config" -E "$DIR/sshd.log" &
