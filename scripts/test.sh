@@ -14,6 +14,13 @@ if ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ]; then
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server
 fi
 
+if ! command -v rclone >/dev/null; then
+  echo "== installing rclone (SFTP tests against rclone serve sftp, a server that is not OpenSSH)"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone
+fi
+
 if ! command -v cargo >/dev/null; then
   echo "scripts/test.sh: cargo is required (https://rustup.rs)" >&2
   exit 1

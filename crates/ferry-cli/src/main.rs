@@ -125,9 +125,13 @@ struct SshArgs {
     /// A changed key is always refused.
     #[arg(long)]
     accept_new_host_key: bool,
-    /// SFTP verification: size, mtime, tail (default: source size+mtime+tail
-    /// digest on resume, last range read back) or full (every range read back).
-    #[arg(long, default_value = "tail")]
+    /// SFTP verification. full (default): every byte kept from an earlier run
+    /// and every byte of the finished file is proven before the rename (hashed
+    /// by the server where it can: check-file, or b3sum, openssl, sha256sum or shasum over
+    /// SSH; else read back). tail: only the last range is read back; damage in
+    /// earlier ranges goes unnoticed. mtime: size and mtime only, no byte is
+    /// checked. size: size only, no byte is checked.
+    #[arg(long, default_value = "full", value_parser = ["full", "tail", "mtime", "size"])]
     verify: String,
 }
 

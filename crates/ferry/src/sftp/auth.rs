@@ -225,6 +225,15 @@ impl Conn {
         self.extensions.contains_key(ext)
     }
 
+    /// A session channel on this connection, for an `exec` request (remote
+    /// hashing, see [`super::remote_hash`]).
+    pub(crate) async fn session_channel(&self) -> Result<russh::Channel<client::Msg>> {
+        self.handle
+            .channel_open_session()
+            .await
+            .map_err(|e| ssh_err(&self.target, e))
+    }
+
     /// A second SFTP session on the same connection (OpenSSH runs one
     /// `sftp-server` process per session). A server answers a session's
     /// requests one at a time, so an `fsync@openssh.com` sent there would

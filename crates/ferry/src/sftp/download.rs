@@ -11,6 +11,7 @@ use russh_sftp::protocol::{FileAttributes, OpenFlags};
 use tracing::{info, warn};
 
 use super::auth::Conn;
+use super::remote_hash;
 use super::sidecar::{self, PendingFlush, Sidecar, RANGE_SIZE};
 use super::upload::{range_count, range_len, read_remote_owned, Pieces};
 use super::{sftp_err, FileOutcome, Job, RestartReason, Resume, VerifiedBy, Verify};
@@ -95,6 +96,10 @@ pub async fn download(
                 if let Some(bad) = (0..k).find(|&i| !check(i).unwrap_or(false)) {
                     good = bad;
                 }
+                good = prove_source_prefix(
+                    c, store, job, &part, &part_path, size, good, &rec, &mut notes,
+                )
+                .await?;
             } else {
                 while good > 0 && !check(good - 1)? {
                     good -= 1;
@@ -149,6 +154,7 @@ pub async fn download(
         tail: String::new(),
         range_size: RANGE_SIZE,
         ranges: ranges.clone(),
+        source_id: String::new(),
     };
     sidecar::put(store, &key, &rec)?;
 
@@ -322,6 +328,69 @@ pub async fn download(
             VerifiedBy::Size
         },
     })
+}
+
+/// The remote source can only be compared by size and mtime through SFTP
+/// attributes; where the server hashes (see [`remote_hash`]) its kept ranges
+/// are hashed there and compared with the local part's (already proven
+/// against the record), so a source rewritten with the same size and mtime
+/// is caught. Returns how many of the `good` kept ranges still match.
+#[allow(clippy::too_many_arguments)]
+async fn prove_source_prefix(
+    c: &Conn,
+    store: &Store,
+    job: &Job,
+    part: &std::fs::File,
+    part_path: &std::path::Path,
+    size: u64,
+    good: usize,
+    rec: &Sidecar,
+    notes: &mut Vec<String>,
+) -> Result<usize> {
+    if good == 0 {
+        return Ok(0);
+    }
+    let host = job.remote.hostport();
+    let remote = &job.remote.path;
+    let url = job.remote.url(remote);
+    let hashing =
+        remote_hash::hashing(c, store, format!("{}@{host}", job.remote.user), true).await?;
+    let local = remote_hash::Local {
+        file: part,
+        path: part_path,
+    };
+    let r = remote_hash::server_first_mismatch(
+        c,
+        store,
+        &hashing,
+        remote,
+        &host,
+        size,
+        0..good as u64,
+        local,
+        &rec.ranges,
+    )
+    .await?;
+    match r {
+        Some((bad, _)) if (bad as usize) < good => {
+            warn!(%url, range = bad, "remote file differs from the kept part; downloading from there");
+            notes.push(format!(
+                "{url}: remote file changed at range {bad} (same size and mtime); downloading again from byte {}",
+                bad * RANGE_SIZE
+            ));
+            Ok(bad as usize)
+        }
+        Some((_, by)) => {
+            info!(%url, by = by.as_str(), "remote file's kept prefix proven unchanged");
+            Ok(good)
+        }
+        None => {
+            notes.push(format!(
+                "{url}: the server cannot hash files, so the remote file was compared by size and mtime only; the kept local bytes were re-hashed"
+            ));
+            Ok(good)
+        }
+    }
 }
 
 /// A range written to the local part: its index, hex BLAKE3 and length.

@@ -5,17 +5,20 @@
 //! * [`sidecar`]: the local record of unfinished transfers (in the state store).
 //! * [`upload`]: `PATH.part` on the server, proven prefix, checkpointed ranges, rename.
 //! * [`download`]: local `.NAME.ferry.part`, checkpointed ranges, atomic rename.
+//! * [`remote_hash`]: the server hashes ranges (check-file, or b3sum/sha256sum over exec).
 //!
 //! Resume design: a file is cut into fixed ranges ([`sidecar::RANGE_SIZE`]);
 //! once a range is written and flushed on the receiving side its BLAKE3
 //! digest is recorded. A resume first checks the source against the record
-//! (size, mtime, tail digest per [`Verify`]), then reads back the last
-//! recorded range of the partial (all of them with `--verify full`) and walks
-//! back to the last range that still verifies; writing restarts there.
+//! (size, mtime, identity, tail digest per [`Verify`]), then proves the kept
+//! ranges of the partial (all of them by default, hashed by the server where
+//! it can, see [`remote_hash`]; only the last with `--verify tail`) and
+//! rewrites from the first range that does not verify.
 
 pub mod auth;
 pub mod download;
 pub mod listing;
+pub mod remote_hash;
 pub mod sidecar;
 pub mod upload;
 
@@ -37,20 +40,34 @@ use ferry_proto::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use auth::{PassphrasePrompt, SshConfig};
 
 /// How strictly a resume and a finished transfer are verified.
+///
+/// The default, [`Verify::Full`], proves every byte: the bytes kept from an
+/// earlier run before anything is appended to them, and every byte of the
+/// finished file before it is renamed into place. The weaker levels are
+/// opt-ins that trade proof for speed; each says what it does not check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum Verify {
-    /// Only the size of the source is compared on resume; the finished file's size is checked.
+    /// Only the source's size is compared on resume, and the finished file's
+    /// size. Does not check any byte, nor whether the source was rewritten.
     Size,
-    /// Size and modification time.
+    /// Size and modification time. Does not check any byte, nor a source
+    /// rewritten with its old mtime put back.
     Mtime,
-    /// Size, mtime and a BLAKE3 digest of the source's last 64 KiB; the last
-    /// recorded range of the partial is read back before appending, and the
-    /// last range of the finished file before the rename. The default: the
-    /// strongest check that costs no more than a few MiB of reading.
-    #[default]
+    /// Size, mtime, the source's identity (ctime, inode) and a digest of its
+    /// last 64 KiB; the last recorded range of the partial is read back
+    /// before appending, and the last range of the finished file before the
+    /// rename. Does not check the earlier kept ranges nor the earlier new
+    /// ones: damage there goes unnoticed.
     Tail,
-    /// As `tail`, plus every recorded range is read back on resume and the
-    /// whole finished file is read back and compared before the rename.
+    /// As `tail`, plus every kept range is proven before appending and every
+    /// range of the finished file before the rename: hashed by the server
+    /// where it can (`check-file-handle`, or `b3sum`, `openssl dgst -sha256`,
+    /// `sha256sum` or `shasum` over an SSH exec channel) and compared with the same hash of the local
+    /// copy, otherwise read back. For downloads the local part is re-hashed
+    /// and, where the server hashes, the remote source's kept ranges are
+    /// proven unchanged. The default: named `full` because that is the
+    /// guarantee; how it was met is reported per file ([`VerifiedBy`]).
+    #[default]
     Full,
 }
 
@@ -291,6 +308,18 @@ pub enum VerifiedBy {
     /// The server hashed the ranges itself (`check-file-handle` extension).
     #[serde(rename = "check-file")]
     CheckFile,
+    /// The server ran `b3sum` over the ranges (SSH exec channel).
+    #[serde(rename = "b3sum")]
+    B3sum,
+    /// The server ran `openssl dgst -sha256` over the ranges (SSH exec channel).
+    #[serde(rename = "openssl-sha256")]
+    OpensslSha256,
+    /// The server ran `sha256sum` over the ranges (SSH exec channel).
+    #[serde(rename = "sha256sum")]
+    Sha256sum,
+    /// The server ran `shasum -a 256` over the ranges (SSH exec channel).
+    #[serde(rename = "shasum")]
+    Shasum,
 }
 
 impl VerifiedBy {
@@ -299,6 +328,10 @@ impl VerifiedBy {
             VerifiedBy::Size => "size",
             VerifiedBy::Readback => "readback",
             VerifiedBy::CheckFile => "check-file",
+            VerifiedBy::B3sum => "b3sum",
+            VerifiedBy::OpensslSha256 => "openssl-sha256",
+            VerifiedBy::Sha256sum => "sha256sum",
+            VerifiedBy::Shasum => "shasum",
         }
     }
 }

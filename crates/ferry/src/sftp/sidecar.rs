@@ -41,6 +41,12 @@ pub struct Sidecar {
     /// ferry's plain per-range BLAKE3) is treated as absent.
     #[serde(default)]
     pub scheme: u32,
+    /// Hex of [`crate::fsutil::source_id`] of a local source (size, mtime,
+    /// ctime, inode, device), as native copies compare it; empty for
+    /// downloads and in records of older ferries (which then do not match
+    /// an upload's source).
+    #[serde(default)]
+    pub source_id: String,
 }
 
 /// The current [`Sidecar::scheme`]: ranges are BLAKE3 subtrees.
@@ -52,6 +58,58 @@ pub struct HostCaps {
     /// The server refused a write at an offset into an existing file
     /// (object-storage gateways): uploads there always start from zero.
     pub no_offset_writes: bool,
+    /// The server failed writes sent with many requests in flight ("Illegal
+    /// seek": rclone serve sftp without a write cache takes writes only in
+    /// order): uploads there send one write at a time.
+    #[serde(default)]
+    pub in_order_writes: bool,
+}
+
+/// Which hashing command an account may run on a host (see
+/// [`super::remote_hash`]), and when that was probed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExecCaps {
+    /// `b3sum`, `sha256sum` or `shasum`; `None`: none works.
+    pub tool: Option<String>,
+    pub probed_unix: u64,
+}
+
+fn exec_key(account: &str) -> String {
+    format!("exec\0{account}")
+}
+
+pub fn exec_caps(store: &Store, account: &str) -> Result<Option<ExecCaps>> {
+    let tx = store.db().begin_read()?;
+    let t = match tx.open_table(HOSTS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let caps = t
+        .get(exec_key(account).as_str())?
+        .and_then(|v| serde_json::from_slice(v.value()).ok());
+    Ok(caps)
+}
+
+pub fn put_exec_caps(store: &Store, account: &str, caps: &ExecCaps) -> Result<()> {
+    let body = serde_json::to_vec(caps).map_err(|e| Error::Store(e.to_string()))?;
+    let tx = store.db().begin_write()?;
+    {
+        let mut t = tx.open_table(HOSTS)?;
+        t.insert(exec_key(account).as_str(), body.as_slice())?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+pub fn remove_exec_caps(store: &Store, account: &str) -> Result<()> {
+    let tx = store.db().begin_write()?;
+    {
+        let mut t = tx.open_table(HOSTS)?;
+        t.remove(exec_key(account).as_str())?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 pub fn upload_key(local: &str, remote: &str) -> String {
@@ -271,6 +329,7 @@ mod tests {
             tail: "ab".into(),
             range_size: RANGE_SIZE,
             ranges: vec!["00".into()],
+            source_id: "0a".into(),
         };
         put(&store, &key, &rec).unwrap();
         assert_eq!(get(&store, &key).unwrap(), Some(rec));
@@ -282,10 +341,29 @@ mod tests {
             "h:22",
             &HostCaps {
                 no_offset_writes: true,
+                in_order_writes: false,
             },
         )
         .unwrap();
         assert!(host_caps(&store, "h:22").unwrap().no_offset_writes);
+        // A record written before source_id existed still loads (and then
+        // matches no upload's source).
+        let old = br#"{"size":9,"mtime_ns":5,"tail":"ab","range_size":8388608,"ranges":["00"],"scheme":2}"#;
+        let tx = store.db().begin_write().unwrap();
+        tx.open_table(SIDECARS)
+            .unwrap()
+            .insert(key.as_str(), old.as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(get(&store, &key).unwrap().unwrap().source_id, "");
+        let caps = ExecCaps {
+            tool: Some("sha256sum".into()),
+            probed_unix: 7,
+        };
+        put_exec_caps(&store, "u@h:22", &caps).unwrap();
+        assert_eq!(exec_caps(&store, "u@h:22").unwrap(), Some(caps));
+        remove_exec_caps(&store, "u@h:22").unwrap();
+        assert_eq!(exec_caps(&store, "u@h:22").unwrap(), None);
     }
 }
 

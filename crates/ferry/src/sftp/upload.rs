@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::auth::Conn;
+use super::remote_hash::{self, Hashing, Local};
 use super::sidecar::{self, PendingFlush, Sidecar, RANGE_SIZE, TAIL_LEN};
 use super::{
     is_no_such_file, sftp_err, FileOutcome, Job, RestartReason, Resume, SftpTarget, VerifiedBy,
@@ -225,6 +226,9 @@ struct Writes<'a> {
     what: &'a str,
     host: &'a str,
     set: JoinSet<WriteResult>,
+    /// Requests in flight at most: [`WINDOW`], or 1 for a server that takes
+    /// writes only in order.
+    window: usize,
     /// Ranges issued and not yet taken, in order.
     ranges: std::collections::VecDeque<InFlightRange>,
 }
@@ -237,13 +241,14 @@ struct InFlightRange {
 }
 
 impl<'a> Writes<'a> {
-    fn new(c: &'a Conn, handle: &'a str, what: &'a str, host: &'a str) -> Self {
+    fn new(c: &'a Conn, handle: &'a str, what: &'a str, host: &'a str, window: usize) -> Self {
         Self {
             c,
             handle,
             what,
             host,
             set: JoinSet::new(),
+            window: window.max(1),
             ranges: Default::default(),
         }
     }
@@ -260,7 +265,7 @@ impl<'a> Writes<'a> {
         });
         let mut at = off;
         for piece in pieces {
-            while self.set.len() >= WINDOW {
+            while self.set.len() >= self.window {
                 self.answer().await?;
             }
             let (raw, h, n) = (self.c.raw.clone(), self.handle.to_string(), piece.len());
@@ -444,26 +449,90 @@ async fn rename_over(c: &Conn, part: &str, dst: &str, host: &str) -> Result<bool
     Ok(false)
 }
 
-/// How many recorded ranges of the remote partial still verify.
+/// What is at the remote `PATH.part`, seen without following a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Missing,
+    /// A regular file of this size.
+    Regular(u64),
+    /// A symlink, directory, or anything else (or a type the server does not say).
+    Other {
+        dir: bool,
+    },
+}
+
+async fn part_kind(c: &Conn, part: &str, host: &str) -> Result<PartKind> {
+    match c.raw.lstat(part.to_string()).await {
+        Ok(a) => {
+            let kind = a.attrs.permissions.unwrap_or(0) & 0o170_000;
+            Ok(match kind {
+                0o100_000 => PartKind::Regular(a.attrs.size.unwrap_or(0)),
+                k => PartKind::Other {
+                    dir: k == 0o040_000,
+                },
+            })
+        }
+        Err(e) if is_no_such_file(&e) => Ok(PartKind::Missing),
+        Err(e) => Err(sftp_err("lstat", part, host, e)),
+    }
+}
+
+/// Removes a name that is not a regular file: a symlink is removed itself
+/// (its target is untouched), an empty directory with rmdir.
+async fn remove_name(c: &Conn, part: &str, host: &str, dir: bool) -> Result<()> {
+    let r = if dir {
+        c.raw.rmdir(part.to_string()).await
+    } else {
+        c.raw.remove(part.to_string()).await
+    };
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if is_no_such_file(&e) => Ok(()),
+        Err(e) => Err(sftp_err("remove", part, host, e)),
+    }
+}
+
+/// How many recorded ranges of the remote partial (`part_size` bytes, a
+/// regular file) still verify, and how that was proved. With `full`, all of
+/// them, against the record and the source as it is now: hashed by the
+/// server where it can, else read back. Otherwise only the last one, walking
+/// back on a mismatch.
+#[allow(clippy::too_many_arguments)]
 async fn proven_ranges(
     c: &Conn,
+    store: &Store,
     part: &str,
     host: &str,
     rec: &Sidecar,
     size: u64,
+    part_size: u64,
     verify: Verify,
-) -> Result<usize> {
-    let part_size = match c.raw.stat(part.to_string()).await {
-        Ok(a) => a.attrs.size.unwrap_or(0),
-        Err(e) if is_no_such_file(&e) => return Ok(0),
-        Err(e) => return Err(sftp_err("stat", part, host, e)),
-    };
+    hashing: &Hashing,
+    src: Local<'_>,
+) -> Result<(usize, Option<VerifiedBy>)> {
     let covered = (0..range_count(size))
         .take_while(|&i| i * RANGE_SIZE + range_len(size, i) <= part_size)
         .count();
     let k = rec.ranges.len().min(covered);
     if k == 0 {
-        return Ok(0);
+        return Ok((0, None));
+    }
+    if verify == Verify::Full {
+        if let Some((bad, by)) = remote_hash::server_first_mismatch(
+            c,
+            store,
+            hashing,
+            part,
+            host,
+            size,
+            0..k as u64,
+            src,
+            &rec.ranges,
+        )
+        .await?
+        {
+            return Ok((bad as usize, Some(by)));
+        }
     }
     let h = c
         .raw
@@ -471,46 +540,66 @@ async fn proven_ranges(
         .await
         .map_err(|e| sftp_err("open", part, host, e))?
         .handle;
-    let check = |i: usize| {
-        let h = h.clone();
-        async move {
-            let i64_ = i as u64;
-            let data =
-                read_remote(c, &h, i64_ * RANGE_SIZE, range_len(size, i64_), part, host).await?;
-            Ok::<bool, Error>(data.digest(size, i64_) == rec.ranges[i])
-        }
-    };
-    let mut good = k;
-    if verify == Verify::Full {
-        for i in 0..k {
-            if !check(i).await? {
-                warn!(
-                    part,
-                    range = i,
-                    "remote partial damaged here; rewriting from this range"
-                );
-                good = i;
-                break;
-            }
-        }
+    let r = if verify == Verify::Full {
+        remote_hash::readback_first_mismatch(
+            c,
+            &h,
+            part,
+            host,
+            size,
+            0..k as u64,
+            Some(src),
+            &rec.ranges,
+        )
+        .await
+        .map(|bad| bad as usize)
     } else {
         // Prove the range we would append to; on mismatch walk back to the
         // last one that verifies.
         let mut i = k;
+        let mut r = Ok(0);
         while i > 0 {
-            if check(i - 1).await? {
-                break;
+            let j = (i - 1) as u64;
+            match remote_hash::readback_first_mismatch(
+                c,
+                &h,
+                part,
+                host,
+                size,
+                j..j + 1,
+                None,
+                &rec.ranges,
+            )
+            .await
+            {
+                Ok(b) if b > j => break,
+                Ok(_) => {}
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
             }
-            warn!(part, range = i - 1, "remote partial damaged; walking back");
+            warn!(part, range = j, "remote partial damaged; walking back");
             i -= 1;
         }
-        good = i;
-    }
+        r.map(|_| i)
+    };
     let _ = c.raw.close(h).await;
-    Ok(good)
+    Ok((r?, Some(VerifiedBy::Readback)))
 }
 
-/// Uploads one file; see the module documentation.
+/// The server failed a write because it takes writes only in order (rclone
+/// serve sftp without a write cache answers "Illegal seek").
+fn needs_in_order_writes(e: &Error) -> bool {
+    matches!(e, Error::SftpStatus { op: "write", msg, .. }
+        if msg.to_ascii_lowercase().contains("illegal seek"))
+}
+
+/// Uploads one file; see the module documentation. Some servers need a
+/// second go, remembered per host in the state store: one that fails writes
+/// sent many at a time is sent one write at a time, and one whose partial
+/// no longer holds the bytes proven before this run's writes (rclone's write
+/// cache reopens a file without its content) is sent from byte 0 in one go.
 pub async fn upload(
     c: &Conn,
     job: &Job,
@@ -519,6 +608,60 @@ pub async fn upload(
     verify: Verify,
     stop_after_ranges: Option<usize>,
 ) -> Result<FileOutcome> {
+    let host = job.remote.hostport();
+    let mut notes = Vec::new();
+    loop {
+        let r = upload_once(c, job, store, progress, verify, stop_after_ranges).await;
+        let mut caps = sidecar::host_caps(store, &host)?;
+        let note = match r {
+            Ok(Attempt::Done(mut out)) => {
+                notes.append(&mut out.notes);
+                out.notes = notes;
+                return Ok(out);
+            }
+            Ok(Attempt::KeptBytesLost { range }) if !caps.no_offset_writes => {
+                caps.no_offset_writes = true;
+                format!(
+                    "{host}: range {range} of the partial, proven before this run wrote to it, no longer verified (the server does not keep a file's content when it is reopened); remembered, sending from byte 0"
+                )
+            }
+            Ok(Attempt::KeptBytesLost { range }) => {
+                return Err(Error::SftpIntegrity {
+                    path: format!("{}.part", job.remote.path),
+                    detail: format!("range {range} differs after a fresh upload"),
+                })
+            }
+            Err(e) if needs_in_order_writes(&e) && !caps.in_order_writes => {
+                caps.in_order_writes = true;
+                format!("{host}: server takes writes only in order ({e}); remembered, sending one write at a time")
+            }
+            Err(e) => return Err(e),
+        };
+        warn!("{note}");
+        notes.push(note);
+        sidecar::put_host_caps(store, &host, &caps)?;
+        progress.undo_file();
+    }
+}
+
+/// How one go of [`upload_once`] ended.
+enum Attempt {
+    Done(FileOutcome),
+    /// A range kept from an earlier run was proven, then differed after this
+    /// run wrote to the partial.
+    KeptBytesLost {
+        range: u64,
+    },
+}
+
+async fn upload_once(
+    c: &Conn,
+    job: &Job,
+    store: &Store,
+    progress: &Progress,
+    verify: Verify,
+    stop_after_ranges: Option<usize>,
+) -> Result<Attempt> {
     let host = job.remote.hostport();
     let remote = job.remote.path.clone();
     let part = format!("{remote}.part");
@@ -531,17 +674,45 @@ pub async fn upload(
     let f = std::fs::File::open(&job.local).map_err(|e| Error::local(&job.local, e))?;
     let md = f.metadata().map_err(|e| Error::local(&job.local, e))?;
     let (size, mtime_ns) = (md.len(), fsutil::mtime_ns(&md));
+    let source_id = fsutil::hex(&fsutil::source_id(&md));
     let tail = tail_digest(&f, &job.local, size)?;
     let mut caps = sidecar::host_caps(store, &host)?;
     let mut notes = Vec::new();
+    let src = Local {
+        file: &f,
+        path: &job.local,
+    };
+    let hashing = remote_hash::hashing(
+        c,
+        store,
+        format!("{}@{host}", job.remote.user),
+        verify == Verify::Full,
+    )
+    .await?;
+
+    // Never write through a name we did not create: a symlink (or anything
+    // but a regular file) at PATH.part is removed, and the part made anew.
+    let mut kind = part_kind(c, &part, &host).await?;
+    if let PartKind::Other { dir } = kind {
+        warn!(
+            part,
+            "remote partial is not a regular file; removing that name"
+        );
+        remove_name(c, &part, &host, dir).await?;
+        notes.push(format!(
+            "{part}: not a regular file (a symlink or directory); removed that name and created the partial anew"
+        ));
+        kind = PartKind::Missing;
+    }
 
     let mut ranges: Vec<String> = Vec::new();
     let mut resume = Resume::Fresh;
+    let mut proof = None;
     if let Some(rec) = sidecar::get(store, &key)? {
         let same = rec.size == size
             && rec.range_size == RANGE_SIZE
             && (verify < Verify::Mtime || rec.mtime_ns == mtime_ns)
-            && (verify < Verify::Tail || rec.tail == tail);
+            && (verify < Verify::Tail || (rec.tail == tail && rec.source_id == source_id));
         if rec.ranges.is_empty() {
             // Nothing was recorded: as good as a first attempt.
         } else if !same {
@@ -560,8 +731,12 @@ pub async fn upload(
                 "{host}: server cannot write at an offset (remembered); uploading {} from the start",
                 job.local.display()
             ));
-        } else {
-            let good = proven_ranges(c, &part, &host, &rec, size, verify).await?;
+        } else if let PartKind::Regular(part_size) = kind {
+            let (good, by) = proven_ranges(
+                c, store, &part, &host, &rec, size, part_size, verify, &hashing, src,
+            )
+            .await?;
+            proof = by;
             resume = if good == 0 {
                 Resume::Restarted {
                     reason: RestartReason::PartialUnusable,
@@ -577,6 +752,10 @@ pub async fn upload(
                 }
             };
             if good < rec.ranges.len() {
+                warn!(
+                    part,
+                    good, "remote partial damaged here; rewriting from this range"
+                );
                 notes.push(format!(
                     "{part}: remote partial verified up to range {good} of {}; rewriting from byte {}",
                     rec.ranges.len(),
@@ -584,11 +763,43 @@ pub async fn upload(
                 ));
             }
             ranges = rec.ranges[..good].to_vec();
+        } else {
+            resume = Resume::Restarted {
+                reason: RestartReason::PartialUnusable,
+            };
         }
     }
     // All ranges may be recorded already (a crash before the rename).
     let mut resume_at = (ranges.len() as u64 * RANGE_SIZE).min(size);
-    let mut handle = open_part(c, &part, &host, resume_at > 0).await?;
+    let mut handle = if resume_at > 0 {
+        let h = c
+            .raw
+            .open(part.clone(), OpenFlags::WRITE, FileAttributes::default())
+            .await
+            .map_err(|e| sftp_err("open", &part, &host, e))?
+            .handle;
+        // Cut off whatever lies past the proven prefix (a part extended past
+        // the file's size would otherwise fail the size check every time).
+        match cut_to(c, &h, resume_at, kind).await {
+            Ok(()) => h,
+            Err(e) => {
+                warn!(part, error = %e, "cannot truncate the remote partial; starting it over");
+                notes.push(format!(
+                    "{part}: could not cut the partial back to byte {resume_at} ({e}); uploading from the start"
+                ));
+                let _ = c.raw.close(h).await;
+                ranges.clear();
+                resume_at = 0;
+                proof = None;
+                resume = Resume::Restarted {
+                    reason: RestartReason::PartialUnusable,
+                };
+                create_part(c, &part, &host).await?
+            }
+        }
+    } else {
+        create_part(c, &part, &host).await?
+    };
     if resume_at > 0 && resume_at < size {
         // Probe: can this server write at an offset into an existing file?
         let mut probe_data = vec![0u8; (size - resume_at).min(u64::from(c.block)) as usize];
@@ -612,7 +823,8 @@ pub async fn upload(
                     let _ = c.raw.close(handle).await;
                     ranges.clear();
                     resume_at = 0;
-                    handle = open_part(c, &part, &host, false).await?;
+                    proof = None;
+                    handle = create_part(c, &part, &host).await?;
                 }
                 e => return Err(sftp_err("write", &part, &host, e)),
             }
@@ -637,6 +849,7 @@ pub async fn upload(
         tail,
         range_size: RANGE_SIZE,
         ranges: ranges.clone(),
+        source_id: source_id.clone(),
     };
     sidecar::put(store, &key, &rec)?;
 
@@ -673,7 +886,8 @@ pub async fn upload(
     // One pipeline across ranges: the next range's requests go out while the
     // last ones of this range are still unanswered (a range is 8 MiB, about
     // the window, so draining at each range would halve the throughput).
-    let mut writes = Writes::new(c, &handle, &part, &host);
+    let window = if caps.in_order_writes { 1 } else { WINDOW };
+    let mut writes = Writes::new(c, &handle, &part, &host, window);
     for i in first..=n {
         if i < n {
             let Some(job_handle) = next.take() else {
@@ -721,17 +935,44 @@ pub async fn upload(
 
     // The source must not have changed under us.
     let md2 = std::fs::metadata(&job.local).map_err(|e| Error::local(&job.local, e))?;
-    if md2.len() != size || fsutil::mtime_ns(&md2) != mtime_ns {
+    if fsutil::hex(&fsutil::source_id(&md2)) != source_id {
         return Err(Error::SourceUnstable {
             path: job.local.display().to_string(),
             times: 1,
         });
     }
-    let src = Source {
-        file: &f,
-        path: &job.local,
+    // With `full` every range, the kept ones again: a server may lose them
+    // when the partial is reopened for writing.
+    let check = Check {
+        rec: &rec,
+        size,
+        verify,
+        from: 0,
+        hashing: &hashing,
+        src,
     };
-    let verified_by = verify_remote(c, &part, &host, &rec, size, verify, src).await?;
+    let verified_by = match verify_remote(c, store, &part, &host, check).await? {
+        Verdict::Proven(Some(by)) => by,
+        Verdict::Proven(None) if verify < Verify::Tail => VerifiedBy::Size,
+        // An empty file: the size is all there is.
+        Verdict::Proven(None) => proof.unwrap_or(VerifiedBy::Readback),
+        Verdict::Differs { range, .. } if range < first => {
+            // Proven on resume, lost since: the next go starts from byte 0
+            // (the record stays, so that it reports a fallback restart).
+            return Ok(Attempt::KeptBytesLost { range });
+        }
+        Verdict::Differs { range, by } => {
+            return Err(Error::SftpIntegrity {
+                path: part.clone(),
+                detail: format!(
+                    "range {range} (bytes {}..{}) differs: {} does not match the source",
+                    range * RANGE_SIZE,
+                    range * RANGE_SIZE + range_len(size, range),
+                    describe(by)
+                ),
+            })
+        }
+    };
     if !rename_over(c, &part, &remote, &host).await? {
         notes.push(format!(
             "{host}: no atomic rename (posix-rename@openssh.com); {remote} was removed, then {part} renamed to it"
@@ -745,32 +986,50 @@ pub async fn upload(
             job.local.display()
         ))
     })?;
-    Ok(FileOutcome {
+    Ok(Attempt::Done(FileOutcome {
         digest: Some(digest),
         notes,
         resume,
         verified_by,
-    })
+    }))
 }
 
-async fn open_part(c: &Conn, part: &str, host: &str, keep: bool) -> Result<String> {
-    let flags = if keep {
-        OpenFlags::WRITE | OpenFlags::CREATE
+/// Creates the remote partial anew: whatever is at that name is removed
+/// first (a link is removed, never followed) and the file is created with
+/// CREATE|EXCL, so the handle is to a file this upload made.
+async fn create_part(c: &Conn, part: &str, host: &str) -> Result<String> {
+    if let PartKind::Other { dir: true } = part_kind(c, part, host).await? {
+        remove_name(c, part, host, true).await?;
     } else {
-        OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE
-    };
+        remove_name(c, part, host, false).await?;
+    }
     Ok(c.raw
-        .open(part.to_string(), flags, FileAttributes::default())
+        .open(
+            part.to_string(),
+            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUDE,
+            FileAttributes::default(),
+        )
         .await
         .map_err(|e| sftp_err("open", part, host, e))?
         .handle)
 }
 
-/// The local file an upload reads from.
-#[derive(Clone, Copy)]
-struct Source<'a> {
-    file: &'a std::fs::File,
-    path: &'a Path,
+/// Truncates the open partial to `len` bytes when it is longer (`kind` is
+/// what lstat said before it was opened).
+async fn cut_to(
+    c: &Conn,
+    handle: &str,
+    len: u64,
+    kind: PartKind,
+) -> std::result::Result<(), russh_sftp::client::error::Error> {
+    if matches!(kind, PartKind::Regular(n) if n <= len) {
+        return Ok(());
+    }
+    let attrs = FileAttributes {
+        size: Some(len),
+        ..FileAttributes::empty()
+    };
+    c.raw.fsetstat(handle.to_string(), attrs).await.map(|_| ())
 }
 
 /// Hash algorithms asked of `check-file-handle`, best first. MD5 and SHA-1
@@ -785,7 +1044,7 @@ const CHECK_FILE_ALGS: &str = "sha256,sha512";
 /// sftp-server does not implement this extension (as of 9.x it announces
 /// only `*@openssh.com` ones); ProFTPD's mod_sftp, Apache MINA SSHD and
 /// some commercial servers do.
-async fn server_hash(
+pub(crate) async fn server_hash(
     c: &Conn,
     handle: &str,
     off: u64,
@@ -836,117 +1095,75 @@ fn parse_check_file_reply(mut b: &[u8]) -> Option<(&'static str, Vec<u8>)> {
     (b.len() == len).then(|| (alg, b.to_vec()))
 }
 
-/// The digest `alg` of `len` bytes at `off` of the local source.
-fn local_hash(src: &std::fs::File, path: &Path, alg: &str, off: u64, len: u64) -> Result<Vec<u8>> {
-    use sha2::Digest;
-    fn run<D: Digest>(
-        mut d: D,
-        src: &std::fs::File,
-        path: &Path,
-        off: u64,
-        len: u64,
-    ) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            src.read_exact_at(&mut buf[..n], off + done)
-                .map_err(|e| Error::local(path, e))?;
-            d.update(&buf[..n]);
-            done += n as u64;
-        }
-        Ok(d.finalize().to_vec())
-    }
-    match alg {
-        "sha512" => run(sha2::Sha512::new(), src, path, off, len),
-        _ => run(sha2::Sha256::new(), src, path, off, len),
-    }
-}
-
-/// Bytes hashed per `check-file-handle` request: small enough that a server
-/// reading at 10 MB/s answers within the session's 60 s request timeout.
-const CHECK_FILE_PIECE: u64 = 32 * RANGE_SIZE;
-
-/// Verifies bytes `from..size` of the open remote file against the source
-/// with `check-file-handle`, piece by piece. `Ok(true)`: every piece
-/// matched; `Ok(false)`: the server declined (read back instead); an
-/// [`Error::SftpIntegrity`] when a piece differs.
-async fn check_file(
-    c: &Conn,
-    handle: &str,
-    part: &str,
-    host: &str,
-    from: u64,
-    size: u64,
-    src: Source<'_>,
-) -> Result<bool> {
-    let mut off = from;
-    while off < size {
-        let len = CHECK_FILE_PIECE.min(size - off);
-        let Some((alg, theirs)) = server_hash(c, handle, off, len, part, host).await? else {
-            return Ok(false);
-        };
-        let f = src
-            .file
-            .try_clone()
-            .map_err(|e| Error::local(src.path, e))?;
-        let p = src.path.to_path_buf();
-        let ours = tokio::task::spawn_blocking(move || local_hash(&f, &p, alg, off, len))
-            .await
-            .map_err(|e| Error::local(src.path, std::io::Error::other(e.to_string())))??;
-        if ours != theirs {
-            return Err(Error::SftpIntegrity {
-                path: part.into(),
-                detail: format!(
-                    "the server's {alg} of bytes {off}..{} (check-file-handle) differs from the source's",
-                    off + len
-                ),
-            });
-        }
-        off += len;
-    }
-    Ok(true)
-}
-
-/// Checks the finished `.part` before the rename: its size always; with
-/// `tail` the last range, with `full` every range: hashed by the server
-/// (`check-file-handle`) and compared with the same hash of the source,
-/// where the server offers that; otherwise read back and compared with the
-/// BLAKE3 digests of what was sent. Returns which was done.
-async fn verify_remote(
-    c: &Conn,
-    part: &str,
-    host: &str,
-    rec: &Sidecar,
+/// What [`verify_remote`] checks the finished partial against.
+struct Check<'a> {
+    rec: &'a Sidecar,
     size: u64,
     verify: Verify,
-    src: Source<'_>,
-) -> Result<VerifiedBy> {
-    let a = c
-        .raw
-        .stat(part.to_string())
-        .await
-        .map_err(|e| sftp_err("stat", part, host, e))?;
-    let remote_size = a.attrs.size.unwrap_or(u64::MAX);
-    if remote_size != size {
-        return Err(Error::SftpIntegrity {
-            path: part.into(),
-            detail: format!("size is {remote_size}, expected {size}"),
-        });
+    /// With `full`: the first range to prove.
+    from: u64,
+    hashing: &'a Hashing,
+    src: Local<'a>,
+}
+
+fn describe(by: VerifiedBy) -> &'static str {
+    match by {
+        VerifiedBy::CheckFile => "the server's hash (check-file-handle)",
+        VerifiedBy::B3sum => "the server's b3sum",
+        VerifiedBy::OpensslSha256 => "the server's openssl dgst -sha256",
+        VerifiedBy::Sha256sum => "the server's sha256sum",
+        VerifiedBy::Shasum => "the server's shasum -a 256",
+        VerifiedBy::Readback | VerifiedBy::Size => "what was read back",
     }
-    let n = range_count(size);
-    let from = match verify {
-        Verify::Full => 0,
+}
+
+/// Checks the finished `.part` before the rename: that it is a regular file
+/// of the source's size always; with `tail` its last range, with `full` every
+/// range not proven earlier in this run: hashed by the server where it can
+/// (compared with the same hash of the source), otherwise read back and
+/// compared with the BLAKE3 digests of what was sent.
+async fn verify_remote(
+    c: &Conn,
+    store: &Store,
+    part: &str,
+    host: &str,
+    k: Check<'_>,
+) -> Result<Verdict> {
+    let integrity = |detail: String| Error::SftpIntegrity {
+        path: part.into(),
+        detail,
+    };
+    match part_kind(c, part, host).await? {
+        PartKind::Regular(n) if n == k.size => {}
+        PartKind::Regular(n) => return Err(integrity(format!("size is {n}, expected {}", k.size))),
+        _ => return Err(integrity("no longer a regular file".into())),
+    }
+    let n = range_count(k.size);
+    let from = match k.verify {
+        Verify::Full => k.from,
         Verify::Tail => n.saturating_sub(1),
         _ => n,
     };
     if from >= n {
-        return Ok(if verify >= Verify::Tail {
-            // An empty file: the size is all there is.
-            VerifiedBy::Readback
-        } else {
-            VerifiedBy::Size
-        });
+        return Ok(Verdict::Proven(None));
+    }
+    if let Some((bad, by)) = remote_hash::server_first_mismatch(
+        c,
+        store,
+        k.hashing,
+        part,
+        host,
+        k.size,
+        from..n,
+        k.src,
+        &k.rec.ranges,
+    )
+    .await?
+    {
+        if bad < n {
+            return Ok(Verdict::Differs { range: bad, by });
+        }
+        return Ok(Verdict::Proven(Some(by)));
     }
     let h = c
         .raw
@@ -954,31 +1171,51 @@ async fn verify_remote(
         .await
         .map_err(|e| sftp_err("open", part, host, e))?
         .handle;
-    if c.has("check-file-handle") {
-        let r = check_file(c, &h, part, host, from * RANGE_SIZE, size, src).await;
-        if !matches!(r, Ok(false)) {
-            let _ = c.raw.close(h).await;
-            return r.map(|_| VerifiedBy::CheckFile);
-        }
-    }
-    for i in from..n {
-        let data = read_remote(c, &h, i * RANGE_SIZE, range_len(size, i), part, host).await?;
-        let got = data.digest(size, i);
-        if rec.ranges.get(i as usize) != Some(&got) {
-            let _ = c.raw.close(h).await;
-            return Err(Error::SftpIntegrity {
-                path: part.into(),
-                detail: format!("range {i} read back differs from what was sent"),
-            });
-        }
-    }
+    let bad = remote_hash::readback_first_mismatch(
+        c,
+        &h,
+        part,
+        host,
+        k.size,
+        from..n,
+        None,
+        &k.rec.ranges,
+    )
+    .await;
     let _ = c.raw.close(h).await;
-    Ok(VerifiedBy::Readback)
+    Ok(match bad? {
+        b if b < n => Verdict::Differs {
+            range: b,
+            by: VerifiedBy::Readback,
+        },
+        _ => Verdict::Proven(Some(VerifiedBy::Readback)),
+    })
+}
+
+/// What [`verify_remote`] found.
+enum Verdict {
+    /// Every range it was asked to check matched; how (`None`: none checked).
+    Proven(Option<VerifiedBy>),
+    /// This range differs.
+    Differs { range: u64, by: VerifiedBy },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn illegal_seek_on_a_write_asks_for_in_order_writes() {
+        let e = |op, msg: &str| Error::SftpStatus {
+            op,
+            path: "f.part".into(),
+            code: 4,
+            msg: msg.into(),
+        };
+        assert!(needs_in_order_writes(&e("write", "Illegal seek (Failure)")));
+        assert!(!needs_in_order_writes(&e("write", "Permission denied")));
+        assert!(!needs_in_order_writes(&e("open", "Illegal seek")));
+    }
 
     #[test]
     fn check_file_replies() {
