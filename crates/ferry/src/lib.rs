@@ -13,6 +13,7 @@
 //! * [`tls`]: certificates, fingerprints, the known-servers file.
 //! * [`store`]: the redb journal of partial files and source hashes.
 //! * [`queue`]: the durable outbox of copies that could not finish yet.
+//! * [`agent`]: running queued copies under their locks; `ferry agent`'s passes and report.
 //! * [`status`]: records of unfinished transfers for `ferry status`.
 //! * [`paths`]: confining peer-supplied paths to the server root.
 //! * [`fsutil`]: durable writes, atomic renames, file identity.
@@ -21,6 +22,7 @@
 //! * [`demo`]: the self-contained showcase behind `ferry demo`.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod batch;
 pub mod client;
 pub mod conn;
