@@ -851,6 +851,29 @@ fn print_event(ev: ferry::agent::Event<'_>) {
     }
 }
 
+/// ^C or SIGTERM, remembered from the moment it is installed.
+struct Stop {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn install() -> anyhow::Result<Stop> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Stop {
+            int: signal(SignalKind::interrupt()).context("installing the ^C handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
 /// The long-running drainer behind `ferry agent`.
 async fn agent(client: &ClientArgs, poll: f64, exit_when_empty: bool) -> anyhow::Result<()> {
     if !(0.05..=3600.0).contains(&poll) {
@@ -867,18 +890,28 @@ async fn agent(client: &ClientArgs, poll: f64, exit_when_empty: bool) -> anyhow:
         scan.entries.len(),
         scan.damaged.len()
     );
+    // Installed once, so a ^C or SIGTERM that arrives mid-pass is not lost.
+    let mut stop = Stop::install()?;
     let mut last_key = None;
     loop {
-        let ran = agent
-            .pass(
-                |e| {
-                    let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
-                    let opts = client.options(e.recursive, alg);
-                    copy_entry(e, opts, None, Arc::default())
-                },
-                print_event,
-            )
-            .await;
+        let pass = agent.pass(
+            |e| {
+                let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
+                let opts = client.options(e.recursive, alg);
+                copy_entry(e, opts, None, Arc::default())
+            },
+            print_event,
+        );
+        let ran = tokio::select! {
+            ran = pass => ran,
+            _ = stop.wait() => {
+                // The copy under way stops here; its entry stays queued.
+                for l in agent.report().lines(now_unix()) {
+                    println!("{l}");
+                }
+                return Ok(());
+            }
+        };
         let report = agent.report();
         let key = report.key();
         if ran > 0 || last_key.as_ref() != Some(&key) {
@@ -900,7 +933,7 @@ async fn agent(client: &ClientArgs, poll: f64, exit_when_empty: bool) -> anyhow:
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs_f64(poll)) => {}
-            _ = tokio::signal::ctrl_c() => {
+            _ = stop.wait() => {
                 for l in agent.report().lines(now_unix()) {
                     println!("{l}");
                 }
