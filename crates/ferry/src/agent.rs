@@ -149,7 +149,9 @@ where
         }),
         Err(e) if fresh && !is_transient(&e) => {
             // Only this run ever saw the entry: the error is the report.
-            queue.remove(&entry.id)?;
+            if let Err(rm) = queue.remove(&entry.id) {
+                tracing::warn!(entry = %entry.id, error = %rm, "could not remove the queue entry of a failed copy");
+            }
             Ok(Outcome::Failed(e))
         }
         Err(e) => {

@@ -285,3 +285,28 @@ fn one_agent_per_state_dir() {
     drop(first);
     assert!(Agent::start(dir.path()).unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn a_new_copy_that_cannot_work_is_reported_not_queued_and_one_that_may_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::new(dir.path());
+    let fresh = q.entry_for(&["/src/a".to_string()], "ferry://h/x", false, "blake3");
+    let out = ferry::agent::run_entry(&q, fresh, ferry::agent::Origin::NewCopy, |_| async {
+        Err(unauthorized())
+    })
+    .await
+    .unwrap();
+    assert!(matches!(out, Outcome::Failed(_)), "{out:?}");
+    assert!(q.list().is_empty());
+    let fresh = q.entry_for(&["/src/a".to_string()], "ferry://h/x", false, "blake3");
+    let out = ferry::agent::run_entry(
+        &q,
+        fresh.clone(),
+        ferry::agent::Origin::NewCopy,
+        |_| async { Err(Error::Timeout("no answer".into())) },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(out, Outcome::Queued { .. }), "{out:?}");
+    assert_eq!(q.get(&fresh.id).unwrap().state, "queued");
+}
