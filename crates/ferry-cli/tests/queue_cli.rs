@@ -437,3 +437,18 @@ fn a_duplicated_entry_is_delivered_once_and_the_agent_exits() {
     env.assert_delivered(0, "dup.bin");
     kill9(&mut server);
 }
+
+#[test]
+fn resume_forget_removes_a_queued_copy_on_request() {
+    let env = Env::new();
+    let id = env.queued_copy(0, 10, "x.bin");
+    let out = env
+        .client("resume")
+        .args(["--forget", &id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("forgot {id}")));
+    assert_eq!(std::fs::read_dir(env.queue_dir()).unwrap().count(), 0);
+    assert!(env.status().contains("no unfinished transfers"));
+}
