@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry::admission::AdmissionConfig;
+use ferry::agent::Origin;
 use ferry::copy::{copy, CopyOptions, CopySummary};
 use ferry::progress::Progress;
 use ferry::queue::{now_unix, Queue, QueueEntry};
@@ -32,6 +33,7 @@ mod exit {
     pub const PROTOCOL: u8 = 7;
     /// `ferry serve` could not start (cannot listen, no root, no state).
     pub const STARTUP: u8 = 8;
+    pub const BUSY: u8 = 9;
     pub const OTHER: u8 = 1;
 }
 
@@ -305,6 +307,9 @@ enum Cmd {
         /// Resume every queued copy.
         #[arg(long)]
         all: bool,
+        /// Remove the named entries from the queue without running them.
+        #[arg(long, conflicts_with = "all")]
+        forget: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -414,6 +419,12 @@ fn main() -> ExitCode {
 
 fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
+        if cause.downcast_ref::<ferry::agent::Busy>().is_some() {
+            return exit::BUSY;
+        }
+        if cause.downcast_ref::<QueueNeedsUser>().is_some() {
+            return exit::LOCAL_IO;
+        }
         if let Some(fe) = cause.downcast_ref::<Error>() {
             return match fe.class() {
                 ErrorClass::Usage => exit::USAGE,
@@ -436,6 +447,18 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 #[derive(Debug)]
 struct UsageError(String);
+
+/// Queue entries only the user can deal with (damaged, or left behind).
+#[derive(Debug)]
+struct QueueNeedsUser(String);
+
+impl std::error::Error for QueueNeedsUser {}
+
+impl std::fmt::Display for QueueNeedsUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 impl std::error::Error for UsageError {}
 
@@ -653,49 +676,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Resume { ids, all, client } => {
+        Cmd::Resume {
+            ids,
+            all,
+            forget,
+            client,
+        } => {
             ui::init_logging(cli.log_format == LogFormat::Json, default_level, None);
-            let queue = Queue::new(&client.state_dir());
-            let entries: Vec<QueueEntry> = if all {
-                queue.list()
-            } else if ids.is_empty() {
-                return Err(UsageError("name queue entries to resume, or --all".into()).into());
-            } else {
-                ids.iter()
-                    .map(|id| {
-                        queue.get(id).ok_or_else(|| {
-                            UsageError(format!("no queued copy {id:?} (see ferry status)"))
-                        })
-                    })
-                    .collect::<Result<_, _>>()?
-            };
-            if entries.is_empty() {
-                println!("nothing queued");
-                return Ok(());
-            }
-            let mut failed = None;
-            for e in entries {
-                let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
-                let mut opts = client.options(e.recursive, alg)?;
-                opts.follow_links = e.follow_links;
-                let id = e.id.clone();
-                match run_entry(&queue, e, &opts, None).await {
-                    Ok(s) => {
-                        println!("completed {id}: {}", ui::summary_line(&s));
-                        for l in ui::per_file_lines(&s) {
-                            println!("  {l}");
-                        }
-                    }
-                    Err(err) => {
-                        eprintln!("ferry: {id}: {err:#}");
-                        failed = Some(err);
-                    }
-                }
-            }
-            match failed {
-                Some(e) => Err(e),
-                None => Ok(()),
-            }
+            resume(&client, &ids, all, forget).await
         }
         Cmd::Agent {
             poll,
@@ -789,78 +777,218 @@ impl ProgressSlot {
     }
 }
 
-/// Whether a failure means "try later" (queue it) rather than "this cannot work".
-fn is_transient(e: &Error) -> bool {
-    match e {
-        Error::RetriesExhausted { last, .. } => last.is_retryable(),
-        e => e.is_retryable(),
-    }
-}
-
-/// Runs one copy as a queue entry: the entry stays queued if the copy gives
-/// up for a reason that time can fix, and goes away when it completes or
-/// cannot ever work.
-async fn run_entry(
-    queue: &Queue,
-    mut entry: QueueEntry,
-    opts: &CopyOptions,
-    display: Option<ProgressSlot>,
-) -> anyhow::Result<CopySummary> {
-    if Queue::is_running_elsewhere(&entry) {
-        return Err(UsageError(format!(
-            "this copy is already running (pid {}, queue entry {})",
-            entry.pid, entry.id
-        ))
-        .into());
-    }
-    if let Some(q) = &entry.ssh {
-        // Finish an SFTP copy with the settings it was started with.
+/// Runs the copy a queue entry describes (with the SSH settings it was
+/// started with, for SFTP).
+async fn copy_entry(
+    e: QueueEntry,
+    opts: anyhow::Result<CopyOptions>,
+    multi: Option<indicatif::MultiProgress>,
+    progress: Arc<Progress>,
+) -> ferry::Result<CopySummary> {
+    let opts = opts.map_err(|err| Error::Usage(format!("{err:#}")))?;
+    if let Some(q) = &e.ssh {
         let args = SshArgs {
             identity: q.identities.clone(),
             known_hosts: q.known_hosts.clone(),
             accept_new_host_key: q.accept_new_host_key,
             verify: q.verify.clone(),
         };
-        ferry::sftp::set_defaults(args.options(display.as_ref().and_then(|d| d.multi()))?);
+        let sftp = args
+            .options(multi)
+            .map_err(|err| Error::Usage(format!("{err:#}")))?;
+        ferry::sftp::set_defaults(sftp);
     }
-    entry.state = "running".into();
-    entry.pid = std::process::id();
-    entry.attempts += 1;
-    queue.put(&entry)?;
+    copy(&e.srcs, &e.dst, &opts, progress).await
+}
+
+/// Runs one copy typed by the user as a queue entry: it stays queued if the
+/// copy gives up for a reason that time can fix, and goes away when it
+/// completes.
+async fn run_entry(
+    queue: &Queue,
+    entry: QueueEntry,
+    opts: &CopyOptions,
+    display: Option<ProgressSlot>,
+) -> anyhow::Result<CopySummary> {
+    let id = entry.id.clone();
+    run_queued(queue, entry, Ok(opts.clone()), display, Origin::NewCopy)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("queue entry {id} was completed by another ferry process"))
+}
+
+/// Runs one queue entry under its lock; `None` when another process
+/// completed it first.
+async fn run_queued(
+    queue: &Queue,
+    entry: QueueEntry,
+    opts: anyhow::Result<CopyOptions>,
+    display: Option<ProgressSlot>,
+    origin: Origin,
+) -> anyhow::Result<Option<CopySummary>> {
+    let id = entry.id.clone();
+    let multi = display.as_ref().and_then(|d| d.multi());
     let progress = display
         .as_ref()
         .map(|d| d.progress.clone())
         .unwrap_or_default();
-    let r = copy(&entry.srcs, &entry.dst, opts, progress).await;
+    let outcome = ferry::agent::run_entry(queue, entry, origin, |e| {
+        copy_entry(e, opts, multi, progress)
+    })
+    .await;
     if let Some(d) = display {
         d.display.finish().await;
     }
-    match r {
-        Ok(s) => {
-            queue.remove(&entry.id);
-            Ok(s)
+    match outcome? {
+        ferry::agent::Outcome::Completed {
+            summary,
+            left_behind,
+        } => {
+            if let Some(e) = left_behind {
+                eprintln!("ferry: warning: the copy completed, but its queue entry {id} could not be removed ({e}); delete it");
+            }
+            Ok(Some(summary))
         }
-        Err(e) if is_transient(&e) => {
-            entry.state = "queued".into();
-            entry.last_error = Some(e.to_string());
-            entry.next_attempt_unix = now_unix() + backoff_secs(entry.attempts);
-            queue.put(&entry)?;
+        ferry::agent::Outcome::Queued { error, .. } => {
             eprintln!(
-                "ferry: could not finish now; queued as {} (`ferry resume {}` or `ferry agent` will complete it)",
-                entry.id, entry.id
+                "ferry: could not finish now; queued as {id} (`ferry resume {id}` or `ferry agent` will complete it)"
             );
-            Err(e.into())
+            Err(error.into())
         }
-        Err(e) => {
-            queue.remove(&entry.id);
-            Err(e.into())
-        }
+        ferry::agent::Outcome::Failed(e) => Err(e.into()),
+        ferry::agent::Outcome::Busy(b) => Err(b.into()),
+        ferry::agent::Outcome::Gone => Ok(None),
+        _ => Err(anyhow::anyhow!("queue entry {id}: unexpected outcome")),
     }
 }
 
-/// Seconds before the agent retries an entry after its `attempts`-th failure.
-fn backoff_secs(attempts: u32) -> u64 {
-    (5u64 << attempts.min(6)).min(300)
+/// `ferry resume`: runs (or with `forget`, removes) queued copies.
+async fn resume(
+    client: &ClientArgs,
+    ids: &[String],
+    all: bool,
+    forget: bool,
+) -> anyhow::Result<()> {
+    let queue = Queue::new(&client.state_dir());
+    let scan = queue.scan();
+    if all {
+        for d in &scan.damaged {
+            eprintln!("ferry: {d}");
+        }
+    }
+    let entries: Vec<QueueEntry> = if all {
+        scan.entries
+    } else if ids.is_empty() {
+        return Err(UsageError("name queue entries to resume, or --all".into()).into());
+    } else {
+        ids.iter()
+            .map(|id| {
+                queue
+                    .get(id)
+                    .ok_or_else(|| UsageError(format!("no queued copy {id:?} (see ferry status)")))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if forget {
+        for e in entries {
+            let Some(_claim) = queue.claim(&e.id)? else {
+                return Err(ferry::agent::Busy::Entry {
+                    pid: queue.running_elsewhere(&e.id).unwrap_or(0),
+                    id: e.id,
+                }
+                .into());
+            };
+            queue.remove(&e.id)?;
+            println!("forgot {} ({} -> {})", e.id, e.srcs.join(" "), e.dst);
+        }
+        return Ok(());
+    }
+    if entries.is_empty() && scan.damaged.is_empty() {
+        println!("nothing queued");
+        return Ok(());
+    }
+    let mut failed = None;
+    for e in entries {
+        let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
+        let opts = client.options(e.recursive, alg).map(|mut o| {
+            o.follow_links = e.follow_links;
+            o
+        });
+        let id = e.id.clone();
+        match run_queued(&queue, e, opts, None, Origin::Queued).await {
+            Ok(Some(s)) => {
+                println!("completed {id}: {}", ui::summary_line(&s));
+                for l in ui::per_file_lines(&s) {
+                    println!("  {l}");
+                }
+            }
+            Ok(None) => println!("{id}: already completed by another ferry process"),
+            Err(err) => {
+                eprintln!("ferry: {id}: {err:#}");
+                failed = Some(err);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None if all && !scan.damaged.is_empty() => Err(QueueNeedsUser(format!(
+            "{} damaged queue entries need you (see above)",
+            scan.damaged.len()
+        ))
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// What the agent prints as each entry is run.
+fn print_event(ev: ferry::agent::Event<'_>) {
+    use ferry::agent::Event;
+    let what = |e: &QueueEntry| format!("{} ({} -> {})", e.id, e.srcs.join(" "), e.dst);
+    match ev {
+        Event::Completed { entry, summary } => {
+            println!("completed {}: {}", what(entry), ui::summary_line(summary));
+            for l in ui::per_file_lines(summary) {
+                println!("  {l}");
+            }
+        }
+        Event::LeftBehind { entry, error } => println!(
+            "completed {} but its queue file could not be removed ({error}); delete it",
+            what(entry)
+        ),
+        Event::Queued {
+            entry,
+            reason,
+            retry_in_secs,
+        } => println!(
+            "still missing {}: {reason}; next attempt in {retry_in_secs}s",
+            what(entry)
+        ),
+        Event::Busy { entry, busy } => println!("skipped {}: {busy}", what(entry)),
+        Event::QueueError { entry, error } => println!("still missing {}: {error}", what(entry)),
+        _ => {}
+    }
+}
+
+/// ^C or SIGTERM, remembered from the moment it is installed.
+struct Stop {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn install() -> anyhow::Result<Stop> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Stop {
+            int: signal(SignalKind::interrupt()).context("installing the ^C handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
 }
 
 /// The long-running drainer behind `ferry agent`.
@@ -868,71 +996,66 @@ async fn agent(client: &ClientArgs, poll: f64, exit_when_empty: bool) -> anyhow:
     if !(0.05..=3600.0).contains(&poll) {
         return Err(UsageError("--poll must be between 0.05 and 3600 seconds".into()).into());
     }
-    let queue = Queue::new(&client.state_dir());
+    // Bad flags or an unreadable token file stop the agent now, not each entry.
+    client.options(false, HashAlg::Blake3)?;
+    let state_dir = client.state_dir();
+    let mut agent = ferry::agent::Agent::start(&state_dir)??;
+    let scan = agent.queue().scan();
     println!(
-        "ferry agent: draining {} ({} queued)",
-        client.state_dir().join("queue").display(),
-        queue.list().len()
+        "ferry agent: draining {} ({} queued, {} damaged)",
+        agent.queue().dir().display(),
+        scan.entries.len(),
+        scan.damaged.len()
     );
-    let mut completed: Vec<String> = Vec::new();
-    let mut reported_empty = false;
-    // A freshly started agent tries everything at once; later passes honour backoff.
-    let mut first_pass = true;
+    // Installed once, so a ^C or SIGTERM that arrives mid-pass is not lost.
+    let mut stop = Stop::install()?;
+    let mut last_key = None;
     loop {
-        let entries = queue.list();
-        if entries.is_empty() {
-            if !reported_empty {
-                println!(
-                    "reconciliation: {} completed, nothing missing",
-                    completed.len()
-                );
-                for c in &completed {
-                    println!("  completed {c}");
+        let pass = agent.pass(
+            |e| {
+                let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
+                let opts = client.options(e.recursive, alg).map(|mut o| {
+                    o.follow_links = e.follow_links;
+                    o
+                });
+                copy_entry(e, opts, None, Arc::default())
+            },
+            print_event,
+        );
+        let ran = tokio::select! {
+            ran = pass => ran,
+            _ = stop.wait() => {
+                // The copy under way stops here; its entry stays queued.
+                for l in agent.report().lines(now_unix()) {
+                    println!("{l}");
                 }
-                reported_empty = true;
-            }
-            if exit_when_empty {
                 return Ok(());
             }
-        }
-        for e in entries {
-            if Queue::is_running_elsewhere(&e) || (!first_pass && e.next_attempt_unix > now_unix())
-            {
-                continue;
+        };
+        let report = agent.report();
+        let key = report.key();
+        if ran > 0 || last_key.as_ref() != Some(&key) {
+            for l in report.lines(now_unix()) {
+                println!("{l}");
             }
-            reported_empty = false;
-            let alg = HashAlg::from_name(&e.alg).unwrap_or(HashAlg::Blake3);
-            let mut opts = client.options(e.recursive, alg)?;
-            opts.follow_links = e.follow_links;
-            let what = format!("{} ({} -> {})", e.id, e.srcs.join(" "), e.dst);
-            match run_entry(&queue, e, &opts, None).await {
-                Ok(s) => {
-                    println!("completed {what}: {}", ui::summary_line(&s));
-                    for l in ui::per_file_lines(&s) {
-                        println!("  {l}");
-                    }
-                    completed.push(what);
-                }
-                Err(err) => {
-                    let still = queue.list().into_iter().find(|q| what.starts_with(&q.id));
-                    match still {
-                        Some(q) => println!(
-                            "still missing {what}: {err:#}; next attempt in {}s",
-                            q.next_attempt_unix.saturating_sub(now_unix())
-                        ),
-                        None => println!("failed for good {what}: {err:#}"),
-                    }
-                }
-            }
+            last_key = Some(key);
         }
-        first_pass = false;
+        if exit_when_empty && report.queued.is_empty() {
+            if report.nothing_missing() {
+                return Ok(());
+            }
+            return Err(QueueNeedsUser(format!(
+                "the queue holds {} damaged entries and {} left behind that need you (see the report above)",
+                report.damaged.len(),
+                report.left_behind.len()
+            ))
+            .into());
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs_f64(poll)) => {}
-            _ = tokio::signal::ctrl_c() => {
-                let left = queue.list();
-                println!("reconciliation: {} completed, {} still queued", completed.len(), left.len());
-                for q in left {
-                    println!("  queued {} ({} -> {}): {}", q.id, q.srcs.join(" "), q.dst, q.last_error.unwrap_or_default());
+            _ = stop.wait() => {
+                for l in agent.report().lines(now_unix()) {
+                    println!("{l}");
                 }
                 return Ok(());
             }

@@ -278,10 +278,32 @@ pub fn print_status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     let peers = ferry::status::PeerStatus::new(state_dir).list();
+    let queue = ferry::queue::Queue::new(state_dir);
+    let scan = queue.scan();
     if json {
+        let queued: Vec<_> = scan
+            .entries
+            .iter()
+            .map(|q| {
+                let mut v = serde_json::to_value(q).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    let running = queue.is_running_elsewhere(&q.id);
+                    o.insert(
+                        "state".into(),
+                        (if running { "running" } else { "queued" }).into(),
+                    );
+                }
+                v
+            })
+            .collect();
+        let damaged: Vec<_> = scan
+            .damaged
+            .iter()
+            .map(|d| serde_json::json!({ "path": d.path, "problem": d.problem }))
+            .collect();
         println!(
             "{}",
-            serde_json::json!({ "transfers": recs, "peers": peers })
+            serde_json::json!({ "transfers": recs, "peers": peers, "queue": queued, "damaged": damaged })
         );
         return Ok(());
     }
@@ -300,9 +322,12 @@ pub fn print_status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
             (state, _) => println!("peer {}: circuit breaker {state}", p.addr),
         }
     }
-    let queued = ferry::queue::Queue::new(state_dir).list();
-    for q in &queued {
-        let state = if ferry::queue::Queue::is_running_elsewhere(q) {
+    for d in &scan.damaged {
+        println!("{d}");
+    }
+    let queued = &scan.entries;
+    for q in queued {
+        let state = if queue.is_running_elsewhere(&q.id) {
             "running"
         } else {
             "queued"
@@ -319,7 +344,7 @@ pub fn print_status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     if recs.is_empty() {
-        if queued.is_empty() {
+        if queued.is_empty() && scan.damaged.is_empty() {
             println!("no unfinished transfers");
         }
         return Ok(());

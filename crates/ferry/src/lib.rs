@@ -16,6 +16,7 @@
 //! * [`tls`]: certificates, fingerprints, the known-servers file.
 //! * [`store`]: the redb journal of partial files and source hashes.
 //! * [`queue`]: the durable outbox of copies that could not finish yet.
+//! * [`agent`]: running queued copies under their locks; `ferry agent`'s passes and report.
 //! * [`status`]: records of unfinished transfers for `ferry status`.
 //! * [`paths`]: confining peer-supplied paths to the server root.
 //! * [`hostport`]: `HOST[:PORT]` in URLs, checked before anything is dialed.
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod agent;
 pub mod batch;
 pub mod client;
 pub mod conn;
