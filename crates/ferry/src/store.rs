@@ -189,8 +189,15 @@ impl Store {
         &self.path
     }
 
-    /// The database, for modules that keep their own tables (the SFTP sidecars).
-    pub(crate) fn db(&self) -> &Database {
+    /// Runs `f` on the database, for modules that keep their own tables (the
+    /// SFTP sidecars), under the same guard as every call of the store: a
+    /// damaged file is [`Error::StoreDamaged`], never a panic.
+    pub(crate) fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        guard(&self.path, || f(&self.db))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn db_for_tests(&self) -> &Database {
         &self.db
     }
 

@@ -114,23 +114,8 @@ impl SftpTarget {
                 authority,
             ),
         };
-        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
-            let (h, after) = h
-                .split_once(']')
-                .ok_or_else(|| Error::Usage(format!("{s}: bad [host]")))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().ok(),
-                None if after.is_empty() => Some(22),
-                None => None,
-            };
-            (h.to_string(), port)
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), p.parse().ok()),
-                None => (hostport.to_string(), Some(22)),
-            }
-        };
-        let port = port.ok_or_else(|| Error::Usage(format!("{s}: bad port")))?;
+        let (host, port) = crate::hostport::parse(hostport, 22)
+            .map_err(|why| Error::Usage(format!("{s}: {why}")))?;
         if host.is_empty() || user.is_empty() {
             return Err(Error::Usage(format!("{s}: missing host or user")));
         }
@@ -916,6 +901,10 @@ mod tests {
         assert_eq!(t.host, "::1");
         assert_eq!(t.hostport(), "[::1]:22");
         assert!(SftpTarget::parse("sftp://bob@h:xx/x").is_err());
+        for bad in ["sftp://bob@h:0/x", "sftp://bob@h:65536/x", "sftp://bob@[::1/x"] {
+            let e = SftpTarget::parse(bad).unwrap_err();
+            assert_eq!(e.class(), crate::ErrorClass::Usage, "{bad}: {e}");
+        }
         assert!(SftpTarget::parse("sftp:///x").is_err());
         assert_eq!("full".parse::<Verify>().unwrap(), Verify::Full);
         assert!("nope".parse::<Verify>().is_err());

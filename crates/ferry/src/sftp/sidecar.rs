@@ -79,37 +79,43 @@ fn exec_key(account: &str) -> String {
 }
 
 pub fn exec_caps(store: &Store, account: &str) -> Result<Option<ExecCaps>> {
-    let tx = store.db().begin_read()?;
-    let t = match tx.open_table(HOSTS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let caps = t
-        .get(exec_key(account).as_str())?
-        .and_then(|v| serde_json::from_slice(v.value()).ok());
-    Ok(caps)
+    store.with_db(|db| {
+        let tx = db.begin_read()?;
+        let t = match tx.open_table(HOSTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let caps = t
+            .get(exec_key(account).as_str())?
+            .and_then(|v| serde_json::from_slice(v.value()).ok());
+        Ok(caps)
+    })
 }
 
 pub fn put_exec_caps(store: &Store, account: &str, caps: &ExecCaps) -> Result<()> {
     let body = serde_json::to_vec(caps).map_err(|e| Error::Store(e.to_string()))?;
-    let tx = store.db().begin_write()?;
-    {
-        let mut t = tx.open_table(HOSTS)?;
-        t.insert(exec_key(account).as_str(), body.as_slice())?;
-    }
-    tx.commit()?;
-    Ok(())
+    store.with_db(|db| {
+        let tx = db.begin_write()?;
+        {
+            let mut t = tx.open_table(HOSTS)?;
+            t.insert(exec_key(account).as_str(), body.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    })
 }
 
 pub fn remove_exec_caps(store: &Store, account: &str) -> Result<()> {
-    let tx = store.db().begin_write()?;
-    {
-        let mut t = tx.open_table(HOSTS)?;
-        t.remove(exec_key(account).as_str())?;
-    }
-    tx.commit()?;
-    Ok(())
+    store.with_db(|db| {
+        let tx = db.begin_write()?;
+        {
+            let mut t = tx.open_table(HOSTS)?;
+            t.remove(exec_key(account).as_str())?;
+        }
+        tx.commit()?;
+        Ok(())
+    })
 }
 
 pub fn upload_key(local: &str, remote: &str) -> String {
@@ -121,67 +127,77 @@ pub fn download_key(local: &str, remote: &str) -> String {
 }
 
 pub fn get(store: &Store, key: &str) -> Result<Option<Sidecar>> {
-    let tx = store.db().begin_read()?;
-    let t = match tx.open_table(SIDECARS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let Some(v) = t.get(key)? else {
-        return Ok(None);
-    };
-    // A record we cannot read is treated as absent: the transfer starts fresh.
-    let rec: Option<Sidecar> = serde_json::from_slice(v.value()).ok();
-    Ok(rec.filter(|r| {
-        r.range_size == RANGE_SIZE && r.scheme == RANGE_SCHEME && r.ranges.len() <= MAX_RANGES
-    }))
+    store.with_db(|db| {
+        let tx = db.begin_read()?;
+        let t = match tx.open_table(SIDECARS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(v) = t.get(key)? else {
+            return Ok(None);
+        };
+        // A record we cannot read is treated as absent: the transfer starts fresh.
+        let rec: Option<Sidecar> = serde_json::from_slice(v.value()).ok();
+        Ok(rec.filter(|r| {
+            r.range_size == RANGE_SIZE && r.scheme == RANGE_SCHEME && r.ranges.len() <= MAX_RANGES
+        }))
+    })
 }
 
 /// Stores `rec` durably (redb commits with fsync).
 pub fn put(store: &Store, key: &str, rec: &Sidecar) -> Result<()> {
     let body = serde_json::to_vec(rec).map_err(|e| Error::Store(e.to_string()))?;
-    let tx = store.db().begin_write()?;
-    {
-        let mut t = tx.open_table(SIDECARS)?;
-        t.insert(key, body.as_slice())?;
-    }
-    tx.commit()?;
-    Ok(())
+    store.with_db(|db| {
+        let tx = db.begin_write()?;
+        {
+            let mut t = tx.open_table(SIDECARS)?;
+            t.insert(key, body.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    })
 }
 
 pub fn remove(store: &Store, key: &str) -> Result<()> {
-    let tx = store.db().begin_write()?;
-    {
-        let mut t = tx.open_table(SIDECARS)?;
-        t.remove(key)?;
-    }
-    tx.commit()?;
-    Ok(())
+    store.with_db(|db| {
+        let tx = db.begin_write()?;
+        {
+            let mut t = tx.open_table(SIDECARS)?;
+            t.remove(key)?;
+        }
+        tx.commit()?;
+        Ok(())
+    })
 }
 
 pub fn host_caps(store: &Store, host: &str) -> Result<HostCaps> {
-    let tx = store.db().begin_read()?;
-    let t = match tx.open_table(HOSTS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HostCaps::default()),
-        Err(e) => return Err(e.into()),
-    };
-    let caps = t
-        .get(host)?
-        .and_then(|v| serde_json::from_slice(v.value()).ok())
-        .unwrap_or_default();
-    Ok(caps)
+    store.with_db(|db| {
+        let tx = db.begin_read()?;
+        let t = match tx.open_table(HOSTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HostCaps::default()),
+            Err(e) => return Err(e.into()),
+        };
+        let caps = t
+            .get(host)?
+            .and_then(|v| serde_json::from_slice(v.value()).ok())
+            .unwrap_or_default();
+        Ok(caps)
+    })
 }
 
 pub fn put_host_caps(store: &Store, host: &str, caps: &HostCaps) -> Result<()> {
     let body = serde_json::to_vec(caps).map_err(|e| Error::Store(e.to_string()))?;
-    let tx = store.db().begin_write()?;
-    {
-        let mut t = tx.open_table(HOSTS)?;
-        t.insert(host, body.as_slice())?;
-    }
-    tx.commit()?;
-    Ok(())
+    store.with_db(|db| {
+        let tx = db.begin_write()?;
+        {
+            let mut t = tx.open_table(HOSTS)?;
+            t.insert(host, body.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    })
 }
 
 pub fn hex32(d: &blake3::Hash) -> String {
@@ -349,7 +365,7 @@ mod tests {
         // A record written before source_id existed still loads (and then
         // matches no upload's source).
         let old = br#"{"size":9,"mtime_ns":5,"tail":"ab","range_size":8388608,"ranges":["00"],"scheme":2}"#;
-        let tx = store.db().begin_write().unwrap();
+        let tx = store.db_for_tests().begin_write().unwrap();
         tx.open_table(SIDECARS)
             .unwrap()
             .insert(key.as_str(), old.as_slice())
