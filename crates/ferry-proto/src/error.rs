@@ -1,31 +1,8 @@
 //! Errors of the protocol core, grouped by who is at fault.
 
+use crate::failure::Failure;
 use crate::hash::ChunkHash;
-
-/// A frame or message from the peer could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DecodeError {
-    /// The peer sent bytes that do not form a valid message.
-    #[error("malformed message: {0}")]
-    Malformed(&'static str),
-    /// A length or count exceeds what this implementation accepts.
-    #[error("{what} too large: {len} > {max}")]
-    TooLarge {
-        what: &'static str,
-        len: u64,
-        max: u64,
-    },
-    /// A required field is missing.
-    #[error("message {message} lacks required field {field}")]
-    MissingField {
-        message: &'static str,
-        field: &'static str,
-    },
-    /// A frame type this version does not know and cannot skip.
-    #[error("unknown frame type {0}")]
-    UnknownFrame(u8),
-}
+pub use crate::wire::DecodeError;
 
 /// Why a transfer could not go on, as seen by the protocol core.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +35,7 @@ pub enum ProtoError {
     SourceChanged { chunk: u32 },
     /// The peer reported an error.
     #[error("peer reported: {0}")]
-    Remote(crate::message::Failure),
+    Remote(Failure),
 }
 
 impl ProtoError {

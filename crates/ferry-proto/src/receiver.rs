@@ -450,10 +450,10 @@ impl Receiver {
             self.events
                 .push_back(ReceiverEvent::Forget(RangeSet::full(self.layout.count())));
             self.out
-                .push_back(Message::Failure(crate::message::Failure::new(
+                .push_back(Message::Failure(crate::failure::Failure::new(
                     // Every chunk is forgotten, so a retry starts this file
                     // clean: retryable, bounded by the sender's attempt cap.
-                    crate::message::FailureCode::SourceChanged,
+                    crate::failure::FailureCode::SourceChanged,
                     format!("whole-file digest mismatch: sender {expected}, receiver {digest}; starting the file over"),
                 )));
             return;

@@ -8,7 +8,30 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::error::DecodeError;
+/// A frame or message from the peer could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The peer sent bytes that do not form a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    /// A length or count exceeds what this implementation accepts.
+    #[error("{what} too large: {len} > {max}")]
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
+    /// A required field is missing.
+    #[error("message {message} lacks required field {field}")]
+    MissingField {
+        message: &'static str,
+        field: &'static str,
+    },
+    /// A frame type this version does not know and cannot skip.
+    #[error("unknown frame type {0}")]
+    UnknownFrame(u8),
+}
 
 /// Largest value a varint may carry (u64).
 const MAX_VARINT_LEN: usize = 10;
