@@ -32,7 +32,7 @@ mod wire;
 pub use wire::DecodeError;
 
 pub use chunk::ChunkLayout;
-pub use error::ProtoError;
+pub use error::{Incompatibility, Misbehavior, ProtoError};
 pub use failure::{Failure, FailureCode};
 pub use hash::{ChunkHash, HashAlg, TransferId};
 pub use message::{DataHeader, FrameDecoder, Message};
