@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::failure::{Failure, FailureCode};
 use crate::hash::HashAlg;
-use crate::message::{Failure, FailureCode, Message, Version};
+use crate::message::{Message, Version};
 
 /// The protocol versions this build speaks, newest first.
 pub const SUPPORTED_VERSIONS: &[Version] = &[Version { major: 1, minor: 0 }];

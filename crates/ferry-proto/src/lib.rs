@@ -5,6 +5,8 @@
 //!
 //! A tour of the modules:
 //! * [`message`]: frames and messages, their encoding and bounded decoding.
+//! * `wire` (private): the field encoding inside a message body, and [`DecodeError`].
+//! * `failure` (private): [`Failure`] and [`FailureCode`], the error report peers exchange.
 //! * [`handshake`]: version and capability negotiation.
 //! * [`chunk`]: how a file is cut into chunks ([`ChunkLayout`]).
 //! * [`ranges`]: sets of chunk indices ([`RangeSet`]), the currency of resume.
@@ -17,6 +19,7 @@
 pub mod breaker;
 pub mod chunk;
 pub mod error;
+mod failure;
 pub mod handshake;
 pub mod hash;
 pub mod message;
@@ -26,10 +29,13 @@ pub mod retry;
 pub mod sender;
 mod wire;
 
+pub use wire::DecodeError;
+
 pub use chunk::ChunkLayout;
-pub use error::{DecodeError, ProtoError};
+pub use error::{Incompatibility, Misbehavior, ProtoError};
+pub use failure::{Failure, FailureCode};
 pub use hash::{ChunkHash, HashAlg, TransferId};
-pub use message::{DataHeader, Failure, FailureCode, FrameDecoder, Message};
+pub use message::{DataHeader, FrameDecoder, Message};
 pub use ranges::RangeSet;
 pub use receiver::{DataVerdict, Receiver, ReceiverConfig, ReceiverEvent};
 pub use sender::{Sender, SenderConfig, SenderEvent, Transmit};

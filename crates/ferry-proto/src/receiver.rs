@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 
 use crate::chunk::ChunkLayout;
-use crate::error::ProtoError;
+use crate::error::{Misbehavior, ProtoError};
 use crate::hash::{file_digest, ChunkHash, HashAlg, TransferId};
 use crate::message::{Message, MAX_OFFER_CHUNKS};
 use crate::ranges::RangeSet;
@@ -240,17 +240,13 @@ impl Receiver {
         len: usize,
     ) -> Result<DataVerdict, ProtoError> {
         if self.phase != Phase::Receiving {
-            return Err(ProtoError::PeerMisbehaved(
-                "Data outside the data phase".into(),
-            ));
+            return Err(ProtoError::out_of_order("Data", "outside the data phase"));
         }
         if index >= self.layout.count()
             || offset != self.layout.offset(index)
             || len != self.layout.len(index) as usize
         {
-            return Err(ProtoError::PeerMisbehaved(format!(
-                "Data for chunk {index} at offset {offset} with {len} bytes does not fit the file layout"
-            )));
+            return Err(Misbehavior::DataOutsideLayout { index, offset, len }.into());
         }
         if self.have[index as usize].is_some()
             || self.pending_set.contains(index)
@@ -373,13 +369,11 @@ impl Receiver {
         match msg {
             Message::Agreed { ranges } => {
                 if self.phase != Phase::AwaitAgreed {
-                    return Err(ProtoError::PeerMisbehaved("Agreed twice".into()));
+                    return Err(ProtoError::out_of_order("Agreed", "twice"));
                 }
                 let held = self.held();
                 if !ranges.difference(&held).is_empty() {
-                    return Err(ProtoError::PeerMisbehaved(
-                        "Agreed names chunks that were not offered".into(),
-                    ));
+                    return Err(Misbehavior::AgreedNotOffered.into());
                 }
                 let refused = held.difference(&ranges);
                 if !refused.is_empty() {
@@ -394,9 +388,7 @@ impl Receiver {
             }
             Message::Done { digest } => {
                 if self.phase != Phase::Receiving {
-                    return Err(ProtoError::PeerMisbehaved(
-                        "Done outside the data phase".into(),
-                    ));
+                    return Err(ProtoError::out_of_order("Done", "outside the data phase"));
                 }
                 self.done = Some(digest);
                 self.start_checkpoint();
@@ -409,10 +401,7 @@ impl Receiver {
                 Ok(())
             }
             Message::Pong { .. } => Ok(()),
-            other => Err(ProtoError::PeerMisbehaved(format!(
-                "unexpected {} during a transfer",
-                other.name()
-            ))),
+            other => Err(ProtoError::unexpected(other.name(), "during a transfer")),
         }
     }
 
@@ -450,10 +439,10 @@ impl Receiver {
             self.events
                 .push_back(ReceiverEvent::Forget(RangeSet::full(self.layout.count())));
             self.out
-                .push_back(Message::Failure(crate::message::Failure::new(
+                .push_back(Message::Failure(crate::failure::Failure::new(
                     // Every chunk is forgotten, so a retry starts this file
                     // clean: retryable, bounded by the sender's attempt cap.
-                    crate::message::FailureCode::SourceChanged,
+                    crate::failure::FailureCode::SourceChanged,
                     format!("whole-file digest mismatch: sender {expected}, receiver {digest}; starting the file over"),
                 )));
             return;

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::chunk::ChunkLayout;
-use crate::error::ProtoError;
+use crate::error::{Misbehavior, ProtoError};
 use crate::hash::{chunk_tag, file_digest, ChunkHash, HashAlg, TransferId};
 use crate::message::Message;
 use crate::ranges::RangeSet;
@@ -228,11 +228,14 @@ impl Sender {
                 more,
             } => {
                 if self.phase != Phase::AwaitOffer {
-                    return Err(misbehaved("Offer after the resume handshake"));
+                    return Err(ProtoError::out_of_order(
+                        "Offer",
+                        "after the resume handshake",
+                    ));
                 }
                 for (k, i) in ranges.iter().enumerate() {
                     if i >= self.layout.count() {
-                        return Err(misbehaved("Offer names a chunk past the end of the file"));
+                        return Err(Misbehavior::ChunkPastEnd { message: "Offer" }.into());
                     }
                     let mut h = [0u8; 32];
                     h.copy_from_slice(&hashes[32 * k..32 * k + 32]);
@@ -279,7 +282,7 @@ impl Sender {
             Message::Reject { index } => {
                 self.expect_transfer("Reject")?;
                 if index >= self.layout.count() {
-                    return Err(misbehaved("Reject names a chunk past the end of the file"));
+                    return Err(Misbehavior::ChunkPastEnd { message: "Reject" }.into());
                 }
                 self.events.push_back(SenderEvent::Rejected { index });
                 self.requeue(&RangeSet::from_iter([index]))
@@ -287,17 +290,17 @@ impl Sender {
             Message::Need { ranges } => {
                 self.expect_transfer("Need")?;
                 if ranges.iter_ranges().any(|r| r.end > self.layout.count()) {
-                    return Err(misbehaved("Need names a chunk past the end of the file"));
+                    return Err(Misbehavior::ChunkPastEnd { message: "Need" }.into());
                 }
                 self.requeue(&ranges)
             }
             Message::Complete { digest } => {
                 if self.phase != Phase::AwaitComplete {
-                    return Err(misbehaved("Complete before Done"));
+                    return Err(ProtoError::out_of_order("Complete", "before Done"));
                 }
-                let ours = self
-                    .digest()
-                    .ok_or_else(|| misbehaved("Complete while hashes are missing"))?;
+                let ours = self.digest().ok_or_else(|| {
+                    ProtoError::out_of_order("Complete", "while hashes are missing")
+                })?;
                 if ours != digest {
                     return Err(ProtoError::DigestMismatch {
                         expected: ours,
@@ -314,19 +317,14 @@ impl Sender {
                 Ok(())
             }
             Message::Pong { .. } => Ok(()),
-            other => Err(ProtoError::PeerMisbehaved(format!(
-                "unexpected {} during a transfer",
-                other.name()
-            ))),
+            other => Err(ProtoError::unexpected(other.name(), "during a transfer")),
         }
     }
 
-    fn expect_transfer(&self, what: &str) -> Result<(), ProtoError> {
+    fn expect_transfer(&self, what: &'static str) -> Result<(), ProtoError> {
         match self.phase {
             Phase::Sending | Phase::AwaitComplete => Ok(()),
-            _ => Err(ProtoError::PeerMisbehaved(format!(
-                "{what} outside the data phase"
-            ))),
+            _ => Err(ProtoError::out_of_order(what, "outside the data phase")),
         }
     }
 
@@ -391,9 +389,7 @@ impl Sender {
     /// Fails if the same chunk hashed differently before: the source changed.
     pub fn chunk_read(&mut self, index: u32, content: ChunkHash) -> Result<ChunkHash, ProtoError> {
         if !self.awaiting_read.contains(index) {
-            return Err(ProtoError::PeerMisbehaved(format!(
-                "driver reported chunk {index} it was not asked for"
-            )));
+            return Err(Misbehavior::UnrequestedChunk { index }.into());
         }
         self.awaiting_read.remove(index);
         match self.source_hash(index) {
@@ -447,8 +443,4 @@ impl Sender {
             hashes?.iter(),
         ))
     }
-}
-
-fn misbehaved(s: &str) -> ProtoError {
-    ProtoError::PeerMisbehaved(s.to_string())
 }

@@ -8,7 +8,32 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::error::DecodeError;
+use crate::ranges::RangeSet;
+
+/// A frame or message from the peer could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The peer sent bytes that do not form a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    /// A length or count exceeds what this implementation accepts.
+    #[error("{what} too large: {len} > {max}")]
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
+    /// A required field is missing.
+    #[error("message {message} lacks required field {field}")]
+    MissingField {
+        message: &'static str,
+        field: &'static str,
+    },
+    /// A frame type this version does not know and cannot skip.
+    #[error("unknown frame type {0}")]
+    UnknownFrame(u8),
+}
 
 /// Largest value a varint may carry (u64).
 const MAX_VARINT_LEN: usize = 10;
@@ -140,7 +165,53 @@ pub(crate) fn as_array<const N: usize>(value: &[u8]) -> Result<[u8; N], DecodeEr
         .map_err(|_| DecodeError::Malformed("fixed-size field has the wrong length"))
 }
 
+/// Most ranges in one range-set field.
+pub const MAX_RANGES: usize = 64 * 1024;
+
+/// A range set as a field value: `start, len` varint pairs.
+pub(crate) fn encode_ranges(set: &RangeSet) -> Bytes {
+    let mut b = BytesMut::new();
+    for r in set.iter_ranges() {
+        put_varint(&mut b, u64::from(r.start));
+        put_varint(&mut b, u64::from(r.end - r.start));
+    }
+    b.freeze()
+}
+
+pub(crate) fn decode_ranges(mut v: &[u8]) -> Result<RangeSet, DecodeError> {
+    // Collected, sorted, then inserted in order: O(n log n) whatever order a
+    // peer sends them in (inserting out of order one by one is quadratic).
+    let mut list = Vec::new();
+    let mut n = 0usize;
+    while !v.is_empty() {
+        n += 1;
+        if n > MAX_RANGES {
+            return Err(DecodeError::TooLarge {
+                what: "range set",
+                len: n as u64,
+                max: MAX_RANGES as u64,
+            });
+        }
+        let (start, a) = get_varint(v)?;
+        let (len, b) = get_varint(&v[a..])?;
+        v = &v[a + b..];
+        let start =
+            u32::try_from(start).map_err(|_| DecodeError::Malformed("range start out of range"))?;
+        let end = u64::from(start) + len;
+        let end =
+            u32::try_from(end).map_err(|_| DecodeError::Malformed("range end out of range"))?;
+        list.push(start..end);
+    }
+    list.sort_unstable_by_key(|r| r.start);
+    let mut set = RangeSet::new();
+    for r in list {
+        set.insert_range(r);
+    }
+    Ok(set)
+}
+
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -189,5 +260,28 @@ mod tests {
             seen.push(tag);
         }
         assert_eq!(seen, vec![1, 99, 2]);
+    }
+
+    #[test]
+    fn ranges_in_reverse_order_decode_quickly_and_merge() {
+        // 64 K disjoint ranges, worst order for one-by-one insertion.
+        let mut b = bytes::BytesMut::new();
+        for i in (0..MAX_RANGES as u64).rev() {
+            put_varint(&mut b, i * 2);
+            put_varint(&mut b, 1);
+        }
+        let set = decode_ranges(&b).unwrap();
+        assert_eq!(set.iter_ranges().count(), MAX_RANGES);
+        // Overlapping and touching ranges, unordered, merge.
+        let mut b = bytes::BytesMut::new();
+        for (start, len) in [(10u64, 5u64), (0, 3), (3, 2), (12, 10)] {
+            put_varint(&mut b, start);
+            put_varint(&mut b, len);
+        }
+        let set = decode_ranges(&b).unwrap();
+        assert_eq!(
+            set.iter_ranges().cloned().collect::<Vec<_>>(),
+            vec![0..5, 10..22]
+        );
     }
 }

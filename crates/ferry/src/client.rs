@@ -107,10 +107,7 @@ fn remote(f: ferry_proto::Failure) -> Error {
 }
 
 fn unexpected(m: &Message) -> Error {
-    Error::Proto(ProtoError::PeerMisbehaved(format!(
-        "unexpected {} from server",
-        m.name()
-    )))
+    Error::Proto(ProtoError::unexpected(m.name(), "from server"))
 }
 
 impl Session {
@@ -337,9 +334,12 @@ impl Session {
             }
         };
         if need.iter().any(|i| i >= n) {
-            return Err(Error::Proto(ProtoError::PeerMisbehaved(
-                "server asked for a file beyond the batch".into(),
-            )));
+            return Err(Error::Proto(
+                ferry_proto::Misbehavior::BatchIndexOutOfRange {
+                    message: "BatchNeed",
+                }
+                .into(),
+            ));
         }
         let mut throttle = Throttle::new(self.bwlimit);
         for i in need.iter() {
@@ -375,9 +375,12 @@ impl Session {
             match m {
                 Message::BatchResult { done, failures } => {
                     if done.iter().any(|i| i >= n) || failures.iter().any(|f| f.index >= n) {
-                        return Err(Error::Proto(ProtoError::PeerMisbehaved(
-                            "batch result names a file beyond the batch".into(),
-                        )));
+                        return Err(Error::Proto(
+                            ferry_proto::Misbehavior::BatchIndexOutOfRange {
+                                message: "BatchResult",
+                            }
+                            .into(),
+                        ));
                     }
                     return Ok(BatchOutcome {
                         done,
@@ -418,8 +421,7 @@ impl Session {
             .saturating_add(n as u64 * ferry_proto::message::MAX_BATCH_FILE / 4)
             .max(1 << 20);
         let mut received = 0u64;
-        let misbehaved =
-            |what: &str| Error::Proto(ProtoError::PeerMisbehaved(format!("batch answer: {what}")));
+        let misbehaved = |m: ferry_proto::Misbehavior| Error::Proto(m.into());
         loop {
             let m = self
                 .conn
@@ -435,16 +437,22 @@ impl Session {
                 } => {
                     let i = index as usize;
                     let Some(w) = want.get(i) else {
-                        return Err(misbehaved("a file beyond the request"));
+                        return Err(misbehaved(ferry_proto::Misbehavior::BatchIndexOutOfRange {
+                            message: "BatchItem",
+                        }));
                     };
                     if items[i].is_some() || file.path != w.path {
-                        return Err(misbehaved("a file twice, or under another name"));
+                        return Err(misbehaved(ferry_proto::Misbehavior::BatchItemRepeated {
+                            index,
+                        }));
                     }
                     match &payload {
                         Some(p) => {
                             received += p.len() as u64;
                             if received > budget {
-                                return Err(misbehaved("far more data than asked for"));
+                                return Err(misbehaved(
+                                    ferry_proto::Misbehavior::BatchOverBudget { received, budget },
+                                ));
                             }
                             if p.len() as u64 != file.size
                                 || ferry_proto::hash::small_file_digest(alg, p) != file.digest
@@ -461,7 +469,9 @@ impl Session {
                         }
                         None => {
                             if file.digest != w.digest || file.size != w.size {
-                                return Err(misbehaved("no content for a file we do not hold"));
+                                return Err(misbehaved(
+                                    ferry_proto::Misbehavior::BatchItemWithoutContent { index },
+                                ));
                             }
                         }
                     }
@@ -469,7 +479,9 @@ impl Session {
                 }
                 Message::BatchResult { failures: f, .. } => {
                     if f.iter().any(|x| x.index as usize >= n) {
-                        return Err(misbehaved("a failure beyond the request"));
+                        return Err(misbehaved(ferry_proto::Misbehavior::BatchIndexOutOfRange {
+                            message: "BatchResult",
+                        }));
                     }
                     failures.extend(f);
                     return Ok(GetBatch { items, failures });

@@ -492,10 +492,10 @@ async fn recv_lane(
             }
             Message::Ping { .. } | Message::Pong { .. } => {}
             other => {
-                return Err(Error::Proto(ProtoError::PeerMisbehaved(format!(
-                    "unexpected {} on a data lane",
-                    other.name()
-                ))))
+                return Err(Error::Proto(ProtoError::unexpected(
+                    other.name(),
+                    "on a data lane",
+                )))
             }
         }
     }

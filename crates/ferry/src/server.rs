@@ -413,17 +413,17 @@ async fn accept_client(
             "expected Hello",
         )))
         .await?;
-        return Err(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved(
-            "first frame was not Hello".into(),
-        )));
+        return Err(Error::Proto(
+            ferry_proto::Misbehavior::FirstFrameNotHello.into(),
+        ));
     };
     let negotiated = match negotiate(&versions, &caps) {
         Ok(n) => n,
         Err(f) => {
             conn.send(&Message::Failure(f.clone())).await?;
-            return Err(Error::Proto(ferry_proto::ProtoError::Incompatible(
-                f.message,
-            )));
+            return Err(Error::Proto(
+                ferry_proto::Incompatibility::Version(f).into(),
+            ));
         }
     };
     if let Some(expected) = &shared.token_hash {
@@ -870,10 +870,7 @@ async fn handle_request(
         Message::Pong { .. } => {}
         other => {
             return Err(RequestError::Fatal(Error::Proto(
-                ferry_proto::ProtoError::PeerMisbehaved(format!(
-                    "unexpected {} between requests",
-                    other.name()
-                )),
+                ferry_proto::ProtoError::unexpected(other.name(), "between requests"),
             )))
         }
     }
@@ -1230,9 +1227,9 @@ async fn serve_batch(
                 Message::BatchData { index, payload } => {
                     let i = index as usize;
                     if !need.contains(index) || got.contains(index) {
-                        return Err(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved(
-                            format!("batch data for file {index}, which was not asked for"),
-                        )));
+                        return Err(Error::Proto(
+                            ferry_proto::Misbehavior::BatchDataUnasked { index }.into(),
+                        ));
                     }
                     got.insert(index);
                     let f = &files[i];
@@ -1280,8 +1277,9 @@ async fn serve_batch(
                     return absorb(job, &mut written, &mut written_idx, &mut failures).await;
                 }
                 other => {
-                    return Err(Error::Proto(ferry_proto::ProtoError::PeerMisbehaved(
-                        format!("unexpected {} in a batch", other.name()),
+                    return Err(Error::Proto(ferry_proto::ProtoError::unexpected(
+                        other.name(),
+                        "in a batch",
                     )))
                 }
             }
@@ -1301,7 +1299,7 @@ async fn serve_batch(
         let w = std::mem::take(&mut written);
         let _ = tokio::task::spawn_blocking(move || crate::batch::discard(w)).await;
         return Err(RequestError::Fatal(Error::Proto(
-            ferry_proto::ProtoError::PeerMisbehaved("batch committed with files missing".into()),
+            ferry_proto::Misbehavior::BatchIncomplete.into(),
         )));
     }
     let t_commit = std::time::Instant::now();

@@ -1132,16 +1132,16 @@ pub fn prepare_receive(
 ) -> Result<(Receiver, DestFile)> {
     use crate::store::PartialRecord;
     let layout = ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size).ok_or_else(|| {
-        Error::Proto(ProtoError::PeerMisbehaved(format!(
-            "unacceptable chunk size {} for {} bytes",
-            meta.chunk_size, meta.size
-        )))
+        Error::Proto(
+            ferry_proto::Misbehavior::BadChunkSize {
+                chunk_size: meta.chunk_size,
+                size: meta.size,
+            }
+            .into(),
+        )
     })?;
     let alg = HashAlg::from_name(&meta.alg).ok_or_else(|| {
-        Error::Proto(ProtoError::Incompatible(format!(
-            "unknown hash algorithm {:?}",
-            meta.alg
-        )))
+        Error::Proto(ferry_proto::Incompatibility::UnknownHashAlg(meta.alg.clone()).into())
     })?;
     let key = final_path.to_string_lossy().into_owned();
     let part_path = fsutil::part_path(final_path);

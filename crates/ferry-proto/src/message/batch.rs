@@ -1,0 +1,271 @@
+//! Small files, many to a round trip: `BatchPut`/`BatchNeed`/`BatchData`/
+//! `BatchCommit` up, `BatchGet`/`BatchItem` down, `BatchResult` to close
+//! either, and the [`BatchFile`] and [`BatchFailure`] they carry.
+
+use bytes::Bytes;
+
+use super::{kind, Message, MAX_BATCH_FILE, MAX_BATCH_FILES, MAX_PATH};
+use crate::failure::{Failure, FailureCode, MAX_TEXT};
+use crate::hash::ChunkHash;
+use crate::ranges::RangeSet;
+use crate::wire::{
+    as_array, as_string, as_u32, as_u64, decode_ranges, encode_ranges, DecodeError, FieldReader,
+    FieldWriter,
+};
+
+/// One small file announced in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFile {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    /// The whole-file digest (see `hash::small_file_digest`).
+    pub digest: ChunkHash,
+}
+
+/// Why one file of a batch was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFailure {
+    pub index: u32,
+    pub failure: Failure,
+}
+
+fn encode_batch_file(f: &BatchFile) -> FieldWriter {
+    let mut e = FieldWriter::new();
+    e.str(1, &f.path)
+        .u64(2, f.size)
+        .u64(3, f.mtime_ns as u64)
+        .u64(4, u64::from(f.mode))
+        .bytes(5, &f.digest.0);
+    e
+}
+
+fn decode_batch_file(body: Bytes) -> Result<BatchFile, DecodeError> {
+    let mut r = FieldReader::new(body);
+    let (mut path, mut size, mut mtime, mut mode, mut digest) = (None, None, 0, 0, None);
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => path = Some(as_string(&v, MAX_PATH)?),
+            2 => size = Some(as_u64(&v)?),
+            3 => mtime = as_u64(&v)? as i64,
+            4 => mode = as_u32(&v)?,
+            5 => digest = Some(ChunkHash(as_array(&v)?)),
+            _ => {}
+        }
+    }
+    let missing = |field| DecodeError::MissingField {
+        message: "BatchFile",
+        field,
+    };
+    let size = size.ok_or(missing("size"))?;
+    if size > MAX_BATCH_FILE {
+        return Err(DecodeError::TooLarge {
+            what: "batch file",
+            len: size,
+            max: MAX_BATCH_FILE,
+        });
+    }
+    Ok(BatchFile {
+        path: path.ok_or(missing("path"))?,
+        size,
+        mtime_ns: mtime,
+        mode,
+        digest: digest.ok_or(missing("digest"))?,
+    })
+}
+
+fn decode_batch_failure(body: Bytes) -> Result<BatchFailure, DecodeError> {
+    let mut r = FieldReader::new(body);
+    let (mut index, mut f) = (None, Failure::new(FailureCode::Other(0), ""));
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => index = Some(as_u32(&v)?),
+            2 => f.code = FailureCode::from_u64(as_u64(&v)?),
+            3 => f.message = as_string(&v, MAX_TEXT)?,
+            4 => f.retry_after_ms = Some(as_u64(&v)?),
+            _ => {}
+        }
+    }
+    Ok(BatchFailure {
+        index: index.ok_or(DecodeError::MissingField {
+            message: "BatchFailure",
+            field: "index",
+        })?,
+        failure: f,
+    })
+}
+
+fn encode_batch_failure(f: &BatchFailure) -> FieldWriter {
+    let mut e = FieldWriter::new();
+    e.u64(1, u64::from(f.index))
+        .u64(2, f.failure.code.to_u64())
+        .str(3, &f.failure.message);
+    if let Some(ms) = f.failure.retry_after_ms {
+        e.u64(4, ms);
+    }
+    e
+}
+
+pub(super) fn encode(m: &Message, w: &mut FieldWriter) -> u8 {
+    match m {
+        Message::BatchPut { alg, files } | Message::BatchGet { alg, files } => {
+            w.str(1, alg);
+            for f in files {
+                w.nested(2, encode_batch_file(f));
+            }
+            if matches!(m, Message::BatchPut { .. }) {
+                kind::BATCH_PUT
+            } else {
+                kind::BATCH_GET
+            }
+        }
+        Message::BatchItem {
+            index,
+            file,
+            payload,
+        } => {
+            w.u64(1, u64::from(*index))
+                .nested(2, encode_batch_file(file));
+            if let Some(p) = payload {
+                w.bytes(3, p);
+            }
+            kind::BATCH_ITEM
+        }
+        Message::BatchNeed { indexes } => {
+            w.bytes(1, &encode_ranges(indexes));
+            kind::BATCH_NEED
+        }
+        Message::BatchData { index, payload } => {
+            w.u64(1, u64::from(*index)).bytes(2, payload);
+            kind::BATCH_DATA
+        }
+        Message::BatchCommit => kind::BATCH_COMMIT,
+        Message::BatchResult { done, failures } => {
+            w.bytes(1, &encode_ranges(done));
+            for f in failures {
+                w.nested(2, encode_batch_failure(f));
+            }
+            kind::BATCH_RESULT
+        }
+        other => unreachable!("{} is not a batch message", other.name()),
+    }
+}
+
+/// The body of `BatchPut` and `BatchGet`: a hash algorithm and the files.
+fn decode_files(mut r: FieldReader) -> Result<(String, Vec<BatchFile>), DecodeError> {
+    let (mut alg, mut files) = (None, Vec::new());
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => alg = Some(as_string(&v, 64)?),
+            2 => {
+                if files.len() >= MAX_BATCH_FILES {
+                    return Err(DecodeError::TooLarge {
+                        what: "batch",
+                        len: files.len() as u64 + 1,
+                        max: MAX_BATCH_FILES as u64,
+                    });
+                }
+                files.push(decode_batch_file(v)?);
+            }
+            _ => {}
+        }
+    }
+    let alg = alg.ok_or(DecodeError::MissingField {
+        message: "BatchPut/BatchGet",
+        field: "alg",
+    })?;
+    Ok((alg, files))
+}
+
+pub(super) fn decode_batch_put(r: FieldReader) -> Result<Message, DecodeError> {
+    let (alg, files) = decode_files(r)?;
+    Ok(Message::BatchPut { alg, files })
+}
+
+pub(super) fn decode_batch_get(r: FieldReader) -> Result<Message, DecodeError> {
+    let (alg, files) = decode_files(r)?;
+    Ok(Message::BatchGet { alg, files })
+}
+
+/// A whole small file's content, bounded like the file itself.
+fn batch_payload(v: Bytes) -> Result<Bytes, DecodeError> {
+    if v.len() as u64 > MAX_BATCH_FILE {
+        return Err(DecodeError::TooLarge {
+            what: "batch file",
+            len: v.len() as u64,
+            max: MAX_BATCH_FILE,
+        });
+    }
+    Ok(v)
+}
+
+pub(super) fn decode_batch_item(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let (mut index, mut file, mut payload) = (None, None, None);
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => index = Some(as_u32(&v)?),
+            2 => file = Some(decode_batch_file(v)?),
+            3 => payload = Some(batch_payload(v)?),
+            _ => {}
+        }
+    }
+    let missing = |field| DecodeError::MissingField {
+        message: "BatchItem",
+        field,
+    };
+    Ok(Message::BatchItem {
+        index: index.ok_or(missing("index"))?,
+        file: file.ok_or(missing("file"))?,
+        payload,
+    })
+}
+
+pub(super) fn decode_batch_need(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let mut indexes = RangeSet::new();
+    while let Some((tag, v)) = r.next_field()? {
+        if tag == 1 {
+            indexes = decode_ranges(&v)?;
+        }
+    }
+    Ok(Message::BatchNeed { indexes })
+}
+
+pub(super) fn decode_batch_data(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let (mut index, mut payload) = (None, None);
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => index = Some(as_u32(&v)?),
+            2 => payload = Some(batch_payload(v)?),
+            _ => {}
+        }
+    }
+    Ok(Message::BatchData {
+        index: index.ok_or(DecodeError::MissingField {
+            message: "BatchData",
+            field: "index",
+        })?,
+        payload: payload.unwrap_or_default(),
+    })
+}
+
+pub(super) fn decode_batch_result(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let (mut done, mut failures) = (RangeSet::new(), Vec::new());
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => done = decode_ranges(&v)?,
+            2 => {
+                if failures.len() >= MAX_BATCH_FILES {
+                    return Err(DecodeError::TooLarge {
+                        what: "batch result",
+                        len: failures.len() as u64 + 1,
+                        max: MAX_BATCH_FILES as u64,
+                    });
+                }
+                failures.push(decode_batch_failure(v)?);
+            }
+            _ => {}
+        }
+    }
+    Ok(Message::BatchResult { done, failures })
+}

@@ -1,0 +1,525 @@
+//! Messages and their framing.
+//!
+//! A frame is `len: u32 big-endian | type: u8 | body`, where `len` counts the
+//! type byte and the body. The body is a field sequence (the `wire` module), so
+//! fields can be added without breaking older peers. Frame types with the high
+//! bit set (`0x80..`) are optional: a peer that does not know one skips it.
+//! Unknown types below `0x80` close the connection.
+//!
+//! Each family of messages has its file, with its payload types and the
+//! encoding and decoding of its bodies: `hello` (`Hello`, `Welcome`),
+//! `control` (`Failure`, `Ok`, `Ping`, `Pong`), `listing` (`Stat`, `List`,
+//! `Mkdir`), `transfer` (one file's transfer) and `batch` (small files). This
+//! file holds the [`Message`] enum, the table of frame types, and the
+//! [`FrameDecoder`]. Adding a message: a variant, a tag in `kind`, its
+//! encoding in its family's `encode`, its decoder in [`Message::decode`].
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::chunk::MAX_CHUNK;
+use crate::hash::{ChunkHash, TransferId};
+use crate::ranges::RangeSet;
+use crate::wire::{as_array, as_u32, as_u64, get_varint, FieldReader, FieldWriter};
+
+mod batch;
+mod control;
+mod hello;
+mod listing;
+#[cfg(test)]
+mod tests;
+mod transfer;
+
+pub use self::batch::{BatchFailure, BatchFile};
+pub use self::hello::Version;
+pub use self::listing::{Entry, EntryKind};
+pub use self::transfer::{encode_data_header, DataHeader, FileMeta};
+pub use crate::failure::{Failure, FailureCode};
+pub use crate::wire::{DecodeError, MAX_RANGES};
+
+/// Largest frame (type byte and body) accepted: a full chunk plus headroom.
+pub const MAX_FRAME: u32 = MAX_CHUNK + 64 * 1024;
+/// Largest non-data frame.
+pub const MAX_CONTROL_FRAME: u32 = 1024 * 1024;
+/// Longest path, in bytes, that a peer may send.
+pub const MAX_PATH: usize = 4096;
+/// Longest token a `Hello` may carry.
+pub const MAX_TOKEN: usize = 1024;
+/// Most chunk entries in one `Offer` frame.
+pub const MAX_OFFER_CHUNKS: u32 = 16 * 1024;
+/// Most entries in one `ListReply` frame.
+pub const MAX_LIST_ENTRIES: usize = 1024;
+/// Files in one small-file batch.
+pub const MAX_BATCH_FILES: usize = 1024;
+/// Largest file sent whole inside a batch (one chunk of the smallest size).
+pub const MAX_BATCH_FILE: u64 = 256 * 1024;
+/// Most versions, capabilities or algorithms one message may list.
+const MAX_LIST: usize = 64;
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Client → server, first frame of a connection.
+    Hello {
+        versions: Vec<Version>,
+        caps: Vec<String>,
+        token: Bytes,
+        agent: String,
+        /// The client's stall limit in milliseconds (absent: unknown): the
+        /// server keeps its keepalives well inside it.
+        stall_ms: Option<u64>,
+    },
+    /// Server → client: the version and capabilities chosen.
+    Welcome {
+        version: Version,
+        caps: Vec<String>,
+        server: String,
+        /// The server's stall limit in milliseconds (absent: unknown).
+        stall_ms: Option<u64>,
+    },
+    /// Either side: a request or transfer failed.
+    Failure(Failure),
+    /// Client → server: what is at `path`?
+    Stat {
+        path: String,
+    },
+    StatReply {
+        entry: Entry,
+    },
+    /// Client → server: list the tree under `path` (recursive).
+    List {
+        path: String,
+    },
+    /// Server → client: one page of entries; `more` says whether pages follow.
+    ListReply {
+        entries: Vec<Entry>,
+        more: bool,
+    },
+    /// Client → server: create a directory (and parents).
+    Mkdir {
+        path: String,
+        mode: u32,
+        mtime_ns: i64,
+    },
+    /// Server → client: the request succeeded (no payload).
+    Ok,
+    /// Client → server: start or resume an upload to `path`.
+    PutOpen {
+        id: TransferId,
+        path: String,
+        meta: FileMeta,
+    },
+    /// Client → server: start or resume a download of `path`.
+    GetOpen {
+        id: TransferId,
+        path: String,
+        algs: Vec<String>,
+    },
+    /// Client → server, as the first request of a fresh authenticated
+    /// connection: make this connection an extra data lane of the running
+    /// transfer `id` (opened by `PutOpen` or `GetOpen` on another connection).
+    /// The server answers `Ok`; from then on the lane carries only `Data` from
+    /// the sender and `Ping`s, and closes with the transfer.
+    Lane {
+        id: TransferId,
+    },
+    /// Server → client: metadata of the file about to be downloaded.
+    GetMeta {
+        id: TransferId,
+        meta: FileMeta,
+    },
+    /// Receiver → sender: chunks it holds verified, with their content hashes.
+    /// `hashes` holds 32 bytes per chunk of `ranges`, in order.
+    Offer {
+        ranges: RangeSet,
+        hashes: Bytes,
+        more: bool,
+    },
+    /// Sender → receiver: the chunks of the offer both ends now treat as verified.
+    Agreed {
+        ranges: RangeSet,
+    },
+    /// Sender → receiver: one chunk.
+    Data {
+        index: u32,
+        offset: u64,
+        tag: ChunkHash,
+        payload: Bytes,
+    },
+    /// Receiver → sender: these chunks are verified and durably stored.
+    Ack {
+        ranges: RangeSet,
+    },
+    /// Receiver → sender: this chunk failed verification; send it again.
+    Reject {
+        index: u32,
+    },
+    /// Receiver → sender: these chunks are needed (again).
+    Need {
+        ranges: RangeSet,
+    },
+    /// Sender → receiver: every chunk was sent; here is the whole-file digest.
+    Done {
+        digest: ChunkHash,
+    },
+    /// Receiver → sender: the file is verified and in place under its final name.
+    Complete {
+        digest: ChunkHash,
+    },
+    /// Client → server: store these small files (each sent whole in one
+    /// `BatchData`); the server answers `BatchNeed`.
+    BatchPut {
+        alg: String,
+        files: Vec<BatchFile>,
+    },
+    /// Server → client: the files of the batch it does not already hold
+    /// identically (by index); the others are in place already.
+    BatchNeed {
+        indexes: RangeSet,
+    },
+    /// Client → server: the content of file `index` of the current batch.
+    BatchData {
+        index: u32,
+        payload: Bytes,
+    },
+    /// Client → server: all data of the batch was sent; make it durable.
+    BatchCommit,
+    /// Server → client: the files now in place, verified and durable, and the
+    /// ones that failed, with why.
+    BatchResult {
+        done: RangeSet,
+        failures: Vec<BatchFailure>,
+    },
+    /// Client → server: send me these small files. Each entry carries what the
+    /// client already holds at that path (size and digest; an all-zero digest
+    /// for nothing), so identical files are not sent.
+    BatchGet {
+        alg: String,
+        files: Vec<BatchFile>,
+    },
+    /// Server → client, answering `BatchGet`: file `index` as the server has
+    /// it; `payload` is absent when the client's copy is already identical.
+    /// The answer ends with `BatchResult`.
+    BatchItem {
+        index: u32,
+        file: BatchFile,
+        payload: Option<Bytes>,
+    },
+    /// Either side, keepalive. A receiver may add how many bytes it has
+    /// read from the peer so far in this transfer: proof that data still
+    /// moves while no chunk completes (one chunk can take minutes on a slow
+    /// link), so the sender does not take the receiver for stuck.
+    Ping {
+        nonce: u64,
+        received: Option<u64>,
+    },
+    Pong {
+        nonce: u64,
+    },
+}
+
+/// The frame type of every message: the one table of tags.
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const FAILURE: u8 = 3;
+    pub const STAT: u8 = 10;
+    pub const STAT_REPLY: u8 = 11;
+    pub const LIST: u8 = 12;
+    pub const LIST_REPLY: u8 = 13;
+    pub const MKDIR: u8 = 14;
+    pub const OK: u8 = 15;
+    pub const PUT_OPEN: u8 = 20;
+    pub const GET_OPEN: u8 = 21;
+    pub const GET_META: u8 = 22;
+    pub const OFFER: u8 = 23;
+    pub const AGREED: u8 = 24;
+    pub const DATA: u8 = 25;
+    pub const ACK: u8 = 26;
+    pub const REJECT: u8 = 27;
+    pub const NEED: u8 = 28;
+    pub const DONE: u8 = 29;
+    pub const COMPLETE: u8 = 30;
+    pub const LANE: u8 = 31;
+    pub const BATCH_PUT: u8 = 40;
+    pub const BATCH_NEED: u8 = 41;
+    pub const BATCH_DATA: u8 = 42;
+    pub const BATCH_COMMIT: u8 = 43;
+    pub const BATCH_RESULT: u8 = 44;
+    pub const BATCH_GET: u8 = 45;
+    pub const BATCH_ITEM: u8 = 46;
+    pub const PING: u8 = 0x80;
+    pub const PONG: u8 = 0x81;
+}
+
+impl Message {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Failure(_) => "Failure",
+            Message::Stat { .. } => "Stat",
+            Message::StatReply { .. } => "StatReply",
+            Message::List { .. } => "List",
+            Message::ListReply { .. } => "ListReply",
+            Message::Mkdir { .. } => "Mkdir",
+            Message::Ok => "Ok",
+            Message::PutOpen { .. } => "PutOpen",
+            Message::GetOpen { .. } => "GetOpen",
+            Message::GetMeta { .. } => "GetMeta",
+            Message::Lane { .. } => "Lane",
+            Message::Offer { .. } => "Offer",
+            Message::Agreed { .. } => "Agreed",
+            Message::Data { .. } => "Data",
+            Message::Ack { .. } => "Ack",
+            Message::Reject { .. } => "Reject",
+            Message::Need { .. } => "Need",
+            Message::Done { .. } => "Done",
+            Message::Complete { .. } => "Complete",
+            Message::BatchPut { .. } => "BatchPut",
+            Message::BatchNeed { .. } => "BatchNeed",
+            Message::BatchData { .. } => "BatchData",
+            Message::BatchCommit => "BatchCommit",
+            Message::BatchResult { .. } => "BatchResult",
+            Message::BatchGet { .. } => "BatchGet",
+            Message::BatchItem { .. } => "BatchItem",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+        }
+    }
+
+    /// Encodes this message as one complete frame.
+    pub fn encode(&self) -> Bytes {
+        let mut w = FieldWriter::new();
+        let kind = match self {
+            Message::Data {
+                index,
+                offset,
+                tag,
+                payload,
+            } => {
+                let mut b = encode_data_header(*index, *offset, tag, payload.len());
+                b.extend_from_slice(payload);
+                return b.freeze();
+            }
+            Message::Hello { .. } | Message::Welcome { .. } => hello::encode(self, &mut w),
+            Message::Failure(_) | Message::Ok | Message::Ping { .. } | Message::Pong { .. } => {
+                control::encode(self, &mut w)
+            }
+            Message::Stat { .. }
+            | Message::StatReply { .. }
+            | Message::List { .. }
+            | Message::ListReply { .. }
+            | Message::Mkdir { .. } => listing::encode(self, &mut w),
+            Message::PutOpen { .. }
+            | Message::GetOpen { .. }
+            | Message::GetMeta { .. }
+            | Message::Lane { .. }
+            | Message::Offer { .. }
+            | Message::Agreed { .. }
+            | Message::Ack { .. }
+            | Message::Reject { .. }
+            | Message::Need { .. }
+            | Message::Done { .. }
+            | Message::Complete { .. } => transfer::encode(self, &mut w),
+            Message::BatchPut { .. }
+            | Message::BatchNeed { .. }
+            | Message::BatchData { .. }
+            | Message::BatchCommit
+            | Message::BatchResult { .. }
+            | Message::BatchGet { .. }
+            | Message::BatchItem { .. } => batch::encode(self, &mut w),
+        };
+        let body = w.finish();
+        let mut out = BytesMut::with_capacity(5 + body.len());
+        out.put_u32(1 + body.len() as u32);
+        out.put_u8(kind);
+        out.extend_from_slice(&body);
+        out.freeze()
+    }
+
+    /// Decodes the body of a frame of type `kind`; `Ok(None)` for an optional
+    /// type this version does not know.
+    pub fn decode(kind: u8, body: Bytes) -> Result<Option<Message>, DecodeError> {
+        if kind != kind::DATA && body.len() > MAX_CONTROL_FRAME as usize {
+            return Err(DecodeError::TooLarge {
+                what: "control frame",
+                len: body.len() as u64,
+                max: u64::from(MAX_CONTROL_FRAME),
+            });
+        }
+        let decode: fn(FieldReader) -> Result<Message, DecodeError> = match kind {
+            kind::HELLO => hello::decode_hello,
+            kind::WELCOME => hello::decode_welcome,
+            kind::FAILURE => control::decode_failure,
+            kind::OK => |_| Ok(Message::Ok),
+            kind::PING => control::decode_ping,
+            kind::PONG => control::decode_pong,
+            kind::STAT => listing::decode_stat,
+            kind::STAT_REPLY => listing::decode_stat_reply,
+            kind::LIST => listing::decode_list,
+            kind::LIST_REPLY => listing::decode_list_reply,
+            kind::MKDIR => listing::decode_mkdir,
+            kind::PUT_OPEN => transfer::decode_put_open,
+            kind::GET_OPEN => transfer::decode_get_open,
+            kind::GET_META => transfer::decode_get_meta,
+            kind::LANE => transfer::decode_lane,
+            kind::OFFER => transfer::decode_offer,
+            kind::AGREED => transfer::decode_agreed,
+            kind::DATA => transfer::decode_data,
+            kind::ACK => transfer::decode_ack,
+            kind::REJECT => transfer::decode_reject,
+            kind::NEED => transfer::decode_need,
+            kind::DONE => transfer::decode_done,
+            kind::COMPLETE => transfer::decode_complete,
+            kind::BATCH_PUT => batch::decode_batch_put,
+            kind::BATCH_NEED => batch::decode_batch_need,
+            kind::BATCH_DATA => batch::decode_batch_data,
+            kind::BATCH_COMMIT => |_| Ok(Message::BatchCommit),
+            kind::BATCH_RESULT => batch::decode_batch_result,
+            kind::BATCH_GET => batch::decode_batch_get,
+            kind::BATCH_ITEM => batch::decode_batch_item,
+            k if k >= 0x80 => return Ok(None),
+            k => return Err(DecodeError::UnknownFrame(k)),
+        };
+        decode(FieldReader::new(body)).map(Some)
+    }
+}
+
+/// Splits frames off a byte buffer.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    /// A tighter bound on any frame than the protocol's, while one is set
+    /// (a server sets one until the client has authenticated).
+    limit: Option<u32>,
+}
+
+/// The largest frame a server reads before the client has authenticated
+/// (a `Hello` is a few hundred bytes).
+pub const MAX_UNAUTHENTICATED_FRAME: u32 = 64 * 1024;
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bounds every frame to `limit` bytes (`None`: the protocol's bounds).
+    pub fn set_limit(&mut self, limit: Option<u32>) {
+        self.limit = limit;
+    }
+
+    /// How many bytes the next frame needs in total, if its header is buffered;
+    /// lets a driver reserve exactly once for a large frame.
+    pub fn needed(buf: &[u8]) -> Option<usize> {
+        if buf.len() < 5 {
+            return None;
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let cap = if buf[4] == kind::DATA {
+            MAX_FRAME
+        } else {
+            MAX_CONTROL_FRAME + 1
+        };
+        Some(4 + len.min(cap) as usize)
+    }
+
+    /// Whether `buf` starts with (the first bytes of) a `Data` frame.
+    pub fn starts_data(buf: &[u8]) -> bool {
+        buf.get(4) == Some(&kind::DATA)
+    }
+
+    /// The header of a `Data` frame at the front of `buf`, once it is
+    /// buffered, when the payload is the frame's last field (as
+    /// [`encode_data_header`] writes it): a driver may then read the payload
+    /// straight into memory of its own. `None` for anything else (another
+    /// frame, a header not yet whole, a field after the payload, a frame over
+    /// a bound): [`FrameDecoder::decode`] takes those, and its errors.
+    pub fn data_header(&self, buf: &[u8]) -> Option<DataHeader> {
+        let head = buf.get(..5)?;
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        if head[4] != kind::DATA
+            || len == 0
+            || len > MAX_FRAME
+            || self.limit.is_some_and(|l| len > l)
+        {
+            return None;
+        }
+        let end = 4 + len as usize;
+        let (mut index, mut offset, mut tag) = (None, None, None);
+        let mut pos = 5;
+        loop {
+            let (field, a) = get_varint(buf.get(pos..)?).ok()?;
+            let (flen, b) = get_varint(buf.get(pos + a..)?).ok()?;
+            let start = pos + a + b;
+            let flen = usize::try_from(flen).ok()?;
+            if field == 4 {
+                if start.checked_add(flen)? != end {
+                    return None;
+                }
+                return Some(DataHeader {
+                    index: index?,
+                    offset: offset?,
+                    tag: tag?,
+                    payload_start: start,
+                    payload_len: flen,
+                });
+            }
+            let value = buf.get(start..start.checked_add(flen)?)?;
+            match field {
+                1 => index = Some(as_u32(value).ok()?),
+                2 => offset = Some(as_u64(value).ok()?),
+                3 => tag = Some(ChunkHash(as_array(value).ok()?)),
+                _ => {}
+            }
+            pos = start + flen;
+            if pos >= end {
+                return None;
+            }
+        }
+    }
+
+    /// Takes one message off the front of `buf`. `Ok(None)` means more bytes
+    /// are needed; optional frames of unknown type are consumed and skipped.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
+        loop {
+            if buf.len() < 5 {
+                return Ok(None);
+            }
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            if len == 0 {
+                return Err(DecodeError::Malformed("empty frame"));
+            }
+            if len > MAX_FRAME {
+                return Err(DecodeError::TooLarge {
+                    what: "frame",
+                    len: u64::from(len),
+                    max: u64::from(MAX_FRAME),
+                });
+            }
+            if let Some(limit) = self.limit.filter(|l| len > *l) {
+                return Err(DecodeError::TooLarge {
+                    what: "frame before authentication",
+                    len: u64::from(len),
+                    max: u64::from(limit),
+                });
+            }
+            let kind = buf[4];
+            if kind != kind::DATA && len > MAX_CONTROL_FRAME + 1 {
+                return Err(DecodeError::TooLarge {
+                    what: "control frame",
+                    len: u64::from(len),
+                    max: u64::from(MAX_CONTROL_FRAME),
+                });
+            }
+            if buf.len() < 4 + len as usize {
+                return Ok(None);
+            }
+            buf.advance(5);
+            let body = buf.split_to(len as usize - 1).freeze();
+            if let Some(m) = Message::decode(kind, body)? {
+                return Ok(Some(m));
+            }
+        }
+    }
+}

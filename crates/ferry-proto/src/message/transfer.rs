@@ -1,0 +1,382 @@
+//! One file's transfer: opening it (`PutOpen`, `GetOpen`, `GetMeta`, `Lane`),
+//! agreeing on what the receiver holds (`Offer`, `Agreed`), moving chunks
+//! (`Data`, `Ack`, `Reject`, `Need`) and closing it (`Done`, `Complete`).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{kind, Message, MAX_LIST, MAX_OFFER_CHUNKS, MAX_PATH};
+use crate::hash::{ChunkHash, TransferId};
+use crate::ranges::RangeSet;
+use crate::wire::{
+    as_array, as_string, as_u32, as_u64, decode_ranges, encode_ranges, put_varint, DecodeError,
+    FieldReader, FieldWriter,
+};
+
+/// What the sender says about the file it is about to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMeta {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub chunk_size: u32,
+    pub alg: String,
+    /// Opaque identity of the source version (size, mtime, ctime, inode); a
+    /// different value means the source changed and any partial is discarded.
+    pub source_id: Bytes,
+}
+
+fn encode_meta(w: &mut FieldWriter, m: &FileMeta) {
+    w.u64(10, m.size)
+        .u64(11, m.mtime_ns as u64)
+        .u64(12, u64::from(m.mode))
+        .u64(13, u64::from(m.chunk_size))
+        .str(14, &m.alg)
+        .bytes(15, &m.source_id);
+}
+
+#[derive(Default)]
+struct MetaFields {
+    size: Option<u64>,
+    mtime: i64,
+    mode: u32,
+    chunk_size: Option<u32>,
+    alg: Option<String>,
+    source_id: Bytes,
+}
+
+impl MetaFields {
+    /// Consumes a field if it belongs to the file metadata.
+    fn take(&mut self, tag: u64, v: &Bytes) -> Result<bool, DecodeError> {
+        match tag {
+            10 => self.size = Some(as_u64(v)?),
+            11 => self.mtime = as_u64(v)? as i64,
+            12 => self.mode = as_u32(v)?,
+            13 => self.chunk_size = Some(as_u32(v)?),
+            14 => self.alg = Some(as_string(v, 32)?),
+            15 => {
+                if v.len() > 64 {
+                    return Err(DecodeError::TooLarge {
+                        what: "source id",
+                        len: v.len() as u64,
+                        max: 64,
+                    });
+                }
+                self.source_id = v.clone()
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn finish(self, message: &'static str) -> Result<FileMeta, DecodeError> {
+        Ok(FileMeta {
+            size: self.size.ok_or(DecodeError::MissingField {
+                message,
+                field: "size",
+            })?,
+            mtime_ns: self.mtime,
+            mode: self.mode,
+            chunk_size: self.chunk_size.ok_or(DecodeError::MissingField {
+                message,
+                field: "chunk_size",
+            })?,
+            alg: self.alg.ok_or(DecodeError::MissingField {
+                message,
+                field: "alg",
+            })?,
+            source_id: self.source_id,
+        })
+    }
+}
+
+pub(super) fn encode(m: &Message, w: &mut FieldWriter) -> u8 {
+    match m {
+        Message::PutOpen { id, path, meta } => {
+            w.bytes(1, &id.0).str(2, path);
+            encode_meta(w, meta);
+            kind::PUT_OPEN
+        }
+        Message::GetOpen { id, path, algs } => {
+            w.bytes(1, &id.0).str(2, path);
+            for a in algs {
+                w.str(3, a);
+            }
+            kind::GET_OPEN
+        }
+        Message::Lane { id } => {
+            w.bytes(1, &id.0);
+            kind::LANE
+        }
+        Message::GetMeta { id, meta } => {
+            w.bytes(1, &id.0);
+            encode_meta(w, meta);
+            kind::GET_META
+        }
+        Message::Offer {
+            ranges,
+            hashes,
+            more,
+        } => {
+            w.bytes(1, &encode_ranges(ranges))
+                .bytes(2, hashes)
+                .bool(3, *more);
+            kind::OFFER
+        }
+        Message::Agreed { ranges } => {
+            w.bytes(1, &encode_ranges(ranges));
+            kind::AGREED
+        }
+        Message::Ack { ranges } => {
+            w.bytes(1, &encode_ranges(ranges));
+            kind::ACK
+        }
+        Message::Reject { index } => {
+            w.u64(1, u64::from(*index));
+            kind::REJECT
+        }
+        Message::Need { ranges } => {
+            w.bytes(1, &encode_ranges(ranges));
+            kind::NEED
+        }
+        Message::Done { digest } => {
+            w.bytes(1, &digest.0);
+            kind::DONE
+        }
+        Message::Complete { digest } => {
+            w.bytes(1, &digest.0);
+            kind::COMPLETE
+        }
+        other => unreachable!("{} is not a transfer message", other.name()),
+    }
+}
+
+/// The body of `PutOpen` and `GetMeta`: an id, a path (`PutOpen` only) and the file's metadata.
+fn decode_open(
+    mut r: FieldReader,
+    name: &'static str,
+) -> Result<(TransferId, Option<String>, FileMeta), DecodeError> {
+    let (mut id, mut path, mut meta) = (None, None, MetaFields::default());
+    while let Some((tag, v)) = r.next_field()? {
+        if meta.take(tag, &v)? {
+            continue;
+        }
+        match tag {
+            1 => id = Some(TransferId(as_array(&v)?)),
+            2 => path = Some(as_string(&v, MAX_PATH)?),
+            _ => {}
+        }
+    }
+    let id = id.ok_or(DecodeError::MissingField {
+        message: name,
+        field: "id",
+    })?;
+    let meta = meta.finish(name)?;
+    Ok((id, path, meta))
+}
+
+pub(super) fn decode_put_open(r: FieldReader) -> Result<Message, DecodeError> {
+    let (id, path, meta) = decode_open(r, "PutOpen")?;
+    Ok(Message::PutOpen {
+        id,
+        path: path.ok_or(DecodeError::MissingField {
+            message: "PutOpen",
+            field: "path",
+        })?,
+        meta,
+    })
+}
+
+pub(super) fn decode_get_meta(r: FieldReader) -> Result<Message, DecodeError> {
+    let (id, _, meta) = decode_open(r, "GetMeta")?;
+    Ok(Message::GetMeta { id, meta })
+}
+
+pub(super) fn decode_lane(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let mut id = None;
+    while let Some((tag, v)) = r.next_field()? {
+        if tag == 1 {
+            id = Some(TransferId(as_array(&v)?));
+        }
+    }
+    Ok(Message::Lane {
+        id: id.ok_or(DecodeError::MissingField {
+            message: "Lane",
+            field: "id",
+        })?,
+    })
+}
+
+pub(super) fn decode_get_open(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let (mut id, mut path, mut algs) = (None, None, vec![]);
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => id = Some(TransferId(as_array(&v)?)),
+            2 => path = Some(as_string(&v, MAX_PATH)?),
+            3 if algs.len() < MAX_LIST => algs.push(as_string(&v, 32)?),
+            _ => {}
+        }
+    }
+    let missing = |field| DecodeError::MissingField {
+        message: "GetOpen",
+        field,
+    };
+    Ok(Message::GetOpen {
+        id: id.ok_or(missing("id"))?,
+        path: path.ok_or(missing("path"))?,
+        algs,
+    })
+}
+
+pub(super) fn decode_offer(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let (mut ranges, mut hashes, mut more) = (RangeSet::new(), Bytes::new(), false);
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => ranges = decode_ranges(&v)?,
+            2 => hashes = v,
+            3 => more = as_u64(&v)? != 0,
+            _ => {}
+        }
+    }
+    let n = ranges.count();
+    if n > u64::from(MAX_OFFER_CHUNKS) {
+        return Err(DecodeError::TooLarge {
+            what: "offer",
+            len: n,
+            max: u64::from(MAX_OFFER_CHUNKS),
+        });
+    }
+    if hashes.len() as u64 != n * 32 {
+        return Err(DecodeError::Malformed(
+            "offer hash count does not match its ranges",
+        ));
+    }
+    Ok(Message::Offer {
+        ranges,
+        hashes,
+        more,
+    })
+}
+
+/// The body of `Agreed`, `Ack` and `Need`: one range set.
+fn decode_range_body(mut r: FieldReader) -> Result<RangeSet, DecodeError> {
+    let mut ranges = RangeSet::new();
+    while let Some((tag, v)) = r.next_field()? {
+        if tag == 1 {
+            ranges = decode_ranges(&v)?;
+        }
+    }
+    Ok(ranges)
+}
+
+pub(super) fn decode_agreed(r: FieldReader) -> Result<Message, DecodeError> {
+    Ok(Message::Agreed {
+        ranges: decode_range_body(r)?,
+    })
+}
+
+pub(super) fn decode_ack(r: FieldReader) -> Result<Message, DecodeError> {
+    Ok(Message::Ack {
+        ranges: decode_range_body(r)?,
+    })
+}
+
+pub(super) fn decode_need(r: FieldReader) -> Result<Message, DecodeError> {
+    Ok(Message::Need {
+        ranges: decode_range_body(r)?,
+    })
+}
+
+pub(super) fn decode_data(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let (mut index, mut offset, mut tag_v, mut payload) = (None, None, None, None);
+    while let Some((tag, v)) = r.next_field()? {
+        match tag {
+            1 => index = Some(as_u32(&v)?),
+            2 => offset = Some(as_u64(&v)?),
+            3 => tag_v = Some(ChunkHash(as_array(&v)?)),
+            4 => payload = Some(v),
+            _ => {}
+        }
+    }
+    let missing = |field| DecodeError::MissingField {
+        message: "Data",
+        field,
+    };
+    Ok(Message::Data {
+        index: index.ok_or(missing("index"))?,
+        offset: offset.ok_or(missing("offset"))?,
+        tag: tag_v.ok_or(missing("tag"))?,
+        payload: payload.ok_or(missing("payload"))?,
+    })
+}
+
+pub(super) fn decode_reject(mut r: FieldReader) -> Result<Message, DecodeError> {
+    let mut index = None;
+    while let Some((tag, v)) = r.next_field()? {
+        if tag == 1 {
+            index = Some(as_u32(&v)?);
+        }
+    }
+    Ok(Message::Reject {
+        index: index.ok_or(DecodeError::MissingField {
+            message: "Reject",
+            field: "index",
+        })?,
+    })
+}
+
+/// The body of `Done` and `Complete`: the whole-file digest.
+fn decode_digest(mut r: FieldReader) -> Result<ChunkHash, DecodeError> {
+    let mut digest = None;
+    while let Some((tag, v)) = r.next_field()? {
+        if tag == 1 {
+            digest = Some(ChunkHash(as_array(&v)?));
+        }
+    }
+    digest.ok_or(DecodeError::MissingField {
+        message: "Done/Complete",
+        field: "digest",
+    })
+}
+
+pub(super) fn decode_done(r: FieldReader) -> Result<Message, DecodeError> {
+    Ok(Message::Done {
+        digest: decode_digest(r)?,
+    })
+}
+
+pub(super) fn decode_complete(r: FieldReader) -> Result<Message, DecodeError> {
+    Ok(Message::Complete {
+        digest: decode_digest(r)?,
+    })
+}
+
+/// Encodes everything of a `Data` frame but the payload, which the caller
+/// writes right after (so a chunk is never copied into a frame buffer).
+pub fn encode_data_header(
+    index: u32,
+    offset: u64,
+    tag: &ChunkHash,
+    payload_len: usize,
+) -> BytesMut {
+    let mut w = FieldWriter::new();
+    w.u64(1, u64::from(index)).u64(2, offset).bytes(3, &tag.0);
+    let mut head = w.finish();
+    put_varint(&mut head, 4);
+    put_varint(&mut head, payload_len as u64);
+    let mut out = BytesMut::with_capacity(5 + head.len());
+    out.put_u32((1 + head.len() + payload_len) as u32);
+    out.put_u8(kind::DATA);
+    out.extend_from_slice(&head);
+    out
+}
+
+/// A `Data` frame's header (see [`super::FrameDecoder::data_header`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    pub index: u32,
+    pub offset: u64,
+    pub tag: ChunkHash,
+    /// Where the payload starts, counted from the frame's first byte.
+    pub payload_start: usize,
+    pub payload_len: usize,
+}
