@@ -171,12 +171,13 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-#[test]
-#[ignore = "prints the golden table; run by hand when a message is added"]
-fn print_golden() {
-    for m in examples() {
-        println!("    (\"{}\", \"{}\"),", m.name(), hex(&m.encode()));
-    }
+/// The table as the encoder makes it now: shown when it differs, so a new
+/// message's line can be added (and a changed one looked into).
+fn table_now() -> String {
+    examples()
+        .iter()
+        .map(|m| format!("    (\"{}\", \"{}\"),\n", m.name(), hex(&m.encode())))
+        .collect()
 }
 
 /// Bytes the encoder produced before messages moved to one file per family.
@@ -216,11 +217,21 @@ const GOLDEN: &[(&str, &str)] = &[
 #[test]
 fn every_message_encodes_to_its_pinned_bytes_and_back() {
     let examples = examples();
-    assert_eq!(examples.len(), GOLDEN.len());
+    assert_eq!(
+        examples.len(),
+        GOLDEN.len(),
+        "the table now:\n{}",
+        table_now()
+    );
     for (m, (name, want)) in examples.into_iter().zip(GOLDEN) {
         assert_eq!(m.name(), *name);
         let bytes = m.encode();
-        assert_eq!(hex(&bytes), *want, "{name} encodes differently");
+        assert_eq!(
+            hex(&bytes),
+            *want,
+            "{name} encodes differently; the table now:\n{}",
+            table_now()
+        );
         let mut buf = BytesMut::from(&bytes[..]);
         let got = FrameDecoder::new().decode(&mut buf).unwrap();
         assert_eq!(got, Some(m), "{name} decodes differently");
