@@ -99,7 +99,13 @@ pub struct SftpTarget {
 }
 
 impl SftpTarget {
+    /// Parses `s`; an address without `USER@` logs in as `root`.
     pub fn parse(s: &str) -> Result<SftpTarget> {
+        Self::parse_with_user(s, "root")
+    }
+
+    /// Parses `s`; an address without `USER@` logs in as `default_user`.
+    pub fn parse_with_user(s: &str, default_user: &str) -> Result<SftpTarget> {
         let rest = s
             .strip_prefix("sftp://")
             .ok_or_else(|| Error::Usage(format!("{s}: not an sftp:// URL")))?;
@@ -109,10 +115,7 @@ impl SftpTarget {
         };
         let (user, hostport) = match authority.rfind('@') {
             Some(i) => (authority[..i].to_string(), &authority[i + 1..]),
-            None => (
-                std::env::var("USER").unwrap_or_else(|_| "root".into()),
-                authority,
-            ),
+            None => (default_user.to_string(), authority),
         };
         let (host, port) = crate::hostport::parse(hostport, 22)
             .map_err(|why| Error::Usage(format!("{s}: {why}")))?;
@@ -377,7 +380,7 @@ pub async fn copy(
                 "with an sftp:// destination all sources must be local".into(),
             ));
         }
-        let t = SftpTarget::parse(dst)?;
+        let t = SftpTarget::parse_with_user(dst, sftp.ssh.default_user())?;
         let into_dir = dst.ends_with('/') || srcs.len() > 1 || t.path.is_empty() || {
             let t2 = t.clone();
             runner
@@ -415,7 +418,7 @@ pub async fn copy(
         let mut jobs = Vec::new();
         let mut claims = crate::walk::Claims::default();
         for s in srcs {
-            let t = SftpTarget::parse(s)?;
+            let t = SftpTarget::parse_with_user(s, sftp.ssh.default_user())?;
             let t2 = t.clone();
             let walk = opts.walk();
             let found = runner
@@ -901,7 +904,11 @@ mod tests {
         assert_eq!(t.host, "::1");
         assert_eq!(t.hostport(), "[::1]:22");
         assert!(SftpTarget::parse("sftp://bob@h:xx/x").is_err());
-        for bad in ["sftp://bob@h:0/x", "sftp://bob@h:65536/x", "sftp://bob@[::1/x"] {
+        for bad in [
+            "sftp://bob@h:0/x",
+            "sftp://bob@h:65536/x",
+            "sftp://bob@[::1/x",
+        ] {
             let e = SftpTarget::parse(bad).unwrap_err();
             assert_eq!(e.class(), crate::ErrorClass::Usage, "{bad}: {e}");
         }
