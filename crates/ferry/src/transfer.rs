@@ -1359,4 +1359,39 @@ mod tests {
         let all: Vec<_> = (0..4).map(h).collect();
         assert_eq!(store.source_hashes(&key).unwrap(), all);
     }
+
+    /// `direct_io: false` receives through the page cache only: no
+    /// `O_DIRECT` descriptor is opened, whatever the filesystem allows;
+    /// `true` opens one where it can.
+    #[test]
+    fn direct_io_off_opens_no_direct_descriptor() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let meta = ferry_proto::message::FileMeta {
+            size: 3 * fsutil::DIRECT_ALIGN as u64,
+            mtime_ns: 0,
+            mode: 0o644,
+            chunk_size: 1 << 20,
+            alg: HashAlg::Blake3.name().to_string(),
+            source_id: vec![1u8; 8].into(),
+        };
+        let receive = |name: &str, direct_io: bool| {
+            prepare_receive(
+                &store,
+                &dir.path().join(name),
+                ferry_proto::TransferId([1; 16]),
+                &meta,
+                ferry_proto::ReceiverConfig::default(),
+                direct_io,
+            )
+            .unwrap()
+            .1
+        };
+        let off = receive("off.bin", false);
+        assert!(off.part_path.exists());
+        assert!(off.direct.is_none());
+        // On, it is opened wherever the filesystem allows it.
+        let on = receive("on.bin", true);
+        assert_eq!(on.direct.is_some(), fsutil::open_direct(&on.file).is_some());
+    }
 }

@@ -484,3 +484,27 @@ async fn authenticate(
         tried: tried.join("; "),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Default keys and known hosts come from the configured home, never
+    /// from the environment.
+    #[test]
+    fn default_paths_come_from_the_configured_home() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".ssh")).unwrap();
+        std::fs::write(home.path().join(".ssh/id_ecdsa"), b"key").unwrap();
+        let cfg = SshConfig {
+            home: Some(home.path().to_path_buf()),
+            ..SshConfig::default()
+        };
+        assert_eq!(cfg.identity_paths(), [home.path().join(".ssh/id_ecdsa")]);
+        assert_eq!(cfg.known_hosts_path(), home.path().join(".ssh/known_hosts"));
+        let none = SshConfig::default();
+        assert!(none.identity_paths().is_empty());
+        assert_eq!(none.known_hosts_path(), Path::new("/.ssh/known_hosts"));
+        assert_eq!(none.default_user(), "root");
+    }
+}

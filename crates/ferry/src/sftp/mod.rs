@@ -913,6 +913,10 @@ mod tests {
             assert_eq!(e.class(), crate::ErrorClass::Usage, "{bad}: {e}");
         }
         assert!(SftpTarget::parse("sftp:///x").is_err());
+        // Without USER@: the caller's default, never the environment.
+        let t = SftpTarget::parse_with_user("sftp://h/x", "carol").unwrap();
+        assert_eq!((t.user.as_str(), t.path.as_str()), ("carol", "x"));
+        assert_eq!(SftpTarget::parse("sftp://h/x").unwrap().user, "root");
         assert_eq!("full".parse::<Verify>().unwrap(), Verify::Full);
         assert!("nope".parse::<Verify>().is_err());
     }

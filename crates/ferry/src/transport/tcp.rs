@@ -172,6 +172,23 @@ mod tests {
         assert_eq!(send_buffer_for(4_194_304, 16_777_216), None);
     }
 
+    /// The configured controller is the one the socket gets; `None` leaves
+    /// the host's default.
+    #[tokio::test]
+    async fn sockets_get_the_configured_congestion_control() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host_default =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        tune(&c, None);
+        let got = rustix::net::sockopt::tcp_congestion(&c).unwrap();
+        assert_eq!(got, host_default.trim());
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        tune(&c, Some("reno"));
+        let got = rustix::net::sockopt::tcp_congestion(&c).unwrap();
+        assert_eq!(got, "reno");
+    }
+
     #[tokio::test]
     async fn sockets_get_bbr_where_the_kernel_has_it() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
