@@ -71,6 +71,7 @@ pub async fn run(
         timeouts: Default::default(),
         min_free_bytes: 0,
         admission: Default::default(),
+        direct_io: true,
     })
     .await?;
     let addr = server.local_addr()?;
@@ -100,6 +101,8 @@ pub async fn run(
         follow_links: false,
         state_dir: tmp.path().join("client-state"),
         client: ferry::client::ClientConfig {
+            transport: Default::default(),
+            direct_io: true,
             streams: ferry::lanes::Streams::Fixed(1),
             token: Some(token),
             fingerprint: None,
@@ -108,7 +111,7 @@ pub async fn run(
             via: Some(proxy.addr().to_string()),
             bwlimit: 0,
             timeouts: Default::default(),
-            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer::default()),
         },
         retry: RetryPolicy {
             initial: Duration::from_millis(100),

@@ -97,7 +97,11 @@ struct ClientArgs {
     /// falling back to TCP when UDP is blocked), ws or wss (WebSocket, for
     /// HTTP-only networks; the port is the server's --ws-listen/--wss-listen
     /// port or a reverse proxy's). A URL scheme such as ferry+quic:// or
-    /// ferry+wss:// chooses for that copy.
+    /// ferry+wss:// chooses for that copy. Tuning from the environment:
+    /// FERRY_TCP_CC (TCP congestion control, default bbr, empty for the
+    /// host's), FERRY_QUIC_CC (bbr, cubic or newreno), FERRY_QUIC_MTU (largest
+    /// QUIC payload probed, 1200-6550, default 6500); FERRY_DIRECT_IO=0 writes
+    /// downloads through the page cache.
     #[arg(long, default_value = "tcp", env = "FERRY_TRANSPORT")]
     transport: String,
     /// HTTP path of the WebSocket upgrade for ws/wss (default /ferry).
@@ -115,12 +119,13 @@ struct ClientArgs {
 /// SFTP endpoints (`sftp://[USER@]HOST[:PORT]/PATH`).
 #[derive(clap::Args, Clone)]
 struct SshArgs {
-    /// SSH private key to offer (repeatable); default ~/.ssh/id_{ed25519,ecdsa,rsa}, then ssh-agent.
-    /// An encrypted key's passphrase comes from FERRY_SSH_PASSPHRASE, else is
-    /// asked for on the terminal (when standard input is one).
+    /// SSH private key to offer (repeatable); default $HOME/.ssh/id_{ed25519,ecdsa,rsa},
+    /// then ssh-agent at $SSH_AUTH_SOCK. An encrypted key's passphrase comes
+    /// from FERRY_SSH_PASSPHRASE, else is asked for on the terminal (when
+    /// standard input is one). An sftp:// address without USER@ logs in as $USER.
     #[arg(short = 'i', long = "identity")]
     identity: Vec<PathBuf>,
-    /// Known-hosts file for SSH host keys (default ~/.ssh/known_hosts).
+    /// Known-hosts file for SSH host keys (default $HOME/.ssh/known_hosts).
     #[arg(long)]
     known_hosts: Option<PathBuf>,
     /// Trust an SSH host key not yet in the known-hosts file, and record it.
@@ -156,7 +161,9 @@ impl SshArgs {
                 known_hosts: self.known_hosts.clone(),
                 accept_new_host_key: self.accept_new_host_key,
                 no_agent: false,
-                agent_socket: None,
+                agent_socket: std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from),
+                home: std::env::var_os("HOME").map(PathBuf::from),
+                default_user: std::env::var("USER").ok(),
             },
             verify,
             stop_after_ranges: None,
@@ -176,6 +183,7 @@ impl ClientArgs {
                 return Err(UsageError(format!("--retry-budget {b} is out of range")).into());
             }
         }
+        let transport = transport_config_from_env(self.ws_path.as_deref());
         Ok(CopyOptions {
             recursive,
             follow_links: false,
@@ -188,15 +196,13 @@ impl ClientArgs {
                 via: self.via.clone(),
                 bwlimit: self.bwlimit,
                 timeouts: timeouts(self.stall_timeout)?,
-                dialer: {
-                    if let Some(p) = &self.ws_path {
-                        ferry::transport::ws::set_default_path(p);
-                    }
-                    self.transport
-                        .parse::<ferry::transport::Transport>()
-                        .map_err(|e| UsageError(e.to_string()))?
-                        .dialer()
-                },
+                dialer: self
+                    .transport
+                    .parse::<ferry::transport::Transport>()
+                    .map_err(|e| UsageError(e.to_string()))?
+                    .dialer(&transport),
+                transport,
+                direct_io: direct_io_from_env(),
                 streams: ferry::lanes::Streams::parse(&self.streams)
                     .map_err(|e| UsageError(e.to_string()))?,
             },
@@ -224,7 +230,9 @@ enum Cmd {
     /// Run a server that receives uploads into and serves downloads from --root.
     #[command(
         after_help = "Exit codes: 0 stopped by Ctrl-C; 2 bad arguments; 8 could not start \
-                      (address in use, --root missing, state directory unusable)."
+                      (address in use, --root missing, state directory unusable).\n\
+                      Environment: FERRY_TCP_CC, FERRY_QUIC_CC and FERRY_QUIC_MTU tune the \
+                      transports as for cp; FERRY_DIRECT_IO=0 writes uploads through the page cache."
     )]
     Serve {
         /// Directory served; nothing is ever written outside it. It must exist
@@ -576,16 +584,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeouts,
                 min_free_bytes: min_free,
                 admission,
+                direct_io: direct_io_from_env(),
             };
             let startup = |e: ferry::Error| StartupError(e.to_string());
-            let mut server = ferry::server::Server::bind(cfg).await.map_err(startup)?;
+            let transport = transport_config_from_env(None);
+            let mut server = ferry::server::Server::new(cfg).map_err(startup)?;
+            let tcp = ferry::transport::tcp::TcpTlsListener::bind(
+                listen,
+                server.tls_config(),
+                &transport,
+            )
+            .await
+            .map_err(startup)?;
+            server.add_listener(Box::new(tcp));
             let tcp_addr = server.local_addr()?;
             println!("ferry server listening on {tcp_addr}");
             if !no_quic {
                 match ferry::transport::quic::QuicListener::bind(
                     tcp_addr,
                     server.tls_config(),
-                    ferry::transport::quic::Congestion::from_env(),
+                    &transport,
                 ) {
                     Ok(q) => {
                         println!("quic on udp {}", q.local_addr()?);
@@ -596,9 +614,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             for (addr, secure) in [(ws_listen, false), (wss_listen, true)] {
                 let Some(addr) = addr else { continue };
-                let l = ferry::transport::ws::WsListener::bind(addr, server.tls_config(), secure)
-                    .await
-                    .map_err(startup)?;
+                let l = ferry::transport::ws::WsListener::bind(
+                    addr,
+                    server.tls_config(),
+                    secure,
+                    &transport,
+                )
+                .await
+                .map_err(startup)?;
                 println!(
                     "{} on {}",
                     if secure { "wss" } else { "ws" },
@@ -704,6 +727,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
         } => demo::run(size_mib, cuts, seed, cli.log_format == LogFormat::Json).await,
     }
+}
+
+/// Transport tuning: `ws_path` (--ws-path), FERRY_TCP_CC (a congestion
+/// controller, empty for the host's default), FERRY_QUIC_CC (bbr, cubic or
+/// newreno; anything else is bbr) and FERRY_QUIC_MTU (an unparsable value
+/// keeps the default).
+fn transport_config_from_env(ws_path: Option<&str>) -> ferry::transport::TransportConfig {
+    let mut c = ferry::transport::TransportConfig::default();
+    if let Ok(cc) = std::env::var("FERRY_TCP_CC") {
+        c.tcp_congestion = (!cc.is_empty()).then_some(cc);
+    }
+    if let Ok(cc) = std::env::var("FERRY_QUIC_CC") {
+        c.quic_congestion = ferry::transport::quic::Congestion::from_name(&cc);
+    }
+    if let Some(mtu) = std::env::var("FERRY_QUIC_MTU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.quic_mtu = mtu;
+    }
+    if let Some(p) = ws_path {
+        c.ws_path = p.to_string();
+    }
+    c
+}
+
+/// `O_DIRECT` writes of received chunks, unless FERRY_DIRECT_IO=0.
+fn direct_io_from_env() -> bool {
+    !std::env::var("FERRY_DIRECT_IO").is_ok_and(|v| v == "0")
 }
 
 /// Checkpoint tuning for benchmarks: FERRY_CHECKPOINT_MIB and FERRY_CHECKPOINT_MS.

@@ -24,7 +24,7 @@ use crate::tls::{client_config, normalize_fingerprint, KnownServers};
 use crate::transfer::{
     drive_receiver, drive_sender, prepare_receive_live, PreparedSource, Throttle,
 };
-use crate::transport::{server_name, tcp::TcpDialer, DialTarget, Dialer};
+use crate::transport::{server_name, tcp::TcpDialer, DialTarget, Dialer, TransportConfig};
 
 /// How a client connects.
 #[derive(Debug, Clone)]
@@ -43,6 +43,12 @@ pub struct ClientConfig {
     pub timeouts: Timeouts,
     /// What carries the connection (TCP+TLS unless told otherwise).
     pub dialer: Arc<dyn Dialer>,
+    /// The tuning of a dialer made for a URL that names its transport
+    /// (`ferry+quic://`, ...).
+    pub transport: TransportConfig,
+    /// Write downloaded chunks past the page cache where the filesystem
+    /// allows (see [`crate::fsutil::open_direct`]); `true` is the default.
+    pub direct_io: bool,
     /// Connections per large file (see [`crate::lanes`]).
     pub streams: Streams,
 }
@@ -59,7 +65,9 @@ impl ClientConfig {
             via: None,
             bwlimit: 0,
             timeouts: Timeouts::default(),
-            dialer: Arc::new(TcpDialer),
+            dialer: Arc::new(TcpDialer::default()),
+            transport: TransportConfig::default(),
+            direct_io: true,
             streams: Streams::Auto,
         }
     }
@@ -607,6 +615,7 @@ impl Session {
             id,
             &meta,
             ReceiverConfig::default(),
+            self.cfg.direct_io,
         )
         .await?;
         let layout = rx.layout();

@@ -194,7 +194,7 @@ pub async fn copy(
     let opts = match scheme_transport {
         Some(t) => {
             let mut o = opts.clone();
-            o.client.dialer = t.dialer();
+            o.client.dialer = t.dialer(&o.client.transport);
             scheme_opts = o;
             &scheme_opts
         }

@@ -292,8 +292,8 @@ pub fn still_named(f: &File, path: &Path) -> bool {
 pub const DIRECT_ALIGN: usize = 4096;
 
 /// A second descriptor on a partial file for writes that bypass the page
-/// cache (`O_DIRECT`), or `None` where the filesystem refuses it or
-/// `FERRY_DIRECT_IO=0`. Received chunks are fsynced anyway and never read
+/// cache (`O_DIRECT`), or `None` where the filesystem refuses it (callers
+/// skip it when their `direct_io` setting is off). Received chunks are fsynced anyway and never read
 /// back, so the page cache only costs a copy (and, in VMs that hand freed
 /// memory back to the host, a fault per fresh page: on this test VM a
 /// buffered 2 GiB write took 8-10 s and 6-9 CPU s, an `O_DIRECT` one
@@ -302,9 +302,6 @@ pub const DIRECT_ALIGN: usize = 4096;
 pub fn open_direct(part: &File) -> Option<File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    if std::env::var("FERRY_DIRECT_IO").is_ok_and(|v| v == "0") {
-        return None;
-    }
     // Reopened through the descriptor, not the name: the name may have been
     // replaced since, the descriptor cannot.
     OpenOptions::new()

@@ -30,7 +30,7 @@ use crate::tls::ServerIdentity;
 use crate::transfer::{
     drive_receiver, drive_sender, prepare_receive_live, prepare_send, FaultPlan, PreparedSource,
 };
-use crate::transport::{tcp::TcpTlsListener, Incoming, Listener};
+use crate::transport::{tcp::TcpTlsListener, Incoming, Listener, TransportConfig};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_IDLE: Duration = Duration::from_secs(300);
@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub min_free_bytes: u64,
     /// Which connections are taken, per source and in total (see [`crate::admission`]).
     pub admission: AdmissionConfig,
+    /// Write received chunks past the page cache where the filesystem allows
+    /// (see [`crate::fsutil::open_direct`]); `true` is the default.
+    pub direct_io: bool,
 }
 
 struct Shared {
@@ -62,6 +65,7 @@ struct Shared {
     faults: Option<Arc<FaultPlan>>,
     timeouts: Timeouts,
     min_free_bytes: u64,
+    direct_io: bool,
     /// Destinations being written now: one writer each, with a way to stop it.
     busy: Mutex<HashMap<PathBuf, (TransferId, Arc<Notify>)>>,
     /// Transfers running now that take data lanes (see [`crate::lanes`]).
@@ -229,11 +233,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Sets up a server listening on `cfg.listen` over TCP+TLS.
+    /// Sets up a server listening on `cfg.listen` over TCP+TLS with the
+    /// default [`TransportConfig`] (for other tuning: [`Server::new`] and
+    /// [`Server::add_listener`]).
     pub async fn bind(cfg: ServerConfig) -> Result<Self> {
         let listen = cfg.listen;
         let mut server = Self::new(cfg)?;
-        let tcp = TcpTlsListener::bind(listen, server.tls_config()).await?;
+        let tcp =
+            TcpTlsListener::bind(listen, server.tls_config(), &TransportConfig::default()).await?;
         server.add_listener(Box::new(tcp));
         Ok(server)
     }
@@ -254,6 +261,7 @@ impl Server {
             faults: cfg.faults,
             timeouts: cfg.timeouts,
             min_free_bytes: cfg.min_free_bytes,
+            direct_io: cfg.direct_io,
             busy: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
         });
@@ -802,6 +810,7 @@ async fn handle_request(
                 id,
                 &meta,
                 shared.receiver.clone(),
+                shared.direct_io,
             )
             .await
             {

@@ -1123,12 +1123,15 @@ pub fn prepare_send(store: &Store, path: &std::path::Path, alg: HashAlg) -> Resu
 
 /// Prepares to receive `meta` into `final_path`: resumes the partial file if
 /// the journal has one for the same source version, else starts afresh.
+/// `direct_io`: write chunks past the page cache where the filesystem allows
+/// (see [`fsutil::open_direct`]).
 pub fn prepare_receive(
     store: &Store,
     final_path: &std::path::Path,
     id: ferry_proto::TransferId,
     meta: &ferry_proto::message::FileMeta,
     cfg: ferry_proto::ReceiverConfig,
+    direct_io: bool,
 ) -> Result<(Receiver, DestFile)> {
     use crate::store::PartialRecord;
     let layout = ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size).ok_or_else(|| {
@@ -1152,6 +1155,7 @@ pub fn prepare_receive(
             && r.chunk_size == meta.chunk_size
             && r.alg == meta.alg
     };
+    let open_direct = |file: &File| direct_io.then(|| fsutil::open_direct(file)).flatten();
     let dest = |file: File, direct: Option<File>| DestFile {
         final_path: final_path.to_path_buf(),
         part_path: part_path.clone(),
@@ -1215,7 +1219,7 @@ pub fn prepare_receive(
                     .collect();
                 info!(transfer = %id, path = %final_path.display(), held = held.len(), "resuming partial file");
                 let rx = Receiver::new(id, layout, alg, cfg, held);
-                let direct = fsutil::open_direct(&file);
+                let direct = open_direct(&file);
                 return Ok((rx, dest(file, direct)));
             }
             info!(path = %final_path.display(), "the partial file is not the one this transfer wrote; starting over");
@@ -1240,7 +1244,7 @@ pub fn prepare_receive(
     };
     store.start_partial(&key, &rec)?;
     let rx = Receiver::new(id, layout, alg, cfg, Vec::new());
-    let direct = fsutil::open_direct(&file);
+    let direct = open_direct(&file);
     Ok((rx, dest(file, direct)))
 }
 
@@ -1269,10 +1273,12 @@ pub async fn prepare_receive_live(
     id: ferry_proto::TransferId,
     meta: &ferry_proto::message::FileMeta,
     cfg: ferry_proto::ReceiverConfig,
+    direct_io: bool,
 ) -> Result<(Receiver, DestFile)> {
     let (store, path, meta) = (store.clone(), final_path.to_path_buf(), meta.clone());
-    let mut job =
-        tokio::task::spawn_blocking(move || prepare_receive(&store, &path, id, &meta, cfg));
+    let mut job = tokio::task::spawn_blocking(move || {
+        prepare_receive(&store, &path, id, &meta, cfg, direct_io)
+    });
     loop {
         tokio::select! {
             r = &mut job => return r.map_err(|e| Error::Store(e.to_string()))?,
@@ -1352,5 +1358,40 @@ mod tests {
         }
         let all: Vec<_> = (0..4).map(h).collect();
         assert_eq!(store.source_hashes(&key).unwrap(), all);
+    }
+
+    /// `direct_io: false` receives through the page cache only: no
+    /// `O_DIRECT` descriptor is opened, whatever the filesystem allows;
+    /// `true` opens one where it can.
+    #[test]
+    fn direct_io_off_opens_no_direct_descriptor() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let meta = ferry_proto::message::FileMeta {
+            size: 3 * fsutil::DIRECT_ALIGN as u64,
+            mtime_ns: 0,
+            mode: 0o644,
+            chunk_size: 1 << 20,
+            alg: HashAlg::Blake3.name().to_string(),
+            source_id: vec![1u8; 8].into(),
+        };
+        let receive = |name: &str, direct_io: bool| {
+            prepare_receive(
+                &store,
+                &dir.path().join(name),
+                ferry_proto::TransferId([1; 16]),
+                &meta,
+                ferry_proto::ReceiverConfig::default(),
+                direct_io,
+            )
+            .unwrap()
+            .1
+        };
+        let off = receive("off.bin", false);
+        assert!(off.part_path.exists());
+        assert!(off.direct.is_none());
+        // On, it is opened wherever the filesystem allows it.
+        let on = receive("on.bin", true);
+        assert_eq!(on.direct.is_some(), fsutil::open_direct(&on.file).is_some());
     }
 }

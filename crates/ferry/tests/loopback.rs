@@ -58,6 +58,7 @@ impl TestServer {
             timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(2)),
             min_free_bytes,
             admission: Default::default(),
+            direct_io: true,
         })
         .await
         .unwrap();
@@ -99,6 +100,8 @@ fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
         follow_links: false,
         state_dir: dir.join("client-state"),
         client: ClientConfig {
+            transport: Default::default(),
+            direct_io: true,
             streams: ferry::lanes::Streams::Auto,
             token: Some(TOKEN.to_vec()),
             fingerprint: None,
@@ -107,7 +110,7 @@ fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
             via,
             bwlimit: 0,
             timeouts: Default::default(),
-            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer::default()),
         },
         retry: RetryPolicy {
             initial: Duration::from_millis(10),

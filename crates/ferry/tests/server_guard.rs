@@ -17,9 +17,10 @@ use ferry::progress::Progress;
 use ferry::retry::RetryPolicy;
 use ferry::server::{Server, ServerConfig};
 use ferry::tls::KnownServers;
-use ferry::transport::quic::{Congestion, QuicDialer, QuicListener};
+use ferry::transport::quic::{QuicDialer, QuicListener};
 use ferry::transport::tcp::{TcpDialer, TcpTlsListener};
 use ferry::transport::ws::{WsDialer, WsListener};
+use ferry::transport::TransportConfig;
 use ferry::transport::{Dialer, Listener};
 use ferry::{Error, ErrorClass};
 use ferry_proto::message::BatchFile;
@@ -62,15 +63,17 @@ impl TestServer {
             timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(5)),
             min_free_bytes: 0,
             admission,
+            direct_io: true,
         })
         .unwrap();
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let tcp = TcpTlsListener::bind(any, server.tls_config())
+        let tcp = TcpTlsListener::bind(any, server.tls_config(), &TransportConfig::default())
             .await
             .unwrap();
         let addr = tcp.local_addr().unwrap();
-        let quic = QuicListener::bind(addr, server.tls_config(), Congestion::Bbr).unwrap();
-        let ws = WsListener::bind(any, server.tls_config(), false)
+        let quic =
+            QuicListener::bind(addr, server.tls_config(), &TransportConfig::default()).unwrap();
+        let ws = WsListener::bind(any, server.tls_config(), false, &TransportConfig::default())
             .await
             .unwrap();
         let ws_addr = ws.local_addr().unwrap();
@@ -116,11 +119,9 @@ impl TestServer {
 
 fn dialer(kind: Kind) -> Arc<dyn Dialer> {
     match kind {
-        Kind::Tcp => Arc::new(TcpDialer),
-        Kind::Quic => Arc::new(QuicDialer {
-            congestion: Congestion::Bbr,
-        }),
-        Kind::Ws => Arc::new(WsDialer::new(false)),
+        Kind::Tcp => Arc::new(TcpDialer::default()),
+        Kind::Quic => Arc::new(QuicDialer::default()),
+        Kind::Ws => Arc::new(WsDialer::new(false, &TransportConfig::default())),
     }
 }
 

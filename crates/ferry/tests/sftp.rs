@@ -258,6 +258,8 @@ impl Sshd {
             accept_new_host_key: false,
             no_agent: true,
             agent_socket: None,
+            home: None,
+            default_user: None,
         }
     }
     fn opts(&self) -> SftpOptions {
@@ -279,6 +281,8 @@ fn copy_opts(state: &Path) -> CopyOptions {
         follow_links: false,
         state_dir: state.to_path_buf(),
         client: ferry::client::ClientConfig {
+            transport: Default::default(),
+            direct_io: true,
             streams: ferry::lanes::Streams::Auto,
             token: None,
             fingerprint: None,
@@ -287,7 +291,7 @@ fn copy_opts(state: &Path) -> CopyOptions {
             via: None,
             bwlimit: 0,
             timeouts: Default::default(),
-            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer::default()),
         },
         retry: ferry::retry::RetryPolicy {
             initial: Duration::from_millis(10),
@@ -1155,6 +1159,8 @@ async fn unreachable_host_opens_the_breaker_and_leaves_a_status_record() {
             accept_new_host_key: true,
             no_agent: true,
             agent_socket: None,
+            home: None,
+            default_user: None,
         },
         verify: Verify::Tail,
         stop_after_ranges: None,

@@ -115,6 +115,8 @@ impl Rclone {
                 accept_new_host_key: true,
                 no_agent: true,
                 agent_socket: None,
+                home: None,
+                default_user: None,
             },
             verify: Verify::default(),
             stop_after_ranges: None,
@@ -128,6 +130,8 @@ fn copy_opts(state: &Path) -> CopyOptions {
         follow_links: false,
         state_dir: state.to_path_buf(),
         client: ferry::client::ClientConfig {
+            transport: Default::default(),
+            direct_io: true,
             streams: ferry::lanes::Streams::Auto,
             token: None,
             fingerprint: None,
@@ -136,7 +140,7 @@ fn copy_opts(state: &Path) -> CopyOptions {
             via: None,
             bwlimit: 0,
             timeouts: Default::default(),
-            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer::default()),
         },
         retry: ferry::retry::RetryPolicy {
             initial: Duration::from_millis(10),

@@ -157,6 +157,7 @@ fn add_server_with(sim: &mut Sim<'_>, w: &World, faults: Option<Arc<FaultPlan>>)
                 timeouts: stall(),
                 min_free_bytes: 0,
                 admission: Default::default(),
+                direct_io: true,
             })?;
             let inner =
                 turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT)).await?;

@@ -27,6 +27,8 @@ async fn backoff_and_breaker_cooldowns_pace_the_attempts() {
         follow_links: false,
         state_dir: dir.path().join("state"),
         client: ClientConfig {
+            transport: Default::default(),
+            direct_io: true,
             streams: ferry::lanes::Streams::Auto,
             token: None,
             fingerprint: None,
@@ -35,7 +37,7 @@ async fn backoff_and_breaker_cooldowns_pace_the_attempts() {
             via: None,
             bwlimit: 0,
             timeouts: Default::default(),
-            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer::default()),
         },
         retry: RetryPolicy {
             initial: Duration::from_millis(100),
@@ -86,6 +88,8 @@ async fn retry_budget_bounds_the_total_time() {
         follow_links: false,
         state_dir: dir.path().join("state"),
         client: ClientConfig {
+            transport: Default::default(),
+            direct_io: true,
             streams: ferry::lanes::Streams::Auto,
             token: None,
             fingerprint: None,
@@ -94,7 +98,7 @@ async fn retry_budget_bounds_the_total_time() {
             via: None,
             bwlimit: 0,
             timeouts: Default::default(),
-            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer),
+            dialer: std::sync::Arc::new(ferry::transport::tcp::TcpDialer::default()),
         },
         retry: RetryPolicy::default(),
         alg: HashAlg::Blake3,

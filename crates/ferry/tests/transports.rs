@@ -21,10 +21,10 @@ use ferry::retry::RetryPolicy;
 use ferry::server::{Server, ServerConfig};
 use ferry::tls::KnownServers;
 use ferry::transfer::FaultPlan;
-use ferry::transport::quic::{Congestion, QuicDialer, QuicListener};
+use ferry::transport::quic::{QuicDialer, QuicListener};
 use ferry::transport::tcp::{TcpDialer, TcpTlsListener};
 use ferry::transport::ws::{WsDialer, WsListener};
-use ferry::transport::{auto::AutoDialer, BoxFuture, DialTarget, Dialer};
+use ferry::transport::{auto::AutoDialer, BoxFuture, DialTarget, Dialer, TransportConfig};
 use ferry::{Error, ErrorClass};
 use ferry_proto::HashAlg;
 use rand::{RngCore, SeedableRng};
@@ -46,13 +46,11 @@ enum Kind {
 impl Kind {
     fn dialer(self) -> Arc<dyn Dialer> {
         match self {
-            Kind::Tcp => Arc::new(TcpDialer),
-            Kind::Quic => Arc::new(QuicDialer {
-                congestion: Congestion::Bbr,
-            }),
+            Kind::Tcp => Arc::new(TcpDialer::default()),
+            Kind::Quic => Arc::new(QuicDialer::default()),
             Kind::Auto => Arc::new(AutoDialer::default()),
-            Kind::Ws => Arc::new(WsDialer::new(false)),
-            Kind::Wss => Arc::new(WsDialer::new(true)),
+            Kind::Ws => Arc::new(WsDialer::new(false, &TransportConfig::default())),
+            Kind::Wss => Arc::new(WsDialer::new(true, &TransportConfig::default())),
         }
     }
 }
@@ -87,26 +85,28 @@ impl TestServer {
             timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(2)),
             min_free_bytes: 0,
             admission: Default::default(),
+            direct_io: true,
         })
         .unwrap();
         let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         if tcp {
-            let l = TcpTlsListener::bind(addr, server.tls_config())
+            let l = TcpTlsListener::bind(addr, server.tls_config(), &TransportConfig::default())
                 .await
                 .unwrap();
             addr = ferry::transport::Listener::local_addr(&l).unwrap();
             server.add_listener(Box::new(l));
         }
         if quic {
-            let q = QuicListener::bind(addr, server.tls_config(), Congestion::Bbr).unwrap();
+            let q =
+                QuicListener::bind(addr, server.tls_config(), &TransportConfig::default()).unwrap();
             addr = ferry::transport::Listener::local_addr(&q).unwrap();
             server.add_listener(Box::new(q));
         }
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let ws = WsListener::bind(any, server.tls_config(), false)
+        let ws = WsListener::bind(any, server.tls_config(), false, &TransportConfig::default())
             .await
             .unwrap();
-        let wss = WsListener::bind(any, server.tls_config(), true)
+        let wss = WsListener::bind(any, server.tls_config(), true, &TransportConfig::default())
             .await
             .unwrap();
         let ws_addr = ferry::transport::Listener::local_addr(&ws).unwrap();
@@ -164,6 +164,8 @@ fn opts(dir: &Path, dialer: Arc<dyn Dialer>) -> CopyOptions {
         follow_links: false,
         state_dir: dir.join("client-state"),
         client: ClientConfig {
+            transport: Default::default(),
+            direct_io: true,
             streams: ferry::lanes::Streams::Auto,
             token: Some(TOKEN.to_vec()),
             fingerprint: None,
@@ -1036,7 +1038,7 @@ async fn url_scheme_chooses_the_transport() {
     let srv = TestServer::start_with(dir.path(), false, true).await;
     let src = dir.path().join("s.bin");
     let data = random_file(&src, 1 << 20, 12);
-    let mut o = opts(dir.path(), Arc::new(TcpDialer));
+    let mut o = opts(dir.path(), Arc::new(TcpDialer::default()));
     o.retry.max_attempts = 1;
     let e = cp(&[src.display().to_string()], &srv.url("s.bin"), &o)
         .await
@@ -1148,10 +1150,13 @@ async fn ws_through_a_plain_http_reverse_proxy() {
     let dir = TempDir::new().unwrap();
     let srv = TestServer::start(dir.path(), true).await;
     let (proxy, relayed) = http_proxy(srv.ws_addr).await;
-    let dialer: Arc<dyn Dialer> = Arc::new(WsDialer {
-        secure: false,
-        path: "/public/ferry".into(),
-    });
+    let dialer: Arc<dyn Dialer> = Arc::new(WsDialer::new(
+        false,
+        &TransportConfig {
+            ws_path: "public/ferry".into(),
+            ..TransportConfig::default()
+        },
+    ));
     let o = opts(dir.path(), dialer);
     let src = dir.path().join("p.bin");
     let data = random_file(&src, 9 << 20, 13);

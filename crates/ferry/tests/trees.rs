@@ -38,6 +38,7 @@ impl TestServer {
             timeouts: ferry::conn::Timeouts::with_stall(Duration::from_secs(5)),
             min_free_bytes: 0,
             admission: Default::default(),
+            direct_io: true,
         })
         .await
         .unwrap();
@@ -77,6 +78,8 @@ fn opts(dir: &Path, follow_links: bool) -> CopyOptions {
         follow_links,
         state_dir: dir.join("client-state"),
         client: ferry::client::ClientConfig {
+            transport: Default::default(),
+            direct_io: true,
             streams: ferry::lanes::Streams::Auto,
             token: Some(TOKEN.to_vec()),
             fingerprint: None,
@@ -85,7 +88,7 @@ fn opts(dir: &Path, follow_links: bool) -> CopyOptions {
             via: None,
             bwlimit: 0,
             timeouts: Default::default(),
-            dialer: Arc::new(ferry::transport::tcp::TcpDialer),
+            dialer: Arc::new(ferry::transport::tcp::TcpDialer::default()),
         },
         retry: ferry::retry::RetryPolicy {
             initial: Duration::from_millis(10),

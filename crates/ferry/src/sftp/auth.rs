@@ -32,9 +32,23 @@ pub struct SshConfig {
     pub accept_new_host_key: bool,
     /// Do not ask ssh-agent (tests use this for a deterministic key set).
     pub no_agent: bool,
-    /// The ssh-agent socket; `None` means `$SSH_AUTH_SOCK`. (Tests set it
-    /// rather than the process-wide environment, which parallel tests share.)
+    /// The ssh-agent socket (the command line passes `$SSH_AUTH_SOCK`);
+    /// `None`: no agent is asked.
     pub agent_socket: Option<PathBuf>,
+    /// The home directory whose `.ssh` holds the default keys and
+    /// known-hosts file (the command line passes `$HOME`); `None`: no
+    /// default keys, and known hosts in `/.ssh/known_hosts`.
+    pub home: Option<PathBuf>,
+    /// The login name for addresses without `USER@` (the command line
+    /// passes `$USER`); `None`: `root`.
+    pub default_user: Option<String>,
+}
+
+impl SshConfig {
+    /// The login name for addresses without `USER@`.
+    pub fn default_user(&self) -> &str {
+        self.default_user.as_deref().unwrap_or("root")
+    }
 }
 
 /// Asks for the passphrase of the key file it is given; `Ok(None)` when the
@@ -84,14 +98,11 @@ async fn load_encrypted_key(
         .map_err(|e| format!("{}: {e} (wrong passphrase?)", path.display()))
 }
 
-fn home() -> Option<PathBuf> {
-    std::env::var_os("HOME").map(PathBuf::from)
-}
-
 impl SshConfig {
     fn known_hosts_path(&self) -> PathBuf {
         self.known_hosts.clone().unwrap_or_else(|| {
-            home()
+            self.home
+                .clone()
                 .unwrap_or_else(|| PathBuf::from("/"))
                 .join(".ssh/known_hosts")
         })
@@ -101,7 +112,9 @@ impl SshConfig {
         if !self.identities.is_empty() {
             return self.identities.clone();
         }
-        let Some(h) = home() else { return Vec::new() };
+        let Some(h) = &self.home else {
+            return Vec::new();
+        };
         ["id_ed25519", "id_ecdsa", "id_rsa"]
             .iter()
             .map(|n| h.join(".ssh").join(n))
@@ -425,12 +438,8 @@ async fn authenticate(
         }
         tried.push(format!("{} refused", path.display()));
     }
-    let agent_socket = cfg
-        .agent_socket
-        .clone()
-        .or_else(|| std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from));
-    if let (false, Some(sock)) = (cfg.no_agent, agent_socket) {
-        match russh::keys::agent::client::AgentClient::connect_uds(&sock).await {
+    if let (false, Some(sock)) = (cfg.no_agent, &cfg.agent_socket) {
+        match russh::keys::agent::client::AgentClient::connect_uds(sock).await {
             Err(e) => tried.push(format!("ssh-agent at {}: {e}", sock.display())),
             Ok(mut agent) => {
                 let ids = match agent.request_identities().await {
@@ -474,4 +483,28 @@ async fn authenticate(
         host: t.hostport(),
         tried: tried.join("; "),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Default keys and known hosts come from the configured home, never
+    /// from the environment.
+    #[test]
+    fn default_paths_come_from_the_configured_home() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".ssh")).unwrap();
+        std::fs::write(home.path().join(".ssh/id_ecdsa"), b"key").unwrap();
+        let cfg = SshConfig {
+            home: Some(home.path().to_path_buf()),
+            ..SshConfig::default()
+        };
+        assert_eq!(cfg.identity_paths(), [home.path().join(".ssh/id_ecdsa")]);
+        assert_eq!(cfg.known_hosts_path(), home.path().join(".ssh/known_hosts"));
+        let none = SshConfig::default();
+        assert!(none.identity_paths().is_empty());
+        assert_eq!(none.known_hosts_path(), Path::new("/.ssh/known_hosts"));
+        assert_eq!(none.default_user(), "root");
+    }
 }

@@ -99,7 +99,13 @@ pub struct SftpTarget {
 }
 
 impl SftpTarget {
+    /// Parses `s`; an address without `USER@` logs in as `root`.
     pub fn parse(s: &str) -> Result<SftpTarget> {
+        Self::parse_with_user(s, "root")
+    }
+
+    /// Parses `s`; an address without `USER@` logs in as `default_user`.
+    pub fn parse_with_user(s: &str, default_user: &str) -> Result<SftpTarget> {
         let rest = s
             .strip_prefix("sftp://")
             .ok_or_else(|| Error::Usage(format!("{s}: not an sftp:// URL")))?;
@@ -109,10 +115,7 @@ impl SftpTarget {
         };
         let (user, hostport) = match authority.rfind('@') {
             Some(i) => (authority[..i].to_string(), &authority[i + 1..]),
-            None => (
-                std::env::var("USER").unwrap_or_else(|_| "root".into()),
-                authority,
-            ),
+            None => (default_user.to_string(), authority),
         };
         let (host, port) = crate::hostport::parse(hostport, 22)
             .map_err(|why| Error::Usage(format!("{s}: {why}")))?;
@@ -377,7 +380,7 @@ pub async fn copy(
                 "with an sftp:// destination all sources must be local".into(),
             ));
         }
-        let t = SftpTarget::parse(dst)?;
+        let t = SftpTarget::parse_with_user(dst, sftp.ssh.default_user())?;
         let into_dir = dst.ends_with('/') || srcs.len() > 1 || t.path.is_empty() || {
             let t2 = t.clone();
             runner
@@ -415,7 +418,7 @@ pub async fn copy(
         let mut jobs = Vec::new();
         let mut claims = crate::walk::Claims::default();
         for s in srcs {
-            let t = SftpTarget::parse(s)?;
+            let t = SftpTarget::parse_with_user(s, sftp.ssh.default_user())?;
             let t2 = t.clone();
             let walk = opts.walk();
             let found = runner
@@ -910,6 +913,10 @@ mod tests {
             assert_eq!(e.class(), crate::ErrorClass::Usage, "{bad}: {e}");
         }
         assert!(SftpTarget::parse("sftp:///x").is_err());
+        // Without USER@: the caller's default, never the environment.
+        let t = SftpTarget::parse_with_user("sftp://h/x", "carol").unwrap();
+        assert_eq!((t.user.as_str(), t.path.as_str()), ("carol", "x"));
+        assert_eq!(SftpTarget::parse("sftp://h/x").unwrap().user, "root");
         assert_eq!("full".parse::<Verify>().unwrap(), Verify::Full);
         assert!("nope".parse::<Verify>().is_err());
     }

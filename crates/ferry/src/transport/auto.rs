@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::quic::QuicDialer;
 use super::tcp::TcpDialer;
-use super::{BoxFuture, DialTarget, Dialer};
+use super::{BoxFuture, DialTarget, Dialer, TransportConfig};
 use crate::conn::BoxStream;
 use crate::error::{Error, Result};
 
@@ -44,7 +44,7 @@ pub struct AutoDialer {
 
 impl Default for AutoDialer {
     fn default() -> Self {
-        Self::new(Arc::new(QuicDialer::default()), Arc::new(TcpDialer))
+        Self::with_config(&TransportConfig::default())
     }
 }
 
@@ -56,6 +56,14 @@ fn set_quic_off(state: &Mutex<Option<Instant>>, off: bool) {
 }
 
 impl AutoDialer {
+    /// Races ferry's QUIC and TCP dialers, both tuned by `cfg`.
+    pub fn with_config(cfg: &TransportConfig) -> Self {
+        Self::new(
+            Arc::new(QuicDialer::new(cfg)),
+            Arc::new(TcpDialer::new(cfg)),
+        )
+    }
+
     /// Races `quic` against `tcp` (tests plug in their own dialers).
     pub fn new(quic: Arc<dyn Dialer>, tcp: Arc<dyn Dialer>) -> Self {
         Self {

@@ -11,7 +11,8 @@
 //! * [`auto`]: QUIC when UDP gets through, else TCP.
 //! * [`ws`]: WebSocket (`ws`, `wss`), ferry's TLS inside, for HTTP-only networks.
 //!
-//! [`Transport`] names them for the command line and URL schemes.
+//! [`Transport`] names them for the command line and URL schemes;
+//! [`TransportConfig`] holds their tuning knobs.
 //!
 //! Tests plug in their own transports (a simulated network, an in-memory
 //! duplex) through the same traits, using [`tls_connect`] and [`tls_accept`]
@@ -62,6 +63,36 @@ pub struct DialTarget<'a> {
     pub tls: Arc<rustls::ClientConfig>,
     /// Bound on the connect and on the transport handshake, each.
     pub timeout: Duration,
+}
+
+/// How ferry's transports tune their sockets and connections. The defaults
+/// are ferry's own choices; the command line fills it from `FERRY_TCP_CC`,
+/// `FERRY_QUIC_CC`, `FERRY_QUIC_MTU` and `--ws-path` (`FERRY_WS_PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// The TCP congestion controller asked for on ferry's own sockets
+    /// (`bbr`); `None` keeps the host's default, as does a name the kernel
+    /// does not offer. See [`tcp`].
+    pub tcp_congestion: Option<String>,
+    /// QUIC's congestion controller (BBR). See [`quic`].
+    pub quic_congestion: quic::Congestion,
+    /// The largest UDP payload QUIC's MTU discovery probes for (6500;
+    /// clamped to 1200-6550, above which a full GSO batch exceeds 64 KiB).
+    pub quic_mtu: u16,
+    /// The HTTP path `ws`/`wss` dialers ask for (`/ferry`; a missing leading
+    /// slash is added). Listeners accept any path.
+    pub ws_path: String,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            tcp_congestion: Some("bbr".to_string()),
+            quic_congestion: quic::Congestion::Bbr,
+            quic_mtu: quic::MTU_UPPER_BOUND,
+            ws_path: ws::DEFAULT_PATH.to_string(),
+        }
+    }
 }
 
 /// The client side of a transport.
@@ -133,13 +164,14 @@ impl Transport {
         }
     }
 
-    pub fn dialer(self) -> Arc<dyn Dialer> {
+    /// A dialer for this transport, tuned by `cfg`.
+    pub fn dialer(self, cfg: &TransportConfig) -> Arc<dyn Dialer> {
         match self {
-            Transport::Tcp => Arc::new(tcp::TcpDialer),
-            Transport::Quic => Arc::new(quic::QuicDialer::default()),
-            Transport::Auto => Arc::new(auto::AutoDialer::default()),
-            Transport::Ws => Arc::new(ws::WsDialer::new(false)),
-            Transport::Wss => Arc::new(ws::WsDialer::new(true)),
+            Transport::Tcp => Arc::new(tcp::TcpDialer::new(cfg)),
+            Transport::Quic => Arc::new(quic::QuicDialer::new(cfg)),
+            Transport::Auto => Arc::new(auto::AutoDialer::with_config(cfg)),
+            Transport::Ws => Arc::new(ws::WsDialer::new(false, cfg)),
+            Transport::Wss => Arc::new(ws::WsDialer::new(true, cfg)),
         }
     }
 

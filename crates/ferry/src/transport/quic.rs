@@ -12,7 +12,7 @@
 //! * the congestion controller is BBR by default: under random loss, loss-based
 //!   controllers (Cubic, NewReno) shrink their window on every lost packet,
 //!   while BBR paces at the measured bottleneck rate (measured figures in
-//!   docs/BENCH-WAN.md). `FERRY_QUIC_CC=cubic|newreno|bbr` overrides.
+//!   docs/BENCH-WAN.md). [`TransportConfig::quic_congestion`] overrides.
 //! * a 30 s idle timeout with keepalives every 5 s: a partition that outlives
 //!   it ends the connection and the retry policy takes over.
 
@@ -24,11 +24,11 @@ use std::time::Duration;
 
 use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{ConnectionError, Endpoint, EndpointConfig, TokioRuntime, TransportConfig, VarInt};
+use quinn::{ConnectionError, Endpoint, EndpointConfig, TokioRuntime, VarInt};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{BoxFuture, DialTarget, Dialer, Incoming, Listener};
+use super::{BoxFuture, DialTarget, Dialer, Incoming, Listener, TransportConfig};
 use crate::conn::BoxStream;
 use crate::error::{Error, Result};
 
@@ -44,27 +44,28 @@ const UDP_BUFFER: usize = 8 << 20;
 /// refuses a GSO send over 64 KiB (EMSGSIZE, which quinn-udp drops silently,
 /// as it does for probes), so at 8952 every batch of eight or more was lost,
 /// the black-hole detector fell back to 1200 and loopback ran at ~200 MB/s.
-/// 10 x 6500 fits.
-const MTU_UPPER_BOUND: u16 = 6500;
+/// 10 x 6500 fits. [`TransportConfig::quic_mtu`] overrides.
+pub const MTU_UPPER_BOUND: u16 = 6500;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(5);
 /// How long a closing stream waits for its last bytes to be acknowledged.
 const LINGER: Duration = Duration::from_secs(3);
 
 /// Which congestion controller QUIC connections use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
+    #[default]
     Bbr,
     Cubic,
     NewReno,
 }
 
 impl Congestion {
-    /// From `FERRY_QUIC_CC`, else BBR.
-    pub fn from_env() -> Self {
-        match std::env::var("FERRY_QUIC_CC").as_deref() {
-            Ok("cubic") => Self::Cubic,
-            Ok("newreno") => Self::NewReno,
+    /// `cubic` or `newreno`; any other name is BBR, ferry's default.
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "cubic" => Self::Cubic,
+            "newreno" => Self::NewReno,
             _ => Self::Bbr,
         }
     }
@@ -72,9 +73,10 @@ impl Congestion {
 
 /// `peer_streams`: how many bidirectional streams the peer may open (the
 /// client opens one per connection; the server none). Each may buffer up to
-/// the stream window, as a TCP socket's receive buffer would.
-fn transport_config(cc: Congestion, peer_streams: u32) -> Arc<TransportConfig> {
-    let mut t = TransportConfig::default();
+/// the stream window, as a TCP socket's receive buffer would. `mtu`: the
+/// upper bound of MTU discovery (see [`clamp_mtu`]).
+fn transport_config(cc: Congestion, mtu: u16, peer_streams: u32) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONN_WINDOW))
         .send_window(SEND_WINDOW)
@@ -83,9 +85,9 @@ fn transport_config(cc: Congestion, peer_streams: u32) -> Arc<TransportConfig> {
         .keep_alive_interval(Some(KEEPALIVE));
     // Probe for packets larger than Ethernet's (loopback, LANs with jumbo
     // frames); on ordinary paths discovery settles at ~1500, as by default.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(mtu_upper_bound());
-    t.mtu_discovery_config(Some(mtu));
+    let mut discovery = quinn::MtuDiscoveryConfig::default();
+    discovery.upper_bound(clamp_mtu(mtu));
+    t.mtu_discovery_config(Some(discovery));
     if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
@@ -97,25 +99,21 @@ fn transport_config(cc: Congestion, peer_streams: u32) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-/// The largest UDP payload MTU discovery probes for (`FERRY_QUIC_MTU`
-/// overrides, 1200-6550: above that a full GSO batch exceeds 64 KiB).
-fn mtu_upper_bound() -> u16 {
-    std::env::var("FERRY_QUIC_MTU")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(MTU_UPPER_BOUND)
-        .clamp(1200, 6550)
+/// The largest UDP payload MTU discovery probes for, `mtu` brought into
+/// 1200-6550 (above that a full GSO batch exceeds 64 KiB).
+fn clamp_mtu(mtu: u16) -> u16 {
+    mtu.clamp(1200, 6550)
 }
 
 /// The endpoint accepts datagrams as large as MTU discovery may reach. Its
 /// `max_udp_payload_size` is also what it announces to the peer, and the
 /// peer's discovery stops there: left at quinn's default (1472), no
 /// connection ever grew past Ethernet size whatever the upper bound said.
-fn endpoint_config() -> EndpointConfig {
+fn endpoint_config(mtu: u16) -> EndpointConfig {
     let mut e = EndpointConfig::default();
-    // In range by construction (`mtu_upper_bound` clamps); on an error the
-    // default stays, which only costs speed.
-    let _ = e.max_udp_payload_size(mtu_upper_bound());
+    // In range by construction (`clamp_mtu`); on an error the default stays,
+    // which only costs speed.
+    let _ = e.max_udp_payload_size(clamp_mtu(mtu));
     e
 }
 
@@ -159,13 +157,22 @@ fn handshake_error(addr: &str, e: ConnectionError) -> Error {
 #[derive(Debug, Clone, Copy)]
 pub struct QuicDialer {
     pub congestion: Congestion,
+    /// The upper bound of MTU discovery (see [`TransportConfig::quic_mtu`]).
+    pub mtu: u16,
+}
+
+impl QuicDialer {
+    pub fn new(cfg: &TransportConfig) -> Self {
+        Self {
+            congestion: cfg.quic_congestion,
+            mtu: cfg.quic_mtu,
+        }
+    }
 }
 
 impl Default for QuicDialer {
     fn default() -> Self {
-        Self {
-            congestion: Congestion::from_env(),
-        }
+        Self::new(&TransportConfig::default())
     }
 }
 
@@ -192,7 +199,7 @@ impl Dialer for QuicDialer {
                 (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
             };
             let endpoint = Endpoint::new(
-                endpoint_config(),
+                endpoint_config(self.mtu),
                 None,
                 udp_socket(local).map_err(connect_err)?,
                 Arc::new(TokioRuntime),
@@ -202,7 +209,7 @@ impl Dialer for QuicDialer {
             tls.alpn_protocols = vec![ALPN.to_vec()];
             let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
             let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-            cfg.transport_config(transport_config(self.congestion, 0));
+            cfg.transport_config(transport_config(self.congestion, self.mtu, 0));
             let connecting = endpoint
                 .connect_with(cfg, addr, &name_str(&t.server_name))
                 .map_err(|e| {
@@ -231,20 +238,24 @@ pub struct QuicListener {
 }
 
 impl QuicListener {
-    /// Binds UDP `addr` with the server's TLS identity.
-    pub fn bind(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, cc: Congestion) -> Result<Self> {
+    /// Binds UDP `addr` with the server's TLS identity, tuned by `tuning`.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        tuning: &TransportConfig,
+    ) -> Result<Self> {
         let mut tls = (*tls).clone();
         tls.alpn_protocols = vec![ALPN.to_vec()];
         tls.max_early_data_size = 0;
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        cfg.transport_config(transport_config(cc, 1));
+        cfg.transport_config(transport_config(tuning.quic_congestion, tuning.quic_mtu, 1));
         let bind_err = |source: std::io::Error| Error::Listen {
             addr: format!("udp {addr}"),
             source,
         };
         let endpoint = Endpoint::new(
-            endpoint_config(),
+            endpoint_config(tuning.quic_mtu),
             Some(cfg),
             udp_socket(addr).map_err(bind_err)?,
             Arc::new(TokioRuntime),
@@ -396,7 +407,10 @@ mod tests {
         let listener = QuicListener::bind(
             "127.0.0.1:0".parse().unwrap(),
             Arc::new(id.server_config().unwrap()),
-            Congestion::Cubic,
+            &TransportConfig {
+                quic_congestion: Congestion::Cubic,
+                ..TransportConfig::default()
+            },
         )
         .unwrap();
         let addr = listener.endpoint.local_addr().unwrap();
@@ -412,7 +426,7 @@ mod tests {
             n
         });
         let client = Endpoint::new(
-            endpoint_config(),
+            endpoint_config(MTU_UPPER_BOUND),
             None,
             udp_socket("127.0.0.1:0".parse().unwrap()).unwrap(),
             Arc::new(TokioRuntime),
@@ -421,7 +435,7 @@ mod tests {
         let (mut tls, _) = crate::tls::client_config(None).unwrap();
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
-        cfg.transport_config(transport_config(Congestion::Cubic, 0));
+        cfg.transport_config(transport_config(Congestion::Cubic, MTU_UPPER_BOUND, 0));
         let conn = client
             .connect_with(cfg, addr, "ferry")
             .unwrap()

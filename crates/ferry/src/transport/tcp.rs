@@ -8,8 +8,8 @@
 //! Congestion control is BBR on ferry's
 //! own sockets when the kernel offers it: loss-based controllers such as Cubic
 //! collapse to a few hundred KB/s at 50 ms and 1 % random loss, while BBR keeps
-//! the link full. `FERRY_TCP_CC=cubic` (or any name, or empty for the host's
-//! default) overrides the choice.
+//! the link full. [`TransportConfig::tcp_congestion`] overrides the choice
+//! (any name the kernel offers, or `None` for the host's default).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,13 +17,32 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{tls_accept, tls_connect, BoxFuture, DialTarget, Dialer, Incoming, Listener};
+use super::{
+    tls_accept, tls_connect, BoxFuture, DialTarget, Dialer, Incoming, Listener, TransportConfig,
+};
 use crate::conn::BoxStream;
 use crate::error::{Error, Result};
 
 /// Dials TCP and runs TLS over it.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct TcpDialer;
+#[derive(Debug, Clone)]
+pub struct TcpDialer {
+    /// The congestion controller asked for (see [`TransportConfig::tcp_congestion`]).
+    pub congestion: Option<String>,
+}
+
+impl TcpDialer {
+    pub fn new(cfg: &TransportConfig) -> Self {
+        Self {
+            congestion: cfg.tcp_congestion.clone(),
+        }
+    }
+}
+
+impl Default for TcpDialer {
+    fn default() -> Self {
+        Self::new(&TransportConfig::default())
+    }
+}
 
 impl Dialer for TcpDialer {
     fn dial<'a>(&'a self, t: DialTarget<'a>) -> BoxFuture<'a, Result<BoxStream>> {
@@ -38,7 +57,7 @@ impl Dialer for TcpDialer {
                     addr: t.addr.to_string(),
                     source: e,
                 })?;
-            tune(&tcp);
+            tune(&tcp, self.congestion.as_deref());
             tls_connect(tcp, t.tls, t.server_name, t.timeout).await
         })
     }
@@ -48,10 +67,16 @@ impl Dialer for TcpDialer {
 pub struct TcpTlsListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    congestion: Option<String>,
 }
 
 impl TcpTlsListener {
-    pub async fn bind(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Result<Self> {
+    /// Binds `addr`; accepted sockets are tuned by `cfg`.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        cfg: &TransportConfig,
+    ) -> Result<Self> {
         let listener = TcpListener::bind(addr).await.map_err(|e| Error::Listen {
             addr: addr.to_string(),
             source: e,
@@ -59,6 +84,7 @@ impl TcpTlsListener {
         Ok(Self {
             listener,
             acceptor: TlsAcceptor::from(tls),
+            congestion: cfg.tcp_congestion.clone(),
         })
     }
 }
@@ -67,7 +93,7 @@ impl Listener for TcpTlsListener {
     fn accept(&mut self) -> BoxFuture<'_, std::io::Result<(Incoming, String)>> {
         Box::pin(async move {
             let (tcp, peer) = self.listener.accept().await?;
-            tune(&tcp);
+            tune(&tcp, self.congestion.as_deref());
             let acceptor = self.acceptor.clone();
             let incoming: Incoming = Box::pin(tls_accept(tcp, acceptor));
             Ok((incoming, peer.to_string()))
@@ -84,16 +110,15 @@ impl Listener for TcpTlsListener {
 }
 
 /// Nagle off, the send buffer where asking beats autotuning, and the
-/// congestion controller ferry prefers (see the module docs). Each is an
-/// optimisation: a failure is ignored.
-pub fn tune(tcp: &TcpStream) {
+/// congestion controller `congestion` (see the module docs; `None` or empty
+/// keeps the host's). Each is an optimisation: a failure is ignored.
+pub fn tune(tcp: &TcpStream, congestion: Option<&str>) {
     let _ = tcp.set_nodelay(true);
     if let Some(size) = send_buffer_request() {
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(tcp, size);
     }
-    let cc = std::env::var("FERRY_TCP_CC").unwrap_or_else(|_| "bbr".to_string());
-    if !cc.is_empty() {
-        if let Err(e) = rustix::net::sockopt::set_tcp_congestion(tcp, &cc) {
+    if let Some(cc) = congestion.filter(|c| !c.is_empty()) {
+        if let Err(e) = rustix::net::sockopt::set_tcp_congestion(tcp, cc) {
             tracing::debug!(congestion_control = %cc, error = %e, "could not set TCP congestion control; keeping the default");
         }
     }
@@ -147,19 +172,34 @@ mod tests {
         assert_eq!(send_buffer_for(4_194_304, 16_777_216), None);
     }
 
+    /// The configured controller is the one the socket gets; `None` leaves
+    /// the host's default.
+    #[tokio::test]
+    async fn sockets_get_the_configured_congestion_control() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host_default =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        tune(&c, None);
+        let got = rustix::net::sockopt::tcp_congestion(&c).unwrap();
+        assert_eq!(got, host_default.trim());
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        tune(&c, Some("reno"));
+        let got = rustix::net::sockopt::tcp_congestion(&c).unwrap();
+        assert_eq!(got, "reno");
+    }
+
     #[tokio::test]
     async fn sockets_get_bbr_where_the_kernel_has_it() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        tune(&c);
+        tune(&c, TransportConfig::default().tcp_congestion.as_deref());
         assert!(c.nodelay().unwrap());
         let available =
             std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
                 .unwrap_or_default();
         let got = rustix::net::sockopt::tcp_congestion(&c).unwrap();
-        if std::env::var("FERRY_TCP_CC").is_err()
-            && available.split_whitespace().any(|c| c == "bbr")
-        {
+        if available.split_whitespace().any(|c| c == "bbr") {
             assert_eq!(got, "bbr");
         }
     }

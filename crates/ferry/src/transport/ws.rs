@@ -14,11 +14,12 @@
 //!   the inner TLS does.
 //!
 //! The server accepts the upgrade on any path (a proxy may rewrite it); the
-//! client asks for `/ferry` unless told otherwise (`--ws-path`).
+//! client asks for `/ferry` unless told otherwise
+//! ([`TransportConfig::ws_path`], the command line's `--ws-path`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -30,7 +31,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::{tls_accept, tls_connect, BoxFuture, DialTarget, Dialer, Incoming, Listener};
+use super::{
+    tls_accept, tls_connect, BoxFuture, DialTarget, Dialer, Incoming, Listener, TransportConfig,
+};
 use crate::conn::BoxStream;
 use crate::error::{Error, Result};
 
@@ -43,24 +46,13 @@ const MAX_INCOMING_MESSAGE: usize = 1024 * 1024;
 /// The HTTP path the client asks for by default.
 pub const DEFAULT_PATH: &str = "/ferry";
 
-static DEFAULT_PATH_OVERRIDE: OnceLock<String> = OnceLock::new();
-
-/// Sets the path `ws`/`wss` dialers ask for when none is given (the
-/// command line's `--ws-path`); the first call wins.
-pub fn set_default_path(path: &str) {
-    let p = if path.starts_with('/') {
+/// `path` with the leading slash an HTTP request path needs.
+fn request_path(path: &str) -> String {
+    if path.starts_with('/') {
         path.to_string()
     } else {
         format!("/{path}")
-    };
-    let _ = DEFAULT_PATH_OVERRIDE.set(p);
-}
-
-fn default_path() -> String {
-    DEFAULT_PATH_OVERRIDE
-        .get()
-        .cloned()
-        .unwrap_or_else(|| DEFAULT_PATH.to_string())
+    }
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -174,13 +166,17 @@ pub struct WsDialer {
     pub secure: bool,
     /// The HTTP path of the upgrade request.
     pub path: String,
+    /// The TCP congestion controller asked for (see [`TransportConfig::tcp_congestion`]).
+    pub tcp_congestion: Option<String>,
 }
 
 impl WsDialer {
-    pub fn new(secure: bool) -> Self {
+    /// `ws` (or `wss` when `secure`), asking for `cfg.ws_path`.
+    pub fn new(secure: bool, cfg: &TransportConfig) -> Self {
         Self {
             secure,
-            path: default_path(),
+            path: request_path(&cfg.ws_path),
+            tcp_congestion: cfg.tcp_congestion.clone(),
         }
     }
 }
@@ -211,7 +207,7 @@ impl Dialer for WsDialer {
                     ))
                 })?
                 .map_err(connect_err)?;
-            super::tcp::tune(&tcp);
+            super::tcp::tune(&tcp, self.tcp_congestion.as_deref());
             let carrier: BoxStream = if self.secure {
                 let outer = TlsConnector::from(Arc::new(crate::tls::outer_client_config()?));
                 match tokio::time::timeout(t.timeout, outer.connect(t.server_name.clone(), tcp))
@@ -248,6 +244,7 @@ pub struct WsListener {
     listener: TcpListener,
     inner: TlsAcceptor,
     outer: Option<TlsAcceptor>,
+    tcp_congestion: Option<String>,
 }
 
 impl WsListener {
@@ -255,6 +252,7 @@ impl WsListener {
         addr: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
         secure: bool,
+        cfg: &TransportConfig,
     ) -> Result<Self> {
         let listener = TcpListener::bind(addr).await.map_err(|e| Error::Listen {
             addr: addr.to_string(),
@@ -269,6 +267,7 @@ impl WsListener {
             listener,
             inner: TlsAcceptor::from(tls),
             outer,
+            tcp_congestion: cfg.tcp_congestion.clone(),
         })
     }
 }
@@ -277,7 +276,7 @@ impl Listener for WsListener {
     fn accept(&mut self) -> BoxFuture<'_, std::io::Result<(Incoming, String)>> {
         Box::pin(async move {
             let (tcp, peer) = self.listener.accept().await?;
-            super::tcp::tune(&tcp);
+            super::tcp::tune(&tcp, self.tcp_congestion.as_deref());
             let inner = self.inner.clone();
             let outer = self.outer.clone();
             let addr = peer.to_string();
