@@ -12,7 +12,7 @@
 //! * the congestion controller is BBR by default: under random loss, loss-based
 //!   controllers (Cubic, NewReno) shrink their window on every lost packet,
 //!   while BBR paces at the measured bottleneck rate (measured figures in
-//!   docs/BENCH-WAN.md). [`TransportConfig::quic_congestion`] overrides.
+//!   docs/BENCHMARKS.md). [`TransportConfig::quic_congestion`] overrides.
 //! * a 30 s idle timeout with keepalives every 5 s: a partition that outlives
 //!   it ends the connection and the retry policy takes over.
 

@@ -132,7 +132,7 @@ pub fn tune(tcp: &TcpStream, congestion: Option<&str>) {
 /// and capped at 2 x `net.core.wmem_max`, and turns autotuning off. Hosts tuned
 /// for long fat pipes raise `wmem_max`; there the request gives a larger buffer
 /// (measured at 50 ms RTT: +30 % with no loss, +70 % at 1 % loss,
-/// docs/BENCH-WAN.md). On stock kernels `wmem_max` is 208 KiB and a request
+/// docs/BENCHMARKS.md). On stock kernels `wmem_max` is 208 KiB and a request
 /// would *shrink* the buffer, so nothing is asked.
 fn send_buffer_request() -> Option<usize> {
     static REQUEST: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
