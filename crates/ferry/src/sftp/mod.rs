@@ -901,7 +901,11 @@ mod tests {
         assert_eq!(t.host, "::1");
         assert_eq!(t.hostport(), "[::1]:22");
         assert!(SftpTarget::parse("sftp://bob@h:xx/x").is_err());
-        for bad in ["sftp://bob@h:0/x", "sftp://bob@h:65536/x", "sftp://bob@[::1/x"] {
+        for bad in [
+            "sftp://bob@h:0/x",
+            "sftp://bob@h:65536/x",
+            "sftp://bob@[::1/x",
+        ] {
             let e = SftpTarget::parse(bad).unwrap_err();
             assert_eq!(e.class(), crate::ErrorClass::Usage, "{bad}: {e}");
         }
