@@ -603,7 +603,6 @@ impl Session {
             &mut self.conn,
             &mut rx,
             &dest,
-            store,
             progress,
             None,
             Throttle::new(self.bwlimit),

@@ -2,27 +2,25 @@
 //! connection, doing the file and journal I/O they ask for. Both the client
 //! and the server use them: the uploader sends, the downloader receives.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::hash::verify_chunk;
 use ferry_proto::{
-    ChunkHash, DataVerdict, HashAlg, Message, ProtoError, Receiver, ReceiverEvent, Sender,
-    SenderEvent, Transmit,
+    ChunkHash, DataVerdict, Message, ProtoError, Receiver, ReceiverEvent, Sender, SenderEvent,
+    Transmit,
 };
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::conn::Conn;
 use crate::error::{Error, Result};
-use crate::fsutil;
 use crate::lanes::{Arrived, Job, Lanes, RecvLanes, SendLanes, Sent, SourceRef};
 use crate::progress::{FileProgress, Progress};
+use crate::storage::local::prepare_receive;
 use crate::storage::source::read_source;
+use crate::storage::Partial;
 use crate::store::{HeldChunks, Store};
 
 pub use crate::faults::FaultPlan;
@@ -454,22 +452,6 @@ fn closed(peer: &str) -> Error {
     }
 }
 
-/// The file being received.
-pub struct DestFile {
-    pub final_path: PathBuf,
-    pub part_path: PathBuf,
-    pub file: Arc<File>,
-    /// The partial file opened for `O_DIRECT` writes, where allowed
-    /// (see [`fsutil::open_direct`]).
-    pub direct: Option<Arc<File>>,
-    /// Key of this destination in the journal.
-    pub key: String,
-    /// The file's size: what the partial is cut to before it is put in place.
-    pub size: u64,
-    pub mode: u32,
-    pub mtime_ns: i64,
-}
-
 /// What a receive ended with.
 pub struct Received {
     pub digest: ChunkHash,
@@ -485,8 +467,7 @@ pub struct Received {
 pub async fn drive_receiver(
     conn: &mut Conn,
     rx: &mut Receiver,
-    dest: &DestFile,
-    store: &Arc<Store>,
+    dest: &Arc<dyn Partial>,
     progress: &FileProgress,
     faults: Option<&FaultPlan>,
     throttle: Option<Throttle>,
@@ -502,13 +483,12 @@ pub async fn drive_receiver(
         conn.timeouts.stall,
     );
     let mut writes = Writes::default();
-    conn.rd.pool_payloads(Some(writes.pool.clone()));
+    conn.rd.pool_payloads(dest.payload_pool());
     let r = tokio::select! {
         r = receive_loop(
             conn,
             rx,
             dest,
-            store,
             progress,
             faults,
             throttle,
@@ -526,13 +506,13 @@ pub async fn drive_receiver(
     };
     // However it ended: no write may land after this (a new writer of the
     // partial could otherwise be overwritten by an old chunk).
-    let drained = writes.drain(rx, dest, progress, &lanes).await;
+    let drained = writes.drain(rx, progress, &lanes).await;
     conn.rd.pool_payloads(None);
     let r = r.and_then(|ok| drained.map(|()| ok));
     // Only when the link failed: after a protocol or integrity error the
     // partial may be reset, and must not gain chunks behind that reset.
     if let Err(Error::Io { .. } | Error::Timeout(_)) = &r {
-        keep_verified(rx, dest, store, checkpoint).await;
+        keep_verified(rx, dest, checkpoint).await;
     }
     r
 }
@@ -544,8 +524,7 @@ type CheckpointTask = tokio::task::JoinHandle<Result<HeldChunks>>;
 /// again. Failures here only cost a re-send; they are logged.
 async fn keep_verified(
     rx: &mut Receiver,
-    dest: &DestFile,
-    store: &Arc<Store>,
+    dest: &Arc<dyn Partial>,
     checkpoint: Option<CheckpointTask>,
 ) {
     let tid = rx.id();
@@ -559,18 +538,9 @@ async fn keep_verified(
     if list.is_empty() {
         return;
     }
-    let (file, store, key, path) = (
-        dest.file.clone(),
-        store.clone(),
-        dest.key.clone(),
-        dest.part_path.clone(),
-    );
+    let dest = dest.clone();
     let n = list.len();
-    let r = tokio::task::spawn_blocking(move || {
-        file.sync_data().map_err(|e| Error::local(&path, e))?;
-        store.commit_chunks(&key, &list)
-    })
-    .await;
+    let r = tokio::task::spawn_blocking(move || dest.commit(&list)).await;
     match r {
         Ok(Ok(())) => {
             info!(transfer = %tid, chunks = n, "connection lost: kept the chunks verified since the last checkpoint")
@@ -584,8 +554,7 @@ async fn keep_verified(
 async fn receive_loop(
     conn: &mut Conn,
     rx: &mut Receiver,
-    dest: &DestFile,
-    store: &Arc<Store>,
+    dest: &Arc<dyn Partial>,
     progress: &FileProgress,
     faults: Option<&FaultPlan>,
     mut throttle: Option<Throttle>,
@@ -618,24 +587,19 @@ async fn receive_loop(
                     warn!(transfer = %tid, chunks = list.len(), "fault injector: withholding this checkpoint (no acknowledgement will follow)");
                 }
                 ReceiverEvent::Checkpoint(list) => {
-                    let file = dest.file.clone();
-                    let store = store.clone();
-                    let key = dest.key.clone();
-                    let path = dest.part_path.clone();
+                    let dest = dest.clone();
                     *checkpoint = Some(tokio::task::spawn_blocking(move || {
-                        // Durability order: the data first, then the journal that claims it.
-                        file.sync_data().map_err(|e| Error::local(&path, e))?;
-                        store.commit_chunks(&key, &list)?;
+                        dest.commit(&list)?;
                         Ok(list)
                     }));
                 }
                 ReceiverEvent::Forget(set) => {
                     warn!(transfer = %tid, ranges = ?set, "dropping chunks that no longer verify");
-                    store.forget_chunks(&dest.key, set.iter())?;
+                    dest.forget(&set)?;
                 }
                 ReceiverEvent::VerifyStale(set) => {
                     info!(transfer = %tid, chunks = set.count(), "re-checking chunks kept from an earlier run");
-                    let file = dest.file.clone();
+                    let file = dest.clone();
                     let layout = rx.layout();
                     let mut job = tokio::task::spawn_blocking(move || {
                         let mut buf = Vec::new();
@@ -643,7 +607,7 @@ async fn receive_loop(
                             .map(|i| {
                                 buf.resize(layout.len(i) as usize, 0);
                                 let h = file
-                                    .read_exact_at(&mut buf, layout.offset(i))
+                                    .read_chunk(layout.offset(i), &mut buf)
                                     .ok()
                                     .map(|_| alg.hash(&buf));
                                 (i, h)
@@ -666,24 +630,12 @@ async fn receive_loop(
                     rx.stale_checked(&results);
                 }
                 ReceiverEvent::Finalize { digest } => {
-                    writes.drain(rx, dest, progress, lanes).await?;
-                    let file = dest.file.clone();
-                    let (part, fin, key, size, mode, mtime) = (
-                        dest.part_path.clone(),
-                        dest.final_path.clone(),
-                        dest.key.clone(),
-                        dest.size,
-                        dest.mode,
-                        dest.mtime_ns,
-                    );
-                    let store2 = store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        fsutil::finalize_part(&file, &part, &fin, size, mode, mtime)?;
-                        store2.mark_finalized(&key)
-                    })
-                    .await
-                    .map_err(|e| Error::Store(e.to_string()))??;
-                    info!(transfer = %tid, path = %dest.final_path.display(), digest = %digest, "verified and in place");
+                    writes.drain(rx, progress, lanes).await?;
+                    let done = dest.clone();
+                    tokio::task::spawn_blocking(move || done.finalize())
+                        .await
+                        .map_err(|e| Error::Store(e.to_string()))??;
+                    info!(transfer = %tid, path = %dest.name().display(), digest = %digest, "verified and in place");
                     rx.finalized(digest);
                 }
                 ReceiverEvent::Completed { digest } => {
@@ -763,7 +715,7 @@ async fn receive_loop(
                 }
             },
             Some(done) = futures_util::StreamExt::next(&mut writes.running), if !writes.running.is_empty() => {
-                writes.take_in(rx, dest, progress, lanes, done)?;
+                writes.take_in(rx, progress, lanes, done)?;
             }
             r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
                 *checkpoint = None;
@@ -799,16 +751,13 @@ async fn receive_loop(
 const WRITES_IN_FLIGHT_BYTES: usize = 8 * 1024 * 1024;
 
 /// What a chunk write under way gives back: how the chunk verified (its
-/// content hash, or the hash of what came instead), the bytes if they went
-/// to `O_DIRECT` (written again through the page cache if that refused
-/// them), and how the write went.
+/// content hash, or the hash of what came instead) and how the write went.
 struct Written {
     index: u32,
     offset: u64,
     len: u64,
     verdict: std::result::Result<ChunkHash, ChunkHash>,
-    direct: Option<bytes::Bytes>,
-    io: std::io::Result<()>,
+    io: Result<()>,
 }
 
 /// How a chunk is to be checked before it is written.
@@ -823,14 +772,11 @@ enum Check {
 /// [`WRITES_IN_FLIGHT_BYTES`]: hashing and the disk's time overlap receiving
 /// and decrypting the next chunks. A chunk counts as written (and goes into
 /// a checkpoint, whose `fdatasync` follows) only once its write returned.
-/// Each write also holds the partial file's locked descriptor: no other
-/// writer can lock the file before the last write is done.
+/// Each write also holds the partial: no other writer can take it over
+/// before the last write is done.
 #[derive(Default)]
 struct Writes {
     running: futures_util::stream::FuturesUnordered<tokio::task::JoinHandle<Written>>,
-    /// Aligned memory for payloads, read into by the connection (see
-    /// [`crate::conn::FramedRead::pool_payloads`]) or copied into here.
-    pool: fsutil::BufPool,
 }
 
 impl Writes {
@@ -839,14 +785,13 @@ impl Writes {
     async fn drain(
         &mut self,
         rx: &mut Receiver,
-        dest: &DestFile,
         progress: &FileProgress,
         lanes: &RecvLanes,
     ) -> Result<()> {
         use futures_util::StreamExt;
         let mut first = Ok(());
         while let Some(done) = self.running.next().await {
-            let r = self.take_in(rx, dest, progress, lanes, done);
+            let r = self.take_in(rx, progress, lanes, done);
             if first.is_ok() {
                 first = r;
             }
@@ -855,13 +800,11 @@ impl Writes {
     }
 
     /// Takes in a chunk that was verified and written on a blocking thread:
-    /// one that failed verification is asked for again; if `O_DIRECT`
-    /// refused the write, it goes through the page cache; then the chunk
-    /// counts as written (its memory goes back to the pool once dropped).
+    /// one that failed verification is asked for again; else the chunk
+    /// counts as written.
     fn take_in(
         &mut self,
         rx: &mut Receiver,
-        dest: &DestFile,
         progress: &FileProgress,
         lanes: &RecvLanes,
         done: std::result::Result<Written, tokio::task::JoinError>,
@@ -874,17 +817,7 @@ impl Writes {
                 return Ok(());
             }
         };
-        match (w.io, &w.direct) {
-            (Ok(()), _) => {}
-            (Err(e), Some(buf))
-                if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
-            {
-                dest.file
-                    .write_all_at(buf, w.offset)
-                    .map_err(|e| Error::local(&dest.part_path, e))?
-            }
-            (Err(e), _) => return Err(Error::local(&dest.part_path, e)),
-        }
+        w.io?;
         chunk_in(rx, progress, lanes, w.index, w.len, content);
         Ok(())
     }
@@ -896,14 +829,12 @@ fn corrupt(rx: &mut Receiver, index: u32, offset: u64, len: u64, actual: ChunkHa
     rx.chunk_corrupt(index);
 }
 
-/// Verifies a chunk and writes it into the partial file on a blocking thread
-/// ([`Writes`]), or asks for it again. An aligned chunk with an `O_DIRECT`
-/// descriptor is written past the page cache, from the pooled memory it was
-/// read into (or, from a data lane, from an aligned copy).
+/// Verifies a chunk and writes it into the partial on a blocking thread
+/// ([`Writes`]), or asks for it again.
 #[allow(clippy::too_many_arguments)]
 async fn write_chunk(
     rx: &mut Receiver,
-    dest: &DestFile,
+    dest: &Arc<dyn Partial>,
     progress: &FileProgress,
     lanes: &RecvLanes,
     writes: &mut Writes,
@@ -920,15 +851,10 @@ async fn write_chunk(
     let most = (WRITES_IN_FLIGHT_BYTES / payload.len().max(1)).clamp(2, 4);
     while writes.running.len() >= most {
         if let Some(done) = writes.running.next().await {
-            writes.take_in(rx, dest, progress, lanes, done)?;
+            writes.take_in(rx, progress, lanes, done)?;
         }
     }
-    let direct = dest
-        .direct
-        .clone()
-        .filter(|_| fsutil::direct_aligned(offset, payload.len()));
-    let pool = writes.pool.clone();
-    let (alg, tid, locked) = (rx.alg(), rx.id(), dest.file.clone());
+    let (alg, tid, partial) = (rx.alg(), rx.id(), dest.clone());
     rx.chunk_writing(index);
     writes.running.push(tokio::task::spawn_blocking(move || {
         let len = payload.len() as u64;
@@ -936,28 +862,16 @@ async fn write_chunk(
             Check::Tag(tag) => verify_chunk(alg, &tid, index, offset, &payload, &tag),
             Check::Done(v) => v,
         };
-        let (direct, io) = match (&verdict, direct) {
-            (Err(_), _) => (None, Ok(())),
-            (Ok(_), Some(direct)) => {
-                // Payloads are mostly read straight into aligned memory;
-                // others are copied (the received frame is let go).
-                let data = if fsutil::direct_memory(&payload) {
-                    payload
-                } else {
-                    fsutil::AlignedBuf::copy_of(&payload, pool.take()).into_bytes(&pool)
-                };
-                let r = fsutil::write_direct(&direct, &data, offset);
-                (Some(data), r)
-            }
-            (Ok(_), None) => (None, locked.write_all_at(&payload, offset)),
+        let io = match &verdict {
+            Err(_) => Ok(()),
+            Ok(_) => partial.write_chunk(offset, payload),
         };
-        drop(locked);
+        drop(partial);
         Written {
             index,
             offset,
             len,
             verdict,
-            direct,
             io,
         }
     }));
@@ -1002,144 +916,6 @@ async fn sleep_opt(t: Option<Instant>) {
     }
 }
 
-/// Prepares to receive `meta` into `final_path`: resumes the partial file if
-/// the journal has one for the same source version, else starts afresh.
-pub fn prepare_receive(
-    store: &Store,
-    final_path: &std::path::Path,
-    id: ferry_proto::TransferId,
-    meta: &ferry_proto::message::FileMeta,
-    cfg: ferry_proto::ReceiverConfig,
-) -> Result<(Receiver, DestFile)> {
-    use crate::store::PartialRecord;
-    let layout = ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size).ok_or_else(|| {
-        Error::Proto(ProtoError::PeerMisbehaved(format!(
-            "unacceptable chunk size {} for {} bytes",
-            meta.chunk_size, meta.size
-        )))
-    })?;
-    let alg = HashAlg::from_name(&meta.alg).ok_or_else(|| {
-        Error::Proto(ProtoError::Incompatible(format!(
-            "unknown hash algorithm {:?}",
-            meta.alg
-        )))
-    })?;
-    let key = final_path.to_string_lossy().into_owned();
-    let part_path = fsutil::part_path(final_path);
-    let source_hex = fsutil::hex(&meta.source_id);
-    let same_source = |r: &PartialRecord| {
-        r.source_id == source_hex
-            && r.size == meta.size
-            && r.chunk_size == meta.chunk_size
-            && r.alg == meta.alg
-    };
-    let dest = |file: File, direct: Option<File>| DestFile {
-        final_path: final_path.to_path_buf(),
-        part_path: part_path.clone(),
-        file: Arc::new(file),
-        direct: direct.map(Arc::new),
-        key: key.clone(),
-        size: meta.size,
-        mode: meta.mode,
-        mtime_ns: meta.mtime_ns,
-    };
-    if let Some((old, chunks)) = store.partial(&key)? {
-        let whole = chunks.len() as u32 == layout.count();
-        if same_source(&old) && whole && (old.finalized || !part_path.exists()) {
-            // Finalised earlier (the sender did not hear, or the same copy
-            // is run again), or killed between the rename and the journal
-            // saying so. A file still carrying the mtime and size we gave it
-            // is trusted after a finalised record; anything else (edited,
-            // touched, replaced) is re-hashed against the journal first.
-            // Either way it must be a regular file under that name, never
-            // something reached through a link.
-            if let Some(file) = open_final(final_path) {
-                let md = file.metadata().map_err(|e| Error::local(final_path, e))?;
-                let untouched = old.finalized
-                    && md.len() == meta.size
-                    && fsutil::mtime_ns(&md) == meta.mtime_ns;
-                let rx = if untouched {
-                    Some(Receiver::already_final(
-                        id,
-                        layout,
-                        alg,
-                        cfg.clone(),
-                        chunks.iter().copied(),
-                    ))
-                } else {
-                    confirm_in_place(store, &key, &file, id, layout, alg, &cfg, &chunks)?
-                };
-                if let Some(rx) = rx {
-                    return Ok((rx, dest(file, None)));
-                }
-            }
-            info!(path = %final_path.display(), "the file in place no longer matches what was sent; sending it again");
-        } else if same_source(&old) && !old.finalized {
-            // Resume only the very file the journal's chunks were written to.
-            if let Some(file) = fsutil::reopen_part(&part_path, Some(old.part.unwrap_or(NO_IDENT)))?
-            {
-                let len = file
-                    .metadata()
-                    .map_err(|e| Error::local(&part_path, e))?
-                    .len();
-                if len > meta.size {
-                    // Bytes past the file's end are never part of it.
-                    file.set_len(meta.size)
-                        .map_err(|e| Error::local(&part_path, e))?;
-                    file.sync_all().map_err(|e| Error::local(&part_path, e))?;
-                    warn!(path = %final_path.display(), extra = len - meta.size, "partial file had grown past the file's size; cut back");
-                }
-                // A partial shorter than a chunk's end lost that chunk (truncation).
-                let held: Vec<_> = chunks
-                    .into_iter()
-                    .filter(|(i, _)| layout.offset(*i) + u64::from(layout.len(*i)) <= len)
-                    .collect();
-                info!(transfer = %id, path = %final_path.display(), held = held.len(), "resuming partial file");
-                let rx = Receiver::new(id, layout, alg, cfg, held);
-                let direct = fsutil::open_direct(&file);
-                return Ok((rx, dest(file, direct)));
-            }
-            info!(path = %final_path.display(), "the partial file is not the one this transfer wrote; starting over");
-        } else if !same_source(&old) {
-            info!(path = %final_path.display(), "source changed since the partial file was started; starting over");
-        }
-    }
-    let file = fsutil::create_part(&part_path)?;
-    file.set_len(meta.size)
-        .map_err(|e| Error::local(&part_path, e))?;
-    fsutil::fsync_dir(&fsutil::parent_of(&part_path))?;
-    let rec = PartialRecord {
-        transfer_id: id.to_hex(),
-        size: meta.size,
-        chunk_size: meta.chunk_size,
-        alg: meta.alg.clone(),
-        mtime_ns: meta.mtime_ns,
-        mode: meta.mode,
-        source_id: source_hex.clone(),
-        finalized: false,
-        part: Some(fsutil::FileIdent::of_file(&file, &part_path)?),
-    };
-    store.start_partial(&key, &rec)?;
-    let rx = Receiver::new(id, layout, alg, cfg, Vec::new());
-    let direct = fsutil::open_direct(&file);
-    Ok((rx, dest(file, direct)))
-}
-
-/// A record of an older version names no partial file: no file matches it.
-const NO_IDENT: fsutil::FileIdent = fsutil::FileIdent { dev: 0, ino: 0 };
-
-/// The final file, opened for reading only if that name is a regular file
-/// itself (not a link to one elsewhere).
-fn open_final(path: &std::path::Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-        .open(path)
-        .ok()?;
-    f.metadata().ok()?.file_type().is_file().then_some(f)
-}
-
 /// [`prepare_receive`] off the async threads (it may re-hash a whole file that
 /// is already in place), with keepalives on `conn` meanwhile so the peer does
 /// not take the pause for a dead link.
@@ -1150,51 +926,25 @@ pub async fn prepare_receive_live(
     id: ferry_proto::TransferId,
     meta: &ferry_proto::message::FileMeta,
     cfg: ferry_proto::ReceiverConfig,
-) -> Result<(Receiver, DestFile)> {
+) -> Result<(Receiver, Arc<dyn Partial>)> {
     let (store, path, meta) = (store.clone(), final_path.to_path_buf(), meta.clone());
-    let mut job =
-        tokio::task::spawn_blocking(move || prepare_receive(&store, &path, id, &meta, cfg));
+    blocking_live(conn, move || prepare_receive(&store, &path, id, &meta, cfg)).await
+}
+
+/// Runs `job` off the async threads (a store call that may take long), with
+/// keepalives on `conn` meanwhile so the peer does not take the pause for a
+/// dead link.
+pub async fn blocking_live<T: Send + 'static>(
+    conn: &mut Conn,
+    job: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let mut job = tokio::task::spawn_blocking(job);
     loop {
         tokio::select! {
             r = &mut job => return r.map_err(|e| Error::Store(e.to_string()))?,
             _ = tokio::time::sleep(conn.timeouts.keepalive) => conn.send(&Message::Ping { nonce: 4, received: None }).await?,
         }
     }
-}
-
-/// The final file exists but the journal never learnt it was finalised (a crash
-/// between rename and commit): re-hash it against the journal, and if every
-/// chunk matches, record it and answer as an already finished transfer.
-#[allow(clippy::too_many_arguments)]
-fn confirm_in_place(
-    store: &Store,
-    key: &str,
-    file: &File,
-    id: ferry_proto::TransferId,
-    layout: ferry_proto::ChunkLayout,
-    alg: HashAlg,
-    cfg: &ferry_proto::ReceiverConfig,
-    chunks: &HeldChunks,
-) -> Result<Option<Receiver>> {
-    if file.metadata().map(|m| m.len()).unwrap_or(0) != layout.size() {
-        return Ok(None);
-    }
-    let mut buf = Vec::new();
-    for (i, h) in chunks {
-        buf.resize(layout.len(*i) as usize, 0);
-        if file.read_exact_at(&mut buf, layout.offset(*i)).is_err() || alg.hash(&buf) != *h {
-            return Ok(None);
-        }
-    }
-    store.mark_finalized(key)?;
-    info!(transfer = %id, path = %key, "file was already in place and verifies");
-    Ok(Some(Receiver::already_final(
-        id,
-        layout,
-        alg,
-        cfg.clone(),
-        chunks.iter().copied(),
-    )))
 }
 
 #[cfg(test)]
