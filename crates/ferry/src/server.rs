@@ -28,7 +28,7 @@ use crate::progress::{FileProgress, Progress};
 use crate::storage::{LocalStorage, Storage};
 use crate::store::Store;
 use crate::tls::ServerIdentity;
-use crate::transfer::{blocking_live, drive_receiver, drive_sender, FaultPlan, PreparedSource};
+use crate::transfer::{blocking_live, FaultPlan, PreparedSource, ReceiveDriver, SendDriver};
 use crate::transport::{tcp::TcpTlsListener, Incoming, Listener};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -789,7 +789,7 @@ async fn handle_request(
             );
             let prepared =
                 blocking_live(conn, move || storage.prepare_receive(&name, id, &m, cfg)).await;
-            let (mut rx, dest) = match prepared {
+            let (rx, dest) = match prepared {
                 Ok(x) => x,
                 Err(e @ Error::Proto(_)) => return Err(RequestError::Reply(failure_for(&e))),
                 Err(e) => return Err(RequestError::Reply(failure_for(&e))),
@@ -797,16 +797,13 @@ async fn handle_request(
             let span = tracing::info_span!("put", transfer = %id, path = %path);
             let progress = FileProgress::detached(Arc::new(Progress::default()));
             let (_slot, lanes) = LaneSlot::open(shared, id);
-            let r = drive_receiver(
-                conn,
-                &mut rx,
-                &dest,
-                &progress,
-                shared.faults.as_deref(),
-                None,
-                Some(lanes),
-                Some(&guard.stop),
-            )
+            let r = ReceiveDriver {
+                faults: shared.faults.as_deref(),
+                lanes: Some(lanes),
+                superseded: Some(&guard.stop),
+                ..ReceiveDriver::new(conn, rx, dest, &progress)
+            }
+            .run()
             .instrument(span)
             .await?;
             info!(transfer = %id, path = %path, bytes = r.bytes_received, digest = %r.digest, "upload complete");
@@ -834,19 +831,20 @@ async fn handle_request(
                     RequestError::Reply(Failure::new(FailureCode::BadRequest, "file too large"))
                 })?;
             conn.send(&Message::GetMeta { id, meta }).await?;
-            let mut tx = Sender::new(id, layout, alg, SenderConfig::default(), known);
+            let tx = Sender::new(id, layout, alg, SenderConfig::default(), known);
             let span = tracing::info_span!("get", transfer = %id, path = %path);
             let progress = FileProgress::detached(Arc::new(Progress::default()));
             let (_slot, lanes) = LaneSlot::open(shared, id);
-            let digest = drive_sender(
+            let digest = SendDriver {
                 conn,
-                &mut tx,
-                &src,
-                &shared.store,
-                &progress,
-                None,
-                Some(lanes),
-            )
+                tx,
+                src: &src,
+                store: shared.store.clone(),
+                progress: &progress,
+                throttle: None,
+                lanes: Some(lanes),
+            }
+            .run()
             .instrument(span)
             .await?;
             info!(transfer = %id, path = %path, digest = %digest, "download complete");

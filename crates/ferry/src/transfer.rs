@@ -51,9 +51,37 @@ impl Throttle {
     }
 }
 
-/// Runs a sender to completion; returns the verified digest. `lanes` brings
-/// extra connections for the data (see [`crate::lanes`]) as they open.
-pub async fn drive_sender(
+/// Runs a [`Sender`] over a connection, reading from a source file, until
+/// the receiver has verified every chunk (see [`SendDriver::run`]).
+pub struct SendDriver<'a> {
+    pub conn: &'a mut Conn,
+    pub tx: Sender,
+    pub src: &'a SourceFile,
+    /// Where acknowledged chunks' hashes are remembered for next time.
+    pub store: Arc<Store>,
+    pub progress: &'a FileProgress,
+    pub throttle: Option<Throttle>,
+    /// Extra connections for the data as they open (see [`crate::lanes`]).
+    pub lanes: Option<Lanes>,
+}
+
+impl SendDriver<'_> {
+    /// Runs the sender to completion; returns the verified digest.
+    pub async fn run(self) -> Result<ChunkHash> {
+        let SendDriver {
+            conn,
+            mut tx,
+            src,
+            store,
+            progress,
+            throttle,
+            lanes,
+        } = self;
+        drive_sender(conn, &mut tx, src, &store, progress, throttle, lanes).await
+    }
+}
+
+async fn drive_sender(
     conn: &mut Conn,
     tx: &mut Sender,
     src: &SourceFile,
@@ -166,17 +194,13 @@ pub async fn drive_sender(
                 if let Some(r) = reads.pop_front() {
                     let (index, offset, read) = r.await.map_err(|e| Error::Store(e.to_string()))?;
                     let (buf, content) = read?;
-                    send_read(
-                        conn,
-                        tx,
-                        progress,
-                        throttle.as_mut(),
+                    let chunk = ReadChunk {
                         index,
                         offset,
-                        &buf,
+                        buf: &buf,
                         content,
-                    )
-                    .await?;
+                    };
+                    send_read(conn, tx, progress, throttle.as_mut(), chunk).await?;
                     free.push(buf);
                     last_progress = Instant::now();
                     last_write = Instant::now();
@@ -277,19 +301,29 @@ const READ_AHEAD_BYTES: usize = 8 * 1024 * 1024;
 /// the bytes with their content hash.
 type ChunkRead = tokio::task::JoinHandle<(u32, u64, Result<(Vec<u8>, ChunkHash)>)>;
 
+/// A chunk read and hashed, ready to go out.
+struct ReadChunk<'b> {
+    index: u32,
+    offset: u64,
+    buf: &'b [u8],
+    content: ChunkHash,
+}
+
 /// Sends a chunk that was read and hashed: the sender core gives its tag
 /// (or finds the source changed), then the `Data` frame goes out.
-#[allow(clippy::too_many_arguments)]
 async fn send_read(
     conn: &mut Conn,
     tx: &mut Sender,
     progress: &FileProgress,
     throttle: Option<&mut Throttle>,
-    index: u32,
-    offset: u64,
-    buf: &[u8],
-    content: ChunkHash,
+    chunk: ReadChunk<'_>,
 ) -> Result<()> {
+    let ReadChunk {
+        index,
+        offset,
+        buf,
+        content,
+    } = chunk;
     let tag = tx.chunk_read(index, content).map_err(|e| match e {
         ProtoError::SourceChanged { .. } => {
             Error::Proto(ProtoError::SourceChanged { chunk: index })
@@ -458,63 +492,98 @@ pub struct Received {
     pub bytes_received: u64,
 }
 
-/// Runs a receiver to completion: the file is verified and in place. `lanes`
-/// brings extra connections carrying data (see [`crate::lanes`]). When
-/// `superseded` fires (a newer connection of the same transfer arrived), the
-/// receive ends as a broken link does: the chunks verified so far are made
-/// durable first, so the newer connection finds them.
-#[allow(clippy::too_many_arguments)]
-pub async fn drive_receiver(
-    conn: &mut Conn,
-    rx: &mut Receiver,
-    dest: &Arc<dyn Partial>,
-    progress: &FileProgress,
-    faults: Option<&FaultPlan>,
-    throttle: Option<Throttle>,
-    lanes: Option<Lanes>,
-    superseded: Option<&tokio::sync::Notify>,
-) -> Result<Received> {
-    let mut checkpoint = None;
-    let mut lanes = RecvLanes::new(
-        lanes,
-        rx.alg(),
-        rx.id(),
-        rx.layout().chunk_size(),
-        conn.timeouts.stall,
-    );
-    let mut writes = Writes::default();
-    conn.rd.pool_payloads(dest.payload_pool());
-    let r = tokio::select! {
-        r = receive_loop(
+/// Runs a [`Receiver`] over a connection into a [`Partial`] until the file
+/// is verified and in place (see [`ReceiveDriver::run`]).
+pub struct ReceiveDriver<'a> {
+    pub conn: &'a mut Conn,
+    pub rx: Receiver,
+    /// Where the chunks go (see [`crate::storage`]).
+    pub dest: Arc<dyn Partial>,
+    pub progress: &'a FileProgress,
+    pub faults: Option<&'a FaultPlan>,
+    pub throttle: Option<Throttle>,
+    /// Extra connections carrying data as they open (see [`crate::lanes`]).
+    pub lanes: Option<Lanes>,
+    /// Fires when a newer connection of the same transfer arrived.
+    pub superseded: Option<&'a tokio::sync::Notify>,
+}
+
+impl<'a> ReceiveDriver<'a> {
+    /// A driver with no faults, throttle, lanes or supersession.
+    pub fn new(
+        conn: &'a mut Conn,
+        rx: Receiver,
+        dest: Arc<dyn Partial>,
+        progress: &'a FileProgress,
+    ) -> Self {
+        ReceiveDriver {
             conn,
             rx,
             dest,
             progress,
+            faults: None,
+            throttle: None,
+            lanes: None,
+            superseded: None,
+        }
+    }
+
+    /// Runs the receiver to completion: the file is verified and in place.
+    /// When `superseded` fires, the receive ends as a broken link does: the
+    /// chunks verified so far are made durable first, so the newer
+    /// connection finds them.
+    pub async fn run(self) -> Result<Received> {
+        let ReceiveDriver {
+            conn,
+            mut rx,
+            dest,
+            progress,
             faults,
             throttle,
-            &mut checkpoint,
-            &mut lanes,
-            &mut writes,
-        ) => r,
-        _ = notified_opt(superseded) => Err(Error::Io {
-            addr: conn.peer.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "superseded by a newer connection of the same transfer",
-            ),
-        }),
-    };
-    // However it ended: no write may land after this (a new writer of the
-    // partial could otherwise be overwritten by an old chunk).
-    let drained = writes.drain(rx, progress, &lanes).await;
-    conn.rd.pool_payloads(None);
-    let r = r.and_then(|ok| drained.map(|()| ok));
-    // Only when the link failed: after a protocol or integrity error the
-    // partial may be reset, and must not gain chunks behind that reset.
-    if let Err(Error::Io { .. } | Error::Timeout(_)) = &r {
-        keep_verified(rx, dest, checkpoint).await;
+            lanes,
+            superseded,
+        } = self;
+        let rx = &mut rx;
+        let mut checkpoint = None;
+        let mut lanes = RecvLanes::new(
+            lanes,
+            rx.alg(),
+            rx.id(),
+            rx.layout().chunk_size(),
+            conn.timeouts.stall,
+        );
+        let mut writes = Writes::new(dest.clone(), progress);
+        conn.rd.pool_payloads(dest.payload_pool());
+        let r = tokio::select! {
+            r = receive_loop(
+                conn,
+                rx,
+                &mut writes,
+                faults,
+                throttle,
+                &mut checkpoint,
+                &mut lanes,
+            ) => r,
+            _ = notified_opt(superseded) => Err(Error::Io {
+                addr: conn.peer.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "superseded by a newer connection of the same transfer",
+                ),
+            }),
+        };
+        // However it ended: no write may land after this (a new writer of the
+        // partial could otherwise be overwritten by an old chunk).
+        let drained = writes.drain(rx, &lanes).await;
+        conn.rd.pool_payloads(None);
+        let r = r.and_then(|ok| drained.map(|()| ok));
+        // Only when the link failed: after a protocol or integrity error the
+        // partial may be reset, and must not gain chunks behind that reset.
+        if let Err(Error::Io { .. } | Error::Timeout(_)) = &r {
+            keep_verified(rx, &dest, checkpoint).await;
+        }
+        r
     }
-    r
 }
 
 type CheckpointTask = tokio::task::JoinHandle<Result<HeldChunks>>;
@@ -550,18 +619,16 @@ async fn keep_verified(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn receive_loop(
     conn: &mut Conn,
     rx: &mut Receiver,
-    dest: &Arc<dyn Partial>,
-    progress: &FileProgress,
+    writes: &mut Writes<'_>,
     faults: Option<&FaultPlan>,
     mut throttle: Option<Throttle>,
     checkpoint: &mut Option<CheckpointTask>,
     lanes: &mut RecvLanes,
-    writes: &mut Writes,
 ) -> Result<Received> {
+    let (dest, progress) = (writes.dest.clone(), writes.progress);
     let tid = rx.id();
     let alg = rx.alg();
     let mut last_heard = Instant::now();
@@ -630,7 +697,7 @@ async fn receive_loop(
                     rx.stale_checked(&results);
                 }
                 ReceiverEvent::Finalize { digest } => {
-                    writes.drain(rx, progress, lanes).await?;
+                    writes.drain(rx, lanes).await?;
                     let done = dest.clone();
                     tokio::task::spawn_blocking(move || done.finalize())
                         .await
@@ -674,7 +741,7 @@ async fn receive_loop(
                                     _ => payload,
                                 };
                                 let n = payload.len() as u64;
-                                write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, Check::Tag(tag)).await?;
+                                writes.write(rx, lanes, index, offset, payload, Check::Tag(tag)).await?;
                                 if let Some(t) = throttle.as_mut() {
                                     t.consume(n).await;
                                 }
@@ -710,12 +777,12 @@ async fn receive_loop(
                     last_heard = Instant::now();
                     match rx.accept_data(index, offset, payload.len()).map_err(Error::Proto)? {
                         DataVerdict::Duplicate => {}
-                        DataVerdict::Write => write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, Check::Done(verdict)).await?,
+                        DataVerdict::Write => writes.write(rx, lanes, index, offset, payload, Check::Done(verdict)).await?,
                     }
                 }
             },
             Some(done) = futures_util::StreamExt::next(&mut writes.running), if !writes.running.is_empty() => {
-                writes.take_in(rx, progress, lanes, done)?;
+                writes.take_in(rx, lanes, done)?;
             }
             r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
                 *checkpoint = None;
@@ -774,24 +841,28 @@ enum Check {
 /// a checkpoint, whose `fdatasync` follows) only once its write returned.
 /// Each write also holds the partial: no other writer can take it over
 /// before the last write is done.
-#[derive(Default)]
-struct Writes {
+struct Writes<'a> {
     running: futures_util::stream::FuturesUnordered<tokio::task::JoinHandle<Written>>,
+    dest: Arc<dyn Partial>,
+    progress: &'a FileProgress,
 }
 
-impl Writes {
+impl<'a> Writes<'a> {
+    fn new(dest: Arc<dyn Partial>, progress: &'a FileProgress) -> Self {
+        Writes {
+            running: Default::default(),
+            dest,
+            progress,
+        }
+    }
+
     /// Waits for every write under way and takes each in; the first error
     /// is returned after all are done.
-    async fn drain(
-        &mut self,
-        rx: &mut Receiver,
-        progress: &FileProgress,
-        lanes: &RecvLanes,
-    ) -> Result<()> {
+    async fn drain(&mut self, rx: &mut Receiver, lanes: &RecvLanes) -> Result<()> {
         use futures_util::StreamExt;
         let mut first = Ok(());
         while let Some(done) = self.running.next().await {
-            let r = self.take_in(rx, progress, lanes, done);
+            let r = self.take_in(rx, lanes, done);
             if first.is_ok() {
                 first = r;
             }
@@ -805,7 +876,6 @@ impl Writes {
     fn take_in(
         &mut self,
         rx: &mut Receiver,
-        progress: &FileProgress,
         lanes: &RecvLanes,
         done: std::result::Result<Written, tokio::task::JoinError>,
     ) -> Result<()> {
@@ -818,7 +888,53 @@ impl Writes {
             }
         };
         w.io?;
-        chunk_in(rx, progress, lanes, w.index, w.len, content);
+        chunk_in(rx, self.progress, lanes, w.index, w.len, content);
+        Ok(())
+    }
+
+    /// Verifies a chunk and writes it into the partial on a blocking
+    /// thread, or asks for it again.
+    async fn write(
+        &mut self,
+        rx: &mut Receiver,
+        lanes: &RecvLanes,
+        index: u32,
+        offset: u64,
+        payload: bytes::Bytes,
+        check: Check,
+    ) -> Result<()> {
+        use futures_util::StreamExt;
+        if let Check::Done(Err(actual)) = check {
+            corrupt(rx, index, offset, payload.len() as u64, actual);
+            return Ok(());
+        }
+        let most = (WRITES_IN_FLIGHT_BYTES / payload.len().max(1)).clamp(2, 4);
+        while self.running.len() >= most {
+            if let Some(done) = self.running.next().await {
+                self.take_in(rx, lanes, done)?;
+            }
+        }
+        let (alg, tid, partial) = (rx.alg(), rx.id(), self.dest.clone());
+        rx.chunk_writing(index);
+        self.running.push(tokio::task::spawn_blocking(move || {
+            let len = payload.len() as u64;
+            let verdict = match check {
+                Check::Tag(tag) => verify_chunk(alg, &tid, index, offset, &payload, &tag),
+                Check::Done(v) => v,
+            };
+            let io = match &verdict {
+                Err(_) => Ok(()),
+                Ok(_) => partial.write_chunk(offset, payload),
+            };
+            drop(partial);
+            Written {
+                index,
+                offset,
+                len,
+                verdict,
+                io,
+            }
+        }));
         Ok(())
     }
 }
@@ -827,55 +943,6 @@ impl Writes {
 fn corrupt(rx: &mut Receiver, index: u32, offset: u64, len: u64, actual: ChunkHash) {
     warn!(transfer = %rx.id(), chunk = index, offset, len, actual = %actual, "chunk failed verification; asking for it again");
     rx.chunk_corrupt(index);
-}
-
-/// Verifies a chunk and writes it into the partial on a blocking thread
-/// ([`Writes`]), or asks for it again.
-#[allow(clippy::too_many_arguments)]
-async fn write_chunk(
-    rx: &mut Receiver,
-    dest: &Arc<dyn Partial>,
-    progress: &FileProgress,
-    lanes: &RecvLanes,
-    writes: &mut Writes,
-    index: u32,
-    offset: u64,
-    payload: bytes::Bytes,
-    check: Check,
-) -> Result<()> {
-    use futures_util::StreamExt;
-    if let Check::Done(Err(actual)) = check {
-        corrupt(rx, index, offset, payload.len() as u64, actual);
-        return Ok(());
-    }
-    let most = (WRITES_IN_FLIGHT_BYTES / payload.len().max(1)).clamp(2, 4);
-    while writes.running.len() >= most {
-        if let Some(done) = writes.running.next().await {
-            writes.take_in(rx, progress, lanes, done)?;
-        }
-    }
-    let (alg, tid, partial) = (rx.alg(), rx.id(), dest.clone());
-    rx.chunk_writing(index);
-    writes.running.push(tokio::task::spawn_blocking(move || {
-        let len = payload.len() as u64;
-        let verdict = match check {
-            Check::Tag(tag) => verify_chunk(alg, &tid, index, offset, &payload, &tag),
-            Check::Done(v) => v,
-        };
-        let io = match &verdict {
-            Err(_) => Ok(()),
-            Ok(_) => partial.write_chunk(offset, payload),
-        };
-        drop(partial);
-        Written {
-            index,
-            offset,
-            len,
-            verdict,
-            io,
-        }
-    }));
-    Ok(())
 }
 
 /// A chunk is in the partial file (not yet durable): progress and the receiver.

@@ -394,3 +394,59 @@ fn list_tree(dir: &Path) -> std::io::Result<Vec<Entry>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The store contract on the local file system: a chunk written twice
+    /// is one write, committed chunks are what a resume finds, and the file
+    /// appears under its name only on finalize, whole.
+    #[test]
+    fn chunks_written_twice_resume_and_appear_only_when_finalized() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let journal = Arc::new(Store::open(&dir.path().join("state")).unwrap());
+        let storage = LocalStorage::new(journal);
+        let name = dir.path().join("f.bin");
+        let chunk = ferry_proto::chunk::MIN_CHUNK as usize;
+        let data: Vec<u8> = (0..2 * chunk + 100).map(|i| (i % 251) as u8).collect();
+        let meta = FileMeta {
+            size: data.len() as u64,
+            mtime_ns: 1_000_000_000,
+            mode: 0o644,
+            chunk_size: chunk as u32,
+            alg: "blake3".into(),
+            source_id: bytes::Bytes::from_static(b"source"),
+        };
+        let id = TransferId([7; 16]);
+        let piece = |i: usize| &data[i * chunk..((i + 1) * chunk).min(data.len())];
+        let hash = |i: usize| (i as u32, HashAlg::Blake3.hash(piece(i)));
+        let cfg = ReceiverConfig::default;
+
+        let (_, part) = storage.prepare_receive(&name, id, &meta, cfg()).unwrap();
+        for i in [0, 1, 1] {
+            let at = (i * chunk) as u64;
+            part.write_chunk(at, bytes::Bytes::copy_from_slice(piece(i)))
+                .unwrap();
+        }
+        part.commit(&vec![hash(0), hash(1)]).unwrap();
+        drop(part);
+        assert!(
+            !name.exists(),
+            "nothing under the final name before finalize"
+        );
+
+        let (rx, part) = storage.prepare_receive(&name, id, &meta, cfg()).unwrap();
+        assert_eq!(rx.held().count(), 2, "the committed chunks are resumed");
+        part.write_chunk((2 * chunk) as u64, bytes::Bytes::copy_from_slice(piece(2)))
+            .unwrap();
+        part.commit(&vec![hash(2)]).unwrap();
+        assert!(
+            !name.exists(),
+            "nothing under the final name before finalize"
+        );
+        part.finalize().unwrap();
+        assert_eq!(std::fs::read(&name).unwrap(), data);
+        assert!(!fsutil::part_path(&name).exists());
+    }
+}
