@@ -21,9 +21,7 @@ use crate::lanes::{lane_cap, Lanes, Streams, AUTO_MIN_SIZE, LANE_JOIN_WAIT};
 use crate::progress::FileProgress;
 use crate::store::Store;
 use crate::tls::{client_config, normalize_fingerprint, KnownServers};
-use crate::transfer::{
-    drive_receiver, drive_sender, prepare_receive_live, PreparedSource, Throttle,
-};
+use crate::transfer::{prepare_receive_live, PreparedSource, ReceiveDriver, SendDriver, Throttle};
 use crate::transport::{server_name, tcp::TcpDialer, DialTarget, Dialer, TransportConfig};
 
 /// How a client connects.
@@ -521,7 +519,7 @@ impl Session {
                 meta,
             })
             .await?;
-        let mut tx = Sender::new(
+        let tx = Sender::new(
             id,
             layout,
             src.alg,
@@ -529,15 +527,16 @@ impl Session {
             source.known.iter().copied(),
         );
         let (lanes, _opener) = self.start_lanes(id, layout).unzip();
-        drive_sender(
-            &mut self.conn,
-            &mut tx,
+        SendDriver {
+            conn: &mut self.conn,
+            tx,
             src,
-            store,
+            store: store.clone(),
             progress,
-            Throttle::new(self.bwlimit),
+            throttle: Throttle::new(self.bwlimit),
             lanes,
-        )
+        }
+        .run()
         .await
     }
 
@@ -608,7 +607,7 @@ impl Session {
             m => return Err(unexpected(&m)),
         };
         on_meta(&meta);
-        let (mut rx, dest) = prepare_receive_live(
+        let (rx, dest) = prepare_receive_live(
             &mut self.conn,
             store,
             local,
@@ -620,17 +619,12 @@ impl Session {
         .await?;
         let layout = rx.layout();
         let (lanes, _opener) = self.start_lanes(id, layout).unzip();
-        let r = drive_receiver(
-            &mut self.conn,
-            &mut rx,
-            &dest,
-            store,
-            progress,
-            None,
-            Throttle::new(self.bwlimit),
+        let r = ReceiveDriver {
+            throttle: Throttle::new(self.bwlimit),
             lanes,
-            None,
-        )
+            ..ReceiveDriver::new(&mut self.conn, rx, dest, progress)
+        }
+        .run()
         .await?;
         Ok(r.digest)
     }

@@ -30,7 +30,8 @@ use tracing::{debug, warn};
 
 use crate::conn::Conn;
 use crate::error::{Error, Result};
-use crate::transfer::FaultPlan;
+use crate::faults::FaultPlan;
+use crate::storage::source::read_source;
 
 /// Most extra connections one transfer takes (16 connections in all).
 pub const MAX_LANES: usize = 15;
@@ -320,7 +321,7 @@ async fn send_lane(
                 }
             }
         };
-        crate::transfer::read_source(&src.file, &src.path, job.offset, job.len, &mut buf)?;
+        read_source(&src.file, &src.path, job.offset, job.len, &mut buf)?;
         let content = src.alg.hash(&buf);
         let tag = chunk_tag(src.alg, &src.id, job.index, job.offset, job.len, &content);
         conn.wr.send_data(job.index, job.offset, &tag, &buf).await?;

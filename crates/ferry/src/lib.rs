@@ -14,6 +14,8 @@
 //! * [`transport`]: what carries a session: dialers and listeners (TCP+TLS).
 //! * [`conn`]: framed message I/O over any byte stream.
 //! * [`tls`]: certificates, fingerprints, the known-servers file.
+//! * [`storage`]: where files are received into and sent from.
+//! * [`faults`]: deliberate faults for the demo and tests.
 //! * [`store`]: the redb journal of partial files and source hashes.
 //! * [`queue`]: the durable outbox of copies that could not finish yet.
 //! * [`agent`]: running queued copies under their locks; `ferry agent`'s passes and report.
@@ -34,6 +36,7 @@ pub mod conn;
 pub mod copy;
 pub mod demo;
 pub mod error;
+pub mod faults;
 pub mod fsutil;
 pub mod hostport;
 pub mod lanes;
@@ -43,6 +46,7 @@ pub mod queue;
 pub mod server;
 pub mod sftp;
 pub mod status;
+pub mod storage;
 pub mod store;
 pub mod tls;
 pub mod transfer;

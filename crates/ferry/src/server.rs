@@ -25,11 +25,10 @@ use crate::fsutil;
 use crate::lanes::Lanes;
 use crate::paths::{resolve, PathError};
 use crate::progress::{FileProgress, Progress};
+use crate::storage::{LocalStorage, Storage};
 use crate::store::Store;
 use crate::tls::ServerIdentity;
-use crate::transfer::{
-    drive_receiver, drive_sender, prepare_receive_live, prepare_send, FaultPlan, PreparedSource,
-};
+use crate::transfer::{blocking_live, FaultPlan, PreparedSource, ReceiveDriver, SendDriver};
 use crate::transport::{tcp::TcpTlsListener, Incoming, Listener, TransportConfig};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -61,11 +60,12 @@ struct Shared {
     root: PathBuf,
     token_hash: Option<[u8; 32]>,
     store: Arc<Store>,
+    /// Where files are kept: the handlers reach data only through it.
+    storage: Arc<dyn Storage>,
     receiver: ReceiverConfig,
     faults: Option<Arc<FaultPlan>>,
     timeouts: Timeouts,
     min_free_bytes: u64,
-    direct_io: bool,
     /// Destinations being written now: one writer each, with a way to stop it.
     busy: Mutex<HashMap<PathBuf, (TransferId, Arc<Notify>)>>,
     /// Transfers running now that take data lanes (see [`crate::lanes`]).
@@ -256,12 +256,12 @@ impl Server {
         let shared = Arc::new(Shared {
             root,
             token_hash: cfg.token.as_deref().map(|t| *blake3::hash(t).as_bytes()),
+            storage: Arc::new(LocalStorage::new(store.clone(), cfg.direct_io)),
             store,
             receiver: cfg.receiver,
             faults: cfg.faults,
             timeouts: cfg.timeouts,
             min_free_bytes: cfg.min_free_bytes,
-            direct_io: cfg.direct_io,
             busy: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
         });
@@ -666,21 +666,6 @@ fn path_refused(e: PathError) -> Failure {
     Failure::new(FailureCode::PermissionDenied, e.to_string())
 }
 
-fn entry_for(path: String, md: &std::fs::Metadata) -> Entry {
-    use std::os::unix::fs::MetadataExt;
-    Entry {
-        path,
-        kind: if md.is_dir() {
-            EntryKind::Dir
-        } else {
-            EntryKind::File
-        },
-        size: if md.is_dir() { 0 } else { md.len() },
-        mtime_ns: fsutil::mtime_ns(md),
-        mode: md.mode() & 0o7777,
-    }
-}
-
 /// Removes a destination from the busy set when dropped.
 struct BusyGuard<'a> {
     set: &'a Mutex<HashMap<PathBuf, (TransferId, Arc<Notify>)>>,
@@ -754,21 +739,18 @@ async fn handle_request(
     match req {
         Message::Stat { path } => {
             let full = resolve(root, &path).map_err(path_failure)?;
-            let entry = match std::fs::metadata(&full) {
-                Ok(md) if md.is_file() || md.is_dir() => entry_for(path, &md),
-                _ => Entry {
-                    path,
-                    kind: EntryKind::Missing,
-                    size: 0,
-                    mtime_ns: 0,
-                    mode: 0,
-                },
-            };
+            let entry = shared.storage.stat(&full, path.clone()).unwrap_or(Entry {
+                path,
+                kind: EntryKind::Missing,
+                size: 0,
+                mtime_ns: 0,
+                mode: 0,
+            });
             conn.send(&Message::StatReply { entry }).await?;
         }
         Message::List { path } => {
             let full = resolve(root, &path).map_err(path_failure)?;
-            let entries = list_tree(&full).map_err(|e| {
+            let entries = shared.storage.list(&full).map_err(|e| {
                 RequestError::Reply(Failure::new(FailureCode::NotFound, e.to_string()))
             })?;
             let pages = list_pages(&entries);
@@ -790,30 +772,30 @@ async fn handle_request(
         } => mkdir_run(conn, vec![(path, mode, mtime_ns)], shared).await?,
         Message::PutOpen { id, path, meta } => {
             let full = resolve(root, &path).map_err(path_failure)?;
-            if full == *root || full.is_dir() {
+            let is_dir = |e: Option<Entry>| e.is_some_and(|e| e.kind == EntryKind::Dir);
+            if full == *root || is_dir(shared.storage.stat(&full, String::new())) {
                 return Err(RequestError::Reply(Failure::new(
                     FailureCode::BadRequest,
                     format!("{path:?} is a directory"),
                 )));
             }
             let guard = claim(shared, &full, id).await?;
-            let parent = fsutil::parent_of(&full);
-            fsutil::create_dirs_durable(&parent)
-                .map_err(|e| RequestError::Reply(failure_for(&Error::local(&parent, e))))?;
+            shared
+                .storage
+                .make_parents(&full)
+                .map_err(|e| RequestError::Reply(failure_for(&e)))?;
             // Re-check after creating parents: a symlink may have appeared.
             resolve(root, &path).map_err(path_failure)?;
-            admit_upload(shared, &full, &parent, &meta)?;
-            let (mut rx, dest) = match prepare_receive_live(
-                conn,
-                &shared.store,
-                &full,
-                id,
-                &meta,
+            admit_upload(shared, &full, &meta)?;
+            let (storage, name, m, cfg) = (
+                shared.storage.clone(),
+                full.clone(),
+                meta.clone(),
                 shared.receiver.clone(),
-                shared.direct_io,
-            )
-            .await
-            {
+            );
+            let prepared =
+                blocking_live(conn, move || storage.prepare_receive(&name, id, &m, cfg)).await;
+            let (rx, dest) = match prepared {
                 Ok(x) => x,
                 Err(e @ Error::Proto(_)) => return Err(RequestError::Reply(failure_for(&e))),
                 Err(e) => return Err(RequestError::Reply(failure_for(&e))),
@@ -821,24 +803,21 @@ async fn handle_request(
             let span = tracing::info_span!("put", transfer = %id, path = %path);
             let progress = FileProgress::detached(Arc::new(Progress::default()));
             let (_slot, lanes) = LaneSlot::open(shared, id);
-            let r = drive_receiver(
-                conn,
-                &mut rx,
-                &dest,
-                &shared.store,
-                &progress,
-                shared.faults.as_deref(),
-                None,
-                Some(lanes),
-                Some(&guard.stop),
-            )
+            let r = ReceiveDriver {
+                faults: shared.faults.as_deref(),
+                lanes: Some(lanes),
+                superseded: Some(&guard.stop),
+                ..ReceiveDriver::new(conn, rx, dest, &progress)
+            }
+            .run()
             .instrument(span)
             .await?;
             info!(transfer = %id, path = %path, bytes = r.bytes_received, digest = %r.digest, "upload complete");
         }
         Message::GetOpen { id, path, algs } => {
             let full = resolve(root, &path).map_err(path_failure)?;
-            if !full.is_file() {
+            let is_file = |e: Option<Entry>| e.is_some_and(|e| e.kind == EntryKind::File);
+            if !is_file(shared.storage.stat(&full, String::new())) {
                 return Err(RequestError::Reply(Failure::new(
                     FailureCode::NotFound,
                     format!("{path:?} is not a file on the server"),
@@ -849,26 +828,29 @@ async fn handle_request(
                 .filter_map(|a| HashAlg::from_name(a))
                 .next()
                 .unwrap_or(HashAlg::Blake3);
-            let PreparedSource { src, meta, known } = prepare_send(&shared.store, &full, alg)
+            let PreparedSource { src, meta, known } = shared
+                .storage
+                .open_source(&full, alg)
                 .map_err(|e| RequestError::Reply(failure_for(&e)))?;
             let layout =
                 ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size).ok_or_else(|| {
                     RequestError::Reply(Failure::new(FailureCode::BadRequest, "file too large"))
                 })?;
             conn.send(&Message::GetMeta { id, meta }).await?;
-            let mut tx = Sender::new(id, layout, alg, SenderConfig::default(), known);
+            let tx = Sender::new(id, layout, alg, SenderConfig::default(), known);
             let span = tracing::info_span!("get", transfer = %id, path = %path);
             let progress = FileProgress::detached(Arc::new(Progress::default()));
             let (_slot, lanes) = LaneSlot::open(shared, id);
-            let digest = drive_sender(
+            let digest = SendDriver {
                 conn,
-                &mut tx,
-                &src,
-                &shared.store,
-                &progress,
-                None,
-                Some(lanes),
-            )
+                tx,
+                src: &src,
+                store: shared.store.clone(),
+                progress: &progress,
+                throttle: None,
+                lanes: Some(lanes),
+            }
+            .run()
             .instrument(span)
             .await?;
             info!(transfer = %id, path = %path, digest = %digest, "download complete");
@@ -893,20 +875,14 @@ async fn handle_request(
 fn admit_upload(
     shared: &Shared,
     full: &Path,
-    parent: &Path,
     meta: &ferry_proto::message::FileMeta,
 ) -> std::result::Result<(), RequestError> {
-    let key = full.to_string_lossy();
-    let source_hex = fsutil::hex(&meta.source_id);
-    if let Ok(Some((rec, _))) = shared.store.partial(&key) {
-        if rec.source_id == source_hex && rec.size == meta.size {
-            return Ok(());
-        }
+    if shared.storage.holds_partial(full, meta) {
+        return Ok(());
     }
-    let Ok(st) = rustix::fs::statvfs(parent) else {
+    let Some(free) = shared.storage.free_bytes(full) else {
         return Ok(());
     };
-    let free = st.f_bavail.saturating_mul(st.f_frsize);
     let needed = meta.size.saturating_add(shared.min_free_bytes);
     if free < needed {
         let mut f = Failure::new(
@@ -917,67 +893,6 @@ fn admit_upload(
         return Err(RequestError::Reply(f));
     }
     Ok(())
-}
-
-/// Lists files and directories under `dir` (or `dir` itself if a file), with
-/// paths relative to `dir`. Symlinks, special files and partials are skipped.
-fn list_tree(dir: &Path) -> std::io::Result<Vec<Entry>> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
-    // The requested path itself is followed (`resolve` kept it in the root).
-    let md = std::fs::metadata(dir)?;
-    if md.is_file() {
-        return Ok(vec![entry_for(String::new(), &md)]);
-    }
-    // A `Missing` entry is something listed but not served, for the client to
-    // report: a symlink (mode S_IFLNK; links inside a tree are never
-    // followed, so no walk can loop), or a name that is not UTF-8 (its path
-    // shows the bytes escaped, as no UTF-8 path can name it).
-    let missing = |path: String, mode: u32| Entry {
-        path,
-        kind: EntryKind::Missing,
-        size: 0,
-        mtime_ns: 0,
-        mode,
-    };
-    let mut out = Vec::new();
-    let mut stack = vec![(dir.to_path_buf(), String::new())];
-    while let Some((d, rel)) = stack.pop() {
-        let mut items: Vec<_> = std::fs::read_dir(&d)?.flatten().collect();
-        items.sort_by_key(|e| e.file_name());
-        for e in items {
-            let Ok(md) = std::fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            let os_name = e.file_name();
-            let Some(name) = os_name.to_str().map(str::to_string) else {
-                if md.is_dir() || md.is_file() || md.file_type().is_symlink() {
-                    let shown = crate::walk::escape_bytes(os_name.as_bytes());
-                    let mut path = crate::walk::join(&rel, &shown);
-                    // Within the wire's path limit, on a character boundary.
-                    while path.len() > 4000 {
-                        path.pop();
-                    }
-                    warn!(dir = %d.display(), name = %shown, "not listed: the name is not UTF-8");
-                    out.push(missing(path, md.mode() & 0o170000));
-                }
-                continue;
-            };
-            if fsutil::is_part_name(&name) {
-                continue;
-            }
-            let rel_path = crate::walk::join(&rel, &name);
-            if md.file_type().is_symlink() {
-                out.push(missing(rel_path, 0o120000));
-            } else if md.is_dir() {
-                out.push(entry_for(rel_path.clone(), &md));
-                stack.push((e.path(), rel_path));
-            } else if md.is_file() {
-                out.push(entry_for(rel_path, &md));
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Paths claimed by a batch, released when it ends.

@@ -2,51 +2,29 @@
 //! connection, doing the file and journal I/O they ask for. Both the client
 //! and the server use them: the uploader sends, the downloader receives.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::hash::verify_chunk;
 use ferry_proto::{
-    ChunkHash, DataVerdict, HashAlg, Message, ProtoError, Receiver, ReceiverEvent, Sender,
-    SenderEvent, Transmit,
+    ChunkHash, DataVerdict, Message, ProtoError, Receiver, ReceiverEvent, Sender, SenderEvent,
+    Transmit,
 };
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::conn::Conn;
 use crate::error::{Error, Result};
-use crate::fsutil;
 use crate::lanes::{Arrived, Job, Lanes, RecvLanes, SendLanes, Sent, SourceRef};
 use crate::progress::{FileProgress, Progress};
+use crate::storage::local::prepare_receive;
+use crate::storage::source::read_source;
+use crate::storage::Partial;
 use crate::store::{HeldChunks, Store};
 
-/// Deliberate faults, for the demo and for tests.
-#[derive(Debug, Default)]
-pub struct FaultPlan {
-    /// How many incoming chunks to corrupt (one bit flipped) before verification.
-    pub corrupt_chunks: AtomicU32,
-    /// How many checkpoints to withhold forever (the receiver stays connected
-    /// and answers keepalives but never acknowledges): a stuck receiver.
-    pub withhold_checkpoints: AtomicU32,
-}
-
-impl FaultPlan {
-    pub(crate) fn take_corruption(&self) -> bool {
-        self.corrupt_chunks
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    }
-
-    fn take_withhold(&self) -> bool {
-        self.withhold_checkpoints
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    }
-}
+pub use crate::faults::FaultPlan;
+pub use crate::storage::source::{prepare_send, PreparedSource, SourceFile};
 
 /// Caps the payload rate of one transfer (`--bwlimit`).
 #[derive(Debug)]
@@ -73,50 +51,37 @@ impl Throttle {
     }
 }
 
-/// The file being sent.
-pub struct SourceFile {
-    pub file: Arc<File>,
-    pub path: PathBuf,
-    /// Identity at open time (see [`fsutil::source_id`]).
-    pub source_id: Vec<u8>,
-    /// Key of this source's remembered chunk hashes.
-    pub key: [u8; 16],
-    pub alg: HashAlg,
+/// Runs a [`Sender`] over a connection, reading from a source file, until
+/// the receiver has verified every chunk (see [`SendDriver::run`]).
+pub struct SendDriver<'a> {
+    pub conn: &'a mut Conn,
+    pub tx: Sender,
+    pub src: &'a SourceFile,
+    /// Where acknowledged chunks' hashes are remembered for next time.
+    pub store: Arc<Store>,
+    pub progress: &'a FileProgress,
+    pub throttle: Option<Throttle>,
+    /// Extra connections for the data as they open (see [`crate::lanes`]).
+    pub lanes: Option<Lanes>,
 }
 
-/// Reads `len` bytes at `offset`; a short file means the source changed.
-pub(crate) fn read_source(
-    file: &File,
-    path: &std::path::Path,
-    offset: u64,
-    len: u32,
-    buf: &mut Vec<u8>,
-) -> Result<()> {
-    buf.resize(len as usize, 0);
-    file.read_exact_at(buf, offset).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::Proto(ProtoError::SourceChanged { chunk: 0 })
-        } else {
-            Error::local(path, e)
-        }
-    })
-}
-
-impl SourceFile {
-    /// Fails if the source is no longer the version that was opened.
-    pub fn check_unchanged(&self) -> Result<()> {
-        let md = std::fs::metadata(&self.path).map_err(|e| Error::local(&self.path, e))?;
-        let now = fsutil::source_id(&md);
-        if now != self.source_id {
-            return Err(Error::Proto(ProtoError::SourceChanged { chunk: 0 }));
-        }
-        Ok(())
+impl SendDriver<'_> {
+    /// Runs the sender to completion; returns the verified digest.
+    pub async fn run(self) -> Result<ChunkHash> {
+        let SendDriver {
+            conn,
+            mut tx,
+            src,
+            store,
+            progress,
+            throttle,
+            lanes,
+        } = self;
+        drive_sender(conn, &mut tx, src, &store, progress, throttle, lanes).await
     }
 }
 
-/// Runs a sender to completion; returns the verified digest. `lanes` brings
-/// extra connections for the data (see [`crate::lanes`]) as they open.
-pub async fn drive_sender(
+async fn drive_sender(
     conn: &mut Conn,
     tx: &mut Sender,
     src: &SourceFile,
@@ -229,17 +194,13 @@ pub async fn drive_sender(
                 if let Some(r) = reads.pop_front() {
                     let (index, offset, read) = r.await.map_err(|e| Error::Store(e.to_string()))?;
                     let (buf, content) = read?;
-                    send_read(
-                        conn,
-                        tx,
-                        progress,
-                        throttle.as_mut(),
+                    let chunk = ReadChunk {
                         index,
                         offset,
-                        &buf,
+                        buf: &buf,
                         content,
-                    )
-                    .await?;
+                    };
+                    send_read(conn, tx, progress, throttle.as_mut(), chunk).await?;
                     free.push(buf);
                     last_progress = Instant::now();
                     last_write = Instant::now();
@@ -340,19 +301,29 @@ const READ_AHEAD_BYTES: usize = 8 * 1024 * 1024;
 /// the bytes with their content hash.
 type ChunkRead = tokio::task::JoinHandle<(u32, u64, Result<(Vec<u8>, ChunkHash)>)>;
 
+/// A chunk read and hashed, ready to go out.
+struct ReadChunk<'b> {
+    index: u32,
+    offset: u64,
+    buf: &'b [u8],
+    content: ChunkHash,
+}
+
 /// Sends a chunk that was read and hashed: the sender core gives its tag
 /// (or finds the source changed), then the `Data` frame goes out.
-#[allow(clippy::too_many_arguments)]
 async fn send_read(
     conn: &mut Conn,
     tx: &mut Sender,
     progress: &FileProgress,
     throttle: Option<&mut Throttle>,
-    index: u32,
-    offset: u64,
-    buf: &[u8],
-    content: ChunkHash,
+    chunk: ReadChunk<'_>,
 ) -> Result<()> {
+    let ReadChunk {
+        index,
+        offset,
+        buf,
+        content,
+    } = chunk;
     let tag = tx.chunk_read(index, content).map_err(|e| match e {
         ProtoError::SourceChanged { .. } => {
             Error::Proto(ProtoError::SourceChanged { chunk: index })
@@ -515,87 +486,104 @@ fn closed(peer: &str) -> Error {
     }
 }
 
-/// The file being received.
-pub struct DestFile {
-    pub final_path: PathBuf,
-    pub part_path: PathBuf,
-    pub file: Arc<File>,
-    /// The partial file opened for `O_DIRECT` writes, where allowed
-    /// (see [`fsutil::open_direct`]).
-    pub direct: Option<Arc<File>>,
-    /// Key of this destination in the journal.
-    pub key: String,
-    /// The file's size: what the partial is cut to before it is put in place.
-    pub size: u64,
-    pub mode: u32,
-    pub mtime_ns: i64,
-}
-
 /// What a receive ended with.
 pub struct Received {
     pub digest: ChunkHash,
     pub bytes_received: u64,
 }
 
-/// Runs a receiver to completion: the file is verified and in place. `lanes`
-/// brings extra connections carrying data (see [`crate::lanes`]). When
-/// `superseded` fires (a newer connection of the same transfer arrived), the
-/// receive ends as a broken link does: the chunks verified so far are made
-/// durable first, so the newer connection finds them.
-#[allow(clippy::too_many_arguments)]
-pub async fn drive_receiver(
-    conn: &mut Conn,
-    rx: &mut Receiver,
-    dest: &DestFile,
-    store: &Arc<Store>,
-    progress: &FileProgress,
-    faults: Option<&FaultPlan>,
-    throttle: Option<Throttle>,
-    lanes: Option<Lanes>,
-    superseded: Option<&tokio::sync::Notify>,
-) -> Result<Received> {
-    let mut checkpoint = None;
-    let mut lanes = RecvLanes::new(
-        lanes,
-        rx.alg(),
-        rx.id(),
-        rx.layout().chunk_size(),
-        conn.timeouts.stall,
-    );
-    let mut writes = Writes::default();
-    conn.rd.pool_payloads(Some(writes.pool.clone()));
-    let r = tokio::select! {
-        r = receive_loop(
+/// Runs a [`Receiver`] over a connection into a [`Partial`] until the file
+/// is verified and in place (see [`ReceiveDriver::run`]).
+pub struct ReceiveDriver<'a> {
+    pub conn: &'a mut Conn,
+    pub rx: Receiver,
+    /// Where the chunks go (see [`crate::storage`]).
+    pub dest: Arc<dyn Partial>,
+    pub progress: &'a FileProgress,
+    pub faults: Option<&'a FaultPlan>,
+    pub throttle: Option<Throttle>,
+    /// Extra connections carrying data as they open (see [`crate::lanes`]).
+    pub lanes: Option<Lanes>,
+    /// Fires when a newer connection of the same transfer arrived.
+    pub superseded: Option<&'a tokio::sync::Notify>,
+}
+
+impl<'a> ReceiveDriver<'a> {
+    /// A driver with no faults, throttle, lanes or supersession.
+    pub fn new(
+        conn: &'a mut Conn,
+        rx: Receiver,
+        dest: Arc<dyn Partial>,
+        progress: &'a FileProgress,
+    ) -> Self {
+        ReceiveDriver {
             conn,
             rx,
             dest,
-            store,
+            progress,
+            faults: None,
+            throttle: None,
+            lanes: None,
+            superseded: None,
+        }
+    }
+
+    /// Runs the receiver to completion: the file is verified and in place.
+    /// When `superseded` fires, the receive ends as a broken link does: the
+    /// chunks verified so far are made durable first, so the newer
+    /// connection finds them.
+    pub async fn run(self) -> Result<Received> {
+        let ReceiveDriver {
+            conn,
+            mut rx,
+            dest,
             progress,
             faults,
             throttle,
-            &mut checkpoint,
-            &mut lanes,
-            &mut writes,
-        ) => r,
-        _ = notified_opt(superseded) => Err(Error::Io {
-            addr: conn.peer.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "superseded by a newer connection of the same transfer",
-            ),
-        }),
-    };
-    // However it ended: no write may land after this (a new writer of the
-    // partial could otherwise be overwritten by an old chunk).
-    let drained = writes.drain(rx, dest, progress, &lanes).await;
-    conn.rd.pool_payloads(None);
-    let r = r.and_then(|ok| drained.map(|()| ok));
-    // Only when the link failed: after a protocol or integrity error the
-    // partial may be reset, and must not gain chunks behind that reset.
-    if let Err(Error::Io { .. } | Error::Timeout(_)) = &r {
-        keep_verified(rx, dest, store, checkpoint).await;
+            lanes,
+            superseded,
+        } = self;
+        let rx = &mut rx;
+        let mut checkpoint = None;
+        let mut lanes = RecvLanes::new(
+            lanes,
+            rx.alg(),
+            rx.id(),
+            rx.layout().chunk_size(),
+            conn.timeouts.stall,
+        );
+        let mut writes = Writes::new(dest.clone(), progress);
+        conn.rd.pool_payloads(dest.payload_pool());
+        let r = tokio::select! {
+            r = receive_loop(
+                conn,
+                rx,
+                &mut writes,
+                faults,
+                throttle,
+                &mut checkpoint,
+                &mut lanes,
+            ) => r,
+            _ = notified_opt(superseded) => Err(Error::Io {
+                addr: conn.peer.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "superseded by a newer connection of the same transfer",
+                ),
+            }),
+        };
+        // However it ended: no write may land after this (a new writer of the
+        // partial could otherwise be overwritten by an old chunk).
+        let drained = writes.drain(rx, &lanes).await;
+        conn.rd.pool_payloads(None);
+        let r = r.and_then(|ok| drained.map(|()| ok));
+        // Only when the link failed: after a protocol or integrity error the
+        // partial may be reset, and must not gain chunks behind that reset.
+        if let Err(Error::Io { .. } | Error::Timeout(_)) = &r {
+            keep_verified(rx, &dest, checkpoint).await;
+        }
+        r
     }
-    r
 }
 
 type CheckpointTask = tokio::task::JoinHandle<Result<HeldChunks>>;
@@ -605,8 +593,7 @@ type CheckpointTask = tokio::task::JoinHandle<Result<HeldChunks>>;
 /// again. Failures here only cost a re-send; they are logged.
 async fn keep_verified(
     rx: &mut Receiver,
-    dest: &DestFile,
-    store: &Arc<Store>,
+    dest: &Arc<dyn Partial>,
     checkpoint: Option<CheckpointTask>,
 ) {
     let tid = rx.id();
@@ -620,18 +607,9 @@ async fn keep_verified(
     if list.is_empty() {
         return;
     }
-    let (file, store, key, path) = (
-        dest.file.clone(),
-        store.clone(),
-        dest.key.clone(),
-        dest.part_path.clone(),
-    );
+    let dest = dest.clone();
     let n = list.len();
-    let r = tokio::task::spawn_blocking(move || {
-        file.sync_data().map_err(|e| Error::local(&path, e))?;
-        store.commit_chunks(&key, &list)
-    })
-    .await;
+    let r = tokio::task::spawn_blocking(move || dest.commit(&list)).await;
     match r {
         Ok(Ok(())) => {
             info!(transfer = %tid, chunks = n, "connection lost: kept the chunks verified since the last checkpoint")
@@ -641,19 +619,16 @@ async fn keep_verified(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn receive_loop(
     conn: &mut Conn,
     rx: &mut Receiver,
-    dest: &DestFile,
-    store: &Arc<Store>,
-    progress: &FileProgress,
+    writes: &mut Writes<'_>,
     faults: Option<&FaultPlan>,
     mut throttle: Option<Throttle>,
     checkpoint: &mut Option<CheckpointTask>,
     lanes: &mut RecvLanes,
-    writes: &mut Writes,
 ) -> Result<Received> {
+    let (dest, progress) = (writes.dest.clone(), writes.progress);
     let tid = rx.id();
     let alg = rx.alg();
     let mut last_heard = Instant::now();
@@ -679,24 +654,19 @@ async fn receive_loop(
                     warn!(transfer = %tid, chunks = list.len(), "fault injector: withholding this checkpoint (no acknowledgement will follow)");
                 }
                 ReceiverEvent::Checkpoint(list) => {
-                    let file = dest.file.clone();
-                    let store = store.clone();
-                    let key = dest.key.clone();
-                    let path = dest.part_path.clone();
+                    let dest = dest.clone();
                     *checkpoint = Some(tokio::task::spawn_blocking(move || {
-                        // Durability order: the data first, then the journal that claims it.
-                        file.sync_data().map_err(|e| Error::local(&path, e))?;
-                        store.commit_chunks(&key, &list)?;
+                        dest.commit(&list)?;
                         Ok(list)
                     }));
                 }
                 ReceiverEvent::Forget(set) => {
                     warn!(transfer = %tid, ranges = ?set, "dropping chunks that no longer verify");
-                    store.forget_chunks(&dest.key, set.iter())?;
+                    dest.forget(&set)?;
                 }
                 ReceiverEvent::VerifyStale(set) => {
                     info!(transfer = %tid, chunks = set.count(), "re-checking chunks kept from an earlier run");
-                    let file = dest.file.clone();
+                    let file = dest.clone();
                     let layout = rx.layout();
                     let mut job = tokio::task::spawn_blocking(move || {
                         let mut buf = Vec::new();
@@ -704,7 +674,7 @@ async fn receive_loop(
                             .map(|i| {
                                 buf.resize(layout.len(i) as usize, 0);
                                 let h = file
-                                    .read_exact_at(&mut buf, layout.offset(i))
+                                    .read_chunk(layout.offset(i), &mut buf)
                                     .ok()
                                     .map(|_| alg.hash(&buf));
                                 (i, h)
@@ -727,24 +697,12 @@ async fn receive_loop(
                     rx.stale_checked(&results);
                 }
                 ReceiverEvent::Finalize { digest } => {
-                    writes.drain(rx, dest, progress, lanes).await?;
-                    let file = dest.file.clone();
-                    let (part, fin, key, size, mode, mtime) = (
-                        dest.part_path.clone(),
-                        dest.final_path.clone(),
-                        dest.key.clone(),
-                        dest.size,
-                        dest.mode,
-                        dest.mtime_ns,
-                    );
-                    let store2 = store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        fsutil::finalize_part(&file, &part, &fin, size, mode, mtime)?;
-                        store2.mark_finalized(&key)
-                    })
-                    .await
-                    .map_err(|e| Error::Store(e.to_string()))??;
-                    info!(transfer = %tid, path = %dest.final_path.display(), digest = %digest, "verified and in place");
+                    writes.drain(rx, lanes).await?;
+                    let done = dest.clone();
+                    tokio::task::spawn_blocking(move || done.finalize())
+                        .await
+                        .map_err(|e| Error::Store(e.to_string()))??;
+                    info!(transfer = %tid, path = %dest.name().display(), digest = %digest, "verified and in place");
                     rx.finalized(digest);
                 }
                 ReceiverEvent::Completed { digest } => {
@@ -783,7 +741,7 @@ async fn receive_loop(
                                     _ => payload,
                                 };
                                 let n = payload.len() as u64;
-                                write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, Check::Tag(tag)).await?;
+                                writes.write(rx, lanes, index, offset, payload, Check::Tag(tag)).await?;
                                 if let Some(t) = throttle.as_mut() {
                                     t.consume(n).await;
                                 }
@@ -819,12 +777,12 @@ async fn receive_loop(
                     last_heard = Instant::now();
                     match rx.accept_data(index, offset, payload.len()).map_err(Error::Proto)? {
                         DataVerdict::Duplicate => {}
-                        DataVerdict::Write => write_chunk(rx, dest, progress, lanes, writes, index, offset, payload, Check::Done(verdict)).await?,
+                        DataVerdict::Write => writes.write(rx, lanes, index, offset, payload, Check::Done(verdict)).await?,
                     }
                 }
             },
             Some(done) = futures_util::StreamExt::next(&mut writes.running), if !writes.running.is_empty() => {
-                writes.take_in(rx, dest, progress, lanes, done)?;
+                writes.take_in(rx, lanes, done)?;
             }
             r = join_opt(checkpoint.as_mut()), if checkpoint.is_some() => {
                 *checkpoint = None;
@@ -860,16 +818,13 @@ async fn receive_loop(
 const WRITES_IN_FLIGHT_BYTES: usize = 8 * 1024 * 1024;
 
 /// What a chunk write under way gives back: how the chunk verified (its
-/// content hash, or the hash of what came instead), the bytes if they went
-/// to `O_DIRECT` (written again through the page cache if that refused
-/// them), and how the write went.
+/// content hash, or the hash of what came instead) and how the write went.
 struct Written {
     index: u32,
     offset: u64,
     len: u64,
     verdict: std::result::Result<ChunkHash, ChunkHash>,
-    direct: Option<bytes::Bytes>,
-    io: std::io::Result<()>,
+    io: Result<()>,
 }
 
 /// How a chunk is to be checked before it is written.
@@ -884,30 +839,30 @@ enum Check {
 /// [`WRITES_IN_FLIGHT_BYTES`]: hashing and the disk's time overlap receiving
 /// and decrypting the next chunks. A chunk counts as written (and goes into
 /// a checkpoint, whose `fdatasync` follows) only once its write returned.
-/// Each write also holds the partial file's locked descriptor: no other
-/// writer can lock the file before the last write is done.
-#[derive(Default)]
-struct Writes {
+/// Each write also holds the partial: no other writer can take it over
+/// before the last write is done.
+struct Writes<'a> {
     running: futures_util::stream::FuturesUnordered<tokio::task::JoinHandle<Written>>,
-    /// Aligned memory for payloads, read into by the connection (see
-    /// [`crate::conn::FramedRead::pool_payloads`]) or copied into here.
-    pool: fsutil::BufPool,
+    dest: Arc<dyn Partial>,
+    progress: &'a FileProgress,
 }
 
-impl Writes {
+impl<'a> Writes<'a> {
+    fn new(dest: Arc<dyn Partial>, progress: &'a FileProgress) -> Self {
+        Writes {
+            running: Default::default(),
+            dest,
+            progress,
+        }
+    }
+
     /// Waits for every write under way and takes each in; the first error
     /// is returned after all are done.
-    async fn drain(
-        &mut self,
-        rx: &mut Receiver,
-        dest: &DestFile,
-        progress: &FileProgress,
-        lanes: &RecvLanes,
-    ) -> Result<()> {
+    async fn drain(&mut self, rx: &mut Receiver, lanes: &RecvLanes) -> Result<()> {
         use futures_util::StreamExt;
         let mut first = Ok(());
         while let Some(done) = self.running.next().await {
-            let r = self.take_in(rx, dest, progress, lanes, done);
+            let r = self.take_in(rx, lanes, done);
             if first.is_ok() {
                 first = r;
             }
@@ -916,14 +871,11 @@ impl Writes {
     }
 
     /// Takes in a chunk that was verified and written on a blocking thread:
-    /// one that failed verification is asked for again; if `O_DIRECT`
-    /// refused the write, it goes through the page cache; then the chunk
-    /// counts as written (its memory goes back to the pool once dropped).
+    /// one that failed verification is asked for again; else the chunk
+    /// counts as written.
     fn take_in(
         &mut self,
         rx: &mut Receiver,
-        dest: &DestFile,
-        progress: &FileProgress,
         lanes: &RecvLanes,
         done: std::result::Result<Written, tokio::task::JoinError>,
     ) -> Result<()> {
@@ -935,18 +887,54 @@ impl Writes {
                 return Ok(());
             }
         };
-        match (w.io, &w.direct) {
-            (Ok(()), _) => {}
-            (Err(e), Some(buf))
-                if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
-            {
-                dest.file
-                    .write_all_at(buf, w.offset)
-                    .map_err(|e| Error::local(&dest.part_path, e))?
-            }
-            (Err(e), _) => return Err(Error::local(&dest.part_path, e)),
+        w.io?;
+        chunk_in(rx, self.progress, lanes, w.index, w.len, content);
+        Ok(())
+    }
+
+    /// Verifies a chunk and writes it into the partial on a blocking
+    /// thread, or asks for it again.
+    async fn write(
+        &mut self,
+        rx: &mut Receiver,
+        lanes: &RecvLanes,
+        index: u32,
+        offset: u64,
+        payload: bytes::Bytes,
+        check: Check,
+    ) -> Result<()> {
+        use futures_util::StreamExt;
+        if let Check::Done(Err(actual)) = check {
+            corrupt(rx, index, offset, payload.len() as u64, actual);
+            return Ok(());
         }
-        chunk_in(rx, progress, lanes, w.index, w.len, content);
+        let most = (WRITES_IN_FLIGHT_BYTES / payload.len().max(1)).clamp(2, 4);
+        while self.running.len() >= most {
+            if let Some(done) = self.running.next().await {
+                self.take_in(rx, lanes, done)?;
+            }
+        }
+        let (alg, tid, partial) = (rx.alg(), rx.id(), self.dest.clone());
+        rx.chunk_writing(index);
+        self.running.push(tokio::task::spawn_blocking(move || {
+            let len = payload.len() as u64;
+            let verdict = match check {
+                Check::Tag(tag) => verify_chunk(alg, &tid, index, offset, &payload, &tag),
+                Check::Done(v) => v,
+            };
+            let io = match &verdict {
+                Err(_) => Ok(()),
+                Ok(_) => partial.write_chunk(offset, payload),
+            };
+            drop(partial);
+            Written {
+                index,
+                offset,
+                len,
+                verdict,
+                io,
+            }
+        }));
         Ok(())
     }
 }
@@ -955,74 +943,6 @@ impl Writes {
 fn corrupt(rx: &mut Receiver, index: u32, offset: u64, len: u64, actual: ChunkHash) {
     warn!(transfer = %rx.id(), chunk = index, offset, len, actual = %actual, "chunk failed verification; asking for it again");
     rx.chunk_corrupt(index);
-}
-
-/// Verifies a chunk and writes it into the partial file on a blocking thread
-/// ([`Writes`]), or asks for it again. An aligned chunk with an `O_DIRECT`
-/// descriptor is written past the page cache, from the pooled memory it was
-/// read into (or, from a data lane, from an aligned copy).
-#[allow(clippy::too_many_arguments)]
-async fn write_chunk(
-    rx: &mut Receiver,
-    dest: &DestFile,
-    progress: &FileProgress,
-    lanes: &RecvLanes,
-    writes: &mut Writes,
-    index: u32,
-    offset: u64,
-    payload: bytes::Bytes,
-    check: Check,
-) -> Result<()> {
-    use futures_util::StreamExt;
-    if let Check::Done(Err(actual)) = check {
-        corrupt(rx, index, offset, payload.len() as u64, actual);
-        return Ok(());
-    }
-    let most = (WRITES_IN_FLIGHT_BYTES / payload.len().max(1)).clamp(2, 4);
-    while writes.running.len() >= most {
-        if let Some(done) = writes.running.next().await {
-            writes.take_in(rx, dest, progress, lanes, done)?;
-        }
-    }
-    let direct = dest
-        .direct
-        .clone()
-        .filter(|_| fsutil::direct_aligned(offset, payload.len()));
-    let pool = writes.pool.clone();
-    let (alg, tid, locked) = (rx.alg(), rx.id(), dest.file.clone());
-    rx.chunk_writing(index);
-    writes.running.push(tokio::task::spawn_blocking(move || {
-        let len = payload.len() as u64;
-        let verdict = match check {
-            Check::Tag(tag) => verify_chunk(alg, &tid, index, offset, &payload, &tag),
-            Check::Done(v) => v,
-        };
-        let (direct, io) = match (&verdict, direct) {
-            (Err(_), _) => (None, Ok(())),
-            (Ok(_), Some(direct)) => {
-                // Payloads are mostly read straight into aligned memory;
-                // others are copied (the received frame is let go).
-                let data = if fsutil::direct_memory(&payload) {
-                    payload
-                } else {
-                    fsutil::AlignedBuf::copy_of(&payload, pool.take()).into_bytes(&pool)
-                };
-                let r = fsutil::write_direct(&direct, &data, offset);
-                (Some(data), r)
-            }
-            (Ok(_), None) => (None, locked.write_all_at(&payload, offset)),
-        };
-        drop(locked);
-        Written {
-            index,
-            offset,
-            len,
-            verdict,
-            direct,
-            io,
-        }
-    }));
-    Ok(())
 }
 
 /// A chunk is in the partial file (not yet durable): progress and the receiver.
@@ -1063,206 +983,6 @@ async fn sleep_opt(t: Option<Instant>) {
     }
 }
 
-/// A source opened for sending.
-pub struct PreparedSource {
-    pub src: SourceFile,
-    /// What the peer is told about it.
-    pub meta: ferry_proto::message::FileMeta,
-    /// Chunk hashes remembered from earlier runs of this version.
-    pub known: HeldChunks,
-}
-
-/// Opens a source file for sending: its metadata for the peer, and any chunk
-/// hashes remembered from earlier runs for this exact version of it.
-pub fn prepare_send(store: &Store, path: &std::path::Path, alg: HashAlg) -> Result<PreparedSource> {
-    use std::os::unix::fs::MetadataExt;
-    let file = File::open(path).map_err(|e| Error::local(path, e))?;
-    let md = file.metadata().map_err(|e| Error::local(path, e))?;
-    if !md.is_file() {
-        return Err(Error::Usage(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
-    let source_id = fsutil::source_id(&md);
-    let chosen = ferry_proto::ChunkLayout::for_size(md.len());
-    let layout = ferry_proto::ChunkLayout::new(md.len(), chosen.chunk_size()).ok_or_else(|| {
-        Error::Usage(format!(
-            "{} is too large ({} bytes)",
-            path.display(),
-            md.len()
-        ))
-    })?;
-    let key = fsutil::source_key(
-        &path.to_string_lossy(),
-        &source_id,
-        layout.chunk_size(),
-        alg.name(),
-    );
-    let known = store.source_hashes(&key)?;
-    let meta = ferry_proto::message::FileMeta {
-        size: md.len(),
-        mtime_ns: fsutil::mtime_ns(&md),
-        mode: md.mode() & 0o7777,
-        chunk_size: layout.chunk_size(),
-        alg: alg.name().to_string(),
-        source_id: bytes::Bytes::from(source_id.clone()),
-    };
-    Ok(PreparedSource {
-        src: SourceFile {
-            file: Arc::new(file),
-            path: path.to_path_buf(),
-            source_id,
-            key,
-            alg,
-        },
-        meta,
-        known,
-    })
-}
-
-/// Prepares to receive `meta` into `final_path`: resumes the partial file if
-/// the journal has one for the same source version, else starts afresh.
-/// `direct_io`: write chunks past the page cache where the filesystem allows
-/// (see [`fsutil::open_direct`]).
-pub fn prepare_receive(
-    store: &Store,
-    final_path: &std::path::Path,
-    id: ferry_proto::TransferId,
-    meta: &ferry_proto::message::FileMeta,
-    cfg: ferry_proto::ReceiverConfig,
-    direct_io: bool,
-) -> Result<(Receiver, DestFile)> {
-    use crate::store::PartialRecord;
-    let layout = ferry_proto::ChunkLayout::new(meta.size, meta.chunk_size).ok_or_else(|| {
-        Error::Proto(
-            ferry_proto::Misbehavior::BadChunkSize {
-                chunk_size: meta.chunk_size,
-                size: meta.size,
-            }
-            .into(),
-        )
-    })?;
-    let alg = HashAlg::from_name(&meta.alg).ok_or_else(|| {
-        Error::Proto(ferry_proto::Incompatibility::UnknownHashAlg(meta.alg.clone()).into())
-    })?;
-    let key = final_path.to_string_lossy().into_owned();
-    let part_path = fsutil::part_path(final_path);
-    let source_hex = fsutil::hex(&meta.source_id);
-    let same_source = |r: &PartialRecord| {
-        r.source_id == source_hex
-            && r.size == meta.size
-            && r.chunk_size == meta.chunk_size
-            && r.alg == meta.alg
-    };
-    let open_direct = |file: &File| direct_io.then(|| fsutil::open_direct(file)).flatten();
-    let dest = |file: File, direct: Option<File>| DestFile {
-        final_path: final_path.to_path_buf(),
-        part_path: part_path.clone(),
-        file: Arc::new(file),
-        direct: direct.map(Arc::new),
-        key: key.clone(),
-        size: meta.size,
-        mode: meta.mode,
-        mtime_ns: meta.mtime_ns,
-    };
-    if let Some((old, chunks)) = store.partial(&key)? {
-        let whole = chunks.len() as u32 == layout.count();
-        if same_source(&old) && whole && (old.finalized || !part_path.exists()) {
-            // Finalised earlier (the sender did not hear, or the same copy
-            // is run again), or killed between the rename and the journal
-            // saying so. A file still carrying the mtime and size we gave it
-            // is trusted after a finalised record; anything else (edited,
-            // touched, replaced) is re-hashed against the journal first.
-            // Either way it must be a regular file under that name, never
-            // something reached through a link.
-            if let Some(file) = open_final(final_path) {
-                let md = file.metadata().map_err(|e| Error::local(final_path, e))?;
-                let untouched = old.finalized
-                    && md.len() == meta.size
-                    && fsutil::mtime_ns(&md) == meta.mtime_ns;
-                let rx = if untouched {
-                    Some(Receiver::already_final(
-                        id,
-                        layout,
-                        alg,
-                        cfg.clone(),
-                        chunks.iter().copied(),
-                    ))
-                } else {
-                    confirm_in_place(store, &key, &file, id, layout, alg, &cfg, &chunks)?
-                };
-                if let Some(rx) = rx {
-                    return Ok((rx, dest(file, None)));
-                }
-            }
-            info!(path = %final_path.display(), "the file in place no longer matches what was sent; sending it again");
-        } else if same_source(&old) && !old.finalized {
-            // Resume only the very file the journal's chunks were written to.
-            if let Some(file) = fsutil::reopen_part(&part_path, Some(old.part.unwrap_or(NO_IDENT)))?
-            {
-                let len = file
-                    .metadata()
-                    .map_err(|e| Error::local(&part_path, e))?
-                    .len();
-                if len > meta.size {
-                    // Bytes past the file's end are never part of it.
-                    file.set_len(meta.size)
-                        .map_err(|e| Error::local(&part_path, e))?;
-                    file.sync_all().map_err(|e| Error::local(&part_path, e))?;
-                    warn!(path = %final_path.display(), extra = len - meta.size, "partial file had grown past the file's size; cut back");
-                }
-                // A partial shorter than a chunk's end lost that chunk (truncation).
-                let held: Vec<_> = chunks
-                    .into_iter()
-                    .filter(|(i, _)| layout.offset(*i) + u64::from(layout.len(*i)) <= len)
-                    .collect();
-                info!(transfer = %id, path = %final_path.display(), held = held.len(), "resuming partial file");
-                let rx = Receiver::new(id, layout, alg, cfg, held);
-                let direct = open_direct(&file);
-                return Ok((rx, dest(file, direct)));
-            }
-            info!(path = %final_path.display(), "the partial file is not the one this transfer wrote; starting over");
-        } else if !same_source(&old) {
-            info!(path = %final_path.display(), "source changed since the partial file was started; starting over");
-        }
-    }
-    let file = fsutil::create_part(&part_path)?;
-    file.set_len(meta.size)
-        .map_err(|e| Error::local(&part_path, e))?;
-    fsutil::fsync_dir(&fsutil::parent_of(&part_path))?;
-    let rec = PartialRecord {
-        transfer_id: id.to_hex(),
-        size: meta.size,
-        chunk_size: meta.chunk_size,
-        alg: meta.alg.clone(),
-        mtime_ns: meta.mtime_ns,
-        mode: meta.mode,
-        source_id: source_hex.clone(),
-        finalized: false,
-        part: Some(fsutil::FileIdent::of_file(&file, &part_path)?),
-    };
-    store.start_partial(&key, &rec)?;
-    let rx = Receiver::new(id, layout, alg, cfg, Vec::new());
-    let direct = open_direct(&file);
-    Ok((rx, dest(file, direct)))
-}
-
-/// A record of an older version names no partial file: no file matches it.
-const NO_IDENT: fsutil::FileIdent = fsutil::FileIdent { dev: 0, ino: 0 };
-
-/// The final file, opened for reading only if that name is a regular file
-/// itself (not a link to one elsewhere).
-fn open_final(path: &std::path::Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-        .open(path)
-        .ok()?;
-    f.metadata().ok()?.file_type().is_file().then_some(f)
-}
-
 /// [`prepare_receive`] off the async threads (it may re-hash a whole file that
 /// is already in place), with keepalives on `conn` meanwhile so the peer does
 /// not take the pause for a dead link.
@@ -1274,52 +994,28 @@ pub async fn prepare_receive_live(
     meta: &ferry_proto::message::FileMeta,
     cfg: ferry_proto::ReceiverConfig,
     direct_io: bool,
-) -> Result<(Receiver, DestFile)> {
+) -> Result<(Receiver, Arc<dyn Partial>)> {
     let (store, path, meta) = (store.clone(), final_path.to_path_buf(), meta.clone());
-    let mut job = tokio::task::spawn_blocking(move || {
+    blocking_live(conn, move || {
         prepare_receive(&store, &path, id, &meta, cfg, direct_io)
-    });
+    })
+    .await
+}
+
+/// Runs `job` off the async threads (a store call that may take long), with
+/// keepalives on `conn` meanwhile so the peer does not take the pause for a
+/// dead link.
+pub async fn blocking_live<T: Send + 'static>(
+    conn: &mut Conn,
+    job: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let mut job = tokio::task::spawn_blocking(job);
     loop {
         tokio::select! {
             r = &mut job => return r.map_err(|e| Error::Store(e.to_string()))?,
             _ = tokio::time::sleep(conn.timeouts.keepalive) => conn.send(&Message::Ping { nonce: 4, received: None }).await?,
         }
     }
-}
-
-/// The final file exists but the journal never learnt it was finalised (a crash
-/// between rename and commit): re-hash it against the journal, and if every
-/// chunk matches, record it and answer as an already finished transfer.
-#[allow(clippy::too_many_arguments)]
-fn confirm_in_place(
-    store: &Store,
-    key: &str,
-    file: &File,
-    id: ferry_proto::TransferId,
-    layout: ferry_proto::ChunkLayout,
-    alg: HashAlg,
-    cfg: &ferry_proto::ReceiverConfig,
-    chunks: &HeldChunks,
-) -> Result<Option<Receiver>> {
-    if file.metadata().map(|m| m.len()).unwrap_or(0) != layout.size() {
-        return Ok(None);
-    }
-    let mut buf = Vec::new();
-    for (i, h) in chunks {
-        buf.resize(layout.len(*i) as usize, 0);
-        if file.read_exact_at(&mut buf, layout.offset(*i)).is_err() || alg.hash(&buf) != *h {
-            return Ok(None);
-        }
-    }
-    store.mark_finalized(key)?;
-    info!(transfer = %id, path = %key, "file was already in place and verifies");
-    Ok(Some(Receiver::already_final(
-        id,
-        layout,
-        alg,
-        cfg.clone(),
-        chunks.iter().copied(),
-    )))
 }
 
 #[cfg(test)]
@@ -1358,40 +1054,5 @@ mod tests {
         }
         let all: Vec<_> = (0..4).map(h).collect();
         assert_eq!(store.source_hashes(&key).unwrap(), all);
-    }
-
-    /// `direct_io: false` receives through the page cache only: no
-    /// `O_DIRECT` descriptor is opened, whatever the filesystem allows;
-    /// `true` opens one where it can.
-    #[test]
-    fn direct_io_off_opens_no_direct_descriptor() {
-        let dir = tempfile::TempDir::new().unwrap();
-        let store = Store::open(&dir.path().join("state")).unwrap();
-        let meta = ferry_proto::message::FileMeta {
-            size: 3 * fsutil::DIRECT_ALIGN as u64,
-            mtime_ns: 0,
-            mode: 0o644,
-            chunk_size: 1 << 20,
-            alg: HashAlg::Blake3.name().to_string(),
-            source_id: vec![1u8; 8].into(),
-        };
-        let receive = |name: &str, direct_io: bool| {
-            prepare_receive(
-                &store,
-                &dir.path().join(name),
-                ferry_proto::TransferId([1; 16]),
-                &meta,
-                ferry_proto::ReceiverConfig::default(),
-                direct_io,
-            )
-            .unwrap()
-            .1
-        };
-        let off = receive("off.bin", false);
-        assert!(off.part_path.exists());
-        assert!(off.direct.is_none());
-        // On, it is opened wherever the filesystem allows it.
-        let on = receive("on.bin", true);
-        assert_eq!(on.direct.is_some(), fsutil::open_direct(&on.file).is_some());
     }
 }
