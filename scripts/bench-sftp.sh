@@ -8,7 +8,7 @@
 # Environment: PB_SIZE_MIB (default 1024), PB_RUNS (default 3), PB_DIR,
 #   PB_DSTDIR (e.g. /dev/shm/pb to take disk writeback out), PB_SSH_PORT (2232),
 #   PB_INSTALL=1 (apt-get install missing peer tools first; never by default).
-#   The machine may be shared: figures are medians and still noisy; say so
+#   Other work on the machine makes figures noisy (medians help); say so
 #   when quoting them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ export PB_SSH_PORT=${PB_SSH_PORT:-2232}
 cargo build --release -p ferry-cli >&2
 export FERRY_BIN=$ROOT/target/release/ferry
 
-echo "# loopback, ${PB_SIZE_MIB} MiB, median of ${PB_RUNS}; MB/s (10^6 B/s); $(nproc) cores, shared machine"
+echo "# loopback, ${PB_SIZE_MIB} MiB, median of ${PB_RUNS}; MB/s (10^6 B/s); $(nproc) cores, machine not idle"
 # sftp, scp, rclone-sftp and lftp-sftp are uploads; sftp-down and scp-down are
 # OpenSSH's downloads of the same file.
 scripts/peers/run.sh ferry-sftp-up sftp scp rclone-sftp lftp-sftp ferry-sftp-down sftp-down scp-down

@@ -352,7 +352,7 @@ fi
 echo
 echo "# ferry WAN benchmark, $(date -u +%FT%TZ), ${SIZE_MIB} MiB upload, 50 ms RTT (linkdelay), cap ${CAP_S}s, RUNS=$RUNS, run took $(elapsed "$T0")s"
 echo "# goodput = file bytes landed / wall time, MB/s = 10^6 B/s; wire = client tun tx MiB; tcp-rtx = retransmitted segments"
-echo "# noisy: 2 vCPU shared with other compiles; quote ratios from the same run only"
+echo "# noisy: 2 vCPUs also busy with other compiles; quote ratios from the same run only"
 printf '%-8s %-16s %-6s %-9s %8s %9s %9s %8s %-14s %s\n' mode condition cc tool time_s MB/s wire_MiB tcp-rtx "app re-sent" status
 printf '%s\n' "${ROWS[@]}"
 

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers shared by the benchmark scripts (sourced, not run): a private OpenSSH
+# Helpers common to the benchmark scripts (sourced, not run): a private OpenSSH
 # server's files, waiting for a port, medians. Everything binds 127.0.0.1 or an
 # address the caller gives; nothing here starts a process by itself.
 
