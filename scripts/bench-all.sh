@@ -14,7 +14,9 @@
 #
 # Usage: scripts/bench-all.sh [loopback wan small cpu]   (default: all four)
 # Env:   OUT (directory for the raw outputs, default /tmp/ferry-bench-all), and each
-#        script's own variables (PB_RUNS, RUNS, SIZE_MIB, ...).
+#        script's own variables (PB_RUNS, RUNS, SIZE_MIB, ...). Peer tools that are not
+#        installed show as "skipped" (their targets as "?"); PB_INSTALL=1 (loopback) and
+#        INSTALL=1 (wan) apt-get install them first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ferry-bench-all}

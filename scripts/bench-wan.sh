@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # WAN benchmark: the same upload (default 256 MiB) between two network namespaces
-# joined by ../shared/bench/tundelay.c (userspace delay + random loss; this kernel
-# has no netem), ferry beside scp, rsync over ssh and iperf3 in the same run.
+# joined by scripts/peers/linkdelay.c (userspace delay + random loss over two tun
+# devices, for kernels without netem; compiled here with gcc), ferry beside scp,
+# rsync over ssh and iperf3 in the same run.
 # A benchmark, not a test: it prints figures and ratios, it never fails on a timing.
 #
 #   resilience (issue 3): 50 ms RTT with 0 %, 1 % and 5 % loss per direction, and
 #       50 ms RTT with the link blackholed for OUTAGE_S seconds once half the file
 #       has landed; sender CC = $SENDER_CC; tools $TOOLS_RES.
 #   cc (issue 5): 50 ms RTT with 0 %, 1 % and 2 % loss, sender congestion control
-#       each of $CCS (set per socket with setcc.so); tools $TOOLS_CC; prints the
-#       ratios against the issue's targets.
+#       each of $CCS; tools $TOOLS_CC; prints the ratios against the issue's targets.
+#
+# The sender's congestion control is the host default of the client's namespace,
+# set on its route to the server (`ip route ... congctl CC`): every socket there
+# starts with it, as with a host-wide sysctl (which a namespace may only set to
+# the host's allowed list), and a program that picks its own after connecting
+# keeps its own: ferry picks bbr (FERRY_TCP_CC overrides), QUIC has quinn's.
 #
 # Usage: scripts/bench-wan.sh [resilience|cc|all]   (default all; root; creates and
 #        deletes netns $NS_A (wanA, client, $IP_A 10.79.0.1) and $NS_B (wanB, server,
 #        $IP_B 10.79.0.2), joined by tun devices wanAt/wanBt)
 # Env:   SIZE_MIB (256)  CAP_S (90: a slower transfer is stopped and scored
 #        bytes-landed / time, marked "capped")  RUNS (1: median of RUNS per cell)
-#        SENDER_CC (bbr, resilience mode; not CC, which cargo reads as the C compiler)  CCS ("cubic bbr", cc mode)  OUTAGE_S (20)
+#        SENDER_CC (bbr, resilience mode; not CC, which cargo reads as the C compiler)
+#        INSTALL (0; 1: apt-get install missing tools first, else their rows say skipped)  CCS ("cubic bbr", cc mode)  OUTAGE_S (20)
 #        TOOLS_RES ("ferry scp rsync-ssh")  TOOLS_CC ("iperf3 ferry scp"; add ferry-quic-bbr
 #        and ferry-quic-cubic for QUIC with each of quinn's controllers, ferry-sN for
 #        ferry with --streams N; plain ferry runs with the default, --streams auto)
@@ -25,7 +32,7 @@
 #        RESTART (1: an outage run that fails is rerun once by hand, rsync with
 #        --append-verify, scp from scratch)  LOG_DIR (/tmp/ferry-wan-logs: per-run stderr)
 #        CONDS_RES, CONDS_CC (space-separated name:one_way_ms:loss_pct[:outage_s] lists)
-#        CLIENT_PRELOAD (extra LD_PRELOAD libraries for the client processes, for experiments)
+#        CLIENT_PRELOAD (LD_PRELOAD libraries for the client processes, for experiments)
 #
 # Columns: time = wall clock incl. process start and handshakes; goodput = file bytes
 # landed / time (MB = 10^6 B); wire = bytes the client's tun device transmitted
@@ -36,7 +43,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-BENCH=${BENCH:-$REPO/../shared/bench}
+# shellcheck source=scripts/peers/lib.sh
+. scripts/peers/lib.sh
 MODE=${1:-${MODE:-all}}
 SIZE_MIB=${SIZE_MIB:-256}
 CAP_S=${CAP_S:-90}
@@ -64,11 +72,23 @@ log() { printf '%s\n' "$*" >&2; }
 # --- tools (bench only; the test suite does not need them)
 missing=()
 for t in sshd scp rsync iperf3 gcc python3; do command -v "$t" >/dev/null || missing+=("$t"); done
-if ((${#missing[@]})); then
+if ((${#missing[@]})) && [[ ${INSTALL:-0} == 1 ]]; then
   log "installing ${missing[*]}"
   apt-get update -qq && apt-get install -y -qq openssh-server openssh-client rsync iperf3 gcc python3 >/dev/null
 fi
-cargo build --release -q
+command -v gcc >/dev/null || { log "bench-wan.sh: needs gcc to build scripts/peers/linkdelay.c (or run with INSTALL=1)"; exit 1; }
+# the program a tool's row needs, when it is missing
+tool_missing() {
+  local p
+  case $1 in
+    ferry*) return 0 ;;
+    scp) set -- scp sshd ;;
+    rsync-ssh) set -- rsync ssh sshd ;;
+    iperf3) set -- iperf3 python3 ;;
+  esac
+  for p in "$@"; do command -v "$p" >/dev/null || { echo "$p"; return 0; }; done
+}
+if [[ -z ${FERRY_BIN:-} ]]; then cargo build --release -q -p ferry-cli; fi
 BIN=${FERRY_BIN:-$REPO/target/release/ferry}
 
 for n in $A $B; do
@@ -90,8 +110,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-gcc -O2 -o "$W/tundelay" "$BENCH/tundelay.c"
-gcc -O2 -shared -fPIC -o "$W/setcc.so" "$BENCH/setcc.c" -ldl
+gcc -O2 -Wall -o "$W/linkdelay" scripts/peers/linkdelay.c
 head -c $BYTES /dev/urandom >"$W/src.bin"
 cat "$W/src.bin" >/dev/null
 
@@ -100,25 +119,15 @@ ip netns add $B
 ip -n $A link set lo up
 ip -n $B link set lo up
 
-# ssh server in B, with its own keys and config.
-mkdir -p "$W/ssh" "$W/dst" /run/sshd
-ssh-keygen -q -t ed25519 -N '' -f "$W/ssh/hostkey"
-ssh-keygen -q -t ed25519 -N '' -f "$W/ssh/clientkey"
-cp "$W/ssh/clientkey.pub" "$W/ssh/authorized_keys"
-printf '%s\n' "Port 2222" "ListenAddress $IPB" "HostKey $W/ssh/hostkey" "PidFile none" \
-  "AuthorizedKeysFile $W/ssh/authorized_keys" "PermitRootLogin prohibit-password" "PasswordAuthentication no" \
-  "KbdInteractiveAuthentication no" "UsePAM no" "StrictModes no" "UseDNS no" "Subsystem sftp internal-sftp" \
-  "LogLevel ERROR" >"$W/ssh/sshd_config"
-printf '%s\n' "Host wan" "  HostName $IPB" "  Port 2222" "  User root" "  IdentityFile $W/ssh/clientkey" \
-  "  IdentitiesOnly yes" "  StrictHostKeyChecking no" "  UserKnownHostsFile /dev/null" "  BatchMode yes" \
-  "  LogLevel ERROR" >"$W/ssh/ssh_config"
+# ssh server in B, with its own keys and config; Host "wan" reaches it from A.
+mkdir -p "$W/dst"
+peer_ssh_files "$W/ssh" 2222 "$IPB" wan
 
-link_up() { # one_way_ms loss_pct
-  "$W/tundelay" $TA $TB "$1" "$2" >"$W/fwd.out" 2>"$W/fwd.err" &
+link_up() { # one_way_ms loss_pct: linkdelay makes TA in A and TB in B
+  "$W/linkdelay" $A $TA $B $TB "$1" "$2" >"$W/fwd.out" 2>"$W/fwd.err" &
   FWD=$!
   for _ in $(seq 100); do grep -q ready "$W/fwd.out" 2>/dev/null && break; sleep 0.05; done
-  ip link set $TA netns $A
-  ip link set $TB netns $B
+  grep -q ready "$W/fwd.out" || { log "linkdelay did not start: $(cat "$W/fwd.err")"; exit 1; }
   ip -n $A addr add $IPA peer $IPB dev $TA
   ip -n $B addr add $IPB peer $IPA dev $TB
   ip -n $A link set $TA txqueuelen 5000 up
@@ -172,6 +181,8 @@ landed() { find "$W/dst" -type f -printf '%b\n' 2>/dev/null | awk '{s+=$1*512} E
 tx_bytes() { ip netns exec $A cat /sys/class/net/$TA/statistics/tx_bytes; }
 retrans() { ip netns exec $A awk '/^Tcp:/{ if (!h) { for (i=1;i<=NF;i++) if ($i=="RetransSegs") c=i; h=1 } else print $c }' /proc/net/snmp; }
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}'; }
+# The client namespace's default congestion control towards the server.
+set_cc() { ip -n $A route replace $IPB dev $TA proto kernel scope link src $IPA congctl "$1"; }
 ge() { awk -v a="$1" -v b="$2" 'BEGIN{exit !(a>=b)}'; }
 cc_seen() { ip netns exec $A ss -tinH dst $IPB 2>/dev/null | grep -oE '\b(cubic|bbr|reno)\b' | sort -u | tr '\n' ' ' || true; }
 
@@ -209,8 +220,11 @@ run() { # tool cc outage_s label
   tx0=$(tx_bytes)
   rt0=$(retrans)
   CCS_SEEN=
+  set_cc "$cc"
+  local envs=()
+  [[ -n $CLIENT_PRELOAD ]] && envs=("LD_PRELOAD=$CLIENT_PRELOAD")
   while :; do
-    ip netns exec $A env LD_PRELOAD="$W/setcc.so${CLIENT_PRELOAD:+ $CLIENT_PRELOAD}" PB_TCP_CC="$cc" "${cmd[@]}" >"$W/out" 2>>"$errf" &
+    ip netns exec $A env "${envs[@]}" "${cmd[@]}" >"$W/out" 2>>"$errf" &
     p=$!
     CLIENT=$p
     while kill -0 "$p" 2>/dev/null; do
@@ -278,7 +292,15 @@ run() { # tool cc outage_s label
 ROWS=()
 declare -A GP=()
 cell() { # label cond cc tool outage
-  local label=$1 cond=$2 cc=$3 tool=$4 outage=$5 r vals=() secs=() last
+  local label=$1 cond=$2 cc=$3 tool=$4 outage=$5 r vals=() secs=() last miss
+  miss=$(tool_missing "$tool")
+  if [[ -n $miss ]]; then
+    last=$(printf '%-8s %-16s %-6s %-9s %8s %9s %9s %8s %-14s %s' "$label" "$cond" "$cc" "$tool" - - - - - \
+      "skipped: $miss is not installed (INSTALL=1 installs it)")
+    log "  $last"
+    ROWS+=("$last")
+    return 0
+  fi
   for ((r = 1; r <= RUNS; r++)); do
     run "$tool" "$cc" "$outage" "$label"
     vals+=("$GOOD")
@@ -328,9 +350,9 @@ if [[ $MODE == cc || $MODE == all ]]; then
 fi
 
 echo
-echo "# ferry WAN benchmark, $(date -u +%FT%TZ), ${SIZE_MIB} MiB upload, 50 ms RTT (tundelay), cap ${CAP_S}s, RUNS=$RUNS, run took $(elapsed "$T0")s"
+echo "# ferry WAN benchmark, $(date -u +%FT%TZ), ${SIZE_MIB} MiB upload, 50 ms RTT (linkdelay), cap ${CAP_S}s, RUNS=$RUNS, run took $(elapsed "$T0")s"
 echo "# goodput = file bytes landed / wall time, MB/s = 10^6 B/s; wire = client tun tx MiB; tcp-rtx = retransmitted segments"
-echo "# noisy: 2 vCPU shared with other compiles; quote ratios from the same run only"
+echo "# noisy: 2 vCPUs also busy with other compiles; quote ratios from the same run only"
 printf '%-8s %-16s %-6s %-9s %8s %9s %9s %8s %-14s %s\n' mode condition cc tool time_s MB/s wire_MiB tcp-rtx "app re-sent" status
 printf '%s\n' "${ROWS[@]}"
 
