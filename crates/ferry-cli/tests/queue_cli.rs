@@ -48,7 +48,7 @@ impl Env {
     /// Starts `ferry serve` (with the token unless `no_auth`) and waits until it listens.
     fn server(&self, no_auth: bool) -> Child {
         let mut c = Command::new(BIN);
-        c.args(["serve", "--no-quic", "--root"])
+        c.args(["serve", "--no-quic", "--create-root", "--root"])
             .arg(self.p("root"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--state-dir")
