@@ -92,6 +92,8 @@ pub struct CopyOptions {
     /// Seed of the retry jitter; `None` draws one from the OS. Tests and
     /// simulations fix it so a run can be replayed.
     pub seed: Option<u64>,
+    /// How `sftp://` endpoints are reached and verified.
+    pub sftp: crate::sftp::SftpOptions,
 }
 
 /// What a copy did, for `--json` and the closing line.
@@ -170,8 +172,7 @@ pub async fn copy(
         return Err(Error::Usage("nothing to copy".into()));
     }
     if dst.starts_with("sftp://") || srcs.iter().any(|s| s.starts_with("sftp://")) {
-        let sftp = crate::sftp::defaults();
-        return crate::sftp::copy(srcs, dst, opts, &sftp, progress).await;
+        return crate::sftp::copy(srcs, dst, opts, &opts.sftp, progress).await;
     }
     // `ferry+quic://` and friends choose the transport for this copy.
     let mut scheme_transport = None;

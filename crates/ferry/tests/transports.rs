@@ -183,6 +183,7 @@ fn opts(dir: &Path, dialer: Arc<dyn Dialer>) -> CopyOptions {
         },
         alg: HashAlg::Blake3,
         seed: None,
+        sftp: Default::default(),
     }
 }
 

@@ -147,26 +147,6 @@ impl SftpTarget {
     }
 }
 
-static DEFAULTS: std::sync::Mutex<Option<SftpOptions>> = std::sync::Mutex::new(None);
-
-/// Sets the SFTP options [`crate::copy::copy`] uses for `sftp://` endpoints
-/// (the binary calls this from its flags, or from a queued copy's settings
-/// before it resumes that copy).
-pub fn set_defaults(o: SftpOptions) {
-    if let Ok(mut d) = DEFAULTS.lock() {
-        *d = Some(o);
-    }
-}
-
-/// The options set by [`set_defaults`], or the defaults.
-pub fn defaults() -> SftpOptions {
-    DEFAULTS
-        .lock()
-        .ok()
-        .and_then(|d| d.clone())
-        .unwrap_or_default()
-}
-
 /// Options of an SFTP copy beyond the common [`CopyOptions`].
 #[derive(Debug, Clone, Default)]
 pub struct SftpOptions {
@@ -901,7 +881,11 @@ mod tests {
         assert_eq!(t.host, "::1");
         assert_eq!(t.hostport(), "[::1]:22");
         assert!(SftpTarget::parse("sftp://bob@h:xx/x").is_err());
-        for bad in ["sftp://bob@h:0/x", "sftp://bob@h:65536/x", "sftp://bob@[::1/x"] {
+        for bad in [
+            "sftp://bob@h:0/x",
+            "sftp://bob@h:65536/x",
+            "sftp://bob@[::1/x",
+        ] {
             let e = SftpTarget::parse(bad).unwrap_err();
             assert_eq!(e.class(), crate::ErrorClass::Usage, "{bad}: {e}");
         }
