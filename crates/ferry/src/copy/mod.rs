@@ -1,5 +1,13 @@
 //! `ferry cp`: planning a copy of files and trees, and running it with
 //! retries so that it finishes across dropped connections.
+//!
+//! * [`runner`]: the retry mechanism every endpoint kind runs under.
+//! * `sftp`: the `sftp://` endpoint kind (planning and per-file transfers).
+//!
+//! The native `ferry://` kind lives here.
+
+mod runner;
+mod sftp;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +18,7 @@ use tokio::time::Instant;
 
 use ferry_proto::message::{BatchFile, Entry, EntryKind, MAX_BATCH_FILE, MAX_BATCH_FILES};
 use ferry_proto::{ChunkHash, HashAlg, TransferId};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use tracing::{error, info, warn};
 
 use crate::client::{BatchItem, ClientConfig, Session};
@@ -18,14 +26,13 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::lanes::Streams;
 use crate::progress::{FileProgress, Progress};
-use crate::retry::{RetryDecision, RetryPolicy};
-use crate::status::PeerStatus;
-use crate::status::{StatusDir, TransferRecord};
+use crate::retry::RetryPolicy;
+use crate::status::TransferRecord;
 use crate::store::Store;
 use crate::transfer::prepare_send;
 use crate::transport::Transport;
 use crate::walk::{Claims, Kind, Plan, Planned};
-use ferry_proto::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+use runner::BoxFut;
 
 /// One side of a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +179,7 @@ pub async fn copy(
         return Err(Error::Usage("nothing to copy".into()));
     }
     if dst.starts_with("sftp://") || srcs.iter().any(|s| s.starts_with("sftp://")) {
-        return crate::sftp::copy(srcs, dst, opts, &opts.sftp, progress).await;
+        return sftp::copy(srcs, dst, opts, progress).await;
     }
     // `ferry+quic://` and friends choose the transport for this copy.
     let mut scheme_transport = None;
@@ -207,21 +214,13 @@ pub async fn copy(
         .collect::<Result<_>>()?;
     let dst_ep = Endpoint::parse(dst)?;
     let store = Arc::new(Store::open_shared(&opts.state_dir)?);
-    let status = StatusDir::new(&opts.state_dir);
     let mut runner = Runner {
         opts,
         store,
-        status,
+        core: runner::Runner::new(opts, progress.clone()),
         session: None,
         progress: progress.clone(),
-        rng: match opts.seed {
-            Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
-            None => rand::rngs::StdRng::from_entropy(),
-        },
         digests: Vec::new(),
-        breakers: std::collections::HashMap::new(),
-        peers: PeerStatus::new(&opts.state_dir),
-        deadline: None,
         files_at_once: 0,
         skipped: 0,
         failed: 0,
@@ -566,18 +565,14 @@ fn read_small(local: &Path, remote: &str, alg: HashAlg) -> Result<Option<BatchIt
     }))
 }
 
+/// A native copy: the shared [`runner::Runner`] plus what native jobs need.
 struct Runner<'a> {
     opts: &'a CopyOptions,
     store: Arc<Store>,
-    status: StatusDir,
+    core: runner::Runner,
     session: Option<Session>,
     progress: Arc<Progress>,
-    rng: rand::rngs::StdRng,
     digests: Vec<(String, ChunkHash)>,
-    breakers: std::collections::HashMap<String, CircuitBreaker>,
-    peers: PeerStatus,
-    /// End of the retry budget of the current operation, if there is one.
-    deadline: Option<Instant>,
     /// Most file workers that ran at once.
     files_at_once: usize,
     /// Left out of trees on purpose (symlinks, special files).
@@ -586,7 +581,22 @@ struct Runner<'a> {
     failed: u64,
 }
 
-type BoxFut<'s, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 's>>;
+/// A `ferry://` server as the runner sees it.
+struct Native<'a> {
+    addr: &'a str,
+    client: &'a ClientConfig,
+}
+
+impl runner::Endpoint for Native<'_> {
+    type Session = Session;
+    const PROGRESS_RESETS: bool = false;
+    fn peer(&self) -> String {
+        self.addr.to_string()
+    }
+    fn connect(&self) -> BoxFut<'_, Session> {
+        Box::pin(Session::connect(self.addr, self.client))
+    }
+}
 
 impl Session {
     async fn stat_owned(&mut self, p: String) -> Result<Entry> {
@@ -752,14 +762,10 @@ impl<'a> Runner<'a> {
         Runner {
             opts: self.opts,
             store: self.store.clone(),
-            status: self.status.clone(),
+            core: self.core.fork(),
             session: None,
             progress: self.progress.clone(),
-            rng: rand::rngs::StdRng::seed_from_u64(self.rng.gen()),
             digests: Vec::new(),
-            breakers: self.breakers.clone(),
-            peers: self.peers.clone(),
-            deadline: None,
             files_at_once: 0,
             skipped: 0,
             failed: 0,
@@ -871,116 +877,25 @@ impl<'a> Runner<'a> {
     async fn with_session<T>(
         &mut self,
         addr: &str,
-        mut f: impl for<'s> FnMut(&'s mut Session) -> BoxFut<'s, T>,
+        f: impl for<'s> FnMut(&'s mut Session) -> BoxFut<'s, T>,
     ) -> Result<T> {
-        let mut attempt = 0u32;
-        let start = Instant::now();
-        self.deadline = self.opts.retry.budget.map(|b| start + b);
-        loop {
-            let r = async {
-                self.ensure_session(addr).await?;
-                let s = self
-                    .session
-                    .as_mut()
-                    .ok_or_else(|| Error::Store("no session".into()))?;
-                f(s).await
-            }
-            .await;
-            match r {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    self.session = None;
-                    attempt += 1;
-                    self.backoff(e, attempt, start).await?;
-                }
-            }
-        }
+        let ep = Native {
+            addr,
+            client: &self.opts.client,
+        };
+        self.core.with_session(&ep, &mut self.session, f).await
     }
 
-    /// Connects if needed, respecting the peer's circuit breaker: while it is
-    /// open no connection is attempted at all.
+    /// Connects if needed, behind the peer's circuit breaker.
     async fn ensure_session(&mut self, addr: &str) -> Result<()> {
         if self.session.is_some() {
             return Ok(());
         }
-        let breaker = self
-            .breakers
-            .entry(addr.to_string())
-            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
-        loop {
-            match breaker.allow(Instant::now().into_std()) {
-                Ok(()) => break,
-                Err(until) => {
-                    if let Some(d) = self.deadline {
-                        if Instant::from_std(until) > d {
-                            tokio::time::sleep_until(d).await;
-                            return Err(Error::Timeout(format!(
-                                "{addr}: circuit breaker stays open past the retry budget"
-                            )));
-                        }
-                    }
-                    let wait = until.saturating_duration_since(Instant::now().into_std());
-                    info!(
-                        peer = addr,
-                        wait_ms = wait.as_millis() as u64,
-                        "circuit breaker open: not connecting until the cool-down ends"
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-        Progress::add(&self.progress.connects, 1);
-        let r = Session::connect(addr, &self.opts.client).await;
-        let now = Instant::now().into_std();
-        let breaker = self
-            .breakers
-            .entry(addr.to_string())
-            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
-        match &r {
-            Ok(_) => breaker.on_success(now),
-            Err(e) if e.is_retryable() => breaker.on_failure(now),
-            Err(_) => {}
-        }
-        while let Some((from, to)) = breaker.poll_transition() {
-            warn!(
-                peer = addr,
-                from = from.name(),
-                to = to.name(),
-                "circuit breaker"
-            );
-            match to {
-                BreakerState::Open { .. } => Progress::add(&self.progress.breaker_opens, 1),
-                BreakerState::Closed => Progress::add(&self.progress.breaker_closes, 1),
-                BreakerState::HalfOpen => {}
-            }
-            self.peers.put(addr, to);
-        }
-        self.session = Some(r?);
-        Ok(())
-    }
-
-    /// Sleeps before the next attempt, or gives up with the error.
-    async fn backoff(&mut self, e: Error, attempt: u32, start: Instant) -> Result<()> {
-        if !e.is_retryable() {
-            return Err(e);
-        }
-        let delay =
-            match self
-                .opts
-                .retry
-                .decide(attempt, start.elapsed(), e.retry_after(), &mut self.rng)
-            {
-                RetryDecision::After(d) => d,
-                RetryDecision::GiveUp => {
-                    return Err(Error::RetriesExhausted {
-                        attempts: attempt,
-                        last: Box::new(e),
-                    })
-                }
-            };
-        Progress::add(&self.progress.retries, 1);
-        warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "retrying");
-        tokio::time::sleep(delay).await;
+        let ep = Native {
+            addr,
+            client: &self.opts.client,
+        };
+        self.session = Some(self.core.connect(&ep).await?);
         Ok(())
     }
 
@@ -1166,7 +1081,7 @@ impl<'a> Runner<'a> {
         let mut attempt = 0u32;
         let mut restarts = 0u32;
         let mut start = Instant::now();
-        self.deadline = self.opts.retry.budget.map(|b| start + b);
+        self.core.start_budget(start);
         let mut last_source: Option<Vec<u8>> = None;
         loop {
             fp.undo();
@@ -1190,12 +1105,15 @@ impl<'a> Runner<'a> {
             // Join the unfinished transfer of this same file version, if any.
             let source_hex = fsutil::hex(&src.source_id);
             let existing = self
+                .core
                 .status
                 .find("upload", &local_key, &remote_display)
                 .filter(|r| r.source == source_hex);
             let id = match &existing {
-                Some(r) => TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.rng)),
-                None => random_id(&mut self.rng),
+                Some(r) => {
+                    TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.core.rng))
+                }
+                None => random_id(&mut self.core.rng),
             };
             let mut rec = TransferRecord {
                 id: id.to_hex(),
@@ -1210,12 +1128,12 @@ impl<'a> Runner<'a> {
                 pid: 0,
                 source: source_hex,
             };
-            if let Some(old) = self.status.find("upload", &local_key, &remote_display) {
+            if let Some(old) = self.core.status.find("upload", &local_key, &remote_display) {
                 if old.id != rec.id {
-                    self.status.remove(&old.id);
+                    self.core.status.remove(&old.id);
                 }
             }
-            self.status.put(&rec)?;
+            self.core.status.put(&rec)?;
             info!(transfer = %id, from = %job.local.display(), to = %remote_display, size = meta.size, "upload");
             let store = self.store.clone();
             let progress = fp.clone();
@@ -1229,29 +1147,22 @@ impl<'a> Runner<'a> {
                 .await;
             match r {
                 Ok(digest) => {
-                    self.status.remove(&rec.id);
+                    self.core.status.remove(&rec.id);
                     Progress::add(&self.progress.files_done, 1);
                     self.digests.push((job.remote.clone(), digest));
                     return Ok(());
                 }
                 Err(e) => {
                     let progressed = fp.file_done() > rec.bytes_done;
-                    rec.bytes_done = fp.file_done();
-                    rec.last_error = Some(e.to_string());
-                    rec.state = if e.is_retryable() {
-                        "interrupted".into()
-                    } else {
-                        "failed".into()
-                    };
-                    let _ = self.status.put(&rec);
+                    self.core.interrupted(&mut rec, fp.file_done(), &e);
                     if progressed {
                         // Progress is not failure: start the count again.
                         attempt = 0;
                         start = Instant::now();
-                        self.deadline = self.opts.retry.budget.map(|b| start + b);
+                        self.core.start_budget(start);
                     }
                     attempt += 1;
-                    self.backoff(e, attempt, start).await?;
+                    self.core.backoff(e, attempt, start).await?;
                 }
             }
         }
@@ -1280,7 +1191,7 @@ impl<'a> Runner<'a> {
                     r = &mut fut => break r,
                     _ = tick.tick() => {
                         rec.bytes_done = fp.file_done();
-                        let _ = self.status.put(rec);
+                        let _ = self.core.status.put(rec);
                     }
                 }
             }
@@ -1432,12 +1343,18 @@ impl<'a> Runner<'a> {
         ));
         let mut attempt = 0u32;
         let mut start = Instant::now();
-        self.deadline = self.opts.retry.budget.map(|b| start + b);
+        self.core.start_budget(start);
         loop {
             fp.undo();
-            let id = match self.status.find("download", &local_key, &remote_display) {
-                Some(r) => TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.rng)),
-                None => random_id(&mut self.rng),
+            let id = match self
+                .core
+                .status
+                .find("download", &local_key, &remote_display)
+            {
+                Some(r) => {
+                    TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.core.rng))
+                }
+                None => random_id(&mut self.core.rng),
             };
             let mut rec = TransferRecord {
                 id: id.to_hex(),
@@ -1452,7 +1369,7 @@ impl<'a> Runner<'a> {
                 pid: 0,
                 source: String::new(),
             };
-            self.status.put(&rec)?;
+            self.core.status.put(&rec)?;
             info!(transfer = %id, from = %remote_display, to = %local.display(), "download");
             let store = self.store.clone();
             let progress = fp.clone();
@@ -1472,28 +1389,21 @@ impl<'a> Runner<'a> {
                 .await;
             match r {
                 Ok(digest) => {
-                    self.status.remove(&rec.id);
+                    self.core.status.remove(&rec.id);
                     Progress::add(&self.progress.files_done, 1);
                     self.digests.push((job.remote.clone(), digest));
                     return Ok(());
                 }
                 Err(e) => {
                     let progressed = fp.file_done() > rec.bytes_done;
-                    rec.bytes_done = fp.file_done();
-                    rec.last_error = Some(e.to_string());
-                    rec.state = if e.is_retryable() {
-                        "interrupted".into()
-                    } else {
-                        "failed".into()
-                    };
-                    let _ = self.status.put(&rec);
+                    self.core.interrupted(&mut rec, fp.file_done(), &e);
                     if progressed {
                         attempt = 0;
                         start = Instant::now();
-                        self.deadline = self.opts.retry.budget.map(|b| start + b);
+                        self.core.start_budget(start);
                     }
                     attempt += 1;
-                    self.backoff(e, attempt, start).await?;
+                    self.core.backoff(e, attempt, start).await?;
                 }
             }
         }
