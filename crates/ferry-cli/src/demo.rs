@@ -122,6 +122,7 @@ pub async fn run(
         },
         alg: HashAlg::Blake3,
         seed: None,
+        sftp: Default::default(),
     };
     let progress = Arc::new(Progress::default());
     let display = ui::ProgressDisplay::start(progress.clone());

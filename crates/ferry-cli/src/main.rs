@@ -215,6 +215,7 @@ impl ClientArgs {
             },
             alg,
             seed: None,
+            sftp: Default::default(),
         })
     }
 }
@@ -653,7 +654,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let display = (!client.no_progress).then(ProgressSlot::new);
             let multi = display.as_ref().and_then(|d| d.multi());
-            ferry::sftp::set_defaults(ssh.options(multi.clone())?);
+            let sftp = ssh.options(multi.clone())?;
             let dst = paths
                 .pop()
                 .ok_or_else(|| UsageError("missing destination".into()))?;
@@ -662,6 +663,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             let mut opts = client.options(recursive, alg)?;
             opts.follow_links = copy_links;
+            opts.sftp = sftp;
             // Local paths are kept absolute, so `ferry resume` works from anywhere.
             let paths: Vec<String> = paths.iter().map(|p| absolutize(p)).collect();
             let dst = absolutize(&dst);
@@ -837,7 +839,7 @@ async fn copy_entry(
     multi: Option<indicatif::MultiProgress>,
     progress: Arc<Progress>,
 ) -> ferry::Result<CopySummary> {
-    let opts = opts.map_err(|err| Error::Usage(format!("{err:#}")))?;
+    let mut opts = opts.map_err(|err| Error::Usage(format!("{err:#}")))?;
     if let Some(q) = &e.ssh {
         let args = SshArgs {
             identity: q.identities.clone(),
@@ -848,7 +850,7 @@ async fn copy_entry(
         let sftp = args
             .options(multi)
             .map_err(|err| Error::Usage(format!("{err:#}")))?;
-        ferry::sftp::set_defaults(sftp);
+        opts.sftp = sftp;
     }
     copy(&e.srcs, &e.dst, &opts, progress).await
 }

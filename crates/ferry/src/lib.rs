@@ -6,7 +6,9 @@
 //! * [`admission`]: which connections a server takes (per-source limits,
 //!   dropping the oldest unauthenticated, penalties), sans-IO.
 //! * [`client`]: connects (TLS, pinning, token) and issues requests.
-//! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it with retries.
+//! * [`copy`]: `ferry cp`: plans a copy of files and trees and runs it under
+//!   one runner (retries, breakers, status records) for every endpoint kind
+//!   (native `ferry://` and `sftp://`).
 //! * [`walk`]: the local tree walk of uploads: symlink policy, names the wire cannot carry.
 //! * [`batch`]: small files stored many at a time, durable with one sync.
 //! * [`transfer`]: the drivers that run a `Sender` or `Receiver` over a connection.
@@ -24,7 +26,8 @@
 //! * [`hostport`]: `HOST[:PORT]` in URLs, checked before anything is dialed.
 //! * [`fsutil`]: durable writes, atomic renames, file identity.
 //! * [`progress`]: counters a UI polls.
-//! * [`sftp`]: `ferry cp` to and from SFTP servers (resumable, verified).
+//! * [`sftp`]: the SFTP protocol side of `ferry cp` (resumable, verified
+//!   per-file transfers, listing, SSH), run by [`copy`].
 //! * [`demo`]: the self-contained showcase behind `ferry demo`.
 #![forbid(unsafe_code)]
 

@@ -121,6 +121,7 @@ fn client_opts(dir: &Path, via: Option<String>) -> CopyOptions {
         },
         alg: HashAlg::Blake3,
         seed: None,
+        sftp: Default::default(),
     }
 }
 

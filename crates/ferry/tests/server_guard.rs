@@ -148,6 +148,7 @@ fn opts(dir: &Path, kind: Kind) -> CopyOptions {
         },
         alg: HashAlg::Blake3,
         seed: None,
+        sftp: Default::default(),
         follow_links: false,
     }
 }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::copy::{CopyOptions, CopySummary};
+use ferry::copy::{copy, CopyOptions, CopySummary};
 use ferry::progress::Progress;
 use ferry::sftp::{RestartReason, Resume, SftpOptions, SshConfig, VerifiedBy, Verify};
 use ferry::Error;
@@ -302,15 +302,18 @@ fn copy_opts(state: &Path) -> CopyOptions {
         },
         alg: ferry_proto::HashAlg::Blake3,
         seed: None,
+        sftp: Default::default(),
     }
 }
 
 async fn cp(src: &str, dst: &str, state: &Path, o: &SftpOptions) -> Result<CopySummary, Error> {
-    ferry::sftp::copy(
+    copy(
         &[src.to_string()],
         dst,
-        &copy_opts(state),
-        o,
+        &CopyOptions {
+            sftp: o.clone(),
+            ..copy_opts(state)
+        },
         Arc::new(Progress::default()),
     )
     .await
@@ -1167,11 +1170,10 @@ async fn unreachable_host_opens_the_breaker_and_leaves_a_status_record() {
     };
     let progress = Arc::new(Progress::default());
     let url = format!("sftp://{}@127.0.0.1:{port}/tmp/x.bin", user());
-    let e = ferry::sftp::copy(
+    let e = copy(
         &[src.display().to_string()],
         &url,
-        &copts,
-        &o,
+        &CopyOptions { sftp: o, ..copts },
         progress.clone(),
     )
     .await
@@ -1640,11 +1642,11 @@ async fn cp_tree(
 ) -> Result<CopySummary, Error> {
     let mut opts = copy_opts(state);
     opts.follow_links = follow_links;
-    ferry::sftp::copy(
+    opts.sftp = o.clone();
+    copy(
         &[src.display().to_string()],
         dst,
         &opts,
-        o,
         Arc::new(Progress::default()),
     )
     .await

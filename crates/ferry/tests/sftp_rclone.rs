@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::copy::{CopyOptions, CopySummary};
+use ferry::copy::{copy, CopyOptions, CopySummary};
 use ferry::progress::Progress;
 use ferry::sftp::{Resume, SftpOptions, SshConfig, Verify};
 use ferry::Error;
@@ -151,15 +151,18 @@ fn copy_opts(state: &Path) -> CopyOptions {
         },
         alg: ferry_proto::HashAlg::Blake3,
         seed: None,
+        sftp: Default::default(),
     }
 }
 
 async fn cp(src: &str, dst: &str, state: &Path, o: &SftpOptions) -> Result<CopySummary, Error> {
-    ferry::sftp::copy(
+    copy(
         &[src.to_string()],
         dst,
-        &copy_opts(state),
-        o,
+        &CopyOptions {
+            sftp: o.clone(),
+            ..copy_opts(state)
+        },
         Arc::new(Progress::default()),
     )
     .await

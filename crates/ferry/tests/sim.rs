@@ -199,6 +199,7 @@ fn add_client(sim: &mut Sim<'_>, w: &World, seed: u64) -> Client {
         },
         alg: HashAlg::Blake3,
         seed: Some(seed),
+        sftp: Default::default(),
     };
     let src = w.src.display().to_string();
     let (p, s) = (progress.clone(), summary.clone());

@@ -48,6 +48,7 @@ async fn backoff_and_breaker_cooldowns_pace_the_attempts() {
         },
         alg: HashAlg::Blake3,
         seed: None,
+        sftp: Default::default(),
     };
     let t0 = tokio::time::Instant::now();
     let e = copy(
@@ -102,6 +103,7 @@ async fn retry_budget_bounds_the_total_time() {
         },
         retry: RetryPolicy::default(),
         alg: HashAlg::Blake3,
+        sftp: Default::default(),
         seed: None,
     };
     opts.retry.max_attempts = 0;

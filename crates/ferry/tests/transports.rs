@@ -185,6 +185,7 @@ fn opts(dir: &Path, dialer: Arc<dyn Dialer>) -> CopyOptions {
         },
         alg: HashAlg::Blake3,
         seed: None,
+        sftp: Default::default(),
     }
 }
 

@@ -99,6 +99,7 @@ fn opts(dir: &Path, follow_links: bool) -> CopyOptions {
         },
         alg: ferry_proto::HashAlg::Blake3,
         seed: Some(7),
+        sftp: Default::default(),
     }
 }
 

@@ -22,20 +22,9 @@ pub mod remote_hash;
 pub mod sidecar;
 pub mod upload;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
 
-use tokio::time::Instant;
-use tracing::warn;
-
-use crate::copy::{CopyOptions, CopySummary};
 use crate::error::{Error, Result};
-use crate::progress::Progress;
-use crate::retry::RetryDecision;
-use crate::status::{PeerStatus, StatusDir, TransferRecord};
-use crate::store::Store;
-use ferry_proto::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 
 pub use auth::{PassphrasePrompt, SshConfig};
 
@@ -142,7 +131,7 @@ impl SftpTarget {
         format!("sftp://{}@{}/{}", self.user, self.hostport(), path)
     }
 
-    fn with_path(&self, path: String) -> SftpTarget {
+    pub(crate) fn with_path(&self, path: String) -> SftpTarget {
         SftpTarget {
             path,
             ..self.clone()
@@ -150,27 +139,7 @@ impl SftpTarget {
     }
 }
 
-static DEFAULTS: std::sync::Mutex<Option<SftpOptions>> = std::sync::Mutex::new(None);
-
-/// Sets the SFTP options [`crate::copy::copy`] uses for `sftp://` endpoints
-/// (the binary calls this from its flags, or from a queued copy's settings
-/// before it resumes that copy).
-pub fn set_defaults(o: SftpOptions) {
-    if let Ok(mut d) = DEFAULTS.lock() {
-        *d = Some(o);
-    }
-}
-
-/// The options set by [`set_defaults`], or the defaults.
-pub fn defaults() -> SftpOptions {
-    DEFAULTS
-        .lock()
-        .ok()
-        .and_then(|d| d.clone())
-        .unwrap_or_default()
-}
-
-/// Options of an SFTP copy beyond the common [`CopyOptions`].
+/// Options of an SFTP copy beyond the common [`crate::copy::CopyOptions`].
 #[derive(Debug, Clone, Default)]
 pub struct SftpOptions {
     pub ssh: SshConfig,
@@ -346,164 +315,6 @@ impl std::fmt::Display for FileReport {
     }
 }
 
-/// Runs a copy where one side is `sftp://`.
-pub async fn copy(
-    srcs: &[String],
-    dst: &str,
-    opts: &CopyOptions,
-    sftp: &SftpOptions,
-    progress: Arc<Progress>,
-) -> Result<CopySummary> {
-    let started = Instant::now();
-    let store = Arc::new(Store::open_shared(&opts.state_dir)?);
-    let upload = dst.starts_with("sftp://");
-    let mut runner = Runner {
-        opts,
-        sftp,
-        store,
-        conn: None,
-        progress: progress.clone(),
-        rng: rand::SeedableRng::from_entropy(),
-        digests: Vec::new(),
-        notes: Vec::new(),
-        reports: Vec::new(),
-        breakers: std::collections::HashMap::new(),
-        peers: PeerStatus::new(&opts.state_dir),
-        status: StatusDir::new(&opts.state_dir),
-        made_dirs: std::collections::HashSet::new(),
-        skipped: 0,
-        failed: 0,
-    };
-    if upload {
-        if srcs.iter().any(|s| s.contains("://")) {
-            return Err(Error::Usage(
-                "with an sftp:// destination all sources must be local".into(),
-            ));
-        }
-        let t = SftpTarget::parse_with_user(dst, sftp.ssh.default_user())?;
-        let into_dir = dst.ends_with('/') || srcs.len() > 1 || t.path.is_empty() || {
-            let t2 = t.clone();
-            runner
-                .with_conn(&t, move |c| {
-                    let t2 = t2.clone();
-                    Box::pin(async move { upload::is_remote_dir(&c, &t2).await })
-                })
-                .await?
-        };
-        let mut plan = crate::walk::Plan::new();
-        for s in srcs {
-            plan.add_source(Path::new(s), &t.path, into_dir, opts.walk())?;
-        }
-        runner.skipped += plan.skipped.len() as u64;
-        runner.failed += plan.failed.len() as u64;
-        let jobs: Vec<Job> = plan
-            .items
-            .into_iter()
-            .map(|it| Job {
-                local: it.local,
-                remote: t.with_path(it.dest),
-                size: match it.kind {
-                    crate::walk::Kind::File { size } => size,
-                    crate::walk::Kind::Dir { .. } => u64::MAX,
-                },
-            })
-            .collect();
-        runner.count(&jobs);
-        for j in jobs {
-            runner.upload_one(j).await?;
-        }
-    } else {
-        let dst_path = PathBuf::from(dst);
-        let dst_is_dir = dst.ends_with('/') || srcs.len() > 1 || dst_path.is_dir();
-        let mut jobs = Vec::new();
-        let mut claims = crate::walk::Claims::default();
-        for s in srcs {
-            let t = SftpTarget::parse_with_user(s, sftp.ssh.default_user())?;
-            let t2 = t.clone();
-            let walk = opts.walk();
-            let found = runner
-                .with_conn(&t, move |c| {
-                    let t2 = t2.clone();
-                    Box::pin(async move { listing::list(&c, &t2, walk).await })
-                })
-                .await?;
-            runner.skipped += found.skipped.len() as u64;
-            runner.failed += found.failed.len() as u64;
-            let base = download::base_name(&t.path);
-            let target = if dst_is_dir {
-                dst_path.join(&base)
-            } else {
-                dst_path.clone()
-            };
-            for (rel, what) in found.items {
-                let remote = if rel.is_empty() {
-                    t.path.clone()
-                } else {
-                    format!("{}/{rel}", t.path.trim_end_matches('/'))
-                };
-                // Names come from the server: never let one climb out of the target.
-                if !rel.is_empty() && !crate::walk::is_safe_relative(&rel) {
-                    tracing::error!(
-                        "{}: not copied: the server listed an unsafe path",
-                        t.url(&remote)
-                    );
-                    runner.failed += 1;
-                    continue;
-                }
-                let local = if rel.is_empty() {
-                    target.clone()
-                } else {
-                    target.join(&rel)
-                };
-                let is_dir = what == listing::Listed::Dir;
-                if let Err(line) = claims.claim(&local.to_string_lossy(), &t.url(&remote), is_dir) {
-                    tracing::error!("{line}");
-                    runner.failed += 1;
-                    continue;
-                }
-                jobs.push(Job {
-                    local,
-                    remote: t.with_path(remote),
-                    size: match what {
-                        listing::Listed::File { size } => size,
-                        listing::Listed::Dir => u64::MAX,
-                    },
-                });
-            }
-        }
-        runner.count(&jobs);
-        for j in jobs {
-            runner.download_one(j).await?;
-        }
-    }
-    let digest = if runner.digests.len() == 1 {
-        runner.digests[0].1.to_hex().to_string()
-    } else {
-        let mut h = blake3::Hasher::new();
-        for (p, d) in &runner.digests {
-            h.update(p.as_bytes());
-            h.update(&[0]);
-            h.update(d.as_bytes());
-        }
-        h.finalize().to_hex().to_string()
-    };
-    let summary = CopySummary {
-        files: runner.digests.len() as u64,
-        bytes_total: Progress::get(&progress.bytes_total),
-        bytes_sent: Progress::get(&progress.bytes_sent),
-        bytes_resumed: Progress::get(&progress.bytes_resumed),
-        retries: Progress::get(&progress.retries),
-        data_lanes: 0,
-        files_at_once: 1,
-        duration_s: started.elapsed().as_secs_f64(),
-        digest,
-        alg: "blake3".into(),
-        skipped: runner.skipped,
-        per_file: runner.reports,
-    };
-    crate::copy::finish(summary, runner.failed)
-}
-
 /// One file to move.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -514,7 +325,7 @@ pub struct Job {
 
 /// The directory holding a remote path, if the path names one (`None` for
 /// a bare name: it goes in the login directory, which exists).
-fn remote_parent(path: &str) -> Option<String> {
+pub(crate) fn remote_parent(path: &str) -> Option<String> {
     let p = path.trim_end_matches('/');
     let i = p.rfind('/')?;
     Some(if i == 0 {
@@ -526,7 +337,7 @@ fn remote_parent(path: &str) -> Option<String> {
 
 /// Creates a remote directory and its missing parents (`mkdir -p`); one
 /// that exists already, or that appears meanwhile, is fine.
-async fn mkdir_p(c: &auth::Conn, t: &SftpTarget) -> Result<()> {
+pub(crate) async fn mkdir_p(c: &auth::Conn, t: &SftpTarget) -> Result<()> {
     let host = t.hostport();
     let is_dir = |a: &russh_sftp::protocol::FileAttributes| {
         a.permissions.is_some_and(|p| p & 0o170000 == 0o040000)
@@ -576,7 +387,7 @@ async fn mkdir_p(c: &auth::Conn, t: &SftpTarget) -> Result<()> {
 /// After a write, close or fsync came back with a plain `SSH_FX_FAILURE`:
 /// asks the server how much space is left (`statvfs@openssh.com`) and, if
 /// its file system is (nearly) full, says so. `need` is the file's size.
-async fn explain_failure(c: &auth::Conn, t: &SftpTarget, need: u64, e: Error) -> Error {
+pub(crate) async fn explain_failure(c: &auth::Conn, t: &SftpTarget, need: u64, e: Error) -> Error {
     if !matches!(e, Error::SftpStatus { code: 4, .. }) || !c.has("statvfs@openssh.com") {
         return e;
     }
@@ -598,294 +409,6 @@ async fn explain_failure(c: &auth::Conn, t: &SftpTarget, need: u64, e: Error) ->
 
 /// Free space under which a failed write is put down to a full disk.
 const NEARLY_FULL: u64 = 16 << 20;
-
-type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
-
-struct Runner<'a> {
-    opts: &'a CopyOptions,
-    sftp: &'a SftpOptions,
-    store: Arc<Store>,
-    conn: Option<Arc<auth::Conn>>,
-    progress: Arc<Progress>,
-    rng: rand::rngs::StdRng,
-    digests: Vec<(String, blake3::Hash)>,
-    notes: Vec<String>,
-    reports: Vec<FileReport>,
-    /// One circuit breaker per SSH host, as for native transfers.
-    breakers: std::collections::HashMap<String, CircuitBreaker>,
-    peers: PeerStatus,
-    /// Records of unfinished transfers, for `ferry status`.
-    status: StatusDir,
-    /// Remote directories known to exist (made or seen by this copy).
-    made_dirs: std::collections::HashSet<String>,
-    /// Left out of trees on purpose (symlinks, special files).
-    skipped: u64,
-    /// Could not be copied (reported one by one as planned).
-    failed: u64,
-}
-
-impl Runner<'_> {
-    fn count(&self, jobs: &[Job]) {
-        let files: Vec<_> = jobs.iter().filter(|j| j.size != u64::MAX).collect();
-        Progress::add(&self.progress.files_total, files.len() as u64);
-        Progress::add(
-            &self.progress.bytes_total,
-            files.iter().map(|j| j.size).sum(),
-        );
-    }
-
-    /// Runs `f` on a connection, reconnecting and retrying retryable failures
-    /// under the copy's retry policy (progress resets the attempt count).
-    async fn with_conn<T>(
-        &mut self,
-        t: &SftpTarget,
-        mut f: impl FnMut(Arc<auth::Conn>) -> BoxFut<T>,
-    ) -> Result<T> {
-        let mut attempt = 0u32;
-        let mut start = Instant::now();
-        loop {
-            let before = Progress::get(&self.progress.bytes_done);
-            let r = async {
-                let c = match &self.conn {
-                    Some(c) => c.clone(),
-                    None => {
-                        let c = Arc::new(self.connect(t).await?);
-                        self.conn = Some(c.clone());
-                        c
-                    }
-                };
-                f(c).await
-            }
-            .await;
-            let e = match r {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            if !e.is_retryable() {
-                return Err(e);
-            }
-            self.conn = None;
-            if Progress::get(&self.progress.bytes_done) > before {
-                attempt = 0;
-                start = Instant::now();
-            }
-            attempt += 1;
-            let delay = match self
-                .opts
-                .retry
-                .decide(attempt, start.elapsed(), None, &mut self.rng)
-            {
-                RetryDecision::After(d) => d,
-                RetryDecision::GiveUp => {
-                    return Err(Error::RetriesExhausted {
-                        attempts: attempt,
-                        last: Box::new(e),
-                    })
-                }
-            };
-            Progress::add(&self.progress.retries, 1);
-            warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "sftp: retrying");
-            tokio::time::sleep(delay.min(Duration::from_secs(60))).await;
-        }
-    }
-
-    /// Connects, respecting the host's circuit breaker: while it is open no
-    /// connection is attempted; transitions are logged, counted and shown by
-    /// `ferry status`.
-    async fn connect(&mut self, t: &SftpTarget) -> Result<auth::Conn> {
-        let host = t.hostport();
-        loop {
-            let breaker = self
-                .breakers
-                .entry(host.clone())
-                .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
-            match breaker.allow(Instant::now().into_std()) {
-                Ok(()) => break,
-                Err(until) => {
-                    let wait = until.saturating_duration_since(Instant::now().into_std());
-                    tracing::info!(
-                        peer = %host,
-                        wait_ms = wait.as_millis() as u64,
-                        "circuit breaker open: not connecting until the cool-down ends"
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-        Progress::add(&self.progress.connects, 1);
-        let r = auth::connect(t, &self.sftp.ssh).await;
-        let now = Instant::now().into_std();
-        let breaker = self
-            .breakers
-            .entry(host.clone())
-            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
-        match &r {
-            Ok(_) => breaker.on_success(now),
-            Err(e) if e.is_retryable() => breaker.on_failure(now),
-            Err(_) => {}
-        }
-        while let Some((from, to)) = breaker.poll_transition() {
-            warn!(
-                peer = %host,
-                from = from.name(),
-                to = to.name(),
-                "circuit breaker"
-            );
-            match to {
-                BreakerState::Open { .. } => Progress::add(&self.progress.breaker_opens, 1),
-                BreakerState::Closed => Progress::add(&self.progress.breaker_closes, 1),
-                BreakerState::HalfOpen => {}
-            }
-            self.peers.put(&host, to);
-        }
-        r
-    }
-
-    /// Starts the `ferry status` record of one file's transfer.
-    fn track(
-        &mut self,
-        direction: &str,
-        local: &Path,
-        remote: String,
-        size: u64,
-    ) -> TransferRecord {
-        let local = std::fs::canonicalize(local)
-            .unwrap_or_else(|_| local.to_path_buf())
-            .display()
-            .to_string();
-        if let Some(old) = self.status.find(direction, &local, &remote) {
-            self.status.remove(&old.id);
-        }
-        let id: [u8; 16] = rand::Rng::gen(&mut self.rng);
-        let rec = TransferRecord {
-            id: crate::fsutil::hex(&id),
-            direction: direction.into(),
-            local,
-            remote,
-            size,
-            bytes_done: 0,
-            state: "active".into(),
-            last_error: None,
-            updated_unix: 0,
-            pid: 0,
-            source: String::new(),
-        };
-        let _ = self.status.put(&rec);
-        rec
-    }
-
-    /// Ends a status record: removed when the file is done, else kept with why.
-    fn untrack<T>(&self, mut rec: TransferRecord, r: &Result<T>) {
-        match r {
-            Ok(_) => self.status.remove(&rec.id),
-            Err(e) => {
-                rec.bytes_done = Progress::get(&self.progress.current_done);
-                rec.last_error = Some(e.to_string());
-                rec.state = if e.is_retryable() {
-                    "interrupted".into()
-                } else {
-                    "failed".into()
-                };
-                let _ = self.status.put(&rec);
-            }
-        }
-    }
-
-    /// Makes sure the directory `path` exists on the server (`mkdir -p`).
-    async fn ensure_dir(&mut self, t: &SftpTarget, path: String) -> Result<()> {
-        if self.made_dirs.contains(&path) {
-            return Ok(());
-        }
-        let d = t.with_path(path.clone());
-        self.with_conn(t, move |c| {
-            let d = d.clone();
-            Box::pin(async move { mkdir_p(&c, &d).await })
-        })
-        .await?;
-        self.made_dirs.insert(path);
-        Ok(())
-    }
-
-    async fn upload_one(&mut self, job: Job) -> Result<()> {
-        let t = job.remote.clone();
-        // Missing parents are made, as native copies do.
-        if let Some(parent) = remote_parent(&t.path) {
-            self.ensure_dir(&t, parent).await?;
-        }
-        if job.size == u64::MAX {
-            return self.ensure_dir(&t, t.path.clone()).await;
-        }
-        self.progress
-            .start_file(&job.local.display().to_string(), job.size);
-        let size = job.size;
-        let (store, progress, verify) =
-            (self.store.clone(), self.progress.clone(), self.sftp.verify);
-        let stop = self.sftp.stop_after_ranges;
-        let rec = self.track("upload", &job.local, t.url(&t.path), job.size);
-        let out = self
-            .with_conn(&t, move |c| {
-                let (job, store, progress) = (job.clone(), store.clone(), progress.clone());
-                Box::pin(async move {
-                    progress.undo_file();
-                    upload::upload(&c, &job, &store, &progress, verify, stop).await
-                })
-            })
-            .await;
-        let out = match (out, self.conn.clone()) {
-            (Err(e), Some(c)) => Err(explain_failure(&c, &t, size, e).await),
-            (out, _) => out,
-        };
-        self.untrack(rec, &out);
-        let out = out?;
-        self.finish(&t.path, t.url(&t.path), out);
-        Ok(())
-    }
-
-    async fn download_one(&mut self, job: Job) -> Result<()> {
-        let t = job.remote.clone();
-        if job.size == u64::MAX {
-            return crate::fsutil::create_dirs_durable(&job.local)
-                .map_err(|e| Error::local(&job.local, e));
-        }
-        self.progress.start_file(&t.url(&t.path), job.size);
-        let local = job.local.clone();
-        let stop = self.sftp.stop_after_ranges;
-        let (store, progress, verify) =
-            (self.store.clone(), self.progress.clone(), self.sftp.verify);
-        let rec = self.track("download", &local, t.url(&t.path), job.size);
-        let out = self
-            .with_conn(&t, move |c| {
-                let (job, store, progress) = (job.clone(), store.clone(), progress.clone());
-                Box::pin(async move {
-                    progress.undo_file();
-                    download::download(&c, &job, &store, &progress, verify, stop).await
-                })
-            })
-            .await;
-        self.untrack(rec, &out);
-        let out = out?;
-        self.finish(&t.path, local.display().to_string(), out);
-        Ok(())
-    }
-
-    /// Records a finished file; `path` keys its digest, `shown` names it in the report.
-    fn finish(&mut self, path: &str, shown: String, out: FileOutcome) {
-        Progress::add(&self.progress.files_done, 1);
-        for n in out.notes {
-            // What happened (resumed, restarted, fell back) is for the user to see.
-            warn!("{n}");
-            self.notes.push(n);
-        }
-        if let Some(d) = out.digest {
-            self.digests.push((path.to_string(), d));
-        }
-        self.reports.push(FileReport {
-            path: shown,
-            resume: out.resume,
-            verified_by: out.verified_by,
-        });
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,7 @@
-//! `ferry cp`: planning a copy of files and trees, and running it with
-//! retries so that it finishes across dropped connections.
+//! The native `ferry://` endpoint kind of `ferry cp`: plans uploads and
+//! downloads against a ferry server and moves them (small files in batches,
+//! large ones chunked, several at once with `--streams`) under the shared
+//! [`runner::Runner`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,22 +12,21 @@ use tokio::time::Instant;
 
 use ferry_proto::message::{BatchFile, Entry, EntryKind, MAX_BATCH_FILE, MAX_BATCH_FILES};
 use ferry_proto::{ChunkHash, HashAlg, TransferId};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use tracing::{error, info, warn};
 
+use super::runner::{self, BoxFut};
+use super::{finish, CopyOptions, CopySummary};
 use crate::client::{BatchItem, ClientConfig, Session};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::lanes::Streams;
 use crate::progress::{FileProgress, Progress};
-use crate::retry::{RetryDecision, RetryPolicy};
-use crate::status::PeerStatus;
-use crate::status::{StatusDir, TransferRecord};
+use crate::status::TransferRecord;
 use crate::store::Store;
 use crate::transfer::prepare_send;
 use crate::transport::Transport;
 use crate::walk::{Claims, Kind, Plan, Planned};
-use ferry_proto::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 
 /// One side of a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,61 +79,6 @@ impl Endpoint {
     }
 }
 
-/// Options of one copy run.
-#[derive(Debug, Clone)]
-pub struct CopyOptions {
-    pub recursive: bool,
-    /// Follow symlinks met inside trees (`-L`), with loop detection; by
-    /// default they are skipped with a warning (see [`crate::walk`]).
-    pub follow_links: bool,
-    pub state_dir: PathBuf,
-    pub client: ClientConfig,
-    pub retry: RetryPolicy,
-    pub alg: HashAlg,
-    /// Seed of the retry jitter; `None` draws one from the OS. Tests and
-    /// simulations fix it so a run can be replayed.
-    pub seed: Option<u64>,
-}
-
-/// What a copy did, for `--json` and the closing line.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CopySummary {
-    pub files: u64,
-    pub bytes_total: u64,
-    pub bytes_sent: u64,
-    pub bytes_resumed: u64,
-    pub retries: u64,
-    /// Extra connections opened to carry large files' data (`--streams`).
-    pub data_lanes: u64,
-    /// Most files moved at once, each on its own connection (`--streams`).
-    pub files_at_once: u64,
-    pub duration_s: f64,
-    /// The whole-file digest for one file; for several, a digest over (path, digest) pairs.
-    pub digest: String,
-    pub alg: String,
-    /// Symlinks and special files left out of trees (each was warned about).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub skipped: u64,
-    /// SFTP copies: what happened to each file (fresh, resumed, repaired, ...)
-    /// and how it was verified. Empty, and absent from JSON, for native copies.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub per_file: Vec<crate::sftp::FileReport>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-impl CopyOptions {
-    /// How local trees are walked for an upload.
-    pub fn walk(&self) -> crate::walk::WalkOptions {
-        crate::walk::WalkOptions {
-            recursive: self.recursive,
-            follow_links: self.follow_links,
-        }
-    }
-}
-
 /// One file to move.
 #[derive(Debug, Clone)]
 struct FileJob {
@@ -158,21 +104,14 @@ fn base_name(p: &str) -> String {
         .to_string()
 }
 
-/// Runs a copy; `progress` is updated as it goes.
-pub async fn copy(
+/// Runs a copy between local paths and a `ferry://` server.
+pub(super) async fn copy(
     srcs: &[String],
     dst: &str,
     opts: &CopyOptions,
     progress: Arc<Progress>,
 ) -> Result<CopySummary> {
     let started = Instant::now();
-    if srcs.is_empty() {
-        return Err(Error::Usage("nothing to copy".into()));
-    }
-    if dst.starts_with("sftp://") || srcs.iter().any(|s| s.starts_with("sftp://")) {
-        let sftp = crate::sftp::defaults();
-        return crate::sftp::copy(srcs, dst, opts, &sftp, progress).await;
-    }
     // `ferry+quic://` and friends choose the transport for this copy.
     let mut scheme_transport = None;
     let mut plain = |s: &str| -> Result<String> {
@@ -206,21 +145,13 @@ pub async fn copy(
         .collect::<Result<_>>()?;
     let dst_ep = Endpoint::parse(dst)?;
     let store = Arc::new(Store::open_shared(&opts.state_dir)?);
-    let status = StatusDir::new(&opts.state_dir);
     let mut runner = Runner {
         opts,
         store,
-        status,
+        core: runner::Runner::new(opts, progress.clone()),
         session: None,
         progress: progress.clone(),
-        rng: match opts.seed {
-            Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
-            None => rand::rngs::StdRng::from_entropy(),
-        },
         digests: Vec::new(),
-        breakers: std::collections::HashMap::new(),
-        peers: PeerStatus::new(&opts.state_dir),
-        deadline: None,
         files_at_once: 0,
         skipped: 0,
         failed: 0,
@@ -363,18 +294,6 @@ pub async fn copy(
         per_file: Vec::new(),
     };
     finish(summary, runner.failed)
-}
-
-/// The summary, or [`Error::NotAllCopied`] carrying it when some files
-/// could not be copied.
-pub(crate) fn finish(summary: CopySummary, failed: u64) -> Result<CopySummary> {
-    if failed > 0 {
-        return Err(Error::NotAllCopied {
-            failed,
-            summary: Box::new(summary),
-        });
-    }
-    Ok(summary)
 }
 
 /// Whether a ferry server takes `dest` as a path (it refuses some names a
@@ -565,18 +484,14 @@ fn read_small(local: &Path, remote: &str, alg: HashAlg) -> Result<Option<BatchIt
     }))
 }
 
+/// A native copy: the shared [`runner::Runner`] plus what native jobs need.
 struct Runner<'a> {
     opts: &'a CopyOptions,
     store: Arc<Store>,
-    status: StatusDir,
+    core: runner::Runner,
     session: Option<Session>,
     progress: Arc<Progress>,
-    rng: rand::rngs::StdRng,
     digests: Vec<(String, ChunkHash)>,
-    breakers: std::collections::HashMap<String, CircuitBreaker>,
-    peers: PeerStatus,
-    /// End of the retry budget of the current operation, if there is one.
-    deadline: Option<Instant>,
     /// Most file workers that ran at once.
     files_at_once: usize,
     /// Left out of trees on purpose (symlinks, special files).
@@ -585,7 +500,22 @@ struct Runner<'a> {
     failed: u64,
 }
 
-type BoxFut<'s, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 's>>;
+/// A `ferry://` server as the runner sees it.
+struct Native<'a> {
+    addr: &'a str,
+    client: &'a ClientConfig,
+}
+
+impl runner::Endpoint for Native<'_> {
+    type Session = Session;
+    const PROGRESS_RESETS: bool = false;
+    fn peer(&self) -> String {
+        self.addr.to_string()
+    }
+    fn connect(&self) -> BoxFut<'_, Session> {
+        Box::pin(Session::connect(self.addr, self.client))
+    }
+}
 
 impl Session {
     async fn stat_owned(&mut self, p: String) -> Result<Entry> {
@@ -751,14 +681,10 @@ impl<'a> Runner<'a> {
         Runner {
             opts: self.opts,
             store: self.store.clone(),
-            status: self.status.clone(),
+            core: self.core.fork(),
             session: None,
             progress: self.progress.clone(),
-            rng: rand::rngs::StdRng::seed_from_u64(self.rng.gen()),
             digests: Vec::new(),
-            breakers: self.breakers.clone(),
-            peers: self.peers.clone(),
-            deadline: None,
             files_at_once: 0,
             skipped: 0,
             failed: 0,
@@ -870,116 +796,25 @@ impl<'a> Runner<'a> {
     async fn with_session<T>(
         &mut self,
         addr: &str,
-        mut f: impl for<'s> FnMut(&'s mut Session) -> BoxFut<'s, T>,
+        f: impl for<'s> FnMut(&'s mut Session) -> BoxFut<'s, T>,
     ) -> Result<T> {
-        let mut attempt = 0u32;
-        let start = Instant::now();
-        self.deadline = self.opts.retry.budget.map(|b| start + b);
-        loop {
-            let r = async {
-                self.ensure_session(addr).await?;
-                let s = self
-                    .session
-                    .as_mut()
-                    .ok_or_else(|| Error::Store("no session".into()))?;
-                f(s).await
-            }
-            .await;
-            match r {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    self.session = None;
-                    attempt += 1;
-                    self.backoff(e, attempt, start).await?;
-                }
-            }
-        }
+        let ep = Native {
+            addr,
+            client: &self.opts.client,
+        };
+        self.core.with_session(&ep, &mut self.session, f).await
     }
 
-    /// Connects if needed, respecting the peer's circuit breaker: while it is
-    /// open no connection is attempted at all.
+    /// Connects if needed, behind the peer's circuit breaker.
     async fn ensure_session(&mut self, addr: &str) -> Result<()> {
         if self.session.is_some() {
             return Ok(());
         }
-        let breaker = self
-            .breakers
-            .entry(addr.to_string())
-            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
-        loop {
-            match breaker.allow(Instant::now().into_std()) {
-                Ok(()) => break,
-                Err(until) => {
-                    if let Some(d) = self.deadline {
-                        if Instant::from_std(until) > d {
-                            tokio::time::sleep_until(d).await;
-                            return Err(Error::Timeout(format!(
-                                "{addr}: circuit breaker stays open past the retry budget"
-                            )));
-                        }
-                    }
-                    let wait = until.saturating_duration_since(Instant::now().into_std());
-                    info!(
-                        peer = addr,
-                        wait_ms = wait.as_millis() as u64,
-                        "circuit breaker open: not connecting until the cool-down ends"
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-        Progress::add(&self.progress.connects, 1);
-        let r = Session::connect(addr, &self.opts.client).await;
-        let now = Instant::now().into_std();
-        let breaker = self
-            .breakers
-            .entry(addr.to_string())
-            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()));
-        match &r {
-            Ok(_) => breaker.on_success(now),
-            Err(e) if e.is_retryable() => breaker.on_failure(now),
-            Err(_) => {}
-        }
-        while let Some((from, to)) = breaker.poll_transition() {
-            warn!(
-                peer = addr,
-                from = from.name(),
-                to = to.name(),
-                "circuit breaker"
-            );
-            match to {
-                BreakerState::Open { .. } => Progress::add(&self.progress.breaker_opens, 1),
-                BreakerState::Closed => Progress::add(&self.progress.breaker_closes, 1),
-                BreakerState::HalfOpen => {}
-            }
-            self.peers.put(addr, to);
-        }
-        self.session = Some(r?);
-        Ok(())
-    }
-
-    /// Sleeps before the next attempt, or gives up with the error.
-    async fn backoff(&mut self, e: Error, attempt: u32, start: Instant) -> Result<()> {
-        if !e.is_retryable() {
-            return Err(e);
-        }
-        let delay =
-            match self
-                .opts
-                .retry
-                .decide(attempt, start.elapsed(), e.retry_after(), &mut self.rng)
-            {
-                RetryDecision::After(d) => d,
-                RetryDecision::GiveUp => {
-                    return Err(Error::RetriesExhausted {
-                        attempts: attempt,
-                        last: Box::new(e),
-                    })
-                }
-            };
-        Progress::add(&self.progress.retries, 1);
-        warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "retrying");
-        tokio::time::sleep(delay).await;
+        let ep = Native {
+            addr,
+            client: &self.opts.client,
+        };
+        self.session = Some(self.core.connect(&ep).await?);
         Ok(())
     }
 
@@ -1165,7 +1000,7 @@ impl<'a> Runner<'a> {
         let mut attempt = 0u32;
         let mut restarts = 0u32;
         let mut start = Instant::now();
-        self.deadline = self.opts.retry.budget.map(|b| start + b);
+        self.core.start_budget(start);
         let mut last_source: Option<Vec<u8>> = None;
         loop {
             fp.undo();
@@ -1189,12 +1024,15 @@ impl<'a> Runner<'a> {
             // Join the unfinished transfer of this same file version, if any.
             let source_hex = fsutil::hex(&src.source_id);
             let existing = self
+                .core
                 .status
                 .find("upload", &local_key, &remote_display)
                 .filter(|r| r.source == source_hex);
             let id = match &existing {
-                Some(r) => TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.rng)),
-                None => random_id(&mut self.rng),
+                Some(r) => {
+                    TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.core.rng))
+                }
+                None => random_id(&mut self.core.rng),
             };
             let mut rec = TransferRecord {
                 id: id.to_hex(),
@@ -1209,12 +1047,12 @@ impl<'a> Runner<'a> {
                 pid: 0,
                 source: source_hex,
             };
-            if let Some(old) = self.status.find("upload", &local_key, &remote_display) {
+            if let Some(old) = self.core.status.find("upload", &local_key, &remote_display) {
                 if old.id != rec.id {
-                    self.status.remove(&old.id);
+                    self.core.status.remove(&old.id);
                 }
             }
-            self.status.put(&rec)?;
+            self.core.status.put(&rec)?;
             info!(transfer = %id, from = %job.local.display(), to = %remote_display, size = meta.size, "upload");
             let store = self.store.clone();
             let progress = fp.clone();
@@ -1228,29 +1066,22 @@ impl<'a> Runner<'a> {
                 .await;
             match r {
                 Ok(digest) => {
-                    self.status.remove(&rec.id);
+                    self.core.status.remove(&rec.id);
                     Progress::add(&self.progress.files_done, 1);
                     self.digests.push((job.remote.clone(), digest));
                     return Ok(());
                 }
                 Err(e) => {
                     let progressed = fp.file_done() > rec.bytes_done;
-                    rec.bytes_done = fp.file_done();
-                    rec.last_error = Some(e.to_string());
-                    rec.state = if e.is_retryable() {
-                        "interrupted".into()
-                    } else {
-                        "failed".into()
-                    };
-                    let _ = self.status.put(&rec);
+                    self.core.interrupted(&mut rec, fp.file_done(), &e);
                     if progressed {
                         // Progress is not failure: start the count again.
                         attempt = 0;
                         start = Instant::now();
-                        self.deadline = self.opts.retry.budget.map(|b| start + b);
+                        self.core.start_budget(start);
                     }
                     attempt += 1;
-                    self.backoff(e, attempt, start).await?;
+                    self.core.backoff(e, attempt, start).await?;
                 }
             }
         }
@@ -1279,7 +1110,7 @@ impl<'a> Runner<'a> {
                     r = &mut fut => break r,
                     _ = tick.tick() => {
                         rec.bytes_done = fp.file_done();
-                        let _ = self.status.put(rec);
+                        let _ = self.core.status.put(rec);
                     }
                 }
             }
@@ -1431,12 +1262,18 @@ impl<'a> Runner<'a> {
         ));
         let mut attempt = 0u32;
         let mut start = Instant::now();
-        self.deadline = self.opts.retry.budget.map(|b| start + b);
+        self.core.start_budget(start);
         loop {
             fp.undo();
-            let id = match self.status.find("download", &local_key, &remote_display) {
-                Some(r) => TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.rng)),
-                None => random_id(&mut self.rng),
+            let id = match self
+                .core
+                .status
+                .find("download", &local_key, &remote_display)
+            {
+                Some(r) => {
+                    TransferId::from_hex(&r.id).unwrap_or_else(|| random_id(&mut self.core.rng))
+                }
+                None => random_id(&mut self.core.rng),
             };
             let mut rec = TransferRecord {
                 id: id.to_hex(),
@@ -1451,7 +1288,7 @@ impl<'a> Runner<'a> {
                 pid: 0,
                 source: String::new(),
             };
-            self.status.put(&rec)?;
+            self.core.status.put(&rec)?;
             info!(transfer = %id, from = %remote_display, to = %local.display(), "download");
             let store = self.store.clone();
             let progress = fp.clone();
@@ -1471,28 +1308,21 @@ impl<'a> Runner<'a> {
                 .await;
             match r {
                 Ok(digest) => {
-                    self.status.remove(&rec.id);
+                    self.core.status.remove(&rec.id);
                     Progress::add(&self.progress.files_done, 1);
                     self.digests.push((job.remote.clone(), digest));
                     return Ok(());
                 }
                 Err(e) => {
                     let progressed = fp.file_done() > rec.bytes_done;
-                    rec.bytes_done = fp.file_done();
-                    rec.last_error = Some(e.to_string());
-                    rec.state = if e.is_retryable() {
-                        "interrupted".into()
-                    } else {
-                        "failed".into()
-                    };
-                    let _ = self.status.put(&rec);
+                    self.core.interrupted(&mut rec, fp.file_done(), &e);
                     if progressed {
                         attempt = 0;
                         start = Instant::now();
-                        self.deadline = self.opts.retry.budget.map(|b| start + b);
+                        self.core.start_budget(start);
                     }
                     attempt += 1;
-                    self.backoff(e, attempt, start).await?;
+                    self.core.backoff(e, attempt, start).await?;
                 }
             }
         }
