@@ -117,7 +117,7 @@ pub enum Error {
     #[error("{failed} file(s) could not be copied (see the errors above); {} copied", summary.files)]
     NotAllCopied {
         failed: u64,
-        summary: Box<crate::copy::CopySummary>,
+        summary: Box<crate::report::CopySummary>,
     },
     /// Data on the SFTP server did not verify after it was written.
     #[error("sftp {path}: verification failed: {detail}")]

@@ -20,6 +20,7 @@
 //! * [`faults`]: deliberate faults for the demo and tests.
 //! * [`store`]: the redb journal of partial files and source hashes.
 //! * [`queue`]: the durable outbox of copies that could not finish yet.
+//! * [`report`]: what a copy reports (the summary, what happened to each file).
 //! * [`agent`]: running queued copies under their locks; `ferry agent`'s passes and report.
 //! * [`status`]: records of unfinished transfers for `ferry status`.
 //! * [`paths`]: confining peer-supplied paths to the server root.
@@ -46,6 +47,7 @@ pub mod lanes;
 pub mod paths;
 pub mod progress;
 pub mod queue;
+pub mod report;
 pub mod server;
 pub mod sftp;
 pub mod status;

@@ -44,34 +44,7 @@ pub struct CopyOptions {
     pub sftp: crate::sftp::SftpOptions,
 }
 
-/// What a copy did, for `--json` and the closing line.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CopySummary {
-    pub files: u64,
-    pub bytes_total: u64,
-    pub bytes_sent: u64,
-    pub bytes_resumed: u64,
-    pub retries: u64,
-    /// Extra connections opened to carry large files' data (`--streams`).
-    pub data_lanes: u64,
-    /// Most files moved at once, each on its own connection (`--streams`).
-    pub files_at_once: u64,
-    pub duration_s: f64,
-    /// The whole-file digest for one file; for several, a digest over (path, digest) pairs.
-    pub digest: String,
-    pub alg: String,
-    /// Symlinks and special files left out of trees (each was warned about).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub skipped: u64,
-    /// SFTP copies: what happened to each file (fresh, resumed, repaired, ...)
-    /// and how it was verified. Empty, and absent from JSON, for native copies.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub per_file: Vec<crate::sftp::FileReport>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
+pub use crate::report::CopySummary;
 
 impl CopyOptions {
     /// How local trees are walked for an upload.
