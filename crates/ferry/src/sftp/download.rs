@@ -12,8 +12,8 @@ use tracing::{info, warn};
 
 use super::auth::Conn;
 use super::remote_hash;
+use super::remote_io::{range_count, range_len, read_remote_owned, Pieces};
 use super::sidecar::{self, PendingFlush, Sidecar, RANGE_SIZE};
-use super::upload::{range_count, range_len, read_remote_owned, Pieces};
 use super::{sftp_err, FileOutcome, Job, RestartReason, Resume, VerifiedBy, Verify};
 use crate::error::{Error, Result};
 use crate::fsutil;

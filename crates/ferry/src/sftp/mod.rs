@@ -19,6 +19,7 @@ pub mod auth;
 pub mod download;
 pub mod listing;
 pub mod remote_hash;
+pub(crate) mod remote_io;
 pub mod sidecar;
 pub mod upload;
 

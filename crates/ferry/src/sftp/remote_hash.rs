@@ -31,8 +31,8 @@ use russh_sftp::protocol::{FileAttributes, OpenFlags};
 use tracing::{debug, warn};
 
 use super::auth::Conn;
+use super::remote_io::{range_len, read_remote};
 use super::sidecar::{self, ExecCaps, RANGE_SIZE};
-use super::upload::{range_len, read_remote};
 use super::{sftp_err, VerifiedBy};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -326,7 +326,8 @@ async fn check_file_hashes(
     let mut out = Vec::new();
     for i in idx {
         let r =
-            super::upload::server_hash(c, &h, i * RANGE_SIZE, range_len(size, i), path, host).await;
+            super::remote_io::server_hash(c, &h, i * RANGE_SIZE, range_len(size, i), path, host)
+                .await;
         match r {
             Ok(Some((alg, d))) => {
                 let alg = if alg == "sha512" {
