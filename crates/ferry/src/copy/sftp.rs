@@ -83,21 +83,27 @@ pub(super) async fn copy(
         }
         runner.skipped += plan.skipped.len() as u64;
         runner.failed += plan.failed.len() as u64;
-        let jobs: Vec<Job> = plan
+        let items: Vec<Item> = plan
             .items
             .into_iter()
-            .map(|it| Job {
-                local: it.local,
-                remote: t.with_path(it.dest),
-                size: match it.kind {
-                    crate::walk::Kind::File { size } => size,
-                    crate::walk::Kind::Dir { .. } => u64::MAX,
-                },
+            .map(|it| {
+                let (local, remote) = (it.local, t.with_path(it.dest));
+                match it.kind {
+                    crate::walk::Kind::File { size } => Item::File(Job {
+                        local,
+                        remote,
+                        size,
+                    }),
+                    crate::walk::Kind::Dir { .. } => Item::Dir { local, remote },
+                }
             })
             .collect();
-        runner.count(&jobs);
-        for j in jobs {
-            runner.upload_one(j).await?;
+        runner.count(&items);
+        for it in items {
+            match it {
+                Item::File(job) => runner.upload_one(job).await?,
+                Item::Dir { remote, .. } => runner.upload_dir(&remote).await?,
+            }
         }
     } else {
         let dst_path = PathBuf::from(dst);
@@ -148,19 +154,24 @@ pub(super) async fn copy(
                     runner.failed += 1;
                     continue;
                 }
-                jobs.push(Job {
-                    local,
-                    remote: t.with_path(remote),
-                    size: match what {
-                        listing::Listed::File { size } => size,
-                        listing::Listed::Dir => u64::MAX,
-                    },
+                let remote = t.with_path(remote);
+                jobs.push(match what {
+                    listing::Listed::File { size } => Item::File(Job {
+                        local,
+                        remote,
+                        size,
+                    }),
+                    listing::Listed::Dir => Item::Dir { local, remote },
                 });
             }
         }
         runner.count(&jobs);
-        for j in jobs {
-            runner.download_one(j).await?;
+        for it in jobs {
+            match it {
+                Item::File(job) => runner.download_one(job).await?,
+                Item::Dir { local, .. } => crate::fsutil::create_dirs_durable(&local)
+                    .map_err(|e| Error::local(&local, e))?,
+            }
         }
     }
     let digest = if runner.digests.len() == 1 {
@@ -208,9 +219,21 @@ struct SftpCopy<'a> {
     failed: u64,
 }
 
+/// One thing an SFTP copy plans: a file to move, or a directory to make.
+enum Item {
+    File(Job),
+    Dir { local: PathBuf, remote: SftpTarget },
+}
+
 impl SftpCopy<'_> {
-    fn count(&self, jobs: &[Job]) {
-        let files: Vec<_> = jobs.iter().filter(|j| j.size != u64::MAX).collect();
+    fn count(&self, items: &[Item]) {
+        let files: Vec<&Job> = items
+            .iter()
+            .filter_map(|it| match it {
+                Item::File(job) => Some(job),
+                Item::Dir { .. } => None,
+            })
+            .collect();
         Progress::add(&self.progress.files_total, files.len() as u64);
         Progress::add(
             &self.progress.bytes_total,
@@ -291,14 +314,19 @@ impl SftpCopy<'_> {
         Ok(())
     }
 
+    /// A directory of an uploaded tree, and its missing parents.
+    async fn upload_dir(&mut self, t: &SftpTarget) -> Result<()> {
+        if let Some(parent) = remote_parent(&t.path) {
+            self.ensure_dir(t, parent).await?;
+        }
+        self.ensure_dir(t, t.path.clone()).await
+    }
+
     async fn upload_one(&mut self, job: Job) -> Result<()> {
         let t = job.remote.clone();
         // Missing parents are made, as native copies do.
         if let Some(parent) = remote_parent(&t.path) {
             self.ensure_dir(&t, parent).await?;
-        }
-        if job.size == u64::MAX {
-            return self.ensure_dir(&t, t.path.clone()).await;
         }
         self.progress
             .start_file(&job.local.display().to_string(), job.size);
@@ -329,10 +357,6 @@ impl SftpCopy<'_> {
 
     async fn download_one(&mut self, job: Job) -> Result<()> {
         let t = job.remote.clone();
-        if job.size == u64::MAX {
-            return crate::fsutil::create_dirs_durable(&job.local)
-                .map_err(|e| Error::local(&job.local, e));
-        }
         self.progress.start_file(&t.url(&t.path), job.size);
         let local = job.local.clone();
         let stop = self.sftp.stop_after_ranges;
