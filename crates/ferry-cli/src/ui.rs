@@ -273,8 +273,10 @@ fn pid_alive(pid: u32) -> bool {
 pub fn print_status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
     let mut recs = StatusDir::new(state_dir).list();
     for r in &mut recs {
-        if r.state == "active" && (r.pid == 0 || !pid_alive(r.pid) || r.pid == std::process::id()) {
-            r.state = "interrupted".into();
+        if r.state == ferry::status::RecordState::Active
+            && (r.pid == 0 || !pid_alive(r.pid) || r.pid == std::process::id())
+        {
+            r.state = ferry::status::RecordState::Interrupted;
         }
     }
     let peers = ferry::status::PeerStatus::new(state_dir).list();

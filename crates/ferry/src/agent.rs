@@ -138,7 +138,7 @@ where
         None if origin == Origin::NewCopy => true,
         None => return Ok(Outcome::Gone),
     };
-    entry.state = "running".into();
+    entry.state = crate::queue::QueueState::Running;
     entry.pid = std::process::id();
     entry.attempts = entry.attempts.saturating_add(1);
     queue.put(&entry)?;
@@ -156,7 +156,7 @@ where
         }
         Err(e) => {
             let reason = describe_failure(&e);
-            entry.state = "queued".into();
+            entry.state = crate::queue::QueueState::Queued;
             entry.last_error = Some(reason.clone());
             entry.next_attempt_unix = now_unix() + backoff_secs(entry.attempts, e.retry_after());
             queue.put(&entry)?;

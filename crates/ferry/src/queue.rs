@@ -25,8 +25,7 @@ pub struct QueueEntry {
     #[serde(default)]
     pub follow_links: bool,
     pub alg: String,
-    /// "running", "queued".
-    pub state: String,
+    pub state: QueueState,
     pub attempts: u32,
     pub last_error: Option<String>,
     pub created_unix: u64,
@@ -56,6 +55,16 @@ pub fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Where a queued copy stands (`queued` or `running` in its file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueState {
+    /// Waiting for its next attempt.
+    Queued,
+    /// A process is running it (its lock tells which is alive).
+    Running,
 }
 
 /// The outbox folder.
@@ -133,7 +142,7 @@ impl Queue {
             recursive,
             follow_links: false,
             alg: alg.to_string(),
-            state: "running".into(),
+            state: QueueState::Running,
             attempts: 0,
             last_error: None,
             created_unix: now,
@@ -395,13 +404,13 @@ mod tests {
         let q = Queue::new(dir.path());
         let srcs = vec!["a".to_string()];
         let mut e = q.entry_for(&srcs, "ferry://h/x", false, "blake3");
-        e.state = "queued".into();
+        e.state = QueueState::Queued;
         q.put(&e).unwrap();
         let again = q.entry_for(&srcs, "ferry://h/x", false, "blake3");
         assert_eq!(again.id, e.id);
         let other = q.entry_for(&srcs, "ferry://h/y", false, "blake3");
         assert_ne!(other.id, e.id);
-        assert_eq!(q.get(&e.id).unwrap().state, "queued");
+        assert_eq!(q.get(&e.id).unwrap().state, QueueState::Queued);
         assert!(q.get("../../etc/passwd").is_none());
         q.remove(&e.id).unwrap();
         assert!(q.list().is_empty());

@@ -20,8 +20,7 @@ pub struct TransferRecord {
     pub remote: String,
     pub size: u64,
     pub bytes_done: u64,
-    /// "active", "interrupted", "failed" or "complete".
-    pub state: String,
+    pub state: RecordState,
     pub last_error: Option<String>,
     pub updated_unix: u64,
     /// Process that last worked on it.
@@ -29,6 +28,30 @@ pub struct TransferRecord {
     /// Hex identity of the source version being sent (uploads).
     #[serde(default)]
     pub source: String,
+}
+
+/// Where an unfinished transfer stands (`active` in JSON, and so on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordState {
+    /// A process is working on it.
+    Active,
+    /// Its last attempt was cut off; a retry can finish it.
+    Interrupted,
+    /// It failed in a way a retry does not mend.
+    Failed,
+    Complete,
+}
+
+impl std::fmt::Display for RecordState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            RecordState::Active => "active",
+            RecordState::Interrupted => "interrupted",
+            RecordState::Failed => "failed",
+            RecordState::Complete => "complete",
+        })
+    }
 }
 
 /// The folder of transfer records.
@@ -80,7 +103,7 @@ impl StatusDir {
             r.direction == direction
                 && r.local == local
                 && r.remote == remote
-                && r.state != "complete"
+                && r.state != RecordState::Complete
         })
     }
 }

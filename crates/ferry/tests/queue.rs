@@ -32,7 +32,7 @@ fn summary() -> CopySummary {
 fn queued(state: &Path, dst: &str) -> QueueEntry {
     let q = Queue::new(state);
     let mut e = q.entry_for(&["/src/a".to_string()], dst, false, "blake3");
-    e.state = "queued".into();
+    e.state = ferry::queue::QueueState::Queued;
     q.put(&e).unwrap();
     e
 }
@@ -181,7 +181,7 @@ async fn a_refused_token_keeps_the_entry_queued_with_the_reason() {
     assert_eq!(*runs.borrow(), 1);
     let q = Queue::new(dir.path());
     let kept = q.get(&e.id).expect("the entry must stay queued");
-    assert_eq!(kept.state, "queued");
+    assert_eq!(kept.state, ferry::queue::QueueState::Queued);
     assert_eq!(kept.attempts, 1);
     let why = kept.last_error.unwrap();
     assert!(
@@ -225,7 +225,7 @@ fn a_stale_running_pid_does_not_make_an_entry_busy() {
     let mut e = queued(dir.path(), "ferry://h/x");
     // An entry left "running" by a process that died, whose pid now
     // belongs to a live process (pid 1 always exists).
-    e.state = "running".into();
+    e.state = ferry::queue::QueueState::Running;
     e.pid = 1;
     let q = Queue::new(dir.path());
     q.put(&e).unwrap();
@@ -309,5 +309,8 @@ async fn a_new_copy_that_cannot_work_is_reported_not_queued_and_one_that_may_is_
     .await
     .unwrap();
     assert!(matches!(out, Outcome::Queued { .. }), "{out:?}");
-    assert_eq!(q.get(&fresh.id).unwrap().state, "queued");
+    assert_eq!(
+        q.get(&fresh.id).unwrap().state,
+        ferry::queue::QueueState::Queued
+    );
 }

@@ -1206,7 +1206,7 @@ async fn an_unfinished_upload_is_listed_until_it_completes() {
     let recs = ferry::status::StatusDir::new(&state).list();
     assert_eq!(recs.len(), 1, "{recs:?}");
     assert_eq!(recs[0].direction, "upload");
-    assert_ne!(recs[0].state, "active");
+    assert_ne!(recs[0].state, ferry::status::RecordState::Active);
     assert!(recs[0].remote.starts_with("sftp://"), "{:?}", recs[0]);
     assert!(recs[0].last_error.is_some());
     cp(src.to_str().unwrap(), &s.url(&remote), &state, &s.opts())

@@ -218,9 +218,9 @@ impl Runner {
         rec.bytes_done = done;
         rec.last_error = Some(e.to_string());
         rec.state = if e.is_retryable() {
-            "interrupted".into()
+            crate::status::RecordState::Interrupted
         } else {
-            "failed".into()
+            crate::status::RecordState::Failed
         };
         let _ = self.status.put(rec);
     }

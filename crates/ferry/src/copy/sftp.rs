@@ -278,7 +278,7 @@ impl SftpCopy<'_> {
             remote,
             size,
             bytes_done: 0,
-            state: "active".into(),
+            state: crate::status::RecordState::Active,
             last_error: None,
             updated_unix: 0,
             pid: 0,
