@@ -77,6 +77,11 @@ impl FieldWriter {
         Self::default()
     }
 
+    /// Writes fields after what `prefix` already holds (a frame header).
+    pub(crate) fn after(prefix: BytesMut) -> Self {
+        Self { buf: prefix }
+    }
+
     pub(crate) fn bytes(&mut self, tag: u64, value: &[u8]) -> &mut Self {
         put_varint(&mut self.buf, tag);
         put_varint(&mut self.buf, value.len() as u64);
@@ -148,15 +153,41 @@ pub(crate) fn as_u32(value: &[u8]) -> Result<u32, DecodeError> {
     u32::try_from(as_u64(value)?).map_err(|_| DecodeError::Malformed("integer out of range"))
 }
 
-pub(crate) fn as_string(value: &[u8], max: usize) -> Result<String, DecodeError> {
-    if value.len() > max {
-        return Err(DecodeError::TooLarge {
-            what: "string",
-            len: value.len() as u64,
-            max: max as u64,
-        });
+/// Refuses `len` past `max`: the one check behind every bound on what a peer
+/// sends (string and byte fields, lists, counts, frames).
+pub(crate) fn bounded(what: &'static str, len: u64, max: u64) -> Result<(), DecodeError> {
+    if len > max {
+        return Err(DecodeError::TooLarge { what, len, max });
     }
+    Ok(())
+}
+
+pub(crate) fn as_string(value: &[u8], max: usize) -> Result<String, DecodeError> {
+    bounded("string", value.len() as u64, max as u64)?;
     String::from_utf8(value.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))
+}
+
+/// A byte field of at most `max` bytes (a cheap slice of the body).
+pub(crate) fn as_bounded_bytes(
+    value: &Bytes,
+    max: usize,
+    what: &'static str,
+) -> Result<Bytes, DecodeError> {
+    bounded(what, value.len() as u64, max as u64)?;
+    Ok(value.clone())
+}
+
+/// Appends one more item of a repeated field, refusing the item past `max`
+/// before `item` decodes it.
+pub(crate) fn push_bounded<T>(
+    list: &mut Vec<T>,
+    max: usize,
+    what: &'static str,
+    item: impl FnOnce() -> Result<T, DecodeError>,
+) -> Result<(), DecodeError> {
+    bounded(what, list.len() as u64 + 1, max as u64)?;
+    list.push(item()?);
+    Ok(())
 }
 
 pub(crate) fn as_array<const N: usize>(value: &[u8]) -> Result<[u8; N], DecodeError> {
@@ -185,13 +216,7 @@ pub(crate) fn decode_ranges(mut v: &[u8]) -> Result<RangeSet, DecodeError> {
     let mut n = 0usize;
     while !v.is_empty() {
         n += 1;
-        if n > MAX_RANGES {
-            return Err(DecodeError::TooLarge {
-                what: "range set",
-                len: n as u64,
-                max: MAX_RANGES as u64,
-            });
-        }
+        bounded("range set", n as u64, MAX_RANGES as u64)?;
         let (start, a) = get_varint(v)?;
         let (len, b) = get_varint(&v[a..])?;
         v = &v[a + b..];

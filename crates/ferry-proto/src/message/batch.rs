@@ -4,13 +4,13 @@
 
 use bytes::Bytes;
 
-use super::{kind, Message, MAX_BATCH_FILE, MAX_BATCH_FILES, MAX_PATH};
+use super::{Message, MAX_BATCH_FILE, MAX_BATCH_FILES, MAX_PATH};
 use crate::failure::{Failure, FailureCode, MAX_TEXT};
 use crate::hash::ChunkHash;
 use crate::ranges::RangeSet;
 use crate::wire::{
-    as_array, as_string, as_u32, as_u64, decode_ranges, encode_ranges, DecodeError, FieldReader,
-    FieldWriter,
+    as_array, as_bounded_bytes, as_string, as_u32, as_u64, bounded, decode_ranges, encode_ranges,
+    push_bounded, DecodeError, FieldReader, FieldWriter,
 };
 
 /// One small file announced in a batch.
@@ -59,13 +59,7 @@ fn decode_batch_file(body: Bytes) -> Result<BatchFile, DecodeError> {
         field,
     };
     let size = size.ok_or(missing("size"))?;
-    if size > MAX_BATCH_FILE {
-        return Err(DecodeError::TooLarge {
-            what: "batch file",
-            len: size,
-            max: MAX_BATCH_FILE,
-        });
-    }
+    bounded("batch file", size, MAX_BATCH_FILE)?;
     Ok(BatchFile {
         path: path.ok_or(missing("path"))?,
         size,
@@ -107,67 +101,22 @@ fn encode_batch_failure(f: &BatchFailure) -> FieldWriter {
     e
 }
 
-pub(super) fn encode(m: &Message, w: &mut FieldWriter) -> u8 {
-    match m {
-        Message::BatchPut { alg, files } | Message::BatchGet { alg, files } => {
-            w.str(1, alg);
-            for f in files {
-                w.nested(2, encode_batch_file(f));
-            }
-            if matches!(m, Message::BatchPut { .. }) {
-                kind::BATCH_PUT
-            } else {
-                kind::BATCH_GET
-            }
-        }
-        Message::BatchItem {
-            index,
-            file,
-            payload,
-        } => {
-            w.u64(1, u64::from(*index))
-                .nested(2, encode_batch_file(file));
-            if let Some(p) = payload {
-                w.bytes(3, p);
-            }
-            kind::BATCH_ITEM
-        }
-        Message::BatchNeed { indexes } => {
-            w.bytes(1, &encode_ranges(indexes));
-            kind::BATCH_NEED
-        }
-        Message::BatchData { index, payload } => {
-            w.u64(1, u64::from(*index)).bytes(2, payload);
-            kind::BATCH_DATA
-        }
-        Message::BatchCommit => kind::BATCH_COMMIT,
-        Message::BatchResult { done, failures } => {
-            w.bytes(1, &encode_ranges(done));
-            for f in failures {
-                w.nested(2, encode_batch_failure(f));
-            }
-            kind::BATCH_RESULT
-        }
-        other => unreachable!("{} is not a batch message", other.name()),
+/// The body of `BatchPut` and `BatchGet`: a hash algorithm and the files.
+fn encode_files(w: &mut FieldWriter, alg: &str, files: &[BatchFile]) {
+    w.str(1, alg);
+    for f in files {
+        w.nested(2, encode_batch_file(f));
     }
 }
 
-/// The body of `BatchPut` and `BatchGet`: a hash algorithm and the files.
 fn decode_files(mut r: FieldReader) -> Result<(String, Vec<BatchFile>), DecodeError> {
     let (mut alg, mut files) = (None, Vec::new());
     while let Some((tag, v)) = r.next_field()? {
         match tag {
             1 => alg = Some(as_string(&v, 64)?),
-            2 => {
-                if files.len() >= MAX_BATCH_FILES {
-                    return Err(DecodeError::TooLarge {
-                        what: "batch",
-                        len: files.len() as u64 + 1,
-                        max: MAX_BATCH_FILES as u64,
-                    });
-                }
-                files.push(decode_batch_file(v)?);
-            }
+            2 => push_bounded(&mut files, MAX_BATCH_FILES, "batch", || {
+                decode_batch_file(v)
+            })?,
             _ => {}
         }
     }
@@ -178,9 +127,17 @@ fn decode_files(mut r: FieldReader) -> Result<(String, Vec<BatchFile>), DecodeEr
     Ok((alg, files))
 }
 
+pub(super) fn encode_batch_put(w: &mut FieldWriter, alg: &str, files: &[BatchFile]) {
+    encode_files(w, alg, files);
+}
+
 pub(super) fn decode_batch_put(r: FieldReader) -> Result<Message, DecodeError> {
     let (alg, files) = decode_files(r)?;
     Ok(Message::BatchPut { alg, files })
+}
+
+pub(super) fn encode_batch_get(w: &mut FieldWriter, alg: &str, files: &[BatchFile]) {
+    encode_files(w, alg, files);
 }
 
 pub(super) fn decode_batch_get(r: FieldReader) -> Result<Message, DecodeError> {
@@ -189,15 +146,21 @@ pub(super) fn decode_batch_get(r: FieldReader) -> Result<Message, DecodeError> {
 }
 
 /// A whole small file's content, bounded like the file itself.
-fn batch_payload(v: Bytes) -> Result<Bytes, DecodeError> {
-    if v.len() as u64 > MAX_BATCH_FILE {
-        return Err(DecodeError::TooLarge {
-            what: "batch file",
-            len: v.len() as u64,
-            max: MAX_BATCH_FILE,
-        });
+fn batch_payload(v: &Bytes) -> Result<Bytes, DecodeError> {
+    as_bounded_bytes(v, MAX_BATCH_FILE as usize, "batch file")
+}
+
+pub(super) fn encode_batch_item(
+    w: &mut FieldWriter,
+    index: &u32,
+    file: &BatchFile,
+    payload: &Option<Bytes>,
+) {
+    w.u64(1, u64::from(*index))
+        .nested(2, encode_batch_file(file));
+    if let Some(p) = payload {
+        w.bytes(3, p);
     }
-    Ok(v)
 }
 
 pub(super) fn decode_batch_item(mut r: FieldReader) -> Result<Message, DecodeError> {
@@ -206,7 +169,7 @@ pub(super) fn decode_batch_item(mut r: FieldReader) -> Result<Message, DecodeErr
         match tag {
             1 => index = Some(as_u32(&v)?),
             2 => file = Some(decode_batch_file(v)?),
-            3 => payload = Some(batch_payload(v)?),
+            3 => payload = Some(batch_payload(&v)?),
             _ => {}
         }
     }
@@ -221,6 +184,10 @@ pub(super) fn decode_batch_item(mut r: FieldReader) -> Result<Message, DecodeErr
     })
 }
 
+pub(super) fn encode_batch_need(w: &mut FieldWriter, indexes: &RangeSet) {
+    w.bytes(1, &encode_ranges(indexes));
+}
+
 pub(super) fn decode_batch_need(mut r: FieldReader) -> Result<Message, DecodeError> {
     let mut indexes = RangeSet::new();
     while let Some((tag, v)) = r.next_field()? {
@@ -231,12 +198,16 @@ pub(super) fn decode_batch_need(mut r: FieldReader) -> Result<Message, DecodeErr
     Ok(Message::BatchNeed { indexes })
 }
 
+pub(super) fn encode_batch_data(w: &mut FieldWriter, index: &u32, payload: &[u8]) {
+    w.u64(1, u64::from(*index)).bytes(2, payload);
+}
+
 pub(super) fn decode_batch_data(mut r: FieldReader) -> Result<Message, DecodeError> {
     let (mut index, mut payload) = (None, None);
     while let Some((tag, v)) = r.next_field()? {
         match tag {
             1 => index = Some(as_u32(&v)?),
-            2 => payload = Some(batch_payload(v)?),
+            2 => payload = Some(batch_payload(&v)?),
             _ => {}
         }
     }
@@ -249,21 +220,28 @@ pub(super) fn decode_batch_data(mut r: FieldReader) -> Result<Message, DecodeErr
     })
 }
 
+/// `BatchCommit` has no body.
+pub(super) fn encode_batch_commit(_: &mut FieldWriter) {}
+
+pub(super) fn decode_batch_commit(_: FieldReader) -> Result<Message, DecodeError> {
+    Ok(Message::BatchCommit)
+}
+
+pub(super) fn encode_batch_result(w: &mut FieldWriter, done: &RangeSet, failures: &[BatchFailure]) {
+    w.bytes(1, &encode_ranges(done));
+    for f in failures {
+        w.nested(2, encode_batch_failure(f));
+    }
+}
+
 pub(super) fn decode_batch_result(mut r: FieldReader) -> Result<Message, DecodeError> {
     let (mut done, mut failures) = (RangeSet::new(), Vec::new());
     while let Some((tag, v)) = r.next_field()? {
         match tag {
             1 => done = decode_ranges(&v)?,
-            2 => {
-                if failures.len() >= MAX_BATCH_FILES {
-                    return Err(DecodeError::TooLarge {
-                        what: "batch result",
-                        len: failures.len() as u64 + 1,
-                        max: MAX_BATCH_FILES as u64,
-                    });
-                }
-                failures.push(decode_batch_failure(v)?);
-            }
+            2 => push_bounded(&mut failures, MAX_BATCH_FILES, "batch result", || {
+                decode_batch_failure(v)
+            })?,
             _ => {}
         }
     }

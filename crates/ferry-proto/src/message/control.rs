@@ -1,31 +1,13 @@
 //! Messages outside any request: `Failure`, `Ok`, and the `Ping`/`Pong` keepalive.
 
-use super::{kind, Message};
+use super::Message;
 use crate::failure::{Failure, FailureCode, MAX_TEXT};
 use crate::wire::{as_string, as_u64, DecodeError, FieldReader, FieldWriter};
 
-pub(super) fn encode(m: &Message, w: &mut FieldWriter) -> u8 {
-    match m {
-        Message::Failure(f) => {
-            w.u64(1, f.code.to_u64()).str(2, &f.message);
-            if let Some(ms) = f.retry_after_ms {
-                w.u64(3, ms);
-            }
-            kind::FAILURE
-        }
-        Message::Ok => kind::OK,
-        Message::Ping { nonce, received } => {
-            w.u64(1, *nonce);
-            if let Some(n) = received {
-                w.u64(2, *n);
-            }
-            kind::PING
-        }
-        Message::Pong { nonce } => {
-            w.u64(1, *nonce);
-            kind::PONG
-        }
-        other => unreachable!("{} is not a control message", other.name()),
+pub(super) fn encode_failure(w: &mut FieldWriter, f: &Failure) {
+    w.u64(1, f.code.to_u64()).str(2, &f.message);
+    if let Some(ms) = f.retry_after_ms {
+        w.u64(3, ms);
     }
 }
 
@@ -40,6 +22,20 @@ pub(super) fn decode_failure(mut r: FieldReader) -> Result<Message, DecodeError>
         }
     }
     Ok(Message::Failure(f))
+}
+
+/// `Ok` has no body.
+pub(super) fn encode_ok(_: &mut FieldWriter) {}
+
+pub(super) fn decode_ok(_: FieldReader) -> Result<Message, DecodeError> {
+    Ok(Message::Ok)
+}
+
+pub(super) fn encode_ping(w: &mut FieldWriter, nonce: &u64, received: &Option<u64>) {
+    w.u64(1, *nonce);
+    if let Some(n) = received {
+        w.u64(2, *n);
+    }
 }
 
 /// The body of `Ping` and `Pong`: a nonce, and for `Ping` the bytes received.
@@ -58,6 +54,10 @@ fn decode_keepalive(mut r: FieldReader) -> Result<(u64, Option<u64>), DecodeErro
 pub(super) fn decode_ping(r: FieldReader) -> Result<Message, DecodeError> {
     let (nonce, received) = decode_keepalive(r)?;
     Ok(Message::Ping { nonce, received })
+}
+
+pub(super) fn encode_pong(w: &mut FieldWriter, nonce: &u64) {
+    w.u64(1, *nonce);
 }
 
 pub(super) fn decode_pong(r: FieldReader) -> Result<Message, DecodeError> {

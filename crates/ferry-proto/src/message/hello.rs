@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 
-use super::{kind, Message, MAX_LIST, MAX_TOKEN};
-use crate::wire::{as_string, as_u64, DecodeError, FieldReader, FieldWriter};
+use super::{Message, MAX_LIST, MAX_TOKEN};
+use crate::wire::{as_bounded_bytes, as_string, as_u64, DecodeError, FieldReader, FieldWriter};
 
 /// A protocol version; peers must share the major number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -27,44 +27,23 @@ impl Version {
     }
 }
 
-pub(super) fn encode(m: &Message, w: &mut FieldWriter) -> u8 {
-    match m {
-        Message::Hello {
-            versions,
-            caps,
-            token,
-            agent,
-            stall_ms,
-        } => {
-            for v in versions {
-                w.u64(1, v.to_u64());
-            }
-            for c in caps {
-                w.str(2, c);
-            }
-            w.bytes(3, token).str(4, agent);
-            if let Some(ms) = stall_ms {
-                w.u64(5, *ms);
-            }
-            kind::HELLO
-        }
-        Message::Welcome {
-            version,
-            caps,
-            server,
-            stall_ms,
-        } => {
-            w.u64(1, version.to_u64());
-            for c in caps {
-                w.str(2, c);
-            }
-            w.str(3, server);
-            if let Some(ms) = stall_ms {
-                w.u64(4, *ms);
-            }
-            kind::WELCOME
-        }
-        other => unreachable!("{} is not a hello message", other.name()),
+pub(super) fn encode_hello(
+    w: &mut FieldWriter,
+    versions: &[Version],
+    caps: &[String],
+    token: &[u8],
+    agent: &str,
+    stall_ms: &Option<u64>,
+) {
+    for v in versions {
+        w.u64(1, v.to_u64());
+    }
+    for c in caps {
+        w.str(2, c);
+    }
+    w.bytes(3, token).str(4, agent);
+    if let Some(ms) = stall_ms {
+        w.u64(5, *ms);
     }
 }
 
@@ -75,16 +54,7 @@ pub(super) fn decode_hello(mut r: FieldReader) -> Result<Message, DecodeError> {
         match tag {
             1 if versions.len() < MAX_LIST => versions.push(Version::from_u64(as_u64(&v)?)?),
             2 if caps.len() < MAX_LIST => caps.push(as_string(&v, 64)?),
-            3 => {
-                if v.len() > MAX_TOKEN {
-                    return Err(DecodeError::TooLarge {
-                        what: "token",
-                        len: v.len() as u64,
-                        max: MAX_TOKEN as u64,
-                    });
-                }
-                token = v
-            }
+            3 => token = as_bounded_bytes(&v, MAX_TOKEN, "token")?,
             4 => agent = as_string(&v, 256)?,
             5 => stall_ms = Some(as_u64(&v)?),
             _ => {}
@@ -97,6 +67,23 @@ pub(super) fn decode_hello(mut r: FieldReader) -> Result<Message, DecodeError> {
         agent,
         stall_ms,
     })
+}
+
+pub(super) fn encode_welcome(
+    w: &mut FieldWriter,
+    version: &Version,
+    caps: &[String],
+    server: &str,
+    stall_ms: &Option<u64>,
+) {
+    w.u64(1, version.to_u64());
+    for c in caps {
+        w.str(2, c);
+    }
+    w.str(3, server);
+    if let Some(ms) = stall_ms {
+        w.u64(4, *ms);
+    }
 }
 
 pub(super) fn decode_welcome(mut r: FieldReader) -> Result<Message, DecodeError> {

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 
-use super::{kind, Message, MAX_LIST_ENTRIES, MAX_PATH};
-use crate::wire::{as_string, as_u32, as_u64, DecodeError, FieldReader, FieldWriter};
+use super::{Message, MAX_LIST_ENTRIES, MAX_PATH};
+use crate::wire::{as_string, as_u32, as_u64, push_bounded, DecodeError, FieldReader, FieldWriter};
 
 /// What kind of thing a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,41 +81,6 @@ fn decode_entry(body: Bytes) -> Result<Entry, DecodeError> {
     })
 }
 
-pub(super) fn encode(m: &Message, w: &mut FieldWriter) -> u8 {
-    match m {
-        Message::Stat { path } => {
-            w.str(1, path);
-            kind::STAT
-        }
-        Message::StatReply { entry } => {
-            w.nested(1, encode_entry(entry));
-            kind::STAT_REPLY
-        }
-        Message::List { path } => {
-            w.str(1, path);
-            kind::LIST
-        }
-        Message::ListReply { entries, more } => {
-            for e in entries {
-                w.nested(1, encode_entry(e));
-            }
-            w.bool(2, *more);
-            kind::LIST_REPLY
-        }
-        Message::Mkdir {
-            path,
-            mode,
-            mtime_ns,
-        } => {
-            w.str(1, path)
-                .u64(2, u64::from(*mode))
-                .u64(3, *mtime_ns as u64);
-            kind::MKDIR
-        }
-        other => unreachable!("{} is not a listing message", other.name()),
-    }
-}
-
 /// The body of `Stat` and `List`: one path.
 fn decode_path(mut r: FieldReader) -> Result<String, DecodeError> {
     let mut path = None;
@@ -130,16 +95,33 @@ fn decode_path(mut r: FieldReader) -> Result<String, DecodeError> {
     })
 }
 
+/// The body of `Stat` and `List`.
+fn encode_path(w: &mut FieldWriter, path: &str) {
+    w.str(1, path);
+}
+
+pub(super) fn encode_stat(w: &mut FieldWriter, path: &str) {
+    encode_path(w, path);
+}
+
 pub(super) fn decode_stat(r: FieldReader) -> Result<Message, DecodeError> {
     Ok(Message::Stat {
         path: decode_path(r)?,
     })
 }
 
+pub(super) fn encode_list(w: &mut FieldWriter, path: &str) {
+    encode_path(w, path);
+}
+
 pub(super) fn decode_list(r: FieldReader) -> Result<Message, DecodeError> {
     Ok(Message::List {
         path: decode_path(r)?,
     })
+}
+
+pub(super) fn encode_stat_reply(w: &mut FieldWriter, entry: &Entry) {
+    w.nested(1, encode_entry(entry));
 }
 
 pub(super) fn decode_stat_reply(mut r: FieldReader) -> Result<Message, DecodeError> {
@@ -157,25 +139,31 @@ pub(super) fn decode_stat_reply(mut r: FieldReader) -> Result<Message, DecodeErr
     })
 }
 
+pub(super) fn encode_list_reply(w: &mut FieldWriter, entries: &[Entry], more: &bool) {
+    for e in entries {
+        w.nested(1, encode_entry(e));
+    }
+    w.bool(2, *more);
+}
+
 pub(super) fn decode_list_reply(mut r: FieldReader) -> Result<Message, DecodeError> {
     let (mut entries, mut more) = (vec![], false);
     while let Some((tag, v)) = r.next_field()? {
         match tag {
-            1 => {
-                if entries.len() >= MAX_LIST_ENTRIES {
-                    return Err(DecodeError::TooLarge {
-                        what: "list page",
-                        len: entries.len() as u64 + 1,
-                        max: MAX_LIST_ENTRIES as u64,
-                    });
-                }
-                entries.push(decode_entry(v)?)
-            }
+            1 => push_bounded(&mut entries, MAX_LIST_ENTRIES, "list page", || {
+                decode_entry(v)
+            })?,
             2 => more = as_u64(&v)? != 0,
             _ => {}
         }
     }
     Ok(Message::ListReply { entries, more })
+}
+
+pub(super) fn encode_mkdir(w: &mut FieldWriter, path: &str, mode: &u32, mtime_ns: &i64) {
+    w.str(1, path)
+        .u64(2, u64::from(*mode))
+        .u64(3, *mtime_ns as u64);
 }
 
 pub(super) fn decode_mkdir(mut r: FieldReader) -> Result<Message, DecodeError> {

@@ -10,18 +10,26 @@
 //! encoding and decoding of its bodies: `hello` (`Hello`, `Welcome`),
 //! `control` (`Failure`, `Ok`, `Ping`, `Pong`), `listing` (`Stat`, `List`,
 //! `Mkdir`), `transfer` (one file's transfer) and `batch` (small files). This
-//! file holds the [`Message`] enum, the table of frame types, and the
-//! [`FrameDecoder`]. Adding a message: a variant, a tag in `kind`, its
-//! encoding in its family's `encode`, its decoder in [`Message::decode`].
+//! file holds the [`Message`] enum, the table of messages (one line each: frame
+//! type, variant, family, encoder and decoder; the `messages!` macro of
+//! `codec.rs` makes the tags, the names and the dispatch from it), and the
+//! [`FrameDecoder`].
+//!
+//! Adding a message touches three places: a variant of [`Message`], one line
+//! in the table below, and the message's `encode_*`/`decode_*` pair in its
+//! family's file. The compiler refuses a variant without a line, and the
+//! table refuses a frame type used twice.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::chunk::MAX_CHUNK;
 use crate::hash::{ChunkHash, TransferId};
 use crate::ranges::RangeSet;
-use crate::wire::{as_array, as_u32, as_u64, get_varint, FieldReader, FieldWriter};
+use crate::wire::{as_array, as_u32, as_u64, bounded, get_varint, FieldReader, FieldWriter};
+use codec::messages;
 
 mod batch;
+mod codec;
 mod control;
 mod hello;
 mod listing;
@@ -218,172 +226,69 @@ pub enum Message {
     },
 }
 
-/// The frame type of every message: the one table of tags.
-mod kind {
-    pub const HELLO: u8 = 1;
-    pub const WELCOME: u8 = 2;
-    pub const FAILURE: u8 = 3;
-    pub const STAT: u8 = 10;
-    pub const STAT_REPLY: u8 = 11;
-    pub const LIST: u8 = 12;
-    pub const LIST_REPLY: u8 = 13;
-    pub const MKDIR: u8 = 14;
-    pub const OK: u8 = 15;
-    pub const PUT_OPEN: u8 = 20;
-    pub const GET_OPEN: u8 = 21;
-    pub const GET_META: u8 = 22;
-    pub const OFFER: u8 = 23;
-    pub const AGREED: u8 = 24;
-    pub const DATA: u8 = 25;
-    pub const ACK: u8 = 26;
-    pub const REJECT: u8 = 27;
-    pub const NEED: u8 = 28;
-    pub const DONE: u8 = 29;
-    pub const COMPLETE: u8 = 30;
-    pub const LANE: u8 = 31;
-    pub const BATCH_PUT: u8 = 40;
-    pub const BATCH_NEED: u8 = 41;
-    pub const BATCH_DATA: u8 = 42;
-    pub const BATCH_COMMIT: u8 = 43;
-    pub const BATCH_RESULT: u8 = 44;
-    pub const BATCH_GET: u8 = 45;
-    pub const BATCH_ITEM: u8 = 46;
-    pub const PING: u8 = 0x80;
-    pub const PONG: u8 = 0x81;
+// The table of messages, one line each (see `codec.rs`):
+// tag presence Variant { fields } => family::{encoder, decoder};
+messages! {
+    1 required Hello { versions, caps, token, agent, stall_ms } => hello::{encode_hello, decode_hello};
+    2 required Welcome { version, caps, server, stall_ms } => hello::{encode_welcome, decode_welcome};
+    3 required Failure { 0: failure } => control::{encode_failure, decode_failure};
+    10 required Stat { path } => listing::{encode_stat, decode_stat};
+    11 required StatReply { entry } => listing::{encode_stat_reply, decode_stat_reply};
+    12 required List { path } => listing::{encode_list, decode_list};
+    13 required ListReply { entries, more } => listing::{encode_list_reply, decode_list_reply};
+    14 required Mkdir { path, mode, mtime_ns } => listing::{encode_mkdir, decode_mkdir};
+    15 required Ok {} => control::{encode_ok, decode_ok};
+    20 required PutOpen { id, path, meta } => transfer::{encode_put_open, decode_put_open};
+    21 required GetOpen { id, path, algs } => transfer::{encode_get_open, decode_get_open};
+    22 required GetMeta { id, meta } => transfer::{encode_get_meta, decode_get_meta};
+    23 required Offer { ranges, hashes, more } => transfer::{encode_offer, decode_offer};
+    24 required Agreed { ranges } => transfer::{encode_agreed, decode_agreed};
+    25 required Data { index, offset, tag, payload } => transfer::{encode_data, decode_data};
+    26 required Ack { ranges } => transfer::{encode_ack, decode_ack};
+    27 required Reject { index } => transfer::{encode_reject, decode_reject};
+    28 required Need { ranges } => transfer::{encode_need, decode_need};
+    29 required Done { digest } => transfer::{encode_done, decode_done};
+    30 required Complete { digest } => transfer::{encode_complete, decode_complete};
+    31 required Lane { id } => transfer::{encode_lane, decode_lane};
+    40 required BatchPut { alg, files } => batch::{encode_batch_put, decode_batch_put};
+    41 required BatchNeed { indexes } => batch::{encode_batch_need, decode_batch_need};
+    42 required BatchData { index, payload } => batch::{encode_batch_data, decode_batch_data};
+    43 required BatchCommit {} => batch::{encode_batch_commit, decode_batch_commit};
+    44 required BatchResult { done, failures } => batch::{encode_batch_result, decode_batch_result};
+    45 required BatchGet { alg, files } => batch::{encode_batch_get, decode_batch_get};
+    46 required BatchItem { index, file, payload } => batch::{encode_batch_item, decode_batch_item};
+    0x80 optional Ping { nonce, received } => control::{encode_ping, decode_ping};
+    0x81 optional Pong { nonce } => control::{encode_pong, decode_pong};
 }
 
 impl Message {
-    /// A short name for logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Message::Hello { .. } => "Hello",
-            Message::Welcome { .. } => "Welcome",
-            Message::Failure(_) => "Failure",
-            Message::Stat { .. } => "Stat",
-            Message::StatReply { .. } => "StatReply",
-            Message::List { .. } => "List",
-            Message::ListReply { .. } => "ListReply",
-            Message::Mkdir { .. } => "Mkdir",
-            Message::Ok => "Ok",
-            Message::PutOpen { .. } => "PutOpen",
-            Message::GetOpen { .. } => "GetOpen",
-            Message::GetMeta { .. } => "GetMeta",
-            Message::Lane { .. } => "Lane",
-            Message::Offer { .. } => "Offer",
-            Message::Agreed { .. } => "Agreed",
-            Message::Data { .. } => "Data",
-            Message::Ack { .. } => "Ack",
-            Message::Reject { .. } => "Reject",
-            Message::Need { .. } => "Need",
-            Message::Done { .. } => "Done",
-            Message::Complete { .. } => "Complete",
-            Message::BatchPut { .. } => "BatchPut",
-            Message::BatchNeed { .. } => "BatchNeed",
-            Message::BatchData { .. } => "BatchData",
-            Message::BatchCommit => "BatchCommit",
-            Message::BatchResult { .. } => "BatchResult",
-            Message::BatchGet { .. } => "BatchGet",
-            Message::BatchItem { .. } => "BatchItem",
-            Message::Ping { .. } => "Ping",
-            Message::Pong { .. } => "Pong",
-        }
-    }
-
     /// Encodes this message as one complete frame.
     pub fn encode(&self) -> Bytes {
-        let mut w = FieldWriter::new();
-        let kind = match self {
-            Message::Data {
-                index,
-                offset,
-                tag,
-                payload,
-            } => {
-                let mut b = encode_data_header(*index, *offset, tag, payload.len());
-                b.extend_from_slice(payload);
-                return b.freeze();
-            }
-            Message::Hello { .. } | Message::Welcome { .. } => hello::encode(self, &mut w),
-            Message::Failure(_) | Message::Ok | Message::Ping { .. } | Message::Pong { .. } => {
-                control::encode(self, &mut w)
-            }
-            Message::Stat { .. }
-            | Message::StatReply { .. }
-            | Message::List { .. }
-            | Message::ListReply { .. }
-            | Message::Mkdir { .. } => listing::encode(self, &mut w),
-            Message::PutOpen { .. }
-            | Message::GetOpen { .. }
-            | Message::GetMeta { .. }
-            | Message::Lane { .. }
-            | Message::Offer { .. }
-            | Message::Agreed { .. }
-            | Message::Ack { .. }
-            | Message::Reject { .. }
-            | Message::Need { .. }
-            | Message::Done { .. }
-            | Message::Complete { .. } => transfer::encode(self, &mut w),
-            Message::BatchPut { .. }
-            | Message::BatchNeed { .. }
-            | Message::BatchData { .. }
-            | Message::BatchCommit
-            | Message::BatchResult { .. }
-            | Message::BatchGet { .. }
-            | Message::BatchItem { .. } => batch::encode(self, &mut w),
-        };
-        let body = w.finish();
-        let mut out = BytesMut::with_capacity(5 + body.len());
-        out.put_u32(1 + body.len() as u32);
-        out.put_u8(kind);
-        out.extend_from_slice(&body);
-        out.freeze()
+        // The header's place is kept and filled in once the body is written.
+        let mut w = FieldWriter::after(BytesMut::zeroed(5));
+        let kind = self.encode_body(&mut w);
+        let mut frame = w.finish();
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        frame[4] = kind;
+        frame.freeze()
     }
 
     /// Decodes the body of a frame of type `kind`; `Ok(None)` for an optional
     /// type this version does not know.
     pub fn decode(kind: u8, body: Bytes) -> Result<Option<Message>, DecodeError> {
-        if kind != kind::DATA && body.len() > MAX_CONTROL_FRAME as usize {
-            return Err(DecodeError::TooLarge {
-                what: "control frame",
-                len: body.len() as u64,
-                max: u64::from(MAX_CONTROL_FRAME),
-            });
+        if kind != kind::Data {
+            bounded(
+                "control frame",
+                body.len() as u64,
+                u64::from(MAX_CONTROL_FRAME),
+            )?;
         }
-        let decode: fn(FieldReader) -> Result<Message, DecodeError> = match kind {
-            kind::HELLO => hello::decode_hello,
-            kind::WELCOME => hello::decode_welcome,
-            kind::FAILURE => control::decode_failure,
-            kind::OK => |_| Ok(Message::Ok),
-            kind::PING => control::decode_ping,
-            kind::PONG => control::decode_pong,
-            kind::STAT => listing::decode_stat,
-            kind::STAT_REPLY => listing::decode_stat_reply,
-            kind::LIST => listing::decode_list,
-            kind::LIST_REPLY => listing::decode_list_reply,
-            kind::MKDIR => listing::decode_mkdir,
-            kind::PUT_OPEN => transfer::decode_put_open,
-            kind::GET_OPEN => transfer::decode_get_open,
-            kind::GET_META => transfer::decode_get_meta,
-            kind::LANE => transfer::decode_lane,
-            kind::OFFER => transfer::decode_offer,
-            kind::AGREED => transfer::decode_agreed,
-            kind::DATA => transfer::decode_data,
-            kind::ACK => transfer::decode_ack,
-            kind::REJECT => transfer::decode_reject,
-            kind::NEED => transfer::decode_need,
-            kind::DONE => transfer::decode_done,
-            kind::COMPLETE => transfer::decode_complete,
-            kind::BATCH_PUT => batch::decode_batch_put,
-            kind::BATCH_NEED => batch::decode_batch_need,
-            kind::BATCH_DATA => batch::decode_batch_data,
-            kind::BATCH_COMMIT => |_| Ok(Message::BatchCommit),
-            kind::BATCH_RESULT => batch::decode_batch_result,
-            kind::BATCH_GET => batch::decode_batch_get,
-            kind::BATCH_ITEM => batch::decode_batch_item,
-            k if k >= 0x80 => return Ok(None),
-            k => return Err(DecodeError::UnknownFrame(k)),
-        };
-        decode(FieldReader::new(body)).map(Some)
+        match Message::body_decoder(kind) {
+            Some(decode) => decode(FieldReader::new(body)).map(Some),
+            None if kind >= 0x80 => Ok(None),
+            None => Err(DecodeError::UnknownFrame(kind)),
+        }
     }
 }
 
@@ -416,7 +321,7 @@ impl FrameDecoder {
             return None;
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        let cap = if buf[4] == kind::DATA {
+        let cap = if buf[4] == kind::Data {
             MAX_FRAME
         } else {
             MAX_CONTROL_FRAME + 1
@@ -426,7 +331,7 @@ impl FrameDecoder {
 
     /// Whether `buf` starts with (the first bytes of) a `Data` frame.
     pub fn starts_data(buf: &[u8]) -> bool {
-        buf.get(4) == Some(&kind::DATA)
+        buf.get(4) == Some(&kind::Data)
     }
 
     /// The header of a `Data` frame at the front of `buf`, once it is
@@ -438,7 +343,7 @@ impl FrameDecoder {
     pub fn data_header(&self, buf: &[u8]) -> Option<DataHeader> {
         let head = buf.get(..5)?;
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        if head[4] != kind::DATA
+        if head[4] != kind::Data
             || len == 0
             || len > MAX_FRAME
             || self.limit.is_some_and(|l| len > l)
@@ -490,22 +395,16 @@ impl FrameDecoder {
             if len == 0 {
                 return Err(DecodeError::Malformed("empty frame"));
             }
-            if len > MAX_FRAME {
-                return Err(DecodeError::TooLarge {
-                    what: "frame",
-                    len: u64::from(len),
-                    max: u64::from(MAX_FRAME),
-                });
-            }
-            if let Some(limit) = self.limit.filter(|l| len > *l) {
-                return Err(DecodeError::TooLarge {
-                    what: "frame before authentication",
-                    len: u64::from(len),
-                    max: u64::from(limit),
-                });
+            bounded("frame", u64::from(len), u64::from(MAX_FRAME))?;
+            if let Some(limit) = self.limit {
+                bounded(
+                    "frame before authentication",
+                    u64::from(len),
+                    u64::from(limit),
+                )?;
             }
             let kind = buf[4];
-            if kind != kind::DATA && len > MAX_CONTROL_FRAME + 1 {
+            if kind != kind::Data && len > MAX_CONTROL_FRAME + 1 {
                 return Err(DecodeError::TooLarge {
                     what: "control frame",
                     len: u64::from(len),

@@ -8,8 +8,8 @@ use super::{kind, Message, MAX_LIST, MAX_OFFER_CHUNKS, MAX_PATH};
 use crate::hash::{ChunkHash, TransferId};
 use crate::ranges::RangeSet;
 use crate::wire::{
-    as_array, as_string, as_u32, as_u64, decode_ranges, encode_ranges, put_varint, DecodeError,
-    FieldReader, FieldWriter,
+    as_array, as_bounded_bytes, as_string, as_u32, as_u64, bounded, decode_ranges, encode_ranges,
+    put_varint, DecodeError, FieldReader, FieldWriter,
 };
 
 /// What the sender says about the file it is about to send.
@@ -53,16 +53,7 @@ impl MetaFields {
             12 => self.mode = as_u32(v)?,
             13 => self.chunk_size = Some(as_u32(v)?),
             14 => self.alg = Some(as_string(v, 32)?),
-            15 => {
-                if v.len() > 64 {
-                    return Err(DecodeError::TooLarge {
-                        what: "source id",
-                        len: v.len() as u64,
-                        max: 64,
-                    });
-                }
-                self.source_id = v.clone()
-            }
+            15 => self.source_id = as_bounded_bytes(v, 64, "source id")?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -86,67 +77,6 @@ impl MetaFields {
             })?,
             source_id: self.source_id,
         })
-    }
-}
-
-pub(super) fn encode(m: &Message, w: &mut FieldWriter) -> u8 {
-    match m {
-        Message::PutOpen { id, path, meta } => {
-            w.bytes(1, &id.0).str(2, path);
-            encode_meta(w, meta);
-            kind::PUT_OPEN
-        }
-        Message::GetOpen { id, path, algs } => {
-            w.bytes(1, &id.0).str(2, path);
-            for a in algs {
-                w.str(3, a);
-            }
-            kind::GET_OPEN
-        }
-        Message::Lane { id } => {
-            w.bytes(1, &id.0);
-            kind::LANE
-        }
-        Message::GetMeta { id, meta } => {
-            w.bytes(1, &id.0);
-            encode_meta(w, meta);
-            kind::GET_META
-        }
-        Message::Offer {
-            ranges,
-            hashes,
-            more,
-        } => {
-            w.bytes(1, &encode_ranges(ranges))
-                .bytes(2, hashes)
-                .bool(3, *more);
-            kind::OFFER
-        }
-        Message::Agreed { ranges } => {
-            w.bytes(1, &encode_ranges(ranges));
-            kind::AGREED
-        }
-        Message::Ack { ranges } => {
-            w.bytes(1, &encode_ranges(ranges));
-            kind::ACK
-        }
-        Message::Reject { index } => {
-            w.u64(1, u64::from(*index));
-            kind::REJECT
-        }
-        Message::Need { ranges } => {
-            w.bytes(1, &encode_ranges(ranges));
-            kind::NEED
-        }
-        Message::Done { digest } => {
-            w.bytes(1, &digest.0);
-            kind::DONE
-        }
-        Message::Complete { digest } => {
-            w.bytes(1, &digest.0);
-            kind::COMPLETE
-        }
-        other => unreachable!("{} is not a transfer message", other.name()),
     }
 }
 
@@ -174,6 +104,11 @@ fn decode_open(
     Ok((id, path, meta))
 }
 
+pub(super) fn encode_put_open(w: &mut FieldWriter, id: &TransferId, path: &str, meta: &FileMeta) {
+    w.bytes(1, &id.0).str(2, path);
+    encode_meta(w, meta);
+}
+
 pub(super) fn decode_put_open(r: FieldReader) -> Result<Message, DecodeError> {
     let (id, path, meta) = decode_open(r, "PutOpen")?;
     Ok(Message::PutOpen {
@@ -186,9 +121,18 @@ pub(super) fn decode_put_open(r: FieldReader) -> Result<Message, DecodeError> {
     })
 }
 
+pub(super) fn encode_get_meta(w: &mut FieldWriter, id: &TransferId, meta: &FileMeta) {
+    w.bytes(1, &id.0);
+    encode_meta(w, meta);
+}
+
 pub(super) fn decode_get_meta(r: FieldReader) -> Result<Message, DecodeError> {
     let (id, _, meta) = decode_open(r, "GetMeta")?;
     Ok(Message::GetMeta { id, meta })
+}
+
+pub(super) fn encode_lane(w: &mut FieldWriter, id: &TransferId) {
+    w.bytes(1, &id.0);
 }
 
 pub(super) fn decode_lane(mut r: FieldReader) -> Result<Message, DecodeError> {
@@ -204,6 +148,13 @@ pub(super) fn decode_lane(mut r: FieldReader) -> Result<Message, DecodeError> {
             field: "id",
         })?,
     })
+}
+
+pub(super) fn encode_get_open(w: &mut FieldWriter, id: &TransferId, path: &str, algs: &[String]) {
+    w.bytes(1, &id.0).str(2, path);
+    for a in algs {
+        w.str(3, a);
+    }
 }
 
 pub(super) fn decode_get_open(mut r: FieldReader) -> Result<Message, DecodeError> {
@@ -227,6 +178,12 @@ pub(super) fn decode_get_open(mut r: FieldReader) -> Result<Message, DecodeError
     })
 }
 
+pub(super) fn encode_offer(w: &mut FieldWriter, ranges: &RangeSet, hashes: &[u8], more: &bool) {
+    w.bytes(1, &encode_ranges(ranges))
+        .bytes(2, hashes)
+        .bool(3, *more);
+}
+
 pub(super) fn decode_offer(mut r: FieldReader) -> Result<Message, DecodeError> {
     let (mut ranges, mut hashes, mut more) = (RangeSet::new(), Bytes::new(), false);
     while let Some((tag, v)) = r.next_field()? {
@@ -238,13 +195,7 @@ pub(super) fn decode_offer(mut r: FieldReader) -> Result<Message, DecodeError> {
         }
     }
     let n = ranges.count();
-    if n > u64::from(MAX_OFFER_CHUNKS) {
-        return Err(DecodeError::TooLarge {
-            what: "offer",
-            len: n,
-            max: u64::from(MAX_OFFER_CHUNKS),
-        });
-    }
+    bounded("offer", n, u64::from(MAX_OFFER_CHUNKS))?;
     if hashes.len() as u64 != n * 32 {
         return Err(DecodeError::Malformed(
             "offer hash count does not match its ranges",
@@ -258,6 +209,10 @@ pub(super) fn decode_offer(mut r: FieldReader) -> Result<Message, DecodeError> {
 }
 
 /// The body of `Agreed`, `Ack` and `Need`: one range set.
+fn encode_range_body(w: &mut FieldWriter, ranges: &RangeSet) {
+    w.bytes(1, &encode_ranges(ranges));
+}
+
 fn decode_range_body(mut r: FieldReader) -> Result<RangeSet, DecodeError> {
     let mut ranges = RangeSet::new();
     while let Some((tag, v)) = r.next_field()? {
@@ -268,10 +223,18 @@ fn decode_range_body(mut r: FieldReader) -> Result<RangeSet, DecodeError> {
     Ok(ranges)
 }
 
+pub(super) fn encode_agreed(w: &mut FieldWriter, ranges: &RangeSet) {
+    encode_range_body(w, ranges);
+}
+
 pub(super) fn decode_agreed(r: FieldReader) -> Result<Message, DecodeError> {
     Ok(Message::Agreed {
         ranges: decode_range_body(r)?,
     })
+}
+
+pub(super) fn encode_ack(w: &mut FieldWriter, ranges: &RangeSet) {
+    encode_range_body(w, ranges);
 }
 
 pub(super) fn decode_ack(r: FieldReader) -> Result<Message, DecodeError> {
@@ -280,10 +243,27 @@ pub(super) fn decode_ack(r: FieldReader) -> Result<Message, DecodeError> {
     })
 }
 
+pub(super) fn encode_need(w: &mut FieldWriter, ranges: &RangeSet) {
+    encode_range_body(w, ranges);
+}
+
 pub(super) fn decode_need(r: FieldReader) -> Result<Message, DecodeError> {
     Ok(Message::Need {
         ranges: decode_range_body(r)?,
     })
+}
+
+pub(super) fn encode_data(
+    w: &mut FieldWriter,
+    index: &u32,
+    offset: &u64,
+    tag: &ChunkHash,
+    payload: &[u8],
+) {
+    w.u64(1, u64::from(*index))
+        .u64(2, *offset)
+        .bytes(3, &tag.0)
+        .bytes(4, payload);
 }
 
 pub(super) fn decode_data(mut r: FieldReader) -> Result<Message, DecodeError> {
@@ -309,6 +289,10 @@ pub(super) fn decode_data(mut r: FieldReader) -> Result<Message, DecodeError> {
     })
 }
 
+pub(super) fn encode_reject(w: &mut FieldWriter, index: &u32) {
+    w.u64(1, u64::from(*index));
+}
+
 pub(super) fn decode_reject(mut r: FieldReader) -> Result<Message, DecodeError> {
     let mut index = None;
     while let Some((tag, v)) = r.next_field()? {
@@ -325,6 +309,10 @@ pub(super) fn decode_reject(mut r: FieldReader) -> Result<Message, DecodeError> 
 }
 
 /// The body of `Done` and `Complete`: the whole-file digest.
+fn encode_digest(w: &mut FieldWriter, digest: &ChunkHash) {
+    w.bytes(1, &digest.0);
+}
+
 fn decode_digest(mut r: FieldReader) -> Result<ChunkHash, DecodeError> {
     let mut digest = None;
     while let Some((tag, v)) = r.next_field()? {
@@ -338,10 +326,18 @@ fn decode_digest(mut r: FieldReader) -> Result<ChunkHash, DecodeError> {
     })
 }
 
+pub(super) fn encode_done(w: &mut FieldWriter, digest: &ChunkHash) {
+    encode_digest(w, digest);
+}
+
 pub(super) fn decode_done(r: FieldReader) -> Result<Message, DecodeError> {
     Ok(Message::Done {
         digest: decode_digest(r)?,
     })
+}
+
+pub(super) fn encode_complete(w: &mut FieldWriter, digest: &ChunkHash) {
+    encode_digest(w, digest);
 }
 
 pub(super) fn decode_complete(r: FieldReader) -> Result<Message, DecodeError> {
@@ -365,7 +361,7 @@ pub fn encode_data_header(
     put_varint(&mut head, payload_len as u64);
     let mut out = BytesMut::with_capacity(5 + head.len());
     out.put_u32((1 + head.len() + payload_len) as u32);
-    out.put_u8(kind::DATA);
+    out.put_u8(kind::Data);
     out.extend_from_slice(&head);
     out
 }
