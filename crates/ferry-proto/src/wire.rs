@@ -162,6 +162,15 @@ pub(crate) fn bounded(what: &'static str, len: u64, max: u64) -> Result<(), Deco
     Ok(())
 }
 
+/// A field the message cannot do without.
+pub(crate) fn required<T>(
+    value: Option<T>,
+    message: &'static str,
+    field: &'static str,
+) -> Result<T, DecodeError> {
+    value.ok_or(DecodeError::MissingField { message, field })
+}
+
 pub(crate) fn as_string(value: &[u8], max: usize) -> Result<String, DecodeError> {
     bounded("string", value.len() as u64, max as u64)?;
     String::from_utf8(value.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))

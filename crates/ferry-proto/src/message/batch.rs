@@ -10,7 +10,7 @@ use crate::hash::ChunkHash;
 use crate::ranges::RangeSet;
 use crate::wire::{
     as_array, as_bounded_bytes, as_string, as_u32, as_u64, bounded, decode_ranges, encode_ranges,
-    push_bounded, DecodeError, FieldReader, FieldWriter,
+    push_bounded, required, DecodeError, FieldReader, FieldWriter,
 };
 
 /// One small file announced in a batch.
@@ -54,18 +54,14 @@ fn decode_batch_file(body: Bytes) -> Result<BatchFile, DecodeError> {
             _ => {}
         }
     }
-    let missing = |field| DecodeError::MissingField {
-        message: "BatchFile",
-        field,
-    };
-    let size = size.ok_or(missing("size"))?;
+    let size = required(size, "BatchFile", "size")?;
     bounded("batch file", size, MAX_BATCH_FILE)?;
     Ok(BatchFile {
-        path: path.ok_or(missing("path"))?,
+        path: required(path, "BatchFile", "path")?,
         size,
         mtime_ns: mtime,
         mode,
-        digest: digest.ok_or(missing("digest"))?,
+        digest: required(digest, "BatchFile", "digest")?,
     })
 }
 
@@ -82,10 +78,7 @@ fn decode_batch_failure(body: Bytes) -> Result<BatchFailure, DecodeError> {
         }
     }
     Ok(BatchFailure {
-        index: index.ok_or(DecodeError::MissingField {
-            message: "BatchFailure",
-            field: "index",
-        })?,
+        index: required(index, "BatchFailure", "index")?,
         failure: f,
     })
 }
@@ -120,10 +113,7 @@ fn decode_files(mut r: FieldReader) -> Result<(String, Vec<BatchFile>), DecodeEr
             _ => {}
         }
     }
-    let alg = alg.ok_or(DecodeError::MissingField {
-        message: "BatchPut/BatchGet",
-        field: "alg",
-    })?;
+    let alg = required(alg, "BatchPut/BatchGet", "alg")?;
     Ok((alg, files))
 }
 
@@ -173,13 +163,9 @@ pub(super) fn decode_batch_item(mut r: FieldReader) -> Result<Message, DecodeErr
             _ => {}
         }
     }
-    let missing = |field| DecodeError::MissingField {
-        message: "BatchItem",
-        field,
-    };
     Ok(Message::BatchItem {
-        index: index.ok_or(missing("index"))?,
-        file: file.ok_or(missing("file"))?,
+        index: required(index, "BatchItem", "index")?,
+        file: required(file, "BatchItem", "file")?,
         payload,
     })
 }
@@ -212,10 +198,7 @@ pub(super) fn decode_batch_data(mut r: FieldReader) -> Result<Message, DecodeErr
         }
     }
     Ok(Message::BatchData {
-        index: index.ok_or(DecodeError::MissingField {
-            message: "BatchData",
-            field: "index",
-        })?,
+        index: required(index, "BatchData", "index")?,
         payload: payload.unwrap_or_default(),
     })
 }

@@ -36,7 +36,10 @@ macro_rules! messages {
             )),*];
         }
 
-        const _: () = codec::check_table(&[$(($tag, messages!(@optional $presence))),*]);
+        const _: () = $crate::message::codec::check_table(&[$((
+            $tag,
+            $crate::message::codec::messages!(@optional $presence),
+        )),*]);
 
         impl Message {
             /// A short name for logs.
@@ -47,17 +50,19 @@ macro_rules! messages {
             }
 
             /// Writes the body of this message; returns its frame type.
-            fn encode_body(&self, w: &mut FieldWriter) -> u8 {
+            fn encode_body(&self, w: &mut $crate::wire::FieldWriter) -> u8 {
                 match self {
                     $(Message::$variant { $($field $(: $bind)?),* } => {
-                        $family::$encode(w $(, messages!(@bind $field $(: $bind)?))*);
+                        $family::$encode(w $(, $crate::message::codec::messages!(@bind $field $(: $bind)?))*);
                         kind::$variant
                     })*
                 }
             }
 
             /// The decoder of the body of frame type `kind`, if it is known.
-            fn body_decoder(kind: u8) -> Option<fn(FieldReader) -> Result<Message, DecodeError>> {
+            fn body_decoder(
+                kind: u8,
+            ) -> Option<fn($crate::wire::FieldReader) -> Result<Message, $crate::wire::DecodeError>> {
                 match kind {
                     $(kind::$variant => Some($family::$decode),)*
                     _ => None,

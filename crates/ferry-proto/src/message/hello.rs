@@ -3,7 +3,9 @@
 use bytes::Bytes;
 
 use super::{Message, MAX_LIST, MAX_TOKEN};
-use crate::wire::{as_bounded_bytes, as_string, as_u64, DecodeError, FieldReader, FieldWriter};
+use crate::wire::{
+    as_bounded_bytes, as_string, as_u64, required, DecodeError, FieldReader, FieldWriter,
+};
 
 /// A protocol version; peers must share the major number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,10 +100,7 @@ pub(super) fn decode_welcome(mut r: FieldReader) -> Result<Message, DecodeError>
         }
     }
     Ok(Message::Welcome {
-        version: version.ok_or(DecodeError::MissingField {
-            message: "Welcome",
-            field: "version",
-        })?,
+        version: required(version, "Welcome", "version")?,
         caps,
         server,
         stall_ms,

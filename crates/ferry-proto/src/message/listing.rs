@@ -4,7 +4,9 @@
 use bytes::Bytes;
 
 use super::{Message, MAX_LIST_ENTRIES, MAX_PATH};
-use crate::wire::{as_string, as_u32, as_u64, push_bounded, DecodeError, FieldReader, FieldWriter};
+use crate::wire::{
+    as_string, as_u32, as_u64, push_bounded, required, DecodeError, FieldReader, FieldWriter,
+};
 
 /// What kind of thing a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,14 +69,8 @@ fn decode_entry(body: Bytes) -> Result<Entry, DecodeError> {
         }
     }
     Ok(Entry {
-        path: path.ok_or(DecodeError::MissingField {
-            message: "entry",
-            field: "path",
-        })?,
-        kind: kind.ok_or(DecodeError::MissingField {
-            message: "entry",
-            field: "kind",
-        })?,
+        path: required(path, "entry", "path")?,
+        kind: required(kind, "entry", "kind")?,
         size,
         mtime_ns: mtime,
         mode,
@@ -82,6 +78,10 @@ fn decode_entry(body: Bytes) -> Result<Entry, DecodeError> {
 }
 
 /// The body of `Stat` and `List`: one path.
+fn encode_path(w: &mut FieldWriter, path: &str) {
+    w.str(1, path);
+}
+
 fn decode_path(mut r: FieldReader) -> Result<String, DecodeError> {
     let mut path = None;
     while let Some((tag, v)) = r.next_field()? {
@@ -89,15 +89,7 @@ fn decode_path(mut r: FieldReader) -> Result<String, DecodeError> {
             path = Some(as_string(&v, MAX_PATH)?);
         }
     }
-    path.ok_or(DecodeError::MissingField {
-        message: "Stat/List",
-        field: "path",
-    })
-}
-
-/// The body of `Stat` and `List`.
-fn encode_path(w: &mut FieldWriter, path: &str) {
-    w.str(1, path);
+    required(path, "Stat/List", "path")
 }
 
 pub(super) fn encode_stat(w: &mut FieldWriter, path: &str) {
@@ -132,10 +124,7 @@ pub(super) fn decode_stat_reply(mut r: FieldReader) -> Result<Message, DecodeErr
         }
     }
     Ok(Message::StatReply {
-        entry: entry.ok_or(DecodeError::MissingField {
-            message: "StatReply",
-            field: "entry",
-        })?,
+        entry: required(entry, "StatReply", "entry")?,
     })
 }
 
@@ -177,10 +166,7 @@ pub(super) fn decode_mkdir(mut r: FieldReader) -> Result<Message, DecodeError> {
         }
     }
     Ok(Message::Mkdir {
-        path: path.ok_or(DecodeError::MissingField {
-            message: "Mkdir",
-            field: "path",
-        })?,
+        path: required(path, "Mkdir", "path")?,
         mode,
         mtime_ns: mtime,
     })

@@ -9,7 +9,7 @@ use crate::hash::{ChunkHash, TransferId};
 use crate::ranges::RangeSet;
 use crate::wire::{
     as_array, as_bounded_bytes, as_string, as_u32, as_u64, bounded, decode_ranges, encode_ranges,
-    put_varint, DecodeError, FieldReader, FieldWriter,
+    put_varint, required, DecodeError, FieldReader, FieldWriter,
 };
 
 /// What the sender says about the file it is about to send.
@@ -61,20 +61,11 @@ impl MetaFields {
 
     fn finish(self, message: &'static str) -> Result<FileMeta, DecodeError> {
         Ok(FileMeta {
-            size: self.size.ok_or(DecodeError::MissingField {
-                message,
-                field: "size",
-            })?,
+            size: required(self.size, message, "size")?,
             mtime_ns: self.mtime,
             mode: self.mode,
-            chunk_size: self.chunk_size.ok_or(DecodeError::MissingField {
-                message,
-                field: "chunk_size",
-            })?,
-            alg: self.alg.ok_or(DecodeError::MissingField {
-                message,
-                field: "alg",
-            })?,
+            chunk_size: required(self.chunk_size, message, "chunk_size")?,
+            alg: required(self.alg, message, "alg")?,
             source_id: self.source_id,
         })
     }
@@ -96,10 +87,7 @@ fn decode_open(
             _ => {}
         }
     }
-    let id = id.ok_or(DecodeError::MissingField {
-        message: name,
-        field: "id",
-    })?;
+    let id = required(id, name, "id")?;
     let meta = meta.finish(name)?;
     Ok((id, path, meta))
 }
@@ -113,10 +101,7 @@ pub(super) fn decode_put_open(r: FieldReader) -> Result<Message, DecodeError> {
     let (id, path, meta) = decode_open(r, "PutOpen")?;
     Ok(Message::PutOpen {
         id,
-        path: path.ok_or(DecodeError::MissingField {
-            message: "PutOpen",
-            field: "path",
-        })?,
+        path: required(path, "PutOpen", "path")?,
         meta,
     })
 }
@@ -143,10 +128,7 @@ pub(super) fn decode_lane(mut r: FieldReader) -> Result<Message, DecodeError> {
         }
     }
     Ok(Message::Lane {
-        id: id.ok_or(DecodeError::MissingField {
-            message: "Lane",
-            field: "id",
-        })?,
+        id: required(id, "Lane", "id")?,
     })
 }
 
@@ -167,13 +149,9 @@ pub(super) fn decode_get_open(mut r: FieldReader) -> Result<Message, DecodeError
             _ => {}
         }
     }
-    let missing = |field| DecodeError::MissingField {
-        message: "GetOpen",
-        field,
-    };
     Ok(Message::GetOpen {
-        id: id.ok_or(missing("id"))?,
-        path: path.ok_or(missing("path"))?,
+        id: required(id, "GetOpen", "id")?,
+        path: required(path, "GetOpen", "path")?,
         algs,
     })
 }
@@ -277,15 +255,11 @@ pub(super) fn decode_data(mut r: FieldReader) -> Result<Message, DecodeError> {
             _ => {}
         }
     }
-    let missing = |field| DecodeError::MissingField {
-        message: "Data",
-        field,
-    };
     Ok(Message::Data {
-        index: index.ok_or(missing("index"))?,
-        offset: offset.ok_or(missing("offset"))?,
-        tag: tag_v.ok_or(missing("tag"))?,
-        payload: payload.ok_or(missing("payload"))?,
+        index: required(index, "Data", "index")?,
+        offset: required(offset, "Data", "offset")?,
+        tag: required(tag_v, "Data", "tag")?,
+        payload: required(payload, "Data", "payload")?,
     })
 }
 
@@ -301,10 +275,7 @@ pub(super) fn decode_reject(mut r: FieldReader) -> Result<Message, DecodeError> 
         }
     }
     Ok(Message::Reject {
-        index: index.ok_or(DecodeError::MissingField {
-            message: "Reject",
-            field: "index",
-        })?,
+        index: required(index, "Reject", "index")?,
     })
 }
 
@@ -320,10 +291,7 @@ fn decode_digest(mut r: FieldReader) -> Result<ChunkHash, DecodeError> {
             digest = Some(ChunkHash(as_array(&v)?));
         }
     }
-    digest.ok_or(DecodeError::MissingField {
-        message: "Done/Complete",
-        field: "digest",
-    })
+    required(digest, "Done/Complete", "digest")
 }
 
 pub(super) fn encode_done(w: &mut FieldWriter, digest: &ChunkHash) {
